@@ -1,0 +1,50 @@
+//! Builds the eBPF object (proxy-ebpf) so the agent can embed the very object
+//! it was built with. The build runs from proxy-ebpf's own directory, so its
+//! `.cargo/config.toml` (target, build-std, BTF flags) and
+//! `rust-toolchain.toml` (nightly) apply — the same command `cargo xtask
+//! build-ebpf` runs.
+use std::{env, fs, path::PathBuf, process::Command};
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let ebpf_dir = manifest_dir.join("../proxy-ebpf");
+    let common_dir = manifest_dir.join("../proxy-common");
+    for p in [
+        ebpf_dir.join("src"),
+        ebpf_dir.join("Cargo.toml"),
+        ebpf_dir.join(".cargo/config.toml"),
+        common_dir.join("src"),
+    ] {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    let target_dir = manifest_dir.join("../target/ebpf");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(&ebpf_dir);
+    // The outer cargo's settings are for the host target: they must not leak
+    // into the BPF build.
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_MAKEFLAGS",
+    ] {
+        cmd.env_remove(key);
+    }
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run `rustup run nightly cargo build` for proxy-ebpf: {e} (run `cargo xtask setup`)")
+    });
+    assert!(
+        status.success(),
+        "building proxy-ebpf failed ({status}); `cargo xtask setup` installs the nightly rust-src and bpf-linker it needs"
+    );
+    let object = target_dir.join("bpfel-unknown-none/release/proxy-ebpf");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("proxy-ebpf.o");
+    fs::copy(&object, &out).unwrap_or_else(|e| panic!("copy {}: {e}", object.display()));
+}

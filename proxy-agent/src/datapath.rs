@@ -1,0 +1,306 @@
+//! The only module that speaks BPF: loads the embedded object, pins maps and
+//! links under `--bpffs`, attaches TC programs to devices, and writes the
+//! service maps behind the [`ServiceMaps`] trait (which the reconciler uses,
+//! and which tests replace with [`FakeMaps`]).
+mod fake;
+mod maps;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
+};
+use tracing::{info, warn};
+
+pub use self::{
+    fake::FakeMaps,
+    maps::{BpfMaps, MapsDump, ServiceMaps, read_stats},
+};
+use crate::{
+    error::{Error, Result},
+    pins::{ALL_MAPS, Pins, TC_INGRESS_PROG},
+};
+
+/// The eBPF object this agent was built with (see build.rs).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A network device in the agent's network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Device {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Lists the devices of the current network namespace (netlink through
+/// `if_nameindex`, not /sys, which may show another namespace).
+pub fn list_devices() -> Result<Vec<Device>> {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return Err(Error::io("if_nameindex", "")(std::io::Error::last_os_error()));
+        }
+        let mut out = Vec::new();
+        let mut p = head;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(Device {
+                name: CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(),
+                index: (*p).if_index,
+            });
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// `--devices` patterns (comma-separated globs).
+#[derive(Clone, Debug)]
+pub struct DeviceSelector {
+    patterns: Vec<glob::Pattern>,
+}
+
+impl DeviceSelector {
+    pub fn parse(list: &str) -> Result<Self> {
+        let patterns = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|source| Error::DevicePattern {
+                    pattern: p.to_owned(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { patterns })
+    }
+
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(name))
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && i64::from(st.f_type) == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `root` lies on a bpffs: creates it, and mounts a bpffs on it
+/// when neither it nor its parent is one (e.g. /sys/fs/bpf not mounted).
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    if root.exists() && is_bpffs(root) {
+        return Ok(());
+    }
+    if let Some(parent) = root.parent() {
+        if parent.exists() && is_bpffs(parent) {
+            return fs::create_dir_all(root).map_err(Error::io("mkdir", root));
+        }
+    }
+    fs::create_dir_all(root).map_err(Error::io("mkdir", root))?;
+    let target = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: mount(2) with valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Error::Bpffs {
+            path: root.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    info!(path = %root.display(), "mounted a bpffs");
+    Ok(())
+}
+
+/// The loaded programs with their pinned maps and links.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    attached: BTreeMap<String, u32>,
+}
+
+impl Datapath {
+    /// Loads the embedded object. Maps already pinned under `pins` are
+    /// reused with their contents (adoption after a restart); missing ones
+    /// are created and pinned.
+    pub fn load(pins: &Pins) -> Result<Self> {
+        ensure_bpffs(pins.root())?;
+        fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
+        let mut loader = EbpfLoader::new();
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in ALL_MAPS {
+            if ebpf.map(name).is_none() {
+                return Err(Error::MissingMap { name });
+            }
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .ok_or(Error::MissingMap { name: TC_INGRESS_PROG })?
+            .try_into()
+            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+        prog.load().map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+        Ok(Self {
+            ebpf,
+            pins: pins.clone(),
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// Takes the service maps out of the object for the reconciler.
+    pub fn take_maps(&mut self) -> Result<BpfMaps> {
+        BpfMaps::take(&mut self.ebpf)
+    }
+
+    fn program(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .ok_or(Error::MissingMap { name: TC_INGRESS_PROG })?
+            .try_into()
+            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })
+    }
+
+    /// Attaches TC ingress to every present device matching `selector` that
+    /// is not attached yet, and forgets devices that are gone. Returns the
+    /// names newly attached. A device that fails is logged and retried on
+    /// the next call.
+    pub fn sync_devices(&mut self, selector: &DeviceSelector) -> Result<Vec<String>> {
+        let devices: Vec<Device> = list_devices()?
+            .into_iter()
+            .filter(|d| selector.matches(&d.name))
+            .collect();
+        self.attached
+            .retain(|name, index| devices.iter().any(|d| &d.name == name && d.index == *index));
+        let mut new = Vec::new();
+        for dev in &devices {
+            if self.attached.get(&dev.name) == Some(&dev.index) {
+                continue;
+            }
+            match self.attach_ingress(dev) {
+                Ok(adopted) => {
+                    info!(device = %dev.name, ifindex = dev.index, adopted, "TC ingress attached");
+                    self.attached.insert(dev.name.clone(), dev.index);
+                    new.push(dev.name.clone());
+                }
+                Err(e) => warn!(device = %dev.name, error = %e, "cannot attach TC ingress; will retry"),
+            }
+        }
+        self.prune_link_pins(&devices);
+        Ok(new)
+    }
+
+    /// Attaches to one device. With a pinned link from an earlier run the
+    /// program is swapped in atomically (same link, no gap in forwarding);
+    /// otherwise a new TCX link is made and pinned. Returns whether a link
+    /// was adopted.
+    fn attach_ingress(&mut self, dev: &Device) -> Result<bool> {
+        let pin = self.pins.tc_ingress_link(&dev.name, dev.index);
+        let link_err = |path: &Path| {
+            let path = path.to_owned();
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Link { path, source: e }
+        };
+        let prog = self.program()?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| link_err(&pin)(Box::new(e)))?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+            // Keep the link alive through its pin only; dropping our fd is fine.
+            let _ = prog.take_link(id);
+            return Ok(true);
+        }
+        let id = prog
+            .attach(&dev.name, TcAttachType::Ingress)
+            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin)(Box::new(e)))?;
+        fd_link.pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
+        Ok(false)
+    }
+
+    /// Removes link pins of devices that no longer exist (their links are
+    /// defunct) so the directory reflects what is attached.
+    fn prune_link_pins(&self, present: &[Device]) {
+        let Ok(entries) = fs::read_dir(self.pins.links_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".tc_ingress") else {
+                continue;
+            };
+            let keep = present
+                .iter()
+                .any(|d| format!("{}.{}", d.name, d.index) == stem);
+            if !keep {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Detaches everything and removes every pin under the directory: what
+/// `proxy-agent cleanup` does. Returns what was removed.
+pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let root = pins.root();
+    if !root.exists() {
+        return Ok(removed);
+    }
+    // Links first (removing the pin of a link nobody holds detaches it),
+    // then maps, then the directories.
+    if let Ok(entries) = fs::read_dir(pins.links_dir()) {
+        for entry in entries.flatten() {
+            fs::remove_file(entry.path()).map_err(Error::io("unlink", entry.path()))?;
+            removed.push(format!("links/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    let _ = fs::remove_dir(pins.links_dir());
+    for name in ALL_MAPS {
+        let path = pins.map(name);
+        if path.exists() {
+            fs::remove_file(&path).map_err(Error::io("unlink", &path))?;
+            removed.push(name.to_owned());
+        }
+    }
+    // Only remove the directory when it is ours and empty (not a mount point).
+    let is_mount = fs::metadata(root).ok().zip(root.parent().and_then(|p| fs::metadata(p).ok()))
+        .is_some_and(|(a, b)| a.dev() != b.dev());
+    if is_mount && is_bpffs(root) {
+        // A bpffs we mounted ourselves (no bpffs above it): unmount it.
+        if let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _ = fs::remove_dir(root);
+    Ok(removed)
+}

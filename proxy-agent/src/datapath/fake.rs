@@ -1,0 +1,88 @@
+//! An in-memory [`ServiceMaps`] with capacity limits and fault injection, for
+//! reconciler tests (Cilium's fake LBMaps plays the same role).
+use std::collections::BTreeMap;
+
+use proxy_common::{
+    backend::Backend,
+    svc::{SvcKey, SvcValue},
+};
+
+use super::maps::{MapsDump, ServiceMaps};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default, Clone)]
+pub struct FakeMaps {
+    pub svc: BTreeMap<SvcKey, SvcValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub names: BTreeMap<u32, String>,
+    /// Every write in order, for asserting write order and minimality.
+    pub log: Vec<String>,
+    /// Fail the n-th write from now (0 = the next one).
+    pub fail_write_at: Option<usize>,
+    pub svc_capacity: Option<usize>,
+}
+
+impl FakeMaps {
+    fn step(&mut self, what: String) -> Result<()> {
+        if let Some(n) = self.fail_write_at {
+            if n == 0 {
+                self.fail_write_at = None;
+                return Err(Error::Injected("write failed"));
+            }
+            self.fail_write_at = Some(n - 1);
+        }
+        self.log.push(what);
+        Ok(())
+    }
+}
+
+impl ServiceMaps for FakeMaps {
+    fn dump(&self) -> Result<MapsDump> {
+        Ok(MapsDump {
+            svc: self.svc.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            names: self.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        })
+    }
+
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.step(format!("backend+ {id}"))?;
+        self.backends.insert(id, backend);
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        self.step(format!("backend- {id}"))?;
+        self.backends.remove(&id);
+        Ok(())
+    }
+
+    fn write_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
+        if let Some(cap) = self.svc_capacity {
+            if !self.svc.contains_key(&key) && self.svc.len() >= cap {
+                return Err(Error::Injected("svc map full"));
+            }
+        }
+        self.step(format!("svc+ {}:{} slot {}", key.addr_be, key.port_be, key.backend_slot))?;
+        self.svc.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_svc(&mut self, key: SvcKey) -> Result<()> {
+        self.step(format!("svc- {}:{} slot {}", key.addr_be, key.port_be, key.backend_slot))?;
+        self.svc.remove(&key);
+        Ok(())
+    }
+
+    fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()> {
+        self.step(format!("name+ {svc_id}"))?;
+        self.names.insert(svc_id, name.to_owned());
+        Ok(())
+    }
+
+    fn delete_name(&mut self, svc_id: u32) -> Result<()> {
+        self.step(format!("name- {svc_id}"))?;
+        self.names.remove(&svc_id);
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Views of the pinned maps for `proxy-agent services` and `stats`: read from
+//! the maps alone, so they work while the agent is down.
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use serde::Serialize;
+
+use proxy_common::{
+    stats::{REASONS, StatCounter},
+    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
+};
+
+use crate::{datapath::MapsDump, model::Protocol};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendView {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    /// False when a slot points at an id missing from the backend map.
+    pub present: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendView {
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub kind: String,
+    pub svc_id: u32,
+    pub service: String,
+    pub backends: Vec<BackendView>,
+}
+
+fn kind_of(flags: u16) -> &'static str {
+    match flags {
+        f if f & SVC_FLAG_NODE_PORT != 0 => "NodePort",
+        f if f & SVC_FLAG_LOAD_BALANCER != 0 => "LoadBalancer",
+        f if f & SVC_FLAG_EXTERNAL_IP != 0 => "ExternalIP",
+        f if f & SVC_FLAG_CLUSTER_IP != 0 => "ClusterIP",
+        _ => "?",
+    }
+}
+
+/// Frontends with their backends, sorted by address, port, protocol.
+#[must_use]
+pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
+    let backends: BTreeMap<u32, _> = dump.backends.iter().copied().collect();
+    let names: BTreeMap<u32, &str> = dump.names.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let slots: BTreeMap<_, _> = dump.svc.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut out = Vec::new();
+    for (k, head) in slots.iter().filter(|(k, _)| k.backend_slot == 0) {
+        let backends = (1..=head.count)
+            .map(|s| {
+                let id = slots.get(&proxy_common::svc::SvcKey { backend_slot: s, ..*k }).map_or(0, |v| v.backend_id);
+                match backends.get(&id) {
+                    Some(b) => BackendView {
+                        id,
+                        address: Ipv4Addr::from(u32::from_be(b.addr_be)).to_string(),
+                        port: u16::from_be(b.port_be),
+                        present: true,
+                    },
+                    None => BackendView { id, address: "?".into(), port: 0, present: false },
+                }
+            })
+            .collect();
+        out.push(FrontendView {
+            address: Ipv4Addr::from(u32::from_be(k.addr_be)).to_string(),
+            port: u16::from_be(k.port_be),
+            protocol: Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.as_str().to_owned()),
+            kind: kind_of(head.flags).to_owned(),
+            svc_id: head.svc_id,
+            service: names.get(&head.svc_id).map_or_else(String::new, |s| (*s).to_owned()),
+            backends,
+        });
+    }
+    out.sort_by(|a, b| {
+        (a.address.parse::<Ipv4Addr>().ok(), a.port, &a.protocol).cmp(&(b.address.parse::<Ipv4Addr>().ok(), b.port, &b.protocol))
+    });
+    out
+}
+
+/// Pads columns to their widest cell.
+#[must_use]
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut s = String::new();
+    let line = |s: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let cells: Vec<&str> = cells.collect();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        s.push('\n');
+    };
+    line(&mut s, &mut header.iter().copied());
+    for r in rows {
+        line(&mut s, &mut r.iter().map(String::as_str));
+    }
+    s
+}
+
+#[must_use]
+pub fn services_table(view: &[FrontendView]) -> String {
+    let rows: Vec<Vec<String>> = view
+        .iter()
+        .map(|f| {
+            let backends = if f.backends.is_empty() {
+                "(none: rejected)".to_owned()
+            } else {
+                f.backends
+                    .iter()
+                    .map(|b| if b.present { format!("{}:{}", b.address, b.port) } else { format!("<missing id {}>", b.id) })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                format!("{}:{}/{}", f.address, f.port, f.protocol),
+                f.kind.clone(),
+                f.service.clone(),
+                f.svc_id.to_string(),
+                backends,
+            ]
+        })
+        .collect();
+    table(&["FRONTEND", "KIND", "SERVICE", "ID", "BACKENDS"], &rows)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatView {
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[must_use]
+pub fn stats_view(counters: &[(u32, StatCounter)]) -> Vec<StatView> {
+    counters
+        .iter()
+        .filter_map(|(idx, c)| {
+            let name = REASONS.iter().find(|(i, _)| i == idx)?.1;
+            Some(StatView { reason: name, packets: c.packets, bytes: c.bytes })
+        })
+        .collect()
+}
+
+#[must_use]
+pub fn stats_table(view: &[StatView]) -> String {
+    let rows: Vec<Vec<String>> = view
+        .iter()
+        .map(|s| vec![s.reason.to_owned(), s.packets.to_string(), s.bytes.to_string()])
+        .collect();
+    table(&["REASON", "PACKETS", "BYTES"], &rows)
+}

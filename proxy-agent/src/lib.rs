@@ -1,0 +1,18 @@
+//! The node agent of the eBPF kube-proxy replacement, as a library.
+//!
+//! Layers, one direction of flow:
+//! `source` (manifests directory; API server later) → `store` → `model`
+//! (pure) → `reconcile` (diff, ordered writes) → `datapath` (the only module
+//! that speaks BPF). `agent` wires them together; `inspect` reads the pinned
+//! maps for the CLI.
+pub mod agent;
+pub mod datapath;
+pub mod error;
+pub mod inspect;
+pub mod model;
+pub mod pins;
+pub mod reconcile;
+pub mod source;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,138 @@
+//! `proxy-agent`: thin CLI over the library.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy_agent::{
+    agent::{self, RunConfig},
+    datapath::{self, BpfMaps, ServiceMaps as _},
+    inspect,
+    pins::{DEFAULT_BPFFS, Pins},
+};
+
+#[derive(Parser)]
+#[command(name = "proxy-agent", version, about = "eBPF replacement for kube-proxy: node agent")]
+struct Cli {
+    /// Directory on a bpffs where maps and links are pinned.
+    #[arg(long, global = true, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program the datapath and keep it in sync with the Services.
+    Run {
+        /// Directory of Service and EndpointSlice manifests (YAML/JSON).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Devices to attach to: comma-separated names or globs (e.g. "eth0,lxc*").
+        #[arg(long)]
+        devices: String,
+        /// This node's name (default: $NODE_NAME, else the hostname).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Least time between two syncs; bursts of changes are coalesced.
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        min_sync_period: Duration,
+    },
+    /// Frontends and their backends, read from the pinned maps.
+    Services {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Datapath counters (per-CPU, summed), read from the pinned map.
+    Stats {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Detach everything and remove the pins.
+    Cleanup,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let pins = Pins::new(&cli.bpffs);
+    match cli.command {
+        Command::Run { manifests, devices, node_name, min_sync_period } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let cfg = RunConfig {
+                manifests,
+                devices,
+                bpffs: cli.bpffs,
+                node_name: node_name.unwrap_or_else(hostname),
+                min_sync_period,
+                poll_interval: Duration::from_millis(250),
+                device_interval: Duration::from_secs(1),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(agent::run(cfg))?;
+        }
+        Command::Services { output } => {
+            let maps = BpfMaps::open_pinned(&pins)
+                .with_context(|| format!("reading the maps pinned under {} (is the agent set up?)", pins.root().display()))?;
+            let view = inspect::services_view(&maps.dump()?);
+            match output {
+                Output::Table => print!("{}", inspect::services_table(&view)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+            }
+        }
+        Command::Stats { output } => {
+            let counters = datapath::read_stats(&pins)
+                .with_context(|| format!("reading the stats map pinned under {}", pins.root().display()))?;
+            let view = inspect::stats_view(&counters);
+            match output {
+                Output::Table => print!("{}", inspect::stats_table(&view)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+            }
+        }
+        Command::Cleanup => {
+            let removed = datapath::cleanup(&pins)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", pins.root().display());
+            } else {
+                for r in &removed {
+                    println!("removed {}/{r}", pins.root().display());
+                }
+            }
+        }
+    }
+    Ok(())
+}

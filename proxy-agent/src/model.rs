@@ -1,0 +1,386 @@
+//! Services + EndpointSlices (+ node facts) → frontends and backends.
+//!
+//! Pure functions, no I/O. The rules are kube-proxy's (pkg/proxy and the
+//! Service API reference):
+//! - Services labelled `service.kubernetes.io/service-proxy-name`, headless
+//!   Services (`clusterIP: None`) and `type: ExternalName` are not proxied.
+//! - EndpointSlices belong to the Service named by their
+//!   `kubernetes.io/service-name` label in the same namespace.
+//! - A Service port takes its endpoints from the slice ports with the same
+//!   name and protocol; the slice carries the resolved target port, which is
+//!   how a named `targetPort` reaches the proxy.
+//! - Only endpoints whose `ready` condition is true or unset are used; the
+//!   first address of an endpoint is its address; the same address:port in
+//!   several slices counts once.
+//! - A Service with no usable endpoints still gets its frontend, with no
+//!   backends: the datapath rejects connections to it (ICMP port
+//!   unreachable), as kube-proxy's REJECT rule does.
+//!
+//! Not yet (later issues): IPv6, SCTP, NodePort/externalIPs/LoadBalancer,
+//! traffic policies, terminating fallback, topology, session affinity.
+//! Invalid objects (or ports) are skipped with a [`Rejection`] naming them;
+//! everything else is unaffected.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_common::svc::{MAX_BACKENDS_PER_FRONTEND, SVC_FLAG_CLUSTER_IP};
+
+use crate::store::{ObjectKey, Store, Stored};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proxy_common::proto::TCP,
+            Self::Udp => proxy_common::proto::UDP,
+        }
+    }
+
+    #[must_use]
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::proto::TCP => Some(Self::Tcp),
+            proxy_common::proto::UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where packets arrive: address, port, protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+}
+
+impl FrontendKind {
+    #[must_use]
+    pub fn flags(self) -> u16 {
+        match self {
+            Self::ClusterIp => SVC_FLAG_CLUSTER_IP,
+        }
+    }
+}
+
+/// A backend address (the protocol is the frontend's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub service: ObjectKey,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted, without duplicates.
+    pub backends: Vec<BackendAddr>,
+}
+
+impl Frontend {
+    /// `namespace/name:port` as shown by `proxy-agent services`.
+    #[must_use]
+    pub fn display_name(&self) -> String {
+        if self.port_name.is_empty() {
+            self.service.to_string()
+        } else {
+            format!("{}:{}", self.service, self.port_name)
+        }
+    }
+}
+
+/// What the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// An object (or part of one) that is skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rejection {
+    pub kind: &'static str,
+    pub object: ObjectKey,
+    pub origin: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (from {}): {}", self.kind, self.object, self.origin, self.reason)
+    }
+}
+
+/// Facts about the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+}
+
+/// Computes the desired frontends from everything in the store.
+#[must_use]
+pub fn desired_state(store: &Store, _node: &NodeInfo) -> (Desired, Vec<Rejection>) {
+    let mut rejections = Vec::new();
+    let slices_by_service = index_slices(store);
+    let mut desired = Desired::default();
+    for (key, svc) in &store.services {
+        let slices = slices_by_service.get(key).map_or(&[][..], Vec::as_slice);
+        service_frontends(key, svc, slices, &mut desired, &mut rejections);
+    }
+    (desired, rejections)
+}
+
+fn index_slices(store: &Store) -> BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> {
+    let mut map: BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> = BTreeMap::new();
+    for (key, slice) in &store.slices {
+        let Some(svc_name) = slice
+            .object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
+            continue;
+        };
+        map.entry(ObjectKey::new(&key.namespace, svc_name)).or_default().push(slice);
+    }
+    map
+}
+
+fn reject(out: &mut Vec<Rejection>, kind: &'static str, key: &ObjectKey, origin: &str, reason: String) {
+    out.push(Rejection {
+        kind,
+        object: key.clone(),
+        origin: origin.to_owned(),
+        reason,
+    });
+}
+
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err("protocol SCTP is not supported yet".to_owned()),
+        other => Err(format!("unknown protocol {other:?}")),
+    }
+}
+
+fn port_in_range(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|&p| p != 0)
+}
+
+/// The Service's IPv4 cluster IP, `Ok(None)` when it is not proxied.
+fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
+    let spec = svc.spec.as_ref().ok_or("has no spec")?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
+        _ => return Err("has no clusterIP".to_owned()),
+    };
+    if ips[0] == "None" {
+        return Ok(None); // headless
+    }
+    let mut v4 = None;
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                return Err(format!("invalid clusterIP {ip:?}"));
+            }
+            Ok(IpAddr::V4(a)) => v4 = v4.or(Some(a)),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
+        }
+    }
+    v4.map(Some)
+        .ok_or_else(|| "IPv6-only Service: IPv6 is not supported yet".to_owned())
+}
+
+fn service_frontends(
+    key: &ObjectKey,
+    svc: &Stored<Service>,
+    slices: &[&Stored<EndpointSlice>],
+    desired: &mut Desired,
+    rejections: &mut Vec<Rejection>,
+) {
+    const KIND: &str = "Service";
+    let labels = svc.object.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+        return;
+    }
+    let vip = match cluster_ipv4(&svc.object) {
+        Ok(Some(vip)) => vip,
+        Ok(None) => return,
+        Err(reason) => return reject(rejections, KIND, key, &svc.origin, reason),
+    };
+    let ports = svc
+        .object
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map_or(&[][..], Vec::as_slice);
+    // A port out of range makes the whole object invalid (the API server
+    // would have refused it): skip it entirely rather than half of it.
+    if let Some(bad) = ports.iter().find(|p| port_in_range(p.port).is_none()) {
+        return reject(rejections, KIND, key, &svc.origin, format!("port {} is out of range 1-65535", bad.port));
+    }
+    let mut mine = Vec::new();
+    for sp in ports {
+        let port_name = sp.name.clone().unwrap_or_default();
+        let protocol = match parse_protocol(sp.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(reason) => {
+                reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?} ({}): {reason}", sp.port));
+                continue;
+            }
+        };
+        let fk = FrontendKey {
+            addr: vip,
+            port: port_in_range(sp.port).expect("checked above"),
+            protocol,
+        };
+        if let Some(owner) = desired.frontends.get(&fk) {
+            reject(
+                rejections,
+                KIND,
+                key,
+                &svc.origin,
+                format!("frontend {fk} is already used by Service {}", owner.service),
+            );
+            continue;
+        }
+        let mut backends = endpoints_for_port(&port_name, protocol, slices, rejections);
+        if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
+            reject(
+                rejections,
+                KIND,
+                key,
+                &svc.origin,
+                format!(
+                    "port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used",
+                    backends.len()
+                ),
+            );
+            backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
+        }
+        mine.push((
+            fk,
+            Frontend {
+                service: key.clone(),
+                port_name,
+                kind: FrontendKind::ClusterIp,
+                backends,
+            },
+        ));
+    }
+    desired.frontends.extend(mine);
+}
+
+fn endpoints_for_port(
+    port_name: &str,
+    protocol: Protocol,
+    slices: &[&Stored<EndpointSlice>],
+    rejections: &mut Vec<Rejection>,
+) -> Vec<BackendAddr> {
+    const KIND: &str = "EndpointSlice";
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        let es = &slice.object;
+        // Why: IPv6 and FQDN slices are normal in a dual-stack cluster; they
+        // are simply not ours (IPv4 only for now).
+        if es.address_type != "IPv4" {
+            continue;
+        }
+        let key = ObjectKey::of(&es.metadata);
+        let Some(target) = es.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && parse_protocol(p.protocol.as_deref()).ok() == Some(protocol)
+        }) else {
+            continue;
+        };
+        let Some(port) = target.port.and_then(port_in_range) else {
+            reject(
+                rejections,
+                KIND,
+                &key,
+                &slice.origin,
+                format!("port {port_name:?} has no valid port number ({:?})", target.port),
+            );
+            continue;
+        };
+        for ep in es.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            match first.parse::<Ipv4Addr>() {
+                Ok(addr) => {
+                    out.insert(BackendAddr { addr, port });
+                }
+                Err(_) => reject(
+                    rejections,
+                    KIND,
+                    &key,
+                    &slice.origin,
+                    format!("endpoint address {first:?} is not an IPv4 address"),
+                ),
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests;

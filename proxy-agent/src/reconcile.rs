@@ -1,0 +1,441 @@
+//! Desired (from the model) vs programmed (what the maps hold): only the
+//! differences are written, in an order that keeps every intermediate state
+//! valid for a packet in flight:
+//!
+//! 1. frontends that are gone: slot 0 first (new packets stop matching), then
+//!    their slots, then their name;
+//! 2. for each new or changed frontend: new backends, then the slots that
+//!    differ, then slot 0 with the new count, then the slots beyond it;
+//! 3. backends no longer referenced by any slot.
+//!
+//! Existing backends keep their slot where possible, so a change to one
+//! endpoint rewrites one slot, not the whole list. Ids (service and backend)
+//! are read back from the pinned maps on start, so a restart reshuffles
+//! nothing and conntrack entries (which hold backend ids) stay valid.
+//!
+//! A failed write marks the programmed view stale; the next sync re-reads the
+//! maps and retries what is still different. A frontend that does not fit in
+//! a map is not programmed at all (never half), and is reported.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use proxy_common::{
+    backend::{BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend},
+    svc::{SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
+};
+
+use crate::{
+    datapath::{MapsDump, ServiceMaps},
+    error::{Error, Result},
+    model::{BackendAddr, Desired, Frontend, FrontendKey, Protocol},
+};
+
+/// A frontend as it is in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ProgFrontend {
+    svc_id: u32,
+    flags: u16,
+    /// Backend id of slot i + 1 (0 = slot missing in the map).
+    slots: Vec<u32>,
+    /// Slot numbers present in the map beyond `slots.len()`.
+    stale_slots: Vec<u16>,
+    name: Option<String>,
+}
+
+impl ProgFrontend {
+    fn entries(&self) -> usize {
+        1 + self.slots.len() + self.stale_slots.len()
+    }
+}
+
+/// What the maps hold, indexed for diffing.
+#[derive(Clone, Debug, Default)]
+struct Programmed {
+    frontends: BTreeMap<FrontendKey, ProgFrontend>,
+    backend_ids: BTreeMap<(BackendAddr, Protocol), u32>,
+    backends: BTreeMap<u32, Backend>,
+    /// Service-map keys that belong to no valid frontend.
+    orphan_svc: Vec<SvcKey>,
+    /// Names of service ids no frontend uses.
+    orphan_names: Vec<u32>,
+    svc_entries: usize,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+fn svc_key(k: &FrontendKey, slot: u16) -> SvcKey {
+    SvcKey {
+        addr_be: u32::from(k.addr).to_be(),
+        port_be: k.port.to_be(),
+        backend_slot: slot,
+        proto: k.protocol.number(),
+        scope: 0,
+        _pad: [0; 2],
+    }
+}
+
+fn frontend_of(k: &SvcKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        addr: Ipv4Addr::from(u32::from_be(k.addr_be)),
+        port: u16::from_be(k.port_be),
+        protocol: Protocol::from_number(k.proto)?,
+    })
+}
+
+fn slot_u16(i: usize) -> u16 {
+    u16::try_from(i).expect("slot numbers fit u16 (MAX_BACKENDS_PER_FRONTEND)")
+}
+
+impl Programmed {
+    fn from_dump(d: MapsDump) -> Self {
+        let mut p = Self::default();
+        p.svc_entries = d.svc.len();
+        let mut groups: BTreeMap<(u32, u16, u8, u8), BTreeMap<u16, SvcValue>> = BTreeMap::new();
+        for (k, v) in d.svc {
+            groups
+                .entry((k.addr_be, k.port_be, k.proto, k.scope))
+                .or_default()
+                .insert(k.backend_slot, v);
+        }
+        let names: BTreeMap<u32, String> = d.names.into_iter().collect();
+        for ((addr_be, port_be, proto, scope), slots) in groups {
+            let key0 = SvcKey { addr_be, port_be, backend_slot: 0, proto, scope, _pad: [0; 2] };
+            let fk = frontend_of(&key0).filter(|_| scope == 0);
+            let (Some(fk), Some(head)) = (fk, slots.get(&0)) else {
+                p.orphan_svc.extend(slots.keys().map(|&s| SvcKey { backend_slot: s, ..key0 }));
+                continue;
+            };
+            let count = head.count;
+            let fe = ProgFrontend {
+                svc_id: head.svc_id,
+                flags: head.flags,
+                slots: (1..=count).map(|s| slots.get(&s).map_or(0, |v| v.backend_id)).collect(),
+                stale_slots: slots.keys().copied().filter(|&s| s > count).collect(),
+                name: names.get(&head.svc_id).cloned(),
+            };
+            p.next_svc_id = p.next_svc_id.max(head.svc_id);
+            p.frontends.insert(fk, fe);
+        }
+        let used: BTreeSet<u32> = p.frontends.values().map(|f| f.svc_id).collect();
+        p.orphan_names = names.keys().copied().filter(|id| !used.contains(id)).collect();
+        for (id, b) in d.backends {
+            p.next_backend_id = p.next_backend_id.max(id);
+            p.backends.insert(id, b);
+            if let Some(proto) = Protocol::from_number(b.proto) {
+                let addr = BackendAddr {
+                    addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
+                    port: u16::from_be(b.port_be),
+                };
+                // Two ids for one address (should not happen): keep the first;
+                // the other is deleted once nothing references it.
+                p.backend_ids.entry((addr, proto)).or_insert(id);
+            }
+        }
+        p.next_svc_id += 1;
+        p.next_backend_id += 1;
+        p
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub deletes: usize,
+    /// Frontends that could not be (fully) programmed, and why.
+    pub errors: Vec<(FrontendKey, Error)>,
+    /// Errors outside any one frontend (cleanup of stale entries).
+    pub other_errors: Vec<Error>,
+}
+
+impl SyncReport {
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.writes + self.deletes > 0
+    }
+}
+
+pub struct Reconciler<M: ServiceMaps> {
+    maps: M,
+    state: Programmed,
+    stale: bool,
+    svc_capacity: usize,
+    backend_capacity: usize,
+}
+
+impl<M: ServiceMaps> Reconciler<M> {
+    /// Adopts whatever the maps already hold (ids included).
+    pub fn new(maps: M) -> Result<Self> {
+        let state = Programmed::from_dump(maps.dump()?);
+        Ok(Self {
+            maps,
+            state,
+            stale: false,
+            svc_capacity: SVC_MAX_ENTRIES as usize,
+            backend_capacity: BACKEND_MAX_ENTRIES as usize,
+        })
+    }
+
+    /// Lowers the capacities checked before writing (tests).
+    #[must_use]
+    pub fn with_capacity(mut self, svc: usize, backends: usize) -> Self {
+        self.svc_capacity = svc;
+        self.backend_capacity = backends;
+        self
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Number of frontends currently programmed.
+    #[must_use]
+    pub fn programmed_frontends(&self) -> usize {
+        self.state.frontends.len()
+    }
+
+    /// Brings the maps to `desired`, writing only differences.
+    pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+        if self.stale {
+            match self.maps.dump() {
+                Ok(d) => {
+                    self.state = Programmed::from_dump(d);
+                    self.stale = false;
+                }
+                Err(e) => {
+                    report.other_errors.push(e);
+                    return report;
+                }
+            }
+        }
+        self.remove_gone(desired, &mut report);
+        for (key, fe) in &desired.frontends {
+            if let Err(e) = self.program_frontend(key, fe, &mut report) {
+                if !matches!(e, Error::MapFull { .. }) {
+                    self.stale = true;
+                }
+                report.errors.push((*key, e));
+            }
+        }
+        self.remove_unreferenced_backends(&mut report);
+        report
+    }
+
+    fn remove_gone(&mut self, desired: &Desired, report: &mut SyncReport) {
+        let gone: Vec<FrontendKey> = self
+            .state
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            let fe = self.state.frontends[&key].clone();
+            let res = (|| -> Result<()> {
+                self.maps.delete_svc(svc_key(&key, 0))?;
+                report.deletes += 1;
+                for s in (1..=fe.slots.len()).map(slot_u16).chain(fe.stale_slots.iter().copied()) {
+                    self.maps.delete_svc(svc_key(&key, s))?;
+                    report.deletes += 1;
+                }
+                if fe.name.is_some() {
+                    self.maps.delete_name(fe.svc_id)?;
+                    report.deletes += 1;
+                }
+                Ok(())
+            })();
+            match res {
+                Ok(()) => {
+                    self.state.svc_entries -= fe.entries();
+                    self.state.frontends.remove(&key);
+                }
+                Err(e) => {
+                    self.stale = true;
+                    report.errors.push((key, e));
+                }
+            }
+        }
+        for k in std::mem::take(&mut self.state.orphan_svc) {
+            match self.maps.delete_svc(k) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.state.svc_entries -= 1;
+                }
+                Err(e) => {
+                    self.stale = true;
+                    report.other_errors.push(e);
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.state.orphan_names) {
+            match self.maps.delete_name(id) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    self.stale = true;
+                    report.other_errors.push(e);
+                }
+            }
+        }
+    }
+
+    /// The slot layout for `wanted` ids that moves as few as possible from `cur`.
+    fn plan_slots(cur: &[u32], wanted: &[u32]) -> Vec<u32> {
+        let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+        let mut slots: Vec<Option<u32>> = cur
+            .iter()
+            .map(|id| wanted_set.contains(id).then_some(*id))
+            .collect();
+        // An id twice in `cur` (should not happen) keeps its first slot only.
+        let mut seen = BTreeSet::new();
+        for s in &mut slots {
+            if let Some(id) = *s {
+                if !seen.insert(id) {
+                    *s = None;
+                }
+            }
+        }
+        let mut fresh = wanted.iter().copied().filter(|id| !seen.contains(id));
+        for s in &mut slots {
+            if s.is_none() {
+                *s = fresh.next();
+            }
+        }
+        slots.extend(fresh.map(Some));
+        // Compact: move entries from the tail into the remaining holes.
+        let mut out: Vec<Option<u32>> = slots;
+        let mut i = 0;
+        while i < out.len() {
+            if out[i].is_none() {
+                while out.last() == Some(&None) {
+                    out.pop();
+                }
+                if i < out.len() {
+                    out[i] = out.pop().flatten();
+                }
+            }
+            i += 1;
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    fn program_frontend(&mut self, key: &FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
+        let proto = key.protocol;
+        let cur = self.state.frontends.get(key).cloned();
+        let name = format!("{}:{}/{}", fe.display_name(), key.port, proto);
+        // Capacity checks before any write: all or nothing.
+        let new_backends: Vec<BackendAddr> = fe
+            .backends
+            .iter()
+            .filter(|b| !self.state.backend_ids.contains_key(&(**b, proto)))
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if self.state.backends.len() + new_backends.len() > self.backend_capacity {
+            return Err(Error::MapFull {
+                map: BACKEND_MAP,
+                capacity: u32::try_from(self.backend_capacity).unwrap_or(u32::MAX),
+                what: format!("frontend {key} ({name})"),
+            });
+        }
+        let need = 1 + fe.backends.len();
+        let have = cur.as_ref().map_or(0, ProgFrontend::entries);
+        if self.state.svc_entries + need.saturating_sub(have) > self.svc_capacity {
+            return Err(Error::MapFull {
+                map: SVC_MAP,
+                capacity: u32::try_from(self.svc_capacity).unwrap_or(u32::MAX),
+                what: format!("frontend {key} ({name})"),
+            });
+        }
+        // 1. Backends.
+        for b in new_backends {
+            let id = self.state.next_backend_id;
+            let value = Backend {
+                addr_be: u32::from(b.addr).to_be(),
+                port_be: b.port.to_be(),
+                proto: proto.number(),
+                flags: 0,
+            };
+            self.maps.write_backend(id, value)?;
+            report.writes += 1;
+            self.state.next_backend_id += 1;
+            self.state.backend_ids.insert((b, proto), id);
+            self.state.backends.insert(id, value);
+        }
+        let wanted: Vec<u32> = fe.backends.iter().map(|b| self.state.backend_ids[&(*b, proto)]).collect();
+        let cur_slots = cur.as_ref().map_or(&[][..], |c| c.slots.as_slice());
+        let slots = Self::plan_slots(cur_slots, &wanted);
+        let svc_id = match &cur {
+            Some(c) => c.svc_id,
+            None => {
+                let id = self.state.next_svc_id;
+                self.state.next_svc_id += 1;
+                id
+            }
+        };
+        // Name before the frontend exists, so a reader never sees an unnamed id.
+        if cur.as_ref().and_then(|c| c.name.as_deref()) != Some(name.as_str()) {
+            self.maps.write_name(svc_id, &name)?;
+            report.writes += 1;
+        }
+        // 2. Slots that differ.
+        for (i, id) in slots.iter().enumerate() {
+            if cur_slots.get(i) != Some(id) {
+                let v = SvcValue { backend_id: *id, svc_id, ..SvcValue::default() };
+                self.maps.write_svc(svc_key(key, slot_u16(i + 1)), v)?;
+                report.writes += 1;
+            }
+        }
+        // 3. Slot 0 with the count.
+        let flags = fe.kind.flags();
+        let count = slot_u16(slots.len());
+        let head_same = cur
+            .as_ref()
+            .is_some_and(|c| c.svc_id == svc_id && c.flags == flags && c.slots.len() == slots.len());
+        if !head_same {
+            let v = SvcValue { backend_id: 0, count, flags, svc_id, affinity_timeout_s: 0 };
+            self.maps.write_svc(svc_key(key, 0), v)?;
+            report.writes += 1;
+        }
+        // 4. Slots beyond the new count.
+        let mut extra: Vec<u16> = (slots.len() + 1..=cur_slots.len()).map(slot_u16).collect();
+        if let Some(c) = &cur {
+            extra.extend(c.stale_slots.iter().copied());
+        }
+        for s in extra {
+            self.maps.delete_svc(svc_key(key, s))?;
+            report.deletes += 1;
+        }
+        let prog = ProgFrontend { svc_id, flags, slots, stale_slots: Vec::new(), name: Some(name) };
+        self.state.svc_entries = self.state.svc_entries + prog.entries() - cur.as_ref().map_or(0, ProgFrontend::entries);
+        self.state.frontends.insert(*key, prog);
+        Ok(())
+    }
+
+    fn remove_unreferenced_backends(&mut self, report: &mut SyncReport) {
+        let used: BTreeSet<u32> = self.state.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
+        let unused: Vec<u32> = self.state.backends.keys().copied().filter(|id| !used.contains(id)).collect();
+        for id in unused {
+            match self.maps.delete_backend(id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    let b = self.state.backends.remove(&id).expect("present");
+                    self.state.backend_ids.retain(|_, v| *v != id);
+                    let _ = b;
+                }
+                Err(e) => {
+                    self.stale = true;
+                    report.other_errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

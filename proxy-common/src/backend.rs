@@ -1,0 +1,24 @@
+//! The backend map: backend id → address and port.
+//!
+//! Ids are allocated by the agent, kept stable across restarts (read back from
+//! the pinned map) and are what conntrack records, so a flow keeps its backend
+//! while slots are reshuffled.
+
+pub const BACKEND_MAP: &str = "proxy_be_v1";
+pub const BACKEND_MAX_ENTRIES: u32 = 262_144;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Backend (pod) address, network byte order.
+    pub addr_be: u32,
+    /// Backend (target) port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Reserved (terminating, local, ...); 0 for now.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 8);
+
+crate::pod!(Backend);

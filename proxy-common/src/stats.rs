@@ -1,0 +1,56 @@
+//! Per-CPU datapath counters: one slot per exit reason.
+
+pub const STATS_MAP: &str = "proxy_stats_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<StatCounter>() == 16);
+
+crate::pod!(StatCounter);
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $name:ident = $idx:literal, $text:literal;)*) => {
+        $( $(#[$doc])* pub const $name: u32 = $idx; )*
+        /// `(index, name)` for every reason, in index order.
+        pub const REASONS: &[(u32, &str)] = &[$(($idx, $text)),*];
+    };
+}
+
+reasons! {
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PASS_NOT_IPV4 = 0, "pass_not_ipv4";
+    /// IPv4 but neither TCP nor UDP: passed untouched.
+    PASS_OTHER_PROTO = 1, "pass_other_proto";
+    /// TCP/UDP not addressed to a frontend and not a reply of a translated flow.
+    PASS_NO_SERVICE = 2, "pass_no_service";
+    /// First packet of a flow to a frontend: backend chosen, DNATed.
+    DNAT_NEW = 3, "dnat_new_flow";
+    /// Later packet of a tracked flow: DNATed to the same backend.
+    DNAT_ESTABLISHED = 4, "dnat_established";
+    /// Reply from a backend: source restored to the frontend.
+    REV_NAT = 5, "rev_nat_reply";
+    /// Frontend without backends: answered with ICMP port unreachable.
+    REJECT_NO_BACKEND = 6, "reject_no_backend";
+    /// Frontend without backends and the reject could not be built: dropped.
+    DROP_NO_BACKEND = 7, "drop_no_backend";
+    /// Shorter than its headers claim: passed to the kernel, which drops it.
+    MALFORMED_TRUNCATED = 8, "malformed_truncated";
+    /// IPv4 header with version != 4 or IHL < 5: passed to the kernel, which drops it.
+    MALFORMED_BAD_IHL = 9, "malformed_bad_ihl";
+    /// IPv4 fragment: not translated (no fragment tracking yet), passed untouched.
+    PASS_FRAGMENT = 10, "pass_fragment";
+    /// A slot points at a backend id that is not in the backend map: dropped.
+    DROP_BACKEND_MISSING = 11, "drop_backend_missing";
+    /// A packet rewrite helper failed: dropped.
+    DROP_REWRITE_FAILED = 12, "drop_rewrite_failed";
+    /// A conntrack entry could not be written: translated without tracking.
+    CT_INSERT_FAILED = 13, "ct_insert_failed";
+}
+
+/// Number of counter slots (size of the per-CPU array).
+pub const STATS_MAX_ENTRIES: u32 = 32;
+const _: () = assert!(REASONS.len() as u32 <= STATS_MAX_ENTRIES);

@@ -1,0 +1,57 @@
+//! The service map: frontends in slots.
+//!
+//! For a frontend (VIP, port, protocol) the entry with `backend_slot == 0` is
+//! the frontend itself: how many backends it has, its service id and flags.
+//! Entries with `backend_slot` 1..=count hold one backend id each. The agent
+//! writes backends first, then slots, then slot 0 with the new count, and
+//! removes stale slots last, so a packet never reads a count that points at a
+//! missing slot.
+
+/// Pinned name of the service map (the suffix is the layout version).
+pub const SVC_MAP: &str = "proxy_svc_v1";
+/// Capacity of the service map (frontends + slots). Hash map without
+/// preallocation: memory is used only for entries that exist.
+pub const SVC_MAX_ENTRIES: u32 = 262_144;
+/// Most backends one frontend may have (slots are `u16`).
+pub const MAX_BACKENDS_PER_FRONTEND: u16 = 4096;
+
+/// Frontend kinds, stored in [`SvcValue::flags`].
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// Frontend address, network byte order.
+    pub addr_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    /// 0 = the frontend entry, 1..=count = a backend slot.
+    pub backend_slot: u16,
+    /// IP protocol number ([`crate::proto`]).
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (internal/external); 0 for now.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SvcKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcValue {
+    /// In a slot entry: the backend id ([`crate::backend`]). 0 in slot 0.
+    pub backend_id: u32,
+    /// In slot 0: how many backend slots follow. 0 = reject (no endpoints).
+    pub count: u16,
+    /// `SVC_FLAG_*`.
+    pub flags: u16,
+    /// Service id (one per frontend); names it in [`crate::names`] and in conntrack.
+    pub svc_id: u32,
+    /// Session affinity timeout in seconds; 0 = no affinity (reserved).
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(size_of::<SvcValue>() == 16);
+
+crate::pod!(SvcKey, SvcValue);

@@ -1,0 +1,141 @@
+//! Service lookup, backend selection and the ingress decision.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
+use proxy_common::{
+    backend::Backend,
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CtValue},
+    proto, stats,
+    svc::{SvcKey, SvcValue},
+};
+
+use crate::{
+    TC_NEXT, ct,
+    maps::{BACKEND, SVC},
+    nat,
+    parse::{Packet, parse_ipv4_l4},
+    reject,
+    stats::count,
+};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn svc_key(p: &Packet, slot: u16) -> SvcKey {
+    SvcKey {
+        addr_be: p.daddr_be,
+        port_be: p.dport_be,
+        backend_slot: slot,
+        proto: p.proto,
+        scope: 0,
+        _pad: [0; 2],
+    }
+}
+
+/// The frontend entry (slot 0) for the packet's destination, if any.
+#[inline(always)]
+fn lb4_lookup_service(p: &Packet) -> Option<SvcValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { SVC.get(svc_key(p, 0)).copied() }
+}
+
+#[inline(always)]
+fn lookup_backend(id: u32) -> Option<Backend> {
+    // SAFETY: the value is copied out at once.
+    unsafe { BACKEND.get(id).copied() }
+}
+
+/// Picks a backend uniformly at random among the frontend's slots.
+#[inline(always)]
+fn lb4_select_backend(p: &Packet, svc: &SvcValue) -> Option<(u32, Backend)> {
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let slot = (r % u32::from(svc.count)) as u16 + 1;
+    // SAFETY: the value is copied out at once.
+    let id = unsafe { SVC.get(svc_key(p, slot)) }?.backend_id;
+    Some((id, lookup_backend(id)?))
+}
+
+/// Whether a tracked flow may keep its backend.
+///
+/// Why: a TCP SYN starts a new connection even when an old entry with the
+/// same tuple exists (port reuse), so it is balanced anew. An established TCP
+/// flow keeps its backend even after the backend left the Service, as
+/// kube-proxy's conntrack does; a UDP flow moves when its backend is gone
+/// (kube-proxy deletes UDP conntrack entries of removed endpoints).
+#[inline(always)]
+fn lb4_flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
+    if p.proto == proto::TCP {
+        return p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+    }
+    match lookup_backend(entry.backend_id) {
+        Some(b) => b.addr_be == entry.nat_addr_be && b.port_be == entry.nat_port_be,
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    let len = ctx.len();
+    let p = match parse_ipv4_l4(ctx) {
+        Ok(p) => p,
+        Err(reason) => {
+            count(reason, len);
+            return Ok(TC_NEXT);
+        }
+    };
+
+    let Some(svc) = lb4_lookup_service(&p) else {
+        return handle_reply(ctx, &p, len);
+    };
+    if svc.count == 0 {
+        return Ok(reject::port_unreachable(ctx, &p, len));
+    }
+
+    let now = ct::now_ns();
+    let fwd_key = ct::key_of(&p, CT_DIR_SERVICE);
+    if let Some(entry) = ct::lookup_live(&fwd_key, now) {
+        if lb4_flow_keeps_backend(&p, &entry) {
+            if nat::dnat(ctx, &p, entry.nat_addr_be, entry.nat_port_be).is_err() {
+                count(stats::DROP_REWRITE_FAILED, len);
+                return Err(TC_ACT_SHOT as i32);
+            }
+            count(stats::DNAT_ESTABLISHED, len);
+            return Ok(TC_ACT_OK as i32);
+        }
+    }
+
+    let Some((backend_id, backend)) = lb4_select_backend(&p, &svc) else {
+        count(stats::DROP_BACKEND_MISSING, len);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    if !ct::create(&p, backend.addr_be, backend.port_be, backend_id, svc.svc_id, now) {
+        count(stats::CT_INSERT_FAILED, len);
+    }
+    if nat::dnat(ctx, &p, backend.addr_be, backend.port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    count(stats::DNAT_NEW, len);
+    Ok(TC_ACT_OK as i32)
+}
+
+/// A packet that is not addressed to a frontend: a reply of a translated
+/// flow gets its source restored; anything else passes untouched.
+#[inline(always)]
+fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
+    let key = ct::key_of(p, CT_DIR_REPLY);
+    let Some(entry) = ct::lookup_live(&key, ct::now_ns()) else {
+        count(stats::PASS_NO_SERVICE, len);
+        return Ok(TC_NEXT);
+    };
+    if nat::snat(ctx, p, entry.nat_addr_be, entry.nat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    count(stats::REV_NAT, len);
+    Ok(TC_ACT_OK as i32)
+}

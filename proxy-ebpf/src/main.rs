@@ -1,0 +1,41 @@
+//! Kernel side of the proxy: TC programs that translate Service traffic by
+//! map lookups. See `../README.md` for the hook diagram and the public maps.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod ct;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod stats;
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+
+/// TC ingress on every device named by `--devices`: DNAT of packets to a
+/// frontend, reverse NAT of replies from a backend.
+///
+/// Verdicts: `TC_ACT_UNSPEC` (TCX "next") for packets that are not ours,
+/// `TC_ACT_OK` after a translation, `TC_ACT_REDIRECT` for a reject sent back
+/// out of the same device, `TC_ACT_SHOT` for a counted drop.
+#[classifier]
+pub fn proxy_tc_ingress(ctx: TcContext) -> i32 {
+    match lb::handle_ingress(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
+
+/// Keeps `TC_ACT_UNSPEC` in one place as an `i32`.
+pub(crate) const TC_NEXT: i32 = TC_ACT_UNSPEC;

@@ -1,0 +1,38 @@
+//! Every map the programs use. Names and layouts come from `proxy-common`;
+//! the agent pins them under `--bpffs` with those names. The `name = ...`
+//! strings must equal the `*_MAP` constants of `proxy-common` (the agent
+//! checks at load time that every constant names a map of the object).
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    backend::{BACKEND_MAX_ENTRIES, Backend},
+    ct::{CT_MAX_ENTRIES, CtKey, CtValue},
+    names::{NAMES_MAX_ENTRIES, SvcName},
+    stats::{STATS_MAX_ENTRIES, StatCounter},
+    svc::{SVC_MAX_ENTRIES, SvcKey, SvcValue},
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map(name = "proxy_svc_v1")]
+pub static SVC: HashMap<SvcKey, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "proxy_be_v1")]
+pub static BACKEND: HashMap<u32, Backend, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "proxy_ct_v1")]
+pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map(name = "proxy_stats_v1")]
+pub static STATS: PerCpuArray<StatCounter, { STATS_MAX_ENTRIES as usize }> =
+    PerCpuArray::new();
+
+/// Written and read by the agent only; declared here so the object carries it.
+#[btf_map(name = "proxy_names_v1")]
+pub static NAMES: HashMap<u32, SvcName, { NAMES_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();

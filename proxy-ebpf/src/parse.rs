@@ -1,0 +1,94 @@
+//! Header parsing with bounded loads (`bpf_skb_load_bytes`), so every read is
+//! checked against the packet length by the helper and never trips the
+//! verifier on a short packet.
+use aya_ebpf::programs::TcContext;
+use proxy_common::{proto, stats};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+/// Offsets inside the IPv4 header.
+pub const IP_FRAG_OFF: usize = 6;
+pub const IP_PROTO: usize = 9;
+pub const IP_CSUM: usize = 10;
+pub const IP_SADDR: usize = 12;
+pub const IP_DADDR: usize = 16;
+/// Checksum offset inside the L4 header.
+pub const TCP_CSUM: usize = 16;
+pub const UDP_CSUM: usize = 6;
+const IP_MF_OFFSET_MASK_BE: u16 = 0x3fff_u16.to_be();
+
+/// The IPv4 and L4 fields the load balancer decides on.
+pub struct Packet {
+    /// Offset of the L4 header (14 + IHL * 4).
+    pub l4_off: usize,
+    pub ihl_len: usize,
+    pub proto: u8,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl Packet {
+    /// Offset of the L4 checksum field.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + if self.proto == proto::TCP { TCP_CSUM } else { UDP_CSUM }
+    }
+}
+
+/// Why a packet is not parsed into a [`Packet`]: the stats reason to count.
+pub type Skip = u32;
+
+/// Parses Ethernet + IPv4 + TCP/UDP ports. `Err(reason)` = not for us.
+#[inline(always)]
+pub fn parse_ipv4_l4(ctx: &TcContext) -> Result<Packet, Skip> {
+    let eth_proto: u16 = ctx.load(12).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    if eth_proto != ETH_P_IP_BE {
+        return Err(stats::PASS_NOT_IPV4);
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let ihl_len = usize::from(vihl & 0x0f) * 4;
+    // Why: version must be 4 and IHL >= 5 (RFC 791); the kernel's ip_rcv drops
+    // such packets too, we only count them and let it.
+    if vihl >> 4 != 4 || ihl_len < 20 {
+        return Err(stats::MALFORMED_BAD_IHL);
+    }
+    let proto: u8 = ctx.load(ETH_HLEN + IP_PROTO).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    if proto != proto::TCP && proto != proto::UDP {
+        return Err(stats::PASS_OTHER_PROTO);
+    }
+    let frag: u16 = ctx.load(ETH_HLEN + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    // Why: only the first fragment carries ports, and we do not track
+    // fragments yet; translating the first alone would split the datagram.
+    if frag & IP_MF_OFFSET_MASK_BE != 0 {
+        return Err(stats::PASS_FRAGMENT);
+    }
+    let saddr_be: u32 = ctx.load(ETH_HLEN + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let daddr_be: u32 = ctx.load(ETH_HLEN + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let l4_off = ETH_HLEN + ihl_len;
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let (l4_min, tcp_flags) = if proto == proto::TCP {
+        // Why: the checksum we rewrite sits at offset 16 of a 20-byte header;
+        // the load fails on a packet cut short before it.
+        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        (20, flags)
+    } else {
+        (8, 0)
+    };
+    if (ctx.len() as usize) < l4_off + l4_min {
+        return Err(stats::MALFORMED_TRUNCATED);
+    }
+    Ok(Packet {
+        l4_off,
+        ihl_len,
+        proto,
+        saddr_be,
+        daddr_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        tcp_flags,
+    })
+}
