@@ -29,7 +29,7 @@ pub use self::{
 };
 use crate::{
     error::{Error, Result},
-    pins::{ALL_MAPS, Pins, TC_INGRESS_PROG},
+    pins::{ALL_MAPS, Pins, TC_INGRESS_LINK_PREFIX, TC_INGRESS_PROG},
 };
 
 /// The eBPF object this agent was built with (see build.rs).
@@ -107,31 +107,36 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Makes sure `root` lies on a bpffs: creates it, and mounts a bpffs on it
-/// when neither it nor its parent is one (e.g. /sys/fs/bpf not mounted).
-pub fn ensure_bpffs(root: &Path) -> Result<()> {
-    if root.exists() && is_bpffs(root) {
-        return Ok(());
-    }
-    if let Some(parent) = root.parent() {
-        if parent.exists() && is_bpffs(parent) {
-            return fs::create_dir_all(root).map_err(Error::io("mkdir", root));
-        }
-    }
-    fs::create_dir_all(root).map_err(Error::io("mkdir", root))?;
-    let target = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).expect("path without NUL");
+fn mount_bpffs(at: &Path) -> Result<()> {
+    fs::create_dir_all(at).map_err(Error::io("mkdir", at))?;
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).expect("path without NUL");
     // SAFETY: mount(2) with valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(Error::Bpffs {
-            path: root.to_owned(),
+            path: at.to_owned(),
             source: std::io::Error::last_os_error(),
         });
     }
-    info!(path = %root.display(), "mounted a bpffs");
+    info!(path = %at.display(), "mounted a bpffs");
     Ok(())
+}
+
+/// The conventional bpffs mount point.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+/// Makes sure `root` exists on a bpffs. If no ancestor is one, a bpffs is
+/// mounted at `/sys/fs/bpf` when `root` lies below it (the usual layout;
+/// some machines boot without it), else on `root` itself.
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    if root.ancestors().any(|a| a.exists() && is_bpffs(a)) {
+        return fs::create_dir_all(root).map_err(Error::io("mkdir", root));
+    }
+    if root.starts_with(SYS_FS_BPF) {
+        mount_bpffs(Path::new(SYS_FS_BPF))?;
+        return fs::create_dir_all(root).map_err(Error::io("mkdir", root));
+    }
+    mount_bpffs(root)
 }
 
 /// The loaded programs with their pinned maps and links.
@@ -206,7 +211,7 @@ impl Datapath {
                     self.attached.insert(dev.name.clone(), dev.index);
                     new.push(dev.name.clone());
                 }
-                Err(e) => warn!(device = %dev.name, error = %e, "cannot attach TC ingress; will retry"),
+                Err(e) => warn!(device = %dev.name, error = ?e, "cannot attach TC ingress; will retry"),
             }
         }
         self.prune_link_pins(&devices);
@@ -253,15 +258,10 @@ impl Datapath {
             return;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(stem) = name.strip_suffix(".tc_ingress") else {
-                continue;
-            };
-            let keep = present
-                .iter()
-                .any(|d| format!("{}.{}", d.name, d.index) == stem);
-            if !keep {
-                let _ = fs::remove_file(entry.path());
+            let path = entry.path();
+            let ours = entry.file_name().to_string_lossy().starts_with(TC_INGRESS_LINK_PREFIX);
+            if ours && !present.iter().any(|d| self.pins.tc_ingress_link(&d.name, d.index) == path) {
+                let _ = fs::remove_file(&path);
             }
         }
     }

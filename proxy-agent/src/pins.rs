@@ -3,7 +3,7 @@
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v1 proxy_stats_v1 proxy_names_v1   maps
-//! <bpffs>/links/<ifname>.<ifindex>.tc_ingress                                  TCX links
+//! <bpffs>/links/tcx_ingress_<ifindex>_<ifname>                               TCX links
 //! ```
 //! The map names are public interface (`bpftool map dump pinned <bpffs>/<map>`).
 use std::path::{Path, PathBuf};
@@ -20,6 +20,9 @@ pub const ALL_MAPS: [&str; 5] = [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_
 
 /// The kernel program attached at TC ingress.
 pub const TC_INGRESS_PROG: &str = "proxy_tc_ingress";
+
+/// File-name prefix of pinned TC ingress links.
+pub const TC_INGRESS_LINK_PREFIX: &str = "tcx_ingress_";
 
 /// Paths below one pin directory.
 #[derive(Clone, Debug)]
@@ -51,8 +54,11 @@ impl Pins {
     /// The pinned TC ingress link of one device. The ifindex is part of the
     /// name: a device deleted and re-created under the same name is a new
     /// attachment, not the old (defunct) link.
+    ///
+    /// bpffs refuses names with a dot (EPERM, "reserved"), and device names
+    /// may have one (VLANs: `eth0.100`), so dots become underscores.
     #[must_use]
     pub fn tc_ingress_link(&self, ifname: &str, ifindex: u32) -> PathBuf {
-        self.links_dir().join(format!("{ifname}.{ifindex}.tc_ingress"))
+        self.links_dir().join(format!("{TC_INGRESS_LINK_PREFIX}{ifindex}_{}", ifname.replace('.', "_")))
     }
 }

@@ -326,7 +326,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     fn program_frontend(&mut self, key: &FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
         let cur = self.state.frontends.get(key).cloned();
-        let name = format!("{}:{}/{}", fe.display_name(), key.port, proto);
+        let name = fe.display_name();
         // Capacity checks before any write: all or nothing.
         let new_backends: Vec<BackendAddr> = fe
             .backends
