@@ -1,1 +1,131 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, test, demo.
+//!
+//! Kept free of the project's own crates so that it builds on a fresh
+//! machine before the eBPF toolchain exists (`setup` installs it).
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks: setup, build-ebpf, test, demo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (nightly rust-src, bpf-linker, bpftool, iproute2, ...). Idempotent.
+    Setup,
+    /// Build the eBPF object (what CI pipelines run).
+    BuildEbpf,
+    /// Set up, build, and run every test (root-only ones included).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the sandboxed ClusterIP demo.
+    Demo {
+        /// Leave the sandbox running and print how to look inside.
+        #[arg(long)]
+        keep: bool,
+        /// How many requests the client sends to the ClusterIP.
+        #[arg(long, default_value_t = 90)]
+        requests: u32,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs a command, failing with its name when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed ({status})");
+    }
+    Ok(())
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+/// Builds proxy-ebpf from its own directory, the same way proxy-agent's
+/// build.rs does (its .cargo/config.toml and rust-toolchain.toml apply).
+fn build_ebpf() -> Result<PathBuf> {
+    let dir = target_dir().join("ebpf");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
+        .arg(&dir)
+        .current_dir(root().join("proxy-ebpf"));
+    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "RUSTUP_TOOLCHAIN"] {
+        cmd.env_remove(key);
+    }
+    run(&mut cmd)?;
+    let object = dir.join("bpfel-unknown-none/release/proxy-ebpf");
+    let size = std::fs::metadata(&object).with_context(|| format!("{} missing", object.display()))?.len();
+    eprintln!("eBPF object: {} ({} KiB, with BTF)", object.display(), size / 1024);
+    Ok(object)
+}
+
+fn build_agent() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "proxy-agent", "-p", "integration-tests"]).current_dir(root()))?;
+    Ok(target_dir().join("debug/proxy-agent"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => {
+            setup::setup()?;
+            build_ebpf().map(|_| ())
+        }
+        Task::Test { args } => {
+            step("setup");
+            setup::setup()?;
+            step("build the eBPF object");
+            build_ebpf()?;
+            step("build the agent");
+            let agent = build_agent()?;
+            step("run every test (unit, packet, network-namespace)");
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--no-fail-fast"]).current_dir(root()).env("PROXY_AGENT_BIN", &agent);
+            if !args.is_empty() {
+                cmd.arg("--").args(&args);
+            }
+            run(&mut cmd)
+        }
+        Task::Demo { keep, requests } => {
+            step("setup");
+            setup::setup()?;
+            step("build the agent (embeds the eBPF object)");
+            let agent = build_agent()?;
+            step("run the demo");
+            let mut cmd = Command::new(target_dir().join("debug/demo"));
+            cmd.arg("--agent").arg(&agent).arg("--requests").arg(requests.to_string());
+            if keep {
+                cmd.arg("--keep");
+            }
+            run(&mut cmd)
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The agent as a real child process, run inside the node namespace.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use proxy_agent::{
+    datapath::{BpfMaps, ServiceMaps as _},
+    inspect::{FrontendView, services_view},
+    pins::Pins,
+};
+
+/// The `proxy-agent` binary: `$PROXY_AGENT_BIN`, else next to the test
+/// executable's target directory (`cargo xtask test` builds it first).
+#[must_use]
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROXY_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/proxy-agent
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("proxy-agent"))
+        .expect("target dir");
+    assert!(
+        candidate.exists(),
+        "{} not found: build it first (`cargo build -p proxy-agent`; `cargo xtask test` does) or set PROXY_AGENT_BIN",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A running agent; killed on drop. Its pins are left for the owner of the
+/// bpffs directory to clean up (see [`crate::sandbox::Sandbox`]).
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentArgs<'a> {
+    pub bin: &'a Path,
+    pub netns: &'a str,
+    pub bpffs: &'a Path,
+    pub manifests: &'a Path,
+    pub devices: &'a str,
+    pub log: &'a Path,
+}
+
+impl Agent {
+    /// Starts `proxy-agent run` in the namespace with nsenter (which, unlike
+    /// `ip netns exec`, keeps /sys and so the bpffs visible).
+    pub fn start(a: &AgentArgs<'_>) -> Self {
+        let log = File::options().create(true).append(true).open(a.log).expect("agent log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", a.netns))
+            .arg(a.bin)
+            .arg("--bpffs")
+            .arg(a.bpffs)
+            .arg("run")
+            .arg("--manifests")
+            .arg(a.manifests)
+            .arg("--devices")
+            .arg(a.devices)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn proxy-agent via nsenter");
+        Self { child: Some(child), log: a.log.to_owned() }
+    }
+
+    /// SIGKILL, as a crash or OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The frontends programmed under `bpffs`, read from the pinned maps (empty
+/// when nothing is pinned yet).
+#[must_use]
+pub fn programmed(bpffs: &Path) -> Vec<FrontendView> {
+    BpfMaps::open_pinned(&Pins::new(bpffs))
+        .and_then(|m| m.dump())
+        .map(|d| services_view(&d))
+        .unwrap_or_default()
+}
+
+/// Polls until `pred` holds for the programmed frontends, at most `timeout`.
+pub fn wait_programmed(bpffs: &Path, timeout: Duration, what: &str, pred: impl Fn(&[FrontendView]) -> bool) -> Vec<FrontendView> {
+    let start = Instant::now();
+    loop {
+        let v = programmed(bpffs);
+        if pred(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; programmed: {v:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,159 @@
+//! The demo behind `cargo xtask demo`: a sandboxed node in network
+//! namespaces, three pods answering HTTP with their own name, a ClusterIP
+//! Service fed to the agent as ordinary YAML, real requests from a client
+//! namespace, and a table of what went where.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::wait_programmed,
+    client::http_get,
+    manifests::{Port, service_yaml, write_atomic},
+    sandbox::{DEVICES, Sandbox},
+    servers::http_server_forever,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const PODS: usize = 3;
+
+struct Args {
+    agent: PathBuf,
+    keep: bool,
+    requests: u32,
+}
+
+fn parse_args() -> Args {
+    let mut args = std::env::args().skip(1);
+    let mut out = Args { agent: PathBuf::from("proxy-agent"), keep: false, requests: 90 };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--serve-http" => {
+                let name = args.next().expect("--serve-http NAME PORT");
+                let port = args.next().and_then(|p| p.parse().ok()).expect("--serve-http NAME PORT");
+                http_server_forever(port, &name);
+            }
+            "--agent" => out.agent = PathBuf::from(args.next().expect("--agent PATH")),
+            "--keep" => out.keep = true,
+            "--requests" => out.requests = args.next().and_then(|n| n.parse().ok()).expect("--requests N"),
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    out
+}
+
+fn say(step: u32, msg: &str) {
+    println!("[{step}/6] {msg}");
+}
+
+fn main() {
+    let args = parse_args();
+    let me = std::env::current_exe().expect("current_exe");
+
+    say(1, "creating the sandbox: client, node and 3 pod network namespaces");
+    let mut sb = Sandbox::new("demo", PODS);
+    sb.serve_http_processes(&me, &["--serve-http"], 8080);
+
+    say(2, "writing manifests: Service web (ClusterIP 10.96.0.10:80 -> 3 pods :8080) and Service empty (no endpoints)");
+    let endpoints: Vec<(Ipv4Addr, bool)> = sb.pods.iter().map(|p| (p.ip, true)).collect();
+    let http = [Port { name: "http", port: 80, target: 8080, protocol: "TCP" }];
+    write_atomic(&sb.manifests, "web.yaml", &service_yaml("web", VIP, &http, &endpoints));
+    write_atomic(&sb.manifests, "empty.yaml", &service_yaml("empty", EMPTY_VIP, &http, &[]));
+
+    say(3, &format!("starting proxy-agent in the node (--devices '{DEVICES}', --bpffs {})", sb.bpffs.display()));
+    sb.start_agent(&args.agent);
+    wait_programmed(&sb.bpffs, Duration::from_secs(20), "the demo Services", |v| v.len() == 2);
+
+    say(4, &format!("sending {} HTTP requests from the client namespace to http://{VIP}:80", args.requests));
+    let n = args.requests;
+    let (answers, failures, elapsed) = sb.client.run(move || {
+        let mut answers: BTreeMap<String, u32> = BTreeMap::new();
+        let mut failures = Vec::new();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(60);
+        for _ in 0..n {
+            if Instant::now() > deadline {
+                failures.push("deadline of 60 s reached".to_owned());
+                break;
+            }
+            match http_get(SocketAddr::from((VIP, 80)), Duration::from_secs(2)) {
+                Ok(body) => *answers.entry(body).or_default() += 1,
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        (answers, failures, start.elapsed())
+    });
+    let refused = sb.client.run(|| http_get(SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(2)).err().map(|e| e.to_string()));
+
+    say(5, "results");
+    println!();
+    println!("  {:<6}  {:<13}  {:>8}  {:>6}", "POD", "IP", "REQUESTS", "SHARE");
+    for p in &sb.pods {
+        let c = answers.get(&p.name).copied().unwrap_or(0);
+        let share = f64::from(c) * 100.0 / f64::from(n.max(1));
+        let bar = "#".repeat(usize::try_from(c * 30 / n.max(1)).unwrap_or(0));
+        println!("  {:<6}  {:<13}  {c:>8}  {share:>5.1}%  {bar}", p.name, p.ip.to_string());
+    }
+    println!(
+        "  {} requests in {:.2} s, {} failed{}",
+        n,
+        elapsed.as_secs_f64(),
+        failures.len(),
+        failures.first().map(|f| format!(" (first: {f})")).unwrap_or_default()
+    );
+    println!(
+        "  http://{EMPTY_VIP}:80 (no endpoints): {}",
+        refused.unwrap_or_else(|| "answered?! (expected a reject)".to_owned())
+    );
+    println!();
+    println!("$ proxy-agent --bpffs {} services", sb.bpffs.display());
+    let out = Command::new(&args.agent).arg("--bpffs").arg(&sb.bpffs).arg("services").output().expect("proxy-agent services");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!();
+    println!("$ proxy-agent --bpffs {} stats   (non-zero counters)", sb.bpffs.display());
+    let out = Command::new(&args.agent).arg("--bpffs").arg(&sb.bpffs).arg("stats").output().expect("proxy-agent stats");
+    for (i, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate() {
+        if i == 0 || !line.split_whitespace().nth(1).is_some_and(|p| p == "0") {
+            println!("{line}");
+        }
+    }
+    println!();
+
+    let ok = failures.is_empty() && answers.len() == PODS;
+    if args.keep {
+        say(6, "keeping the sandbox (--keep). Look inside with:");
+        let agent = args.agent.display();
+        let bpffs = sb.bpffs.display();
+        println!("  nsenter --net={} curl -s http://{VIP}/        # from the client namespace", sb.client.path());
+        println!("  bpftool map dump pinned {bpffs}/proxy_svc_v1");
+        println!("  bpftool map dump pinned {bpffs}/proxy_be_v1");
+        println!("  bpftool map dump pinned {bpffs}/proxy_ct_v1");
+        println!("  {agent} --bpffs {bpffs} services");
+        println!("  {agent} --bpffs {bpffs} stats");
+        println!("  cat {}                                  # agent log", sb.agent_log_path().display());
+        println!("  $EDITOR {}/web.yaml                     # the agent follows changes", sb.manifests.display());
+        println!("Tear down with:");
+        let pids: Vec<String> = sb.server_procs.iter().map(|c| c.id().to_string()).chain(sb.agent.as_ref().and_then(|a| a.pid()).map(|p| p.to_string())).collect();
+        println!("  kill {}", pids.join(" "));
+        println!("  {agent} --bpffs {bpffs} cleanup");
+        let mut nss = vec![sb.client.name().to_owned(), sb.node.name().to_owned()];
+        nss.extend(sb.pods.iter().map(|p| p.ns.name().to_owned()));
+        for ns in nss {
+            println!("  ip netns del {ns}");
+        }
+        println!("  rm -rf {}", sb.workdir.display());
+        sb.keep();
+    } else {
+        say(6, "tearing down (use --keep to leave it running)");
+        drop(sb);
+    }
+    if !ok {
+        eprintln!("demo FAILED: expected every request answered and all {PODS} pods used");
+        std::process::exit(1);
+    }
+}

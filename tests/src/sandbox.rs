@@ -1,0 +1,211 @@
+//! The single-node test topology, built on the real kernel:
+//!
+//! ```text
+//!  client ns                node ns (agent: TC ingress on ext0, lxc*)          pod ns (x N)
+//!  eth0 192.0.2.2/24 ── ext0 192.0.2.1/24        lxcI ───────────────────── eth0 10.244.0.(10+I)/32
+//!  routes: 10.96.0.0/12, 10.244.0.0/16            route 10.244.0.(10+I)/32 dev lxcI   route 192.0.2.0/24 via 169.254.1.1
+//!          via 192.0.2.1 (no default route)       ip_forward=1
+//! ```
+//! Pods are joined by veth pairs with /32 routes and static neighbours (no
+//! ARP on the pod links). Everything — namespaces, pins, files, the agent
+//! process — is removed on drop, also when a test panics.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use proxy_agent::pins::Pins;
+
+use crate::{
+    agent::{Agent, AgentArgs},
+    netns::{Netns, unique_name},
+    servers::Server,
+};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const POD_CIDR: &str = "10.244.0.0/16";
+/// The `--devices` value for the node.
+pub const DEVICES: &str = "ext0,lxc*";
+
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub agent: Option<Agent>,
+    pub servers: Vec<Server>,
+    /// Server processes (demo), killed on drop unless kept.
+    pub server_procs: Vec<std::process::Child>,
+    pub client: Netns,
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+    pub bpffs: PathBuf,
+    pub workdir: PathBuf,
+    pub manifests: PathBuf,
+    keep: bool,
+}
+
+#[must_use]
+pub fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 0, 10 + u8::try_from(i).expect("few pods"))
+}
+
+impl Sandbox {
+    /// Builds the client, the node and `pods` pod namespaces named
+    /// `pod1..podN`. `prefix` keeps names apart between tests.
+    pub fn new(prefix: &str, pods: usize) -> Self {
+        crate::netns::require_root();
+        let id = unique_name(prefix);
+        let workdir = std::env::temp_dir().join(format!("proxy-{id}"));
+        let manifests = workdir.join("manifests");
+        std::fs::create_dir_all(&manifests).expect("create manifests dir");
+        let client = Netns::create(&format!("{id}c"));
+        let node = Netns::create(&format!("{id}n"));
+        let mut sb = Self {
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-sandbox-{id}")),
+            id: id.clone(),
+            agent: None,
+            servers: Vec::new(),
+            server_procs: Vec::new(),
+            client,
+            node,
+            pods: Vec::new(),
+            workdir,
+            manifests,
+            keep: false,
+        };
+        let (c, n) = (&sb.client, &sb.node);
+        c.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "ext0", "netns", n.name()]);
+        c.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
+        c.ip(&["link", "set", "eth0", "up"]);
+        n.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "ext0"]);
+        n.ip(&["link", "set", "ext0", "up"]);
+        for cidr in [SERVICE_CIDR, POD_CIDR] {
+            c.ip(&["route", "add", cidr, "via", &NODE_IP.to_string()]);
+        }
+        n.sysctl("net.ipv4.ip_forward", "1");
+        for i in 1..=pods {
+            sb.add_pod(i);
+        }
+        sb
+    }
+
+    fn add_pod(&mut self, i: usize) {
+        let name = format!("pod{i}");
+        let ns = Netns::create(&format!("{}p{i}", self.id));
+        let ip = pod_ip(i);
+        let pod_mac = format!("02:00:00:00:01:{i:02x}");
+        let node_mac = format!("02:00:00:00:02:{i:02x}");
+        let lxc = format!("lxc{i}");
+        ns.ip(&["link", "add", "eth0", "address", &pod_mac, "type", "veth", "peer", "name", &lxc, "address", &node_mac, "netns", self.node.name()]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+        ns.ip(&["route", "add", "192.0.2.0/24", "via", "169.254.1.1", "dev", "eth0"]);
+        ns.ip(&["neigh", "add", "169.254.1.1", "lladdr", &node_mac, "dev", "eth0"]);
+        self.node.ip(&["link", "set", &lxc, "up"]);
+        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &lxc]);
+        self.node.ip(&["neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &lxc]);
+        self.pods.push(Pod { name, ns, ip });
+    }
+
+    /// HTTP on `port` in every pod, each answering with its pod name.
+    pub fn serve_http(&mut self, port: u16) {
+        for p in &self.pods {
+            self.servers.push(crate::servers::http_server(&p.ns, port, &p.name));
+        }
+    }
+
+    /// UDP echo on `port` in every pod.
+    pub fn serve_udp(&mut self, port: u16) {
+        for p in &self.pods {
+            self.servers.push(crate::servers::udp_echo(&p.ns, port, &p.name));
+        }
+    }
+
+    /// HTTP on `port` in every pod as separate processes: `bin ARGS... NAME
+    /// PORT` run with nsenter in the pod's namespace.
+    pub fn serve_http_processes(&mut self, bin: &Path, args: &[&str], port: u16) {
+        for p in &self.pods {
+            let child = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", p.ns.path()))
+                .arg(bin)
+                .args(args)
+                .arg(&p.name)
+                .arg(port.to_string())
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn pod server");
+            self.server_procs.push(child);
+        }
+    }
+
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.workdir.join("agent.log")
+    }
+
+    /// Starts the agent (`bin`) in the node namespace.
+    pub fn start_agent(&mut self, bin: &Path) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = self.agent_log_path();
+        self.agent = Some(Agent::start(&AgentArgs {
+            bin,
+            netns: self.node.name(),
+            bpffs: &self.bpffs,
+            manifests: &self.manifests,
+            devices: DEVICES,
+            log: &log,
+        }));
+    }
+
+    /// SIGKILLs the agent; programs and maps stay pinned.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// Leaves everything in place when dropped (`cargo xtask demo --keep`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.keep {
+            if let Some(a) = self.agent.take() {
+                std::mem::forget(a);
+            }
+            std::mem::forget(std::mem::take(&mut self.servers));
+            std::mem::forget(std::mem::take(&mut self.server_procs));
+            for p in self.pods.drain(..) {
+                std::mem::forget(p);
+            }
+            // Keep the namespaces: forget their guards.
+            let client = std::mem::replace(&mut self.client, Netns::detached());
+            let node = std::mem::replace(&mut self.node, Netns::detached());
+            std::mem::forget(client);
+            std::mem::forget(node);
+            return;
+        }
+        self.kill_agent();
+        self.servers.clear();
+        for mut c in self.server_procs.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = proxy_agent::datapath::cleanup(&Pins::new(&self.bpffs));
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
