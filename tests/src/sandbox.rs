@@ -95,7 +95,8 @@ impl Sandbox {
         sb
     }
 
-    fn add_pod(&mut self, i: usize) {
+    /// Adds pod `i` (namespace, veth `lxcI` on the node, routes).
+    pub fn add_pod(&mut self, i: usize) {
         let name = format!("pod{i}");
         let ns = Netns::create(&format!("{}p{i}", self.id));
         let ip = pod_ip(i);

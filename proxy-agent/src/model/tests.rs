@@ -102,7 +102,7 @@ fn check(yaml: &str, expected: &str) {
 #[test]
 fn cluster_ip_with_two_endpoints() {
     check(
-        r#"
+        r"
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
@@ -123,7 +123,7 @@ endpoints:
   conditions: {ready: true}
 - addresses: [10.244.0.11]
   conditions: {ready: true}
-"#,
+",
         "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080",
     );
 }
@@ -156,7 +156,7 @@ endpoints:
 #[test]
 fn all_ports_of_a_multi_port_service_tcp_and_udp() {
     check(
-        r#"
+        r"
 apiVersion: v1
 kind: Service
 metadata: {name: kube-dns, namespace: kube-system}
@@ -184,7 +184,7 @@ endpoints:
   conditions: {ready: true}
 - addresses: [10.244.0.3]
   conditions: {ready: true}
-"#,
+",
         "
         10.96.0.10:53/TCP kube-system/kube-dns:dns-tcp -> 10.244.0.2:53,10.244.0.3:53
         10.96.0.10:53/UDP kube-system/kube-dns:dns -> 10.244.0.2:53,10.244.0.3:53

@@ -1,0 +1,321 @@
+//! End-to-end ClusterIP tests on the real kernel: the agent runs in a node
+//! namespace, real clients in a client namespace talk to a ClusterIP, real
+//! servers answer in pod namespaces. Every loop is bounded in count and time;
+//! the sandbox removes namespaces, pins and files even when a test fails.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::{agent_bin, programmed, wait_programmed},
+    client::{KeepAlive, http_get, udp_request},
+    manifests::{Port, service_yaml, write_atomic},
+    netns::run,
+    sandbox::{Sandbox, pod_ip},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const T: Duration = Duration::from_secs(2);
+const HTTP: Port<'static> = Port { name: "http", port: 80, target: 8080, protocol: "TCP" };
+const DNS: Port<'static> = Port { name: "dns", port: 53, target: 5353, protocol: "UDP" };
+
+fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
+    ips.iter().map(|ip| (*ip, true)).collect()
+}
+
+fn backends_of(sb: &Sandbox, port: u16) -> Vec<String> {
+    programmed(&sb.bpffs)
+        .into_iter()
+        .find(|f| f.address == VIP.to_string() && f.port == port)
+        .map(|f| f.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect())
+        .unwrap_or_default()
+}
+
+fn wait_backends(sb: &Sandbox, port: u16, n: usize) {
+    wait_programmed(&sb.bpffs, Duration::from_secs(15), &format!("{n} backends on {VIP}:{port}"), |v| {
+        v.iter().any(|f| f.address == VIP.to_string() && f.port == port && f.backends.len() == n)
+    });
+}
+
+/// Runs HTTP requests (a new connection each) from the client until `stop`
+/// is set, at most `max` of them or `limit` in time. Returns (when, result).
+fn http_load(
+    sb: &Sandbox,
+    stop: Arc<AtomicBool>,
+    max: usize,
+    limit: Duration,
+) -> std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    sb.client.spawn(move || {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) && out.len() < max && start.elapsed() < limit {
+            let r = http_get(SocketAddr::from((VIP, 80)), T).map_err(|e| e.to_string());
+            out.push((Instant::now(), r));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    })
+}
+
+fn count_by_pod(results: &[(Instant, Result<String, String>)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, r) in results {
+        let k = r.clone().unwrap_or_else(|e| format!("error: {e}"));
+        *m.entry(k).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn http_and_udp_through_a_cluster_ip_use_every_backend() {
+    let mut sb = Sandbox::new("cip", 2);
+    sb.serve_http(8080);
+    sb.serve_udp(5353);
+    let ips = [pod_ip(1), pod_ip(2)];
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP, DNS], &ready(&ips)));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 2);
+    wait_backends(&sb, 53, 2);
+
+    let (http, udp, sticky) = sb.client.run(|| {
+        let http: Vec<_> = (0..40).map(|_| http_get(SocketAddr::from((VIP, 80)), T).map_err(|e| e.to_string())).collect();
+        // A connected UDP socket accepts replies only from VIP:53, so a reply
+        // proves the reverse translation too.
+        let udp: Vec<_> = (0..40)
+            .map(|i| udp_request(SocketAddr::from((VIP, 53)), &format!("q{i}"), T).map_err(|e| e.to_string()))
+            .collect();
+        let mut ka = KeepAlive::connect(SocketAddr::from((VIP, 80)), T).expect("keep-alive connect");
+        let sticky: Vec<_> = (0..20).map(|_| ka.get().expect("keep-alive request")).collect();
+        (http, udp, sticky)
+    });
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &http {
+        *by_pod.entry(r.clone().expect("HTTP request through the ClusterIP failed")).or_default() += 1;
+    }
+    assert_eq!(by_pod.len(), 2, "both pods must answer HTTP: {by_pod:?}\n{}", sb.agent_log());
+    let mut udp_pods: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, r) in udp.iter().enumerate() {
+        let reply = r.clone().expect("UDP request through the ClusterIP failed");
+        let (pod, payload) = reply.split_once(':').expect("reply is pod:payload");
+        assert_eq!(payload, format!("q{i}"));
+        *udp_pods.entry(pod.to_owned()).or_default() += 1;
+    }
+    assert_eq!(udp_pods.len(), 2, "both pods must answer UDP: {udp_pods:?}");
+    assert!(sticky.iter().all(|p| p == &sticky[0]), "a TCP connection must keep its backend: {sticky:?}");
+}
+
+#[test]
+fn removing_an_endpoint_moves_new_connections_with_no_failed_request() {
+    let mut sb = Sandbox::new("rm", 3);
+    sb.serve_http(8080);
+    let ips = [pod_ip(1), pod_ip(2), pod_ip(3)];
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&ips)));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 3);
+
+    // An established connection to whichever pod it lands on.
+    let mut ka = sb.client.run(|| {
+        let mut ka = KeepAlive::connect(SocketAddr::from((VIP, 80)), T).expect("connect");
+        let first = ka.get().expect("first request");
+        (ka, first)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = http_load(&sb, stop.clone(), 2000, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Remove the pod the established connection uses.
+    let victim_name = ka.1.clone();
+    let victim_ip = sb.pods.iter().find(|p| p.name == victim_name).expect("pod").ip;
+    let remaining: Vec<Ipv4Addr> = ips.iter().copied().filter(|ip| *ip != victim_ip).collect();
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&remaining)));
+    wait_backends(&sb, 80, 2);
+    let programmed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().expect("load thread");
+
+    let failed: Vec<_> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "requests failed while the endpoint was removed: {failed:?}");
+    let after: Vec<_> = results.iter().filter(|(t, _)| *t > programmed_at).collect();
+    assert!(after.len() >= 10, "too few requests after the change to judge: {}", after.len());
+    assert!(
+        after.iter().all(|(_, r)| r.as_ref().is_ok_and(|p| *p != victim_name)),
+        "new connections still reach {victim_name} after its removal was programmed: {:?}",
+        count_by_pod(&results)
+    );
+    // kube-proxy semantics: an established TCP connection keeps its backend.
+    let answer = ka.0.get().expect("the established connection must keep working");
+    assert_eq!(answer, victim_name);
+}
+
+#[test]
+fn killing_the_agent_mid_traffic_loses_no_request_and_a_restart_converges() {
+    let mut sb = Sandbox::new("kill", 3);
+    sb.serve_http(8080);
+    let two = [pod_ip(1), pod_ip(2)];
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&two)));
+    let bin = agent_bin();
+    sb.start_agent(&bin);
+    wait_backends(&sb, 80, 2);
+    let before = programmed(&sb.bpffs);
+
+    let mut ka = sb.client.run(|| {
+        let mut ka = KeepAlive::connect(SocketAddr::from((VIP, 80)), T).expect("connect");
+        let first = ka.get().expect("first request");
+        (ka, first)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = http_load(&sb, stop.clone(), 3000, Duration::from_secs(40));
+    std::thread::sleep(Duration::from_millis(300));
+
+    sb.kill_agent();
+    // Forwarding goes on without the agent.
+    std::thread::sleep(Duration::from_millis(700));
+    // The desired state changes while the agent is down: a third endpoint.
+    let three = [pod_ip(1), pod_ip(2), pod_ip(3)];
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&three)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(backends_of(&sb, 80).len(), 2, "nothing may change the maps while the agent is down");
+
+    sb.start_agent(&bin);
+    wait_backends(&sb, 80, 3);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().expect("load thread");
+
+    let failed: Vec<_> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "requests failed across the agent's kill and restart: {failed:?}\n{}", sb.agent_log());
+    assert!(results.len() >= 50, "too few requests to judge: {}", results.len());
+    let after = programmed(&sb.bpffs);
+    let (b, a) = (&before[0], &after[0]);
+    assert_eq!(a.svc_id, b.svc_id, "the restart must keep the service id");
+    for old in &b.backends {
+        let new = a.backends.iter().find(|x| x.address == old.address).expect("old backend kept");
+        assert_eq!(new.id, old.id, "the restart must keep backend ids");
+    }
+    assert!(sb.agent_log().contains("adopted=true"), "the restart must adopt the pinned links:\n{}", sb.agent_log());
+    let answer = ka.0.get().expect("an established connection must survive the agent's death");
+    assert_eq!(answer, ka.1);
+}
+
+#[test]
+fn bpftool_dump_of_the_pinned_maps_shows_field_names() {
+    let mut sb = Sandbox::new("btf", 1);
+    sb.serve_http(8080);
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 1);
+    sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T).expect("request"));
+
+    let dump = |map: &str| run("bpftool", &["map", "dump", "pinned", &sb.bpffs.join(map).to_string_lossy()]);
+    let svc = dump("proxy_svc_v1");
+    for field in ["\"addr_be\"", "\"port_be\"", "\"backend_slot\"", "\"count\"", "\"svc_id\"", "\"backend_id\""] {
+        assert!(svc.contains(field), "bpftool dump of proxy_svc_v1 lacks {field}:\n{svc}");
+    }
+    let be = dump("proxy_be_v1");
+    assert!(be.contains("\"addr_be\"") && be.contains("\"port_be\""), "proxy_be_v1 dump:\n{be}");
+    let ct = dump("proxy_ct_v1");
+    assert!(ct.contains("\"nat_addr_be\"") && ct.contains("\"backend_id\""), "proxy_ct_v1 dump:\n{ct}");
+    let stats = dump("proxy_stats_v1");
+    assert!(stats.contains("\"packets\""), "proxy_stats_v1 dump:\n{stats}");
+}
+
+#[test]
+fn bad_manifests_are_skipped_with_a_log_line_and_the_rest_is_programmed() {
+    let mut sb = Sandbox::new("bad", 1);
+    sb.serve_http(8080);
+    write_atomic(&sb.manifests, "good.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
+    write_atomic(&sb.manifests, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
+    let sctp = service_yaml("sctp", Ipv4Addr::new(10, 96, 0, 20), &[Port { name: "s", port: 9, target: 9, protocol: "SCTP" }], &[]);
+    write_atomic(&sb.manifests, "sctp.yaml", &sctp);
+    let bad_ip = service_yaml("badip", Ipv4Addr::new(10, 96, 0, 21), &[HTTP], &[]).replace("10.96.0.21", "10.96.0.300");
+    write_atomic(&sb.manifests, "badip.yaml", &bad_ip);
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 1);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let frontends = programmed(&sb.bpffs);
+    assert_eq!(frontends.len(), 1, "only the good Service is programmed: {frontends:#?}");
+    let answer = sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T));
+    assert_eq!(answer.expect("the good Service works"), "pod1");
+    let log = sb.agent_log();
+    for needle in ["broken.yaml", "does not parse", "default/sctp", "SCTP is not supported", "default/badip", "10.96.0.300", "badip.yaml"] {
+        assert!(log.contains(needle), "agent log lacks {needle:?}:\n{log}");
+    }
+}
+
+#[test]
+fn a_device_that_appears_later_is_attached_and_a_frontend_without_endpoints_rejects() {
+    let mut sb = Sandbox::new("dev", 1);
+    sb.serve_http(8080);
+    let empty = Ipv4Addr::new(10, 96, 0, 11);
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
+    write_atomic(&sb.manifests, "empty.yaml", &service_yaml("empty", empty, &[HTTP], &[]));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 1);
+
+    // kube-proxy's REJECT: the client's connect fails at once, not by timeout.
+    let started = Instant::now();
+    let err = sb.client.run(move || http_get(SocketAddr::from((empty, 80)), T)).expect_err("no endpoints must be rejected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // A new pod (its lxc2 matches `lxc*`): replies come back through it only
+    // if the agent attached to it.
+    sb.add_pod(2);
+    let p2 = sb.pods.iter().find(|p| p.name == "pod2").expect("pod2");
+    sb.servers.push(integration_tests::servers::http_server(&p2.ns, 8080, "pod2"));
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(2)])));
+    wait_backends(&sb, 80, 1);
+    wait_programmed(&sb.bpffs, Duration::from_secs(10), "pod2 as the backend", |v| {
+        v.iter().any(|f| f.backends.iter().any(|b| b.address == pod_ip(2).to_string()))
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), Duration::from_millis(500)));
+        if r.as_deref().ok() == Some("pod2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod2 never answered through the ClusterIP: {r:?}\n{}", sb.agent_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(sb.agent_log().contains("device=lxc2"), "{}", sb.agent_log());
+}
+
+#[test]
+fn services_json_reads_the_pins_and_cleanup_removes_everything() {
+    let mut sb = Sandbox::new("cln", 2);
+    sb.serve_http(8080);
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP, DNS], &ready(&[pod_ip(1), pod_ip(2)])));
+    let bin = agent_bin();
+    sb.start_agent(&bin);
+    wait_backends(&sb, 80, 2);
+    wait_backends(&sb, 53, 2);
+    sb.kill_agent();
+
+    // From the pinned maps alone, with the agent gone.
+    let bpffs = sb.bpffs.to_string_lossy().into_owned();
+    let json = run(&bin.to_string_lossy(), &["--bpffs", &bpffs, "services", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("services -o json is JSON");
+    let list = v.as_array().expect("array");
+    assert_eq!(list.len(), 2, "{json}");
+    assert!(list.iter().all(|f| f["service"].as_str().is_some_and(|s| s.starts_with("default/web")) && f["backends"].as_array().map(Vec::len) == Some(2)), "{json}");
+    let table = run(&bin.to_string_lossy(), &["--bpffs", &bpffs, "services"]);
+    assert!(table.contains("10.96.0.10:80/TCP") && table.contains("10.244.0.11:8080"), "{table}");
+    let stats = run(&bin.to_string_lossy(), &["--bpffs", &bpffs, "stats", "-o", "json"]);
+    assert!(stats.contains("dnat_new_flow"), "{stats}");
+
+    assert!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).is_ok(), "forwarding without the agent");
+    let out = run(&bin.to_string_lossy(), &["--bpffs", &bpffs, "cleanup"]);
+    assert!(out.contains("proxy_svc_v1") && out.contains("tcx_ingress_"), "{out}");
+    assert!(!sb.bpffs.exists(), "cleanup leaves {bpffs}");
+    // Detached: the node no longer translates, and has no route to the VIP.
+    let r = sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), Duration::from_millis(500)));
+    assert!(r.is_err(), "the ClusterIP still answers after cleanup: {r:?}");
+}
