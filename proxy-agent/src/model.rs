@@ -174,6 +174,9 @@ pub fn desired_state(store: &Store, _node: &NodeInfo) -> (Desired, Vec<Rejection
         let slices = slices_by_service.get(key).map_or(&[][..], Vec::as_slice);
         service_frontends(key, svc, slices, &mut desired, &mut rejections);
     }
+    // A slice shared by several ports reports the same problem once per port.
+    rejections.sort();
+    rejections.dedup();
     (desired, rejections)
 }
 
@@ -288,6 +291,13 @@ fn service_frontends(
             port: port_in_range(sp.port).expect("checked above"),
             protocol,
         };
+        // Why: two ports of one Service on the same port/protocol (the API
+        // server refuses it, a manifest may not) would silently replace each
+        // other; keep the first.
+        if mine.iter().any(|(k, _): &(FrontendKey, Frontend)| *k == fk) {
+            reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
+            continue;
+        }
         if let Some(owner) = desired.frontends.get(&fk) {
             reject(
                 rejections,

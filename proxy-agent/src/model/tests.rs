@@ -1427,13 +1427,8 @@ endpoints:
 
 #[test]
 fn two_ports_of_one_service_on_the_same_port_and_protocol() {
-    // BUG: the API server refuses such a Service (duplicate port/protocol),
-    // but a manifest can hold one. The model's clash check only looks at the
-    // frontends of *earlier* Services (`desired.frontends`), not at the
-    // ports already taken by the same Service (`mine`), so the second port
-    // silently replaces the first one (its backends win) and no Rejection
-    // is made. Expected: the first port is kept and the second rejected,
-    // as for two Services sharing a frontend.
+    // The API server refuses such a Service (duplicate port/protocol), but a
+    // manifest can hold one: the first port is kept, the second rejected.
     check(
         r"
 apiVersion: v1
@@ -1457,7 +1452,7 @@ endpoints: [{addresses: [10.244.0.11]}]
 ",
         "
         10.96.0.39:80/TCP default/dup:a -> 10.244.0.11:8080
-        rejected: Service default/dup (from test.yaml): frontend 10.96.0.39:80/TCP is already used by Service default/dup
+        rejected: Service default/dup (from test.yaml): port \"b\": frontend 10.96.0.39:80/TCP is already used by another port of this Service
         ",
     );
 }
