@@ -97,7 +97,10 @@ pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) ->
 /// Returns the raw result; UDP senders transmit 0 as 0xffff.
 #[must_use]
 pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
-    !fold(sum_words(segment, pseudo_header_sum(src, dst, proto, segment.len())))
+    !fold(sum_words(
+        segment,
+        pseudo_header_sum(src, dst, proto, segment.len()),
+    ))
 }
 
 fn udp_wire_checksum(c: u16) -> u16 {
@@ -112,9 +115,19 @@ fn udp_wire_checksum(c: u16) -> u16 {
 /// The L4 part of a frame built by [`FrameBuilder`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, seq: u32, ack: u32 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    },
     /// `zero_checksum`: send the datagram without a checksum (field = 0).
-    Udp { sport: u16, dport: u16, zero_checksum: bool },
+    Udp {
+        sport: u16,
+        dport: u16,
+        zero_checksum: bool,
+    },
     /// `rest` is the 4 bytes after the checksum (id and sequence of an echo).
     Icmp { ty: u8, code: u8, rest: [u8; 4] },
     /// Another protocol: the payload is the whole L4 part, no checksum.
@@ -185,21 +198,35 @@ impl FrameBuilder {
     /// A TCP segment with `flags` (see [`tcp_flags`]).
     #[must_use]
     pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
-        let l4 = L4::Tcp { sport: src.port(), dport: dst.port(), flags, seq: 1000, ack: 0 };
+        let l4 = L4::Tcp {
+            sport: src.port(),
+            dport: dst.port(),
+            flags,
+            seq: 1000,
+            ack: 0,
+        };
         Self::new(*src.ip(), *dst.ip(), l4)
     }
 
     /// A UDP datagram with a checksum.
     #[must_use]
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        let l4 = L4::Udp { sport: src.port(), dport: dst.port(), zero_checksum: false };
+        let l4 = L4::Udp {
+            sport: src.port(),
+            dport: dst.port(),
+            zero_checksum: false,
+        };
         Self::new(*src.ip(), *dst.ip(), l4).with_payload(b"hello")
     }
 
     /// An ICMP echo request.
     #[must_use]
     pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        let l4 = L4::Icmp { ty: icmp::ECHO_REQUEST, code: 0, rest: [0x00, 0x2a, 0x00, 0x01] };
+        let l4 = L4::Icmp {
+            ty: icmp::ECHO_REQUEST,
+            code: 0,
+            rest: [0x00, 0x2a, 0x00, 0x01],
+        };
         Self::new(src, dst, l4).with_payload(b"ping")
     }
 
@@ -220,7 +247,7 @@ impl FrameBuilder {
     #[must_use]
     pub fn with_options(mut self, options: &[u8]) -> Self {
         let mut o = options.to_vec();
-        while o.len() % 4 != 0 {
+        while !o.len().is_multiple_of(4) {
             o.push(0);
         }
         assert!(o.len() <= 40, "IPv4 options are at most 40 bytes");
@@ -305,7 +332,13 @@ impl FrameBuilder {
     fn l4_bytes(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self.l4 {
-            L4::Tcp { sport, dport, flags, seq, ack } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+                ack,
+            } => {
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
                 b.extend_from_slice(&seq.to_be_bytes());
@@ -318,8 +351,13 @@ impl FrameBuilder {
                 let c = l4_checksum(self.src, self.dst, proto::TCP, &b);
                 b[16..18].copy_from_slice(&c.to_be_bytes());
             }
-            L4::Udp { sport, dport, zero_checksum } => {
-                let len = u16::try_from(UDP_HLEN + self.payload.len()).expect("UDP datagram too long");
+            L4::Udp {
+                sport,
+                dport,
+                zero_checksum,
+            } => {
+                let len =
+                    u16::try_from(UDP_HLEN + self.payload.len()).expect("UDP datagram too long");
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
                 b.extend_from_slice(&len.to_be_bytes());
@@ -344,9 +382,14 @@ impl FrameBuilder {
 
     /// The IPv4 header (with options and checksum) for an L4 part of `l4_len`.
     fn ipv4_header(&self, l4_len: usize) -> Vec<u8> {
-        assert!(self.options.len() % 4 == 0, "IPv4 options must be padded to 4 bytes");
+        assert!(
+            self.options.len().is_multiple_of(4),
+            "IPv4 options must be padded to 4 bytes"
+        );
         let hlen = IPV4_HLEN + self.options.len();
-        let ihl = self.ihl.unwrap_or_else(|| u8::try_from(hlen / 4).expect("IHL fits"));
+        let ihl = self
+            .ihl
+            .unwrap_or_else(|| u8::try_from(hlen / 4).expect("IHL fits"));
         let total = u16::try_from(hlen + l4_len).expect("IPv4 packet too long");
         let mut frag = self.frag_offset;
         if self.dont_fragment {
@@ -544,9 +587,16 @@ fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
 /// L4 header. A non-first fragment gets `L4Header::Other`.
 pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
     if frame.len() < ETH_HLEN {
-        return Err(format!("frame of {} bytes is shorter than Ethernet", frame.len()));
+        return Err(format!(
+            "frame of {} bytes is shorter than Ethernet",
+            frame.len()
+        ));
     }
-    let mut eth = Ethernet { dst_mac: [0; 6], src_mac: [0; 6], ethertype: be16(frame, 12) };
+    let mut eth = Ethernet {
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+        ethertype: be16(frame, 12),
+    };
     eth.dst_mac.copy_from_slice(&frame[0..6]);
     eth.src_mac.copy_from_slice(&frame[6..12]);
     if eth.ethertype != ETH_P_IP {
@@ -568,7 +618,10 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
     let total_len = be16(b, 2);
     let end = usize::from(total_len);
     if end < hlen || end > b.len() {
-        return Err(format!("IPv4 total length {total_len} outside [{hlen}, {}]", b.len()));
+        return Err(format!(
+            "IPv4 total length {total_len} outside [{hlen}, {}]",
+            b.len()
+        ));
     }
     let frag = be16(b, 6);
     let ip = Ipv4 {
@@ -588,6 +641,22 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
         header: b[..hlen].to_vec(),
     };
     let seg = &b[hlen..end];
+    let (l4, hdr_len) = if ip.frag_offset != 0 {
+        (L4Header::Other(ip.proto), 0)
+    } else {
+        parse_l4(ip.proto, seg)?
+    };
+    Ok(Parsed {
+        eth,
+        ip,
+        l4,
+        segment: seg.to_vec(),
+        payload: seg[hdr_len..].to_vec(),
+    })
+}
+
+/// The L4 header of a first fragment (or unfragmented packet) and its length.
+fn parse_l4(proto: u8, seg: &[u8]) -> Result<(L4Header, usize), String> {
     let need = |n: usize, what: &str| {
         if seg.len() < n {
             Err(format!("{what} header cut at {} bytes", seg.len()))
@@ -595,49 +664,50 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
             Ok(())
         }
     };
-    let (l4, hdr_len) = if ip.frag_offset != 0 {
-        (L4Header::Other(ip.proto), 0)
-    } else {
-        match ip.proto {
-            proto::TCP => {
-                need(TCP_HLEN, "TCP")?;
-                let data_offset = seg[12] >> 4;
-                let tcp = Tcp {
-                    sport: be16(seg, 0),
-                    dport: be16(seg, 2),
-                    seq: be32(seg, 4),
-                    ack: be32(seg, 8),
-                    data_offset,
-                    flags: seg[13],
-                    window: be16(seg, 14),
-                    checksum: be16(seg, 16),
-                };
-                let off = usize::from(data_offset) * 4;
-                if off < TCP_HLEN || off > seg.len() {
-                    return Err(format!("TCP data offset {data_offset} outside the segment"));
-                }
-                (L4Header::Tcp(tcp), off)
+    let parsed = match proto {
+        proto::TCP => {
+            need(TCP_HLEN, "TCP")?;
+            let data_offset = seg[12] >> 4;
+            let tcp = Tcp {
+                sport: be16(seg, 0),
+                dport: be16(seg, 2),
+                seq: be32(seg, 4),
+                ack: be32(seg, 8),
+                data_offset,
+                flags: seg[13],
+                window: be16(seg, 14),
+                checksum: be16(seg, 16),
+            };
+            let off = usize::from(data_offset) * 4;
+            if off < TCP_HLEN || off > seg.len() {
+                return Err(format!("TCP data offset {data_offset} outside the segment"));
             }
-            proto::UDP => {
-                need(UDP_HLEN, "UDP")?;
-                let udp = Udp { sport: be16(seg, 0), dport: be16(seg, 2), len: be16(seg, 4), checksum: be16(seg, 6) };
-                (L4Header::Udp(udp), UDP_HLEN)
-            }
-            proto::ICMP => {
-                need(ICMP_HLEN, "ICMP")?;
-                let icmp = Icmp {
-                    ty: seg[0],
-                    code: seg[1],
-                    checksum: be16(seg, 2),
-                    rest: [seg[4], seg[5], seg[6], seg[7]],
-                    data: seg[ICMP_HLEN..].to_vec(),
-                };
-                (L4Header::Icmp(icmp), ICMP_HLEN)
-            }
-            other => (L4Header::Other(other), 0),
+            (L4Header::Tcp(tcp), off)
         }
+        proto::UDP => {
+            need(UDP_HLEN, "UDP")?;
+            let udp = Udp {
+                sport: be16(seg, 0),
+                dport: be16(seg, 2),
+                len: be16(seg, 4),
+                checksum: be16(seg, 6),
+            };
+            (L4Header::Udp(udp), UDP_HLEN)
+        }
+        proto::ICMP => {
+            need(ICMP_HLEN, "ICMP")?;
+            let icmp = Icmp {
+                ty: seg[0],
+                code: seg[1],
+                checksum: be16(seg, 2),
+                rest: [seg[4], seg[5], seg[6], seg[7]],
+                data: seg[ICMP_HLEN..].to_vec(),
+            };
+            (L4Header::Icmp(icmp), ICMP_HLEN)
+        }
+        other => (L4Header::Other(other), 0),
     };
-    Ok(Parsed { eth, ip, l4, segment: seg.to_vec(), payload: seg[hdr_len..].to_vec() })
+    Ok(parsed)
 }
 
 impl Parsed {
@@ -653,9 +723,12 @@ impl Parsed {
     #[must_use]
     pub fn l4_checksum_ok(&self) -> bool {
         match &self.l4 {
-            L4Header::Tcp(_) => l4_checksum(self.ip.src, self.ip.dst, proto::TCP, &self.segment) == 0,
+            L4Header::Tcp(_) => {
+                l4_checksum(self.ip.src, self.ip.dst, proto::TCP, &self.segment) == 0
+            }
             L4Header::Udp(u) => {
-                u.checksum == 0 || l4_checksum(self.ip.src, self.ip.dst, proto::UDP, &self.segment) == 0
+                u.checksum == 0
+                    || l4_checksum(self.ip.src, self.ip.dst, proto::UDP, &self.segment) == 0
             }
             L4Header::Icmp(_) => checksum(&self.segment) == 0,
             L4Header::Other(_) => true,
@@ -751,8 +824,8 @@ mod tests {
     fn known_ipv4_header_checksum() {
         // A classic example header (Wikipedia, "IPv4 header checksum").
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0,
-            0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(checksum(&h), 0xb861);
     }
@@ -763,28 +836,43 @@ mod tests {
         let v = sa("10.96.0.10:80");
         let frames = [
             FrameBuilder::tcp(c, v, tcp_flags::SYN).build(),
-            FrameBuilder::tcp(c, v, tcp_flags::ACK).with_payload(b"GET / HTTP/1.1\r\n\r\n").build(),
-            FrameBuilder::tcp(c, v, tcp_flags::SYN).with_options(&[1, 1, 1, 0]).build(),
+            FrameBuilder::tcp(c, v, tcp_flags::ACK)
+                .with_payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
+            FrameBuilder::tcp(c, v, tcp_flags::SYN)
+                .with_options(&[1, 1, 1, 0])
+                .build(),
             FrameBuilder::udp(c, v).build(),
             FrameBuilder::udp(c, v).with_payload(b"odd").build(),
-            FrameBuilder::udp(c, v).with_options(&[0x94, 0x04, 0, 0, 1, 1, 1, 1]).build(),
+            FrameBuilder::udp(c, v)
+                .with_options(&[0x94, 0x04, 0, 0, 1, 1, 1, 1])
+                .build(),
             FrameBuilder::icmp_echo(*c.ip(), *v.ip()).build(),
         ];
         for f in &frames {
             let p = parse(f).unwrap();
-            p.verify_checksums().unwrap_or_else(|e| panic!("{e}: {f:02x?}"));
+            p.verify_checksums()
+                .unwrap_or_else(|e| panic!("{e}: {f:02x?}"));
             assert_eq!(usize::from(p.ip.total_len) + ETH_HLEN, f.len());
         }
         let p = parse(&frames[2]).unwrap();
         assert_eq!(p.ip.ihl, 6);
         assert_eq!(p.src(), c);
         assert_eq!(p.dst(), v);
-        assert!(matches!(p.l4, L4Header::Tcp(Tcp { flags: tcp_flags::SYN, .. })));
+        assert!(matches!(
+            p.l4,
+            L4Header::Tcp(Tcp {
+                flags: tcp_flags::SYN,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn udp_zero_checksum_is_zero_and_valid() {
-        let f = FrameBuilder::udp(sa("192.0.2.2:40000"), sa("10.96.0.10:80")).with_udp_zero_checksum().build();
+        let f = FrameBuilder::udp(sa("192.0.2.2:40000"), sa("10.96.0.10:80"))
+            .with_udp_zero_checksum()
+            .build();
         let p = parse(&f).unwrap();
         assert_eq!(p.l4_checksum_field(), 0);
         p.verify_checksums().unwrap();
@@ -792,7 +880,8 @@ mod tests {
 
     #[test]
     fn corruption_is_detected() {
-        let f = FrameBuilder::tcp(sa("192.0.2.2:40000"), sa("10.96.0.10:80"), tcp_flags::SYN).build();
+        let f =
+            FrameBuilder::tcp(sa("192.0.2.2:40000"), sa("10.96.0.10:80"), tcp_flags::SYN).build();
         let mut bad_ip = f.clone();
         bad_ip[ETH_HLEN + 16] ^= 1; // daddr without fixing checksums
         let p = parse(&bad_ip).unwrap();
@@ -820,7 +909,14 @@ mod tests {
         assert!(parse(&f).is_err());
         let f = b.with_version(6).build();
         assert_eq!(f[ETH_HLEN], 0x65);
-        assert!(parse(&arp_request(CLIENT_MAC, Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 1))).is_err());
+        assert!(
+            parse(&arp_request(
+                CLIENT_MAC,
+                Ipv4Addr::new(192, 0, 2, 2),
+                Ipv4Addr::new(192, 0, 2, 1)
+            ))
+            .is_err()
+        );
         let v6 = ipv6_udp(Ipv6Addr::LOCALHOST, 1, Ipv6Addr::LOCALHOST, 2, b"x");
         assert_eq!(v6.len(), ETH_HLEN + 40 + 9);
     }

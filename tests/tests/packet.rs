@@ -10,7 +10,11 @@
 //! counter); flows that need several packets have their own tests.
 //!
 //! Needs root (`BPF_PROG_TEST_RUN` on a `sched_cls` program).
-use std::{collections::BTreeMap, fmt::Write as _, net::{Ipv4Addr, Ipv6Addr, SocketAddrV4}};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
+};
 
 use aya::{
     Ebpf,
@@ -18,8 +22,9 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use integration_tests::packet::{
-    CLIENT_MAC, ETH_HLEN, ETH_P_IP, FrameBuilder, IPV4_HLEN, L4, L4Header, NODE_MAC, arp_request, icmp, ipv6_udp,
-    parse, tcp_flags,
+    CLIENT_MAC, ETH_HLEN, ETH_P_ARP, ETH_P_IP, FrameBuilder, IPV4_HLEN, L4, L4Header, NODE_MAC,
+    Parsed, arp_request, ethernet, fold, icmp, ipv6_udp, l4_checksum, parse, pseudo_header_sum,
+    sum_words, tcp_flags,
 };
 use proxy_agent::{datapath::EBPF_OBJECT, pins::TC_INGRESS_PROG};
 use proxy_common::{
@@ -45,13 +50,19 @@ const CLIENT: SocketAddrV4 = addr([192, 0, 2, 2], 40000);
 /// TCP and UDP frontend with two backends each.
 const VIP: SocketAddrV4 = addr([10, 96, 0, 10], 80);
 const TCP_SVC_ID: u32 = 1;
-const TCP_BACKENDS: [(u32, SocketAddrV4); 2] = [(1, addr([10, 244, 0, 11], 8080)), (2, addr([10, 244, 0, 12], 8080))];
+const TCP_BACKENDS: [(u32, SocketAddrV4); 2] = [
+    (1, addr([10, 244, 0, 11], 8080)),
+    (2, addr([10, 244, 0, 12], 8080)),
+];
 const UDP_SVC_ID: u32 = 2;
-const UDP_BACKENDS: [(u32, SocketAddrV4); 2] = [(3, addr([10, 244, 0, 11], 8080)), (4, addr([10, 244, 0, 12], 8080))];
+const UDP_BACKENDS: [(u32, SocketAddrV4); 2] = [
+    (3, addr([10, 244, 0, 11], 8080)),
+    (4, addr([10, 244, 0, 12], 8080)),
+];
 /// UDP-only frontend (DNS-like), for protocol mismatches.
 const DNS_VIP: SocketAddrV4 = addr([10, 96, 0, 10], 53);
 const DNS_SVC_ID: u32 = 3;
-const DNS_BACKENDS: [(u32, SocketAddrV4); 1] = [(5, addr([10, 244, 0, 13], 53))];
+const DNS_BACKENDS: [(u32, SocketAddrV4); 1] = [(5, addr([10, 244, 0, 13], 5353))];
 /// Frontends that individual cases set up.
 const EMPTY_VIP: SocketAddrV4 = addr([10, 96, 0, 20], 80);
 const BROKEN_VIP: SocketAddrV4 = addr([10, 96, 0, 30], 80);
@@ -102,13 +113,15 @@ impl Datapath {
             euid == 0,
             "the packet tests load eBPF programs and use BPF_PROG_TEST_RUN: run them as root (euid is {euid})"
         );
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).unwrap_or_else(|e| panic!("loading the embedded eBPF object: {e:?}"));
+        let mut ebpf = Ebpf::load(EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the embedded eBPF object: {e:?}"));
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TC_INGRESS_PROG)
             .unwrap_or_else(|| panic!("no program {TC_INGRESS_PROG} in the object"))
             .try_into()
             .unwrap_or_else(|e| panic!("{TC_INGRESS_PROG} is not a sched_cls program: {e:?}"));
-        prog.load().unwrap_or_else(|e| panic!("loading {TC_INGRESS_PROG}: {e:?}"));
+        prog.load()
+            .unwrap_or_else(|e| panic!("loading {TC_INGRESS_PROG}: {e:?}"));
         Self { ebpf }
     }
 
@@ -123,17 +136,26 @@ impl Datapath {
     }
 
     fn add_backend(&mut self, id: u32, a: SocketAddrV4, proto: u8) {
-        let mut m = HashMap::<_, u32, Backend>::try_from(self.ebpf.map_mut(BACKEND_MAP).expect("backend map"))
-            .expect("backend map type");
-        let b = Backend { addr_be: be_addr(a), port_be: a.port().to_be(), proto, flags: 0 };
-        m.insert(id, b, 0).unwrap_or_else(|e| panic!("insert backend {id}: {e:?}"));
+        let mut m = HashMap::<_, u32, Backend>::try_from(
+            self.ebpf.map_mut(BACKEND_MAP).expect("backend map"),
+        )
+        .expect("backend map type");
+        let b = Backend {
+            addr_be: be_addr(a),
+            port_be: a.port().to_be(),
+            proto,
+            flags: 0,
+        };
+        m.insert(id, b, 0)
+            .unwrap_or_else(|e| panic!("insert backend {id}: {e:?}"));
     }
 
     /// Writes slots 1..=n with `backend_ids`, then slot 0 with count n (the
     /// agent's order). Backend ids need not exist.
     fn add_frontend(&mut self, vip: SocketAddrV4, proto: u8, svc_id: u32, backend_ids: &[u32]) {
-        let mut m = HashMap::<_, SvcKey, SvcValue>::try_from(self.ebpf.map_mut(SVC_MAP).expect("svc map"))
-            .expect("svc map type");
+        let mut m =
+            HashMap::<_, SvcKey, SvcValue>::try_from(self.ebpf.map_mut(SVC_MAP).expect("svc map"))
+                .expect("svc map type");
         let key = |slot: u16| SvcKey {
             addr_be: be_addr(vip),
             port_be: vip.port().to_be(),
@@ -143,15 +165,41 @@ impl Datapath {
             _pad: [0; 2],
         };
         for (slot, id) in (1..).zip(backend_ids) {
-            let v = SvcValue { backend_id: *id, ..Default::default() };
-            m.insert(key(slot), v, 0).unwrap_or_else(|e| panic!("insert slot {slot}: {e:?}"));
+            let v = SvcValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            m.insert(key(slot), v, 0)
+                .unwrap_or_else(|e| panic!("insert slot {slot}: {e:?}"));
         }
         let count = u16::try_from(backend_ids.len()).expect("slot count");
-        let v = SvcValue { backend_id: 0, count, flags: SVC_FLAG_CLUSTER_IP, svc_id, affinity_timeout_s: 0 };
-        m.insert(key(0), v, 0).unwrap_or_else(|e| panic!("insert frontend {vip}: {e:?}"));
+        let v = SvcValue {
+            backend_id: 0,
+            count,
+            flags: SVC_FLAG_CLUSTER_IP,
+            svc_id,
+            affinity_timeout_s: 0,
+        };
+        m.insert(key(0), v, 0)
+            .unwrap_or_else(|e| panic!("insert frontend {vip}: {e:?}"));
     }
 
-    fn add_service(&mut self, vip: SocketAddrV4, proto: u8, svc_id: u32, backends: &[(u32, SocketAddrV4)]) {
+    fn remove_backend(&mut self, id: u32) {
+        let mut m = HashMap::<_, u32, Backend>::try_from(
+            self.ebpf.map_mut(BACKEND_MAP).expect("backend map"),
+        )
+        .expect("backend map type");
+        m.remove(&id)
+            .unwrap_or_else(|e| panic!("remove backend {id}: {e:?}"));
+    }
+
+    fn add_service(
+        &mut self,
+        vip: SocketAddrV4,
+        proto: u8,
+        svc_id: u32,
+        backends: &[(u32, SocketAddrV4)],
+    ) {
         for (id, a) in backends {
             self.add_backend(*id, *a, proto);
         }
@@ -183,27 +231,40 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e:?}\ninput:\n{}", hex(input)))
     }
 
-    /// Runs a packet that must be DNATed; returns the output parsed.
-    fn run_translated(&self, input: &[u8]) -> integration_tests::packet::Parsed {
+    /// Runs a packet that must be translated (`TC_ACT_OK`, valid
+    /// checksums); returns the output frame and its parse.
+    fn run_translated(&self, input: &[u8]) -> (Vec<u8>, Parsed) {
         let (verdict, out) = self.run(input);
-        assert_eq!(verdict, TC_ACT_OK, "verdict\ninput:\n{}\noutput:\n{}", hex(input), hex(&out));
+        assert_eq!(
+            verdict,
+            TC_ACT_OK,
+            "verdict\ninput:\n{}\noutput:\n{}",
+            hex(input),
+            hex(&out)
+        );
         let p = parse(&out).unwrap_or_else(|e| panic!("output does not parse: {e}\n{}", hex(&out)));
-        p.verify_checksums().unwrap_or_else(|e| panic!("{e}\noutput:\n{}", hex(&out)));
-        p
+        p.verify_checksums()
+            .unwrap_or_else(|e| panic!("{e}\noutput:\n{}", hex(&out)));
+        (out, p)
     }
 
     /// Every counter, summed over CPUs, by reason index.
     fn stats(&self) -> BTreeMap<u32, StatCounter> {
-        let m = PerCpuArray::<_, StatCounter>::try_from(self.ebpf.map(STATS_MAP).expect("stats map"))
-            .expect("stats map type");
+        let m =
+            PerCpuArray::<_, StatCounter>::try_from(self.ebpf.map(STATS_MAP).expect("stats map"))
+                .expect("stats map type");
         REASONS
             .iter()
             .map(|(idx, _)| {
-                let per_cpu = m.get(idx, 0).unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
-                let sum = per_cpu.iter().fold(StatCounter::default(), |a, c| StatCounter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                });
+                let per_cpu = m
+                    .get(idx, 0)
+                    .unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
+                let sum = per_cpu
+                    .iter()
+                    .fold(StatCounter::default(), |a, c| StatCounter {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                    });
                 (*idx, sum)
             })
             .collect()
@@ -219,26 +280,43 @@ impl Datapath {
         let got = self.stats();
         let mut errors = Vec::new();
         for (idx, name) in REASONS {
-            let want = expected.iter().find(|(r, _)| r == idx).map_or(0, |(_, n)| *n);
+            let want = expected
+                .iter()
+                .find(|(r, _)| r == idx)
+                .map_or(0, |(_, n)| *n);
             if got[idx].packets != want {
-                errors.push(format!("{name}: {} packets, expected {want}", got[idx].packets));
+                errors.push(format!(
+                    "{name}: {} packets, expected {want}",
+                    got[idx].packets
+                ));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(format!("counters: {}", errors.join("; "))) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("counters: {}", errors.join("; ")))
+        }
     }
 
     fn ct(&self) -> BTreeMap<(u8, u32, u16, u32, u16, u8), CtValue> {
-        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map")).expect("ct map type");
+        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map"))
+            .expect("ct map type");
         m.iter()
             .map(|r| {
                 let (k, v) = r.unwrap_or_else(|e| panic!("read ct: {e:?}"));
-                ((k.dir, k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto), v)
+                (
+                    (
+                        k.dir, k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto,
+                    ),
+                    v,
+                )
             })
             .collect()
     }
 
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
-        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map")).expect("ct map type");
+        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map"))
+            .expect("ct map type");
         m.get(key, 0).ok()
     }
 }
@@ -260,8 +338,12 @@ fn check_ct_flow(
 ) -> Result<(), String> {
     let fwd_key = ct_key(client, vip, proto, CT_DIR_SERVICE);
     let rev_key = ct_key(backend, client, proto, CT_DIR_REPLY);
-    let fwd = dp.ct_get(&fwd_key).ok_or_else(|| format!("no CT_DIR_SERVICE entry {fwd_key:?}"))?;
-    let rev = dp.ct_get(&rev_key).ok_or_else(|| format!("no CT_DIR_REPLY entry {rev_key:?}"))?;
+    let fwd = dp
+        .ct_get(&fwd_key)
+        .ok_or_else(|| format!("no CT_DIR_SERVICE entry {fwd_key:?}"))?;
+    let rev = dp
+        .ct_get(&rev_key)
+        .ok_or_else(|| format!("no CT_DIR_REPLY entry {rev_key:?}"))?;
     let ok = |v: &CtValue, to: SocketAddrV4| {
         v.nat_addr_be == be_addr(to)
             && v.nat_port_be == to.port().to_be()
@@ -270,10 +352,14 @@ fn check_ct_flow(
             && v.last_seen_ns != 0
     };
     if !ok(&fwd, backend) {
-        return Err(format!("CT_DIR_SERVICE entry {fwd:?}, expected nat {backend} backend {id} svc {svc_id}"));
+        return Err(format!(
+            "CT_DIR_SERVICE entry {fwd:?}, expected nat {backend} backend {id} svc {svc_id}"
+        ));
     }
     if !ok(&rev, vip) {
-        return Err(format!("CT_DIR_REPLY entry {rev:?}, expected nat {vip} backend {id} svc {svc_id}"));
+        return Err(format!(
+            "CT_DIR_REPLY entry {rev:?}, expected nat {vip} backend {id} svc {svc_id}"
+        ));
     }
     let n = dp.ct().len();
     if n != 2 {
@@ -303,13 +389,16 @@ impl Input {
 }
 
 enum Expect {
-    /// The kernel refuses the input (`BPF_PROG_TEST_RUN` fails).
+    /// The kernel refuses the input (`BPF_PROG_TEST_RUN` fails with EINVAL).
     KernelError,
     /// This verdict, the frame unchanged, no conntrack entry.
     Unchanged(u32),
     /// `TC_ACT_OK`, destination rewritten to one of these backends, all else
     /// as built, both conntrack entries written with the service id.
-    Dnat { backends: &'static [(u32, SocketAddrV4)], svc_id: u32 },
+    Dnat {
+        backends: &'static [(u32, SocketAddrV4)],
+        svc_id: u32,
+    },
     /// `TC_ACT_REDIRECT` with an ICMP port unreachable to the client.
     IcmpPortUnreachable,
 }
@@ -322,6 +411,73 @@ struct Case {
     expect: Expect,
     /// The reason that must count the packet (every other reason stays 0).
     counted: Option<u32>,
+}
+
+impl From<FrameBuilder> for Input {
+    fn from(b: FrameBuilder) -> Self {
+        Input::Frame(b)
+    }
+}
+
+impl From<Vec<u8>> for Input {
+    fn from(r: Vec<u8>) -> Self {
+        Input::Raw(r)
+    }
+}
+
+impl Case {
+    /// Passed unchanged with `TC_ACT_UNSPEC`, counted under `reason`.
+    fn passes(name: &'static str, input: impl Into<Input>, reason: u32) -> Self {
+        Self {
+            name,
+            setup: no_setup,
+            input: input.into(),
+            expect: Expect::Unchanged(TC_ACT_UNSPEC),
+            counted: Some(reason),
+        }
+    }
+
+    /// Refused by `BPF_PROG_TEST_RUN` itself; the program never runs.
+    fn refused(name: &'static str, input: impl Into<Input>) -> Self {
+        Self {
+            name,
+            setup: no_setup,
+            input: input.into(),
+            expect: Expect::KernelError,
+            counted: None,
+        }
+    }
+
+    /// Translated to one of `backends`, conntrack written, counted as a new flow.
+    fn dnat(
+        name: &'static str,
+        input: FrameBuilder,
+        backends: &'static [(u32, SocketAddrV4)],
+        svc_id: u32,
+    ) -> Self {
+        Self {
+            name,
+            setup: no_setup,
+            input: input.into(),
+            expect: Expect::Dnat { backends, svc_id },
+            counted: Some(stats::DNAT_NEW),
+        }
+    }
+
+    /// Answered with an ICMP port unreachable by a frontend without backends.
+    fn rejects(name: &'static str, input: FrameBuilder) -> Self {
+        Self {
+            name,
+            setup: empty_frontends,
+            input: input.into(),
+            expect: Expect::IcmpPortUnreachable,
+            counted: Some(stats::REJECT_NO_BACKEND),
+        }
+    }
+
+    fn with_setup(self, setup: fn(&mut Datapath)) -> Self {
+        Self { setup, ..self }
+    }
 }
 
 fn no_setup(_: &mut Datapath) {}
@@ -348,20 +504,50 @@ macro_rules! ensure {
 fn check_port_unreachable(input: &[u8], out: &[u8]) -> Result<(), String> {
     let orig = parse(input)?;
     let p = parse(out)?;
-    ensure!(out.len() == ETH_HLEN + IPV4_HLEN + 8 + IPV4_HLEN + 8, "reject of {} bytes, expected 70", out.len());
+    ensure!(
+        out.len() == ETH_HLEN + IPV4_HLEN + 8 + IPV4_HLEN + 8,
+        "reject of {} bytes, expected 70",
+        out.len()
+    );
     ensure!(
         p.eth.dst_mac == orig.eth.src_mac && p.eth.src_mac == orig.eth.dst_mac,
         "MACs not swapped: {:02x?}",
         p.eth
     );
-    ensure!(p.eth.ethertype == ETH_P_IP, "ethertype {:#06x}", p.eth.ethertype);
-    ensure!(p.ip.version == 4 && p.ip.ihl == 5, "IPv4 version/IHL {}/{}", p.ip.version, p.ip.ihl);
+    ensure!(
+        p.eth.ethertype == ETH_P_IP,
+        "ethertype {:#06x}",
+        p.eth.ethertype
+    );
+    ensure!(
+        p.ip.version == 4 && p.ip.ihl == 5,
+        "IPv4 version/IHL {}/{}",
+        p.ip.version,
+        p.ip.ihl
+    );
     ensure!(p.ip.proto == proto::ICMP, "protocol {}", p.ip.proto);
-    ensure!(p.ip.src == orig.ip.dst, "ICMP from {}, expected the VIP {}", p.ip.src, orig.ip.dst);
-    ensure!(p.ip.dst == orig.ip.src, "ICMP to {}, expected the client {}", p.ip.dst, orig.ip.src);
-    ensure!(usize::from(p.ip.total_len) == out.len() - ETH_HLEN, "IPv4 total length {}", p.ip.total_len);
+    ensure!(
+        p.ip.src == orig.ip.dst,
+        "ICMP from {}, expected the VIP {}",
+        p.ip.src,
+        orig.ip.dst
+    );
+    ensure!(
+        p.ip.dst == orig.ip.src,
+        "ICMP to {}, expected the client {}",
+        p.ip.dst,
+        orig.ip.src
+    );
+    ensure!(
+        usize::from(p.ip.total_len) == out.len() - ETH_HLEN,
+        "IPv4 total length {}",
+        p.ip.total_len
+    );
     ensure!(p.ip.ttl > 0, "TTL 0");
-    ensure!(!p.ip.more_fragments && p.ip.frag_offset == 0, "ICMP error is a fragment");
+    ensure!(
+        !p.ip.more_fragments && p.ip.frag_offset == 0,
+        "ICMP error is a fragment"
+    );
     p.verify_checksums()?;
     let L4Header::Icmp(m) = &p.l4 else {
         return Err(format!("not ICMP: {:?}", p.l4));
@@ -374,7 +560,12 @@ fn check_port_unreachable(input: &[u8], out: &[u8]) -> Result<(), String> {
     );
     ensure!(m.rest == [0; 4], "unused ICMP bytes {:02x?}", m.rest);
     let quote = &input[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 8];
-    ensure!(m.data == quote, "quote {:02x?}, expected {:02x?}", m.data, quote);
+    ensure!(
+        m.data == quote,
+        "quote {:02x?}, expected {:02x?}",
+        m.data,
+        quote
+    );
     Ok(())
 }
 
@@ -383,9 +574,15 @@ fn check_case(case: &Case) -> Result<(), String> {
     (case.setup)(&mut dp);
     let input = case.input.bytes();
     let (verdict, out) = match (dp.try_run(&input), &case.expect) {
-        (Err(_), Expect::KernelError) => return dp.check_stats(&[]),
+        (Err(ProgramError::SyscallError(e)), Expect::KernelError)
+            if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            return dp.check_stats(&[]);
+        }
         (Err(e), _) => return Err(format!("BPF_PROG_TEST_RUN failed: {e:?}")),
-        (Ok((v, _)), Expect::KernelError) => return Err(format!("the kernel ran it: verdict {v:#x}")),
+        (Ok((v, _)), Expect::KernelError) => {
+            return Err(format!("the kernel ran it: verdict {v:#x}"));
+        }
         (Ok(r), _) => r,
     };
     let ctx = || format!("\ninput:\n{}\noutput:\n{}", hex(&input), hex(&out));
@@ -395,11 +592,17 @@ fn check_case(case: &Case) -> Result<(), String> {
         Expect::Dnat { .. } => TC_ACT_OK,
         Expect::IcmpPortUnreachable => TC_ACT_REDIRECT,
     };
-    ensure!(verdict == want_verdict, "verdict {verdict:#x}, expected {want_verdict:#x}{}", ctx());
+    ensure!(
+        verdict == want_verdict,
+        "verdict {verdict:#x}, expected {want_verdict:#x}{}",
+        ctx()
+    );
     match &case.expect {
         Expect::KernelError => unreachable!(),
         Expect::Unchanged(_) => ensure!(out == input, "frame changed{}", ctx()),
-        Expect::IcmpPortUnreachable => check_port_unreachable(&input, &out).map_err(|e| e + &ctx())?,
+        Expect::IcmpPortUnreachable => {
+            check_port_unreachable(&input, &out).map_err(|e| e + &ctx())?;
+        }
         Expect::Dnat { backends, svc_id } => {
             let Input::Frame(b) = &case.input else {
                 return Err("a DNAT case needs a built frame".into());
@@ -411,9 +614,22 @@ fn check_case(case: &Case) -> Result<(), String> {
             let backend = p.dst();
             // Everything but the destination (and the checksums) as built.
             let want = b.clone().with_dst(backend).build();
-            ensure!(out == want, "output differs from the input DNATed to {backend}; expected:\n{}{}", hex(&want), ctx());
-            if let L4::Udp { zero_checksum: true, .. } = b.l4 {
-                ensure!(p.l4_checksum_field() == 0, "UDP checksum 0 became {:#06x}", p.l4_checksum_field());
+            ensure!(
+                out == want,
+                "output differs from the input DNATed to {backend}; expected:\n{}{}",
+                hex(&want),
+                ctx()
+            );
+            if let L4::Udp {
+                zero_checksum: true,
+                ..
+            } = b.l4
+            {
+                ensure!(
+                    p.l4_checksum_field() == 0,
+                    "UDP checksum 0 became {:#06x}",
+                    p.l4_checksum_field()
+                );
             }
             let client = SocketAddrV4::new(b.src, p.src().port());
             let vip = parse(&input)?.dst();
@@ -426,7 +642,12 @@ fn check_case(case: &Case) -> Result<(), String> {
     }
     if let Some(reason) = case.counted {
         let c = dp.stat(reason);
-        ensure!(c.bytes == input.len() as u64, "counted {} bytes, expected {}", c.bytes, input.len());
+        ensure!(
+            c.bytes == input.len() as u64,
+            "counted {} bytes, expected {}",
+            c.bytes,
+            input.len()
+        );
     }
     let counted: Vec<(u32, u64)> = case.counted.iter().map(|r| (*r, 1)).collect();
     dp.check_stats(&counted)
@@ -438,7 +659,13 @@ fn run_cases(cases: &[Case]) {
         .iter()
         .filter_map(|c| check_case(c).err().map(|e| format!("--- {}: {e}", c.name)))
         .collect();
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 fn tcp_syn(dst: SocketAddrV4) -> FrameBuilder {
@@ -456,120 +683,108 @@ fn cut(b: &FrameBuilder, len: usize) -> Input {
     Input::Raw(f)
 }
 
+/// Two payload bytes that make the UDP checksum of a `src` → `dst` datagram
+/// (with [`FrameBuilder::udp`]'s defaults) compute to 0, which must go on
+/// the wire as 0xffff (0 means "no checksum").
+fn zero_checksum_payload(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let probe = FrameBuilder::udp(src, dst)
+        .with_payload(&[0, 0])
+        .with_udp_zero_checksum()
+        .build();
+    let segment = &probe[ETH_HLEN + IPV4_HLEN..];
+    let sum = sum_words(
+        segment,
+        pseudo_header_sum(*src.ip(), *dst.ip(), proto::UDP, segment.len()),
+    );
+    let payload = (!fold(sum)).to_be_bytes().to_vec();
+    let check = FrameBuilder::udp(src, dst)
+        .with_payload(&payload)
+        .with_udp_zero_checksum()
+        .build();
+    assert_eq!(
+        l4_checksum(
+            *src.ip(),
+            *dst.ip(),
+            proto::UDP,
+            &check[ETH_HLEN + IPV4_HLEN..]
+        ),
+        0
+    );
+    payload
+}
+
 /// IPv4 Router Alert (RFC 2113), 4 bytes.
 const OPT_ROUTER_ALERT: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
 
 #[test]
 fn new_flows_are_dnated_to_a_backend() {
-    let tcp = Expect::Dnat { backends: &TCP_BACKENDS, svc_id: TCP_SVC_ID };
-    let udp_ = || Expect::Dnat { backends: &UDP_BACKENDS, svc_id: UDP_SVC_ID };
-    let dnat = Some(stats::DNAT_NEW);
     let opts8 = [OPT_ROUTER_ALERT, [1, 1, 1, 0]].concat();
+    let dns_backend = DNS_BACKENDS[0].1;
+    // After the address rewrite, before the port rewrite.
+    let dns_half_way = SocketAddrV4::new(*dns_backend.ip(), DNS_VIP.port());
+    let tcp = |name, input| Case::dnat(name, input, &TCP_BACKENDS, TCP_SVC_ID);
+    let udp_ = |name, input| Case::dnat(name, input, &UDP_BACKENDS, UDP_SVC_ID);
+    let dns = |name, input| Case::dnat(name, input, &DNS_BACKENDS, DNS_SVC_ID);
     run_cases(&[
-        Case { name: "TCP SYN", setup: no_setup, input: Input::Frame(tcp_syn(VIP)), expect: tcp, counted: dnat },
-        Case {
-            name: "TCP SYN with data",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(VIP).with_payload(&[0xab; 333])),
-            expect: Expect::Dnat { backends: &TCP_BACKENDS, svc_id: TCP_SVC_ID },
-            counted: dnat,
-        },
-        Case { name: "UDP with checksum", setup: no_setup, input: Input::Frame(udp(VIP)), expect: udp_(), counted: dnat },
-        Case {
-            name: "UDP with checksum 0 (none) keeps 0",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_udp_zero_checksum()),
-            expect: udp_(),
-            counted: dnat,
-        },
-        Case {
-            name: "UDP without payload",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_payload(&[])),
-            expect: udp_(),
-            counted: dnat,
-        },
-        Case {
-            name: "UDP to the UDP-only frontend",
-            setup: no_setup,
-            input: Input::Frame(udp(DNS_VIP)),
-            expect: Expect::Dnat { backends: &DNS_BACKENDS, svc_id: DNS_SVC_ID },
-            counted: dnat,
-        },
-        Case {
-            name: "TCP SYN with IP options (IHL 6)",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(VIP).with_options(&OPT_ROUTER_ALERT)),
-            expect: Expect::Dnat { backends: &TCP_BACKENDS, svc_id: TCP_SVC_ID },
-            counted: dnat,
-        },
-        Case {
-            name: "TCP SYN with IP options (IHL 7)",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(VIP).with_options(&opts8)),
-            expect: Expect::Dnat { backends: &TCP_BACKENDS, svc_id: TCP_SVC_ID },
-            counted: dnat,
-        },
-        Case {
-            name: "TCP SYN with 40 bytes of IP options (IHL 15)",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(VIP).with_options(&[1; 40])),
-            expect: Expect::Dnat { backends: &TCP_BACKENDS, svc_id: TCP_SVC_ID },
-            counted: dnat,
-        },
-        Case {
-            name: "UDP with IP options (IHL 6)",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_options(&OPT_ROUTER_ALERT)),
-            expect: udp_(),
-            counted: dnat,
-        },
-        Case {
-            name: "UDP checksum 0 with IP options (IHL 7)",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_options(&opts8).with_udp_zero_checksum()),
-            expect: udp_(),
-            counted: dnat,
-        },
+        tcp("TCP SYN", tcp_syn(VIP)),
+        tcp("TCP SYN with data", tcp_syn(VIP).with_payload(&[0xab; 333])),
+        udp_("UDP with checksum", udp(VIP)),
+        udp_(
+            "UDP with checksum 0 (none) keeps 0",
+            udp(VIP).with_udp_zero_checksum(),
+        ),
+        udp_("UDP without payload", udp(VIP).with_payload(&[])),
+        dns("UDP to the UDP-only frontend", udp(DNS_VIP)),
+        dns(
+            "UDP whose checksum computes to 0 after DNAT: sent as 0xffff",
+            udp(DNS_VIP).with_payload(&zero_checksum_payload(CLIENT, dns_backend)),
+        ),
+        dns(
+            "UDP whose checksum is 0 between the address and the port rewrite",
+            udp(DNS_VIP).with_payload(&zero_checksum_payload(CLIENT, dns_half_way)),
+        ),
+        tcp(
+            "TCP SYN with IP options (IHL 6)",
+            tcp_syn(VIP).with_options(&OPT_ROUTER_ALERT),
+        ),
+        tcp(
+            "TCP SYN with IP options (IHL 7)",
+            tcp_syn(VIP).with_options(&opts8),
+        ),
+        tcp(
+            "TCP SYN with 40 bytes of IP options (IHL 15)",
+            tcp_syn(VIP).with_options(&[1; 40]),
+        ),
+        udp_(
+            "UDP with IP options (IHL 6)",
+            udp(VIP).with_options(&OPT_ROUTER_ALERT),
+        ),
+        udp_(
+            "UDP checksum 0 with IP options (IHL 7)",
+            udp(VIP).with_options(&opts8).with_udp_zero_checksum(),
+        ),
     ]);
 }
 
 #[test]
 fn frontend_without_backends_rejects_with_icmp_port_unreachable() {
-    let reject = Some(stats::REJECT_NO_BACKEND);
     run_cases(&[
-        Case {
-            name: "TCP SYN",
-            setup: empty_frontends,
-            input: Input::Frame(tcp_syn(EMPTY_VIP)),
-            expect: Expect::IcmpPortUnreachable,
-            counted: reject,
-        },
-        Case {
-            name: "TCP SYN with 1000 bytes of data (frame shrinks)",
-            setup: empty_frontends,
-            input: Input::Frame(tcp_syn(EMPTY_VIP).with_payload(&[7; 1000])),
-            expect: Expect::IcmpPortUnreachable,
-            counted: reject,
-        },
-        Case {
-            name: "UDP",
-            setup: empty_frontends,
-            input: Input::Frame(udp(EMPTY_VIP)),
-            expect: Expect::IcmpPortUnreachable,
-            counted: reject,
-        },
-        Case {
-            name: "UDP, checksum 0, no payload (42-byte frame grows to 70)",
-            setup: empty_frontends,
-            input: Input::Frame(udp(EMPTY_VIP).with_payload(&[]).with_udp_zero_checksum()),
-            expect: Expect::IcmpPortUnreachable,
-            counted: reject,
-        },
+        Case::rejects("TCP SYN", tcp_syn(EMPTY_VIP)),
+        Case::rejects(
+            "TCP SYN with 1000 bytes of data (frame shrinks)",
+            tcp_syn(EMPTY_VIP).with_payload(&[7; 1000]),
+        ),
+        Case::rejects("UDP", udp(EMPTY_VIP)),
+        Case::rejects(
+            "UDP, checksum 0, no payload (42-byte frame grows to 70)",
+            udp(EMPTY_VIP).with_payload(&[]).with_udp_zero_checksum(),
+        ),
+        // Why dropped: reject.rs quotes a fixed 20-byte header and gives up
+        // on options (counted as DROP_NO_BACKEND).
         Case {
             name: "TCP SYN with IP options: no reject built, dropped",
             setup: empty_frontends,
-            input: Input::Frame(tcp_syn(EMPTY_VIP).with_options(&OPT_ROUTER_ALERT)),
+            input: tcp_syn(EMPTY_VIP).with_options(&OPT_ROUTER_ALERT).into(),
             expect: Expect::Unchanged(TC_ACT_SHOT),
             counted: Some(stats::DROP_NO_BACKEND),
         },
@@ -578,198 +793,153 @@ fn frontend_without_backends_rejects_with_icmp_port_unreachable() {
 
 #[test]
 fn packets_not_for_a_frontend_pass_unchanged() {
-    let no_svc = Some(stats::PASS_NO_SERVICE);
-    let pass = || Expect::Unchanged(TC_ACT_UNSPEC);
-    let gre = FrameBuilder { l4: L4::Other { proto: 47 }, ..FrameBuilder::icmp_echo(*CLIENT.ip(), *VIP.ip()) };
+    let no_svc = stats::PASS_NO_SERVICE;
+    let gre = FrameBuilder {
+        l4: L4::Other { proto: 47 },
+        ..FrameBuilder::icmp_echo(*CLIENT.ip(), *VIP.ip())
+    };
+    let v6 = |s: &str| s.parse::<Ipv6Addr>().expect("IPv6 literal");
     run_cases(&[
-        Case {
-            name: "TCP to another address",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(addr([10, 96, 0, 99], 80))),
-            expect: pass(),
-            counted: no_svc,
-        },
-        Case {
-            name: "TCP to the VIP on another port",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(addr([10, 96, 0, 10], 81))),
-            expect: pass(),
-            counted: no_svc,
-        },
-        Case {
-            name: "TCP to a UDP-only frontend",
-            setup: no_setup,
-            input: Input::Frame(tcp_syn(DNS_VIP)),
-            expect: pass(),
-            counted: no_svc,
-        },
-        Case {
-            name: "UDP to the VIP on another port",
-            setup: no_setup,
-            input: Input::Frame(udp(addr([10, 96, 0, 10], 443))),
-            expect: pass(),
-            counted: no_svc,
-        },
-        Case {
-            name: "reply-shaped packet from a backend without a conntrack entry",
-            setup: no_setup,
-            input: Input::Frame(FrameBuilder::tcp(TCP_BACKENDS[0].1, CLIENT, tcp_flags::SYN | tcp_flags::ACK)),
-            expect: pass(),
-            counted: no_svc,
-        },
-        Case {
-            name: "ARP request",
-            setup: no_setup,
-            input: Input::Raw(arp_request(CLIENT_MAC, *CLIENT.ip(), *VIP.ip())),
-            expect: pass(),
-            counted: Some(stats::PASS_NOT_IPV4),
-        },
-        Case {
-            name: "IPv6 UDP",
-            setup: no_setup,
-            input: Input::Raw(ipv6_udp(
-                "2001:db8::2".parse::<Ipv6Addr>().expect("v6"),
-                40000,
-                "fd00::10".parse::<Ipv6Addr>().expect("v6"),
-                80,
-                b"hi",
-            )),
-            expect: pass(),
-            counted: Some(stats::PASS_NOT_IPV4),
-        },
-        Case {
-            name: "ICMP echo to the VIP",
-            setup: no_setup,
-            input: Input::Frame(FrameBuilder::icmp_echo(*CLIENT.ip(), *VIP.ip())),
-            expect: pass(),
-            counted: Some(stats::PASS_OTHER_PROTO),
-        },
-        Case {
-            name: "GRE (protocol 47) to the VIP",
-            setup: no_setup,
-            input: Input::Frame(gre.with_payload(&[0; 8])),
-            expect: pass(),
-            counted: Some(stats::PASS_OTHER_PROTO),
-        },
+        Case::passes(
+            "TCP to another address",
+            tcp_syn(addr([10, 96, 0, 99], 80)),
+            no_svc,
+        ),
+        Case::passes(
+            "TCP to the VIP on another port",
+            tcp_syn(addr([10, 96, 0, 10], 81)),
+            no_svc,
+        ),
+        Case::passes("TCP to a UDP-only frontend", tcp_syn(DNS_VIP), no_svc),
+        Case::passes(
+            "UDP to the VIP on another port",
+            udp(addr([10, 96, 0, 10], 443)),
+            no_svc,
+        ),
+        Case::passes(
+            "reply-shaped packet from a backend without a conntrack entry",
+            FrameBuilder::tcp(TCP_BACKENDS[0].1, CLIENT, tcp_flags::SYN | tcp_flags::ACK),
+            no_svc,
+        ),
+        Case::passes(
+            "ARP request",
+            arp_request(CLIENT_MAC, *CLIENT.ip(), *VIP.ip()),
+            stats::PASS_NOT_IPV4,
+        ),
+        Case::passes(
+            "IPv6 UDP",
+            ipv6_udp(v6("2001:db8::2"), 40000, v6("fd00::10"), 80, b"hi"),
+            stats::PASS_NOT_IPV4,
+        ),
+        Case::passes(
+            "ICMP echo to the VIP",
+            FrameBuilder::icmp_echo(*CLIENT.ip(), *VIP.ip()),
+            stats::PASS_OTHER_PROTO,
+        ),
+        Case::passes(
+            "GRE (protocol 47) to the VIP",
+            gre.with_payload(&[0; 8]),
+            stats::PASS_OTHER_PROTO,
+        ),
     ]);
 }
 
 #[test]
-fn malformed_packets_pass_unchanged_and_are_counted() {
-    let trunc = Some(stats::MALFORMED_TRUNCATED);
-    let bad_ihl = Some(stats::MALFORMED_BAD_IHL);
-    let frag = Some(stats::PASS_FRAGMENT);
-    let pass = || Expect::Unchanged(TC_ACT_UNSPEC);
+fn truncated_packets_pass_unchanged_and_are_counted() {
+    let trunc = stats::MALFORMED_TRUNCATED;
     let syn = tcp_syn(VIP);
     let l4 = ETH_HLEN + IPV4_HLEN;
     run_cases(&[
-        Case {
-            name: "13 bytes: shorter than Ethernet, refused by the kernel",
-            setup: no_setup,
-            input: cut(&syn, ETH_HLEN - 1),
-            expect: Expect::KernelError,
-            counted: None,
-        },
-        Case { name: "Ethernet header only", setup: no_setup, input: cut(&syn, ETH_HLEN), expect: pass(), counted: trunc },
-        Case {
-            name: "IPv4 header cut at 10 bytes",
-            setup: no_setup,
-            input: cut(&syn, ETH_HLEN + 10),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "IPv4 header cut at 19 bytes",
-            setup: no_setup,
-            input: cut(&syn, ETH_HLEN + 19),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case { name: "no L4 header", setup: no_setup, input: cut(&syn, l4), expect: pass(), counted: trunc },
-        Case {
-            name: "TCP header cut at 10 bytes (before the flags)",
-            setup: no_setup,
-            input: cut(&syn, l4 + 10),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "TCP header cut at 16 bytes (before the checksum)",
-            setup: no_setup,
-            input: cut(&syn, l4 + 16),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "TCP header cut at 19 bytes",
-            setup: no_setup,
-            input: cut(&syn, l4 + 19),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "UDP header cut at 6 bytes",
-            setup: no_setup,
-            input: cut(&udp(VIP), l4 + 6),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "IHL 15 on a 20-byte header: L4 beyond the end",
-            setup: no_setup,
-            input: Input::Frame(syn.clone().with_ihl(15)),
-            expect: pass(),
-            counted: trunc,
-        },
-        Case {
-            name: "IHL 3",
-            setup: no_setup,
-            input: Input::Frame(syn.clone().with_ihl(3)),
-            expect: pass(),
-            counted: bad_ihl,
-        },
-        Case {
-            name: "IHL 0",
-            setup: no_setup,
-            input: Input::Frame(syn.clone().with_ihl(0)),
-            expect: pass(),
-            counted: bad_ihl,
-        },
-        Case {
-            name: "version 6 with the IPv4 ethertype",
-            setup: no_setup,
-            input: Input::Frame(syn.clone().with_version(6)),
-            expect: pass(),
-            counted: bad_ihl,
-        },
-        Case {
-            name: "TCP first fragment (MF) to the VIP",
-            setup: no_setup,
-            input: Input::Frame(syn.clone().with_payload(&[1; 64]).with_more_fragments()),
-            expect: pass(),
-            counted: frag,
-        },
-        Case {
-            name: "UDP first fragment (MF) to the VIP",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_more_fragments()),
-            expect: pass(),
-            counted: frag,
-        },
-        Case {
-            name: "UDP last fragment (offset 185) to the VIP",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_frag_offset(185)),
-            expect: pass(),
-            counted: frag,
-        },
-        Case {
-            name: "UDP middle fragment (MF, offset 1) to the VIP",
-            setup: no_setup,
-            input: Input::Frame(udp(VIP).with_more_fragments().with_frag_offset(1)),
-            expect: pass(),
-            counted: frag,
-        },
+        Case::refused("13 bytes: shorter than Ethernet", cut(&syn, ETH_HLEN - 1)),
+        // Why refused: BPF_PROG_TEST_RUN rejects an IPv4-ethertype frame whose
+        // IPv4 header is not all there (skb_headlen < sizeof(struct iphdr)
+        // after eth_type_trans is EINVAL on this kernel), so the program's
+        // checks for a cut IPv4 header cannot be reached from here; these
+        // cases pin down that the harness, not the program, refuses them.
+        Case::refused("Ethernet header only, IPv4 ethertype", cut(&syn, ETH_HLEN)),
+        Case::refused("IPv4 header cut at 10 bytes", cut(&syn, ETH_HLEN + 10)),
+        Case::refused("IPv4 header cut at 19 bytes", cut(&syn, ETH_HLEN + 19)),
+        Case::passes(
+            "Ethernet header only, ARP ethertype",
+            ethernet([0xff; 6], CLIENT_MAC, ETH_P_ARP, &[]),
+            stats::PASS_NOT_IPV4,
+        ),
+        Case::passes("IPv4 header, no L4 header", cut(&syn, l4), trunc),
+        Case::passes(
+            "IHL 6 and the frame ends inside the options",
+            cut(&syn.clone().with_options(&OPT_ROUTER_ALERT), l4 + 2),
+            trunc,
+        ),
+        Case::passes(
+            "TCP header cut at 10 bytes (before the flags)",
+            cut(&syn, l4 + 10),
+            trunc,
+        ),
+        Case::passes(
+            "TCP header cut at 16 bytes (before the checksum)",
+            cut(&syn, l4 + 16),
+            trunc,
+        ),
+        Case::passes("TCP header cut at 19 bytes", cut(&syn, l4 + 19), trunc),
+        Case::passes(
+            "TCP header cut at 10 bytes after IP options (IHL 7)",
+            cut(&syn.clone().with_options(&[1; 8]), l4 + 8 + 10),
+            trunc,
+        ),
+        Case::passes("UDP header cut at 6 bytes", cut(&udp(VIP), l4 + 6), trunc),
+        Case::passes(
+            "IHL 15 on a 20-byte header: L4 beyond the end",
+            syn.clone().with_ihl(15),
+            trunc,
+        ),
+    ]);
+}
+
+#[test]
+fn bad_ip_headers_and_fragments_pass_unchanged_and_are_counted() {
+    let bad_ihl = stats::MALFORMED_BAD_IHL;
+    let frag = stats::PASS_FRAGMENT;
+    let syn = tcp_syn(VIP);
+    run_cases(&[
+        Case::passes("IHL 3", syn.clone().with_ihl(3), bad_ihl),
+        Case::passes("IHL 4", syn.clone().with_ihl(4), bad_ihl),
+        Case::passes("IHL 0", syn.clone().with_ihl(0), bad_ihl),
+        Case::passes(
+            "version 6 with the IPv4 ethertype",
+            syn.clone().with_version(6),
+            bad_ihl,
+        ),
+        Case::passes(
+            "version 0 with the IPv4 ethertype",
+            syn.clone().with_version(0),
+            bad_ihl,
+        ),
+        Case::passes(
+            "TCP first fragment (MF) to the VIP",
+            syn.clone().with_payload(&[1; 64]).with_more_fragments(),
+            frag,
+        ),
+        Case::passes(
+            "UDP first fragment (MF) to the VIP",
+            udp(VIP).with_more_fragments(),
+            frag,
+        ),
+        Case::passes(
+            "UDP last fragment (offset 185) to the VIP",
+            udp(VIP).with_frag_offset(185),
+            frag,
+        ),
+        Case::passes(
+            "UDP middle fragment (MF, offset 1) to the VIP",
+            udp(VIP).with_more_fragments().with_frag_offset(1),
+            frag,
+        ),
+        Case::passes(
+            "fragment to a frontend without backends: no reject",
+            udp(EMPTY_VIP).with_more_fragments(),
+            frag,
+        )
+        .with_setup(empty_frontends),
     ]);
 }
 
@@ -799,10 +969,15 @@ fn slot_pointing_at_a_missing_backend_drops() {
 // ---------------------------------------------------------------------------
 
 /// Sends the first packet of a flow; returns the backend it went to.
-fn open_flow(dp: &Datapath, first: &FrameBuilder, backends: &[(u32, SocketAddrV4)]) -> (u32, SocketAddrV4) {
-    let p = dp.run_translated(&first.build());
+fn open_flow(
+    dp: &Datapath,
+    first: &FrameBuilder,
+    backends: &[(u32, SocketAddrV4)],
+) -> (u32, SocketAddrV4) {
+    let (_, p) = dp.run_translated(&first.build());
     let dst = p.dst();
-    let id = backend_of(dst, backends).unwrap_or_else(|| panic!("first packet sent to {dst}, not a backend"));
+    let id = backend_of(dst, backends)
+        .unwrap_or_else(|| panic!("first packet sent to {dst}, not a backend"));
     (id, dst)
 }
 
@@ -813,45 +988,63 @@ fn replies_get_the_frontend_as_source() {
         ("UDP", proto::UDP, &UDP_BACKENDS, UDP_SVC_ID),
     ] {
         let dp = Datapath::standard();
-        let first = if proto == proto::TCP { tcp_syn(VIP) } else { udp(VIP) };
+        let first = if proto == proto::TCP {
+            tcp_syn(VIP)
+        } else {
+            udp(VIP)
+        };
         let (id, backend) = open_flow(&dp, &first, backends);
-        check_ct_flow(&dp, CLIENT, VIP, proto, svc_id, (id, backend)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_ct_flow(&dp, CLIENT, VIP, proto, svc_id, (id, backend))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
 
         let replies = if proto == proto::TCP {
             vec![
-                FrameBuilder::tcp(backend, CLIENT, tcp_flags::SYN | tcp_flags::ACK).with_tcp_seq(5000, 1001),
+                FrameBuilder::tcp(backend, CLIENT, tcp_flags::SYN | tcp_flags::ACK)
+                    .with_tcp_seq(5000, 1001),
                 FrameBuilder::tcp(backend, CLIENT, tcp_flags::ACK).with_tcp_seq(5001, 1001),
                 FrameBuilder::tcp(backend, CLIENT, tcp_flags::ACK | tcp_flags::PSH)
                     .with_tcp_seq(5001, 1001)
                     .with_payload(b"HTTP/1.1 200 OK\r\n\r\n"),
-                FrameBuilder::tcp(backend, CLIENT, tcp_flags::FIN | tcp_flags::ACK).with_tcp_seq(5020, 1001),
+                FrameBuilder::tcp(backend, CLIENT, tcp_flags::FIN | tcp_flags::ACK)
+                    .with_tcp_seq(5020, 1001),
             ]
         } else {
+            // The last two: checksums that compute to 0 after the source
+            // rewrite, and between its address and port steps.
+            let mid = SocketAddrV4::new(*VIP.ip(), backend.port());
             vec![
                 FrameBuilder::udp(backend, CLIENT).with_payload(b"answer"),
-                FrameBuilder::udp(backend, CLIENT).with_payload(b"answer").with_udp_zero_checksum(),
+                FrameBuilder::udp(backend, CLIENT)
+                    .with_payload(b"answer")
+                    .with_udp_zero_checksum(),
+                FrameBuilder::udp(backend, CLIENT)
+                    .with_payload(&zero_checksum_payload(VIP, CLIENT)),
+                FrameBuilder::udp(backend, CLIENT)
+                    .with_payload(&zero_checksum_payload(mid, CLIENT)),
             ]
         };
         for reply in &replies {
             let reply = reply.clone().with_macs(NODE_MAC, CLIENT_MAC);
             let input = reply.build();
-            let p = dp.run_translated(&input);
+            let (out, p) = dp.run_translated(&input);
             assert_eq!(p.src(), VIP, "{name}: reply source not restored");
             assert_eq!(p.dst(), CLIENT, "{name}: reply destination changed");
             let want = reply.clone().with_src(VIP).build();
-            let out = dp.run_translated(&input); // idempotent: same input, same output
-            assert_eq!(out, p);
             assert!(
-                parse(&want).expect("built") == p,
-                "{name}: reply differs from the input with source {VIP}\nexpected:\n{}\ninput:\n{}",
+                out == want,
+                "{name}: reply differs from the input with source {VIP}\nexpected:\n{}\noutput:\n{}",
                 hex(&want),
-                hex(&input)
+                hex(&out)
             );
-            if let L4::Udp { zero_checksum: true, .. } = reply.l4 {
+            if let L4::Udp {
+                zero_checksum: true,
+                ..
+            } = reply.l4
+            {
                 assert_eq!(p.l4_checksum_field(), 0, "{name}: UDP checksum 0 changed");
             }
         }
-        let n = u64::try_from(replies.len() * 2).expect("count");
+        let n = u64::try_from(replies.len()).expect("count");
         dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::REV_NAT, n)])
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
@@ -862,14 +1055,27 @@ fn established_tcp_flow_keeps_its_backend() {
     let dp = Datapath::standard();
     let (id, backend) = open_flow(&dp, &tcp_syn(VIP), &TCP_BACKENDS);
     for i in 0..50_u32 {
-        let pkt = FrameBuilder::tcp(CLIENT, VIP, tcp_flags::ACK | if i % 2 == 0 { 0 } else { tcp_flags::PSH })
-            .with_tcp_seq(1001 + i * 10, 5001)
-            .with_payload(&vec![u8::try_from(i).expect("byte"); usize::try_from(i % 2 * 10).expect("len")]);
-        let p = dp.run_translated(&pkt.build());
-        assert_eq!(p.dst(), backend, "packet {i} of the flow moved from backend {id} to {}", p.dst());
-        assert_eq!(parse(&pkt.with_dst(backend).build()).expect("built"), p, "packet {i}");
+        let pkt = FrameBuilder::tcp(
+            CLIENT,
+            VIP,
+            tcp_flags::ACK | if i % 2 == 0 { 0 } else { tcp_flags::PSH },
+        )
+        .with_tcp_seq(1001 + i * 10, 5001)
+        .with_payload(&vec![
+            u8::try_from(i).expect("byte");
+            usize::try_from(i % 2 * 10).expect("len")
+        ]);
+        let (out, p) = dp.run_translated(&pkt.build());
+        assert_eq!(
+            p.dst(),
+            backend,
+            "packet {i} of the flow moved from backend {id} to {}",
+            p.dst()
+        );
+        assert_eq!(out, pkt.with_dst(backend).build(), "packet {i}");
     }
-    check_ct_flow(&dp, CLIENT, VIP, proto::TCP, TCP_SVC_ID, (id, backend)).unwrap_or_else(|e| panic!("{e}"));
+    check_ct_flow(&dp, CLIENT, VIP, proto::TCP, TCP_SVC_ID, (id, backend))
+        .unwrap_or_else(|e| panic!("{e}"));
     dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::DNAT_ESTABLISHED, 50)])
         .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -883,12 +1089,75 @@ fn udp_flow_keeps_its_backend() {
         if i % 3 == 0 {
             pkt = pkt.with_udp_zero_checksum();
         }
-        let p = dp.run_translated(&pkt.build());
-        assert_eq!(p.dst(), backend, "datagram {i} of the flow moved from backend {id} to {}", p.dst());
-        assert_eq!(parse(&pkt.with_dst(backend).build()).expect("built"), p, "datagram {i}");
+        let (out, p) = dp.run_translated(&pkt.build());
+        assert_eq!(
+            p.dst(),
+            backend,
+            "datagram {i} of the flow moved from backend {id} to {}",
+            p.dst()
+        );
+        assert_eq!(out, pkt.with_dst(backend).build(), "datagram {i}");
     }
-    check_ct_flow(&dp, CLIENT, VIP, proto::UDP, UDP_SVC_ID, (id, backend)).unwrap_or_else(|e| panic!("{e}"));
+    check_ct_flow(&dp, CLIENT, VIP, proto::UDP, UDP_SVC_ID, (id, backend))
+        .unwrap_or_else(|e| panic!("{e}"));
     dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::DNAT_ESTABLISHED, 50)])
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn removed_backend_moves_udp_flows_but_not_established_tcp() {
+    let mut dp = Datapath::standard();
+    let (tcp_id, tcp_backend) = open_flow(&dp, &tcp_syn(VIP), &TCP_BACKENDS);
+    let (udp_id, udp_backend) = open_flow(&dp, &udp(VIP), &UDP_BACKENDS);
+    let tcp_other = *TCP_BACKENDS
+        .iter()
+        .find(|(id, _)| *id != tcp_id)
+        .expect("two backends");
+    let udp_other = *UDP_BACKENDS
+        .iter()
+        .find(|(id, _)| *id != udp_id)
+        .expect("two backends");
+    // What the agent does when those endpoints go: the frontends shrink to
+    // the remaining backend, then the backend entries are deleted.
+    dp.add_frontend(VIP, proto::TCP, TCP_SVC_ID, &[tcp_other.0]);
+    dp.add_frontend(VIP, proto::UDP, UDP_SVC_ID, &[udp_other.0]);
+    dp.remove_backend(tcp_id);
+    dp.remove_backend(udp_id);
+
+    let ack = FrameBuilder::tcp(CLIENT, VIP, tcp_flags::ACK).with_tcp_seq(1001, 5001);
+    let (_, p) = dp.run_translated(&ack.build());
+    assert_eq!(
+        p.dst(),
+        tcp_backend,
+        "an established TCP flow keeps its backend after it left the Service"
+    );
+
+    let (_, p) = dp.run_translated(&udp(VIP).build());
+    assert_eq!(
+        p.dst(),
+        udp_other.1,
+        "a UDP flow moves off a removed backend (was {udp_backend})"
+    );
+    let fwd = dp
+        .ct_get(&ct_key(CLIENT, VIP, proto::UDP, CT_DIR_SERVICE))
+        .expect("UDP CT entry");
+    assert_eq!(
+        fwd.backend_id, udp_other.0,
+        "the UDP conntrack entry names the new backend"
+    );
+    let rev = dp
+        .ct_get(&ct_key(udp_other.1, CLIENT, proto::UDP, CT_DIR_REPLY))
+        .expect("new reply entry");
+    assert_eq!(rev.backend_id, udp_other.0);
+
+    // A SYN on the same tuple is a new connection (port reuse): balanced anew.
+    let (_, p) = dp.run_translated(&tcp_syn(VIP).build());
+    assert_eq!(
+        p.dst(),
+        tcp_other.1,
+        "a SYN reusing the tuple picks a current backend"
+    );
+    dp.check_stats(&[(stats::DNAT_NEW, 4), (stats::DNAT_ESTABLISHED, 1)])
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -899,22 +1168,36 @@ fn new_tcp_flows_are_spread_over_the_backends() {
     let mut hits: BTreeMap<u32, u32> = BTreeMap::new();
     for sport in 40000..40000 + FLOWS {
         let client = SocketAddrV4::new(*CLIENT.ip(), sport);
-        let (id, _) = open_flow(&dp, &FrameBuilder::tcp(client, VIP, tcp_flags::SYN), &TCP_BACKENDS);
+        let (id, _) = open_flow(
+            &dp,
+            &FrameBuilder::tcp(client, VIP, tcp_flags::SYN),
+            &TCP_BACKENDS,
+        );
         *hits.entry(id).or_default() += 1;
     }
     for (id, a) in TCP_BACKENDS {
         let n = hits.get(&id).copied().unwrap_or(0);
-        assert!(n >= 20, "backend {id} ({a}) got {n} of {FLOWS} new flows: {hits:?}");
+        assert!(
+            n >= 20,
+            "backend {id} ({a}) got {n} of {FLOWS} new flows: {hits:?}"
+        );
     }
-    assert_eq!(dp.ct().len(), 2 * usize::from(FLOWS), "two conntrack entries per flow");
-    dp.check_stats(&[(stats::DNAT_NEW, u64::from(FLOWS))]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        dp.ct().len(),
+        2 * usize::from(FLOWS),
+        "two conntrack entries per flow"
+    );
+    dp.check_stats(&[(stats::DNAT_NEW, u64::from(FLOWS))])
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
 fn counters_sum_bytes_over_packets() {
     let dp = Datapath::standard();
     let a = tcp_syn(VIP).build();
-    let b = tcp_syn(addr([10, 96, 0, 99], 80)).with_payload(&[0; 100]).build();
+    let b = tcp_syn(addr([10, 96, 0, 99], 80))
+        .with_payload(&[0; 100])
+        .build();
     dp.run(&a);
     dp.run(&b);
     dp.run(&b);
