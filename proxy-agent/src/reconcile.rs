@@ -222,7 +222,13 @@ impl<M: ServiceMaps> Reconciler<M> {
                 report.errors.push((*key, e));
             }
         }
-        self.remove_unreferenced_backends(&mut report);
+        // Why: after a failed write the programmed view may miss slots that
+        // were written (pointing at new backends); deleting "unreferenced"
+        // backends now could leave such a slot dangling. The next sync
+        // re-reads the maps and removes them safely.
+        if !self.stale {
+            self.remove_unreferenced_backends(&mut report);
+        }
         report
     }
 
@@ -326,7 +332,8 @@ impl<M: ServiceMaps> Reconciler<M> {
     fn program_frontend(&mut self, key: &FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
         let cur = self.state.frontends.get(key).cloned();
-        let name = fe.display_name();
+        // As the names map stores it (truncated), so an adopted name compares equal.
+        let name = proxy_common::names::SvcName::new(&fe.display_name()).as_str().to_owned();
         // Capacity checks before any write: all or nothing.
         let new_backends: Vec<BackendAddr> = fe
             .backends
@@ -405,7 +412,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         // 4. Slots beyond the new count.
         let mut extra: Vec<u16> = (slots.len() + 1..=cur_slots.len()).map(slot_u16).collect();
         if let Some(c) = &cur {
-            extra.extend(c.stale_slots.iter().copied());
+            // Only leftovers beyond the new count: one within it was just
+            // written above.
+            extra.extend(c.stale_slots.iter().copied().filter(|&s| usize::from(s) > slots.len()));
         }
         for s in extra {
             self.maps.delete_svc(svc_key(key, s))?;
