@@ -67,7 +67,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let wait = match (dirty && store.synced(), last_sync) {
             (true, Some(t)) => cfg.min_sync_period.saturating_sub(t.elapsed()),
             (true, None) => Duration::ZERO,
-            (false, _) => Duration::from_secs(3600),
+            (false, _) => Duration::from_hours(1),
         };
         tokio::select! {
             batch = rx.recv() => {

@@ -103,7 +103,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs writes into the zeroed struct we own.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &raw mut st) == 0 && i64::from(st.f_type) == BPF_FS_MAGIC
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && st.f_type == BPF_FS_MAGIC
     }
 }
 

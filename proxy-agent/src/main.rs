@@ -30,13 +30,13 @@ enum Output {
 enum Command {
     /// Program the datapath and keep it in sync with the Services.
     Run {
-        /// Directory of Service and EndpointSlice manifests (YAML/JSON).
+        /// Directory of Service and `EndpointSlice` manifests (YAML/JSON).
         #[arg(long)]
         manifests: PathBuf,
         /// Devices to attach to: comma-separated names or globs (e.g. "eth0,lxc*").
         #[arg(long)]
         devices: String,
-        /// This node's name (default: $NODE_NAME, else the hostname).
+        /// This node's name (default: $`NODE_NAME`, else the hostname).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Least time between two syncs; bursts of changes are coalesced.

@@ -1,10 +1,10 @@
-//! Services + EndpointSlices (+ node facts) → frontends and backends.
+//! Services + `EndpointSlices` (+ node facts) → frontends and backends.
 //!
 //! Pure functions, no I/O. The rules are kube-proxy's (pkg/proxy and the
 //! Service API reference):
 //! - Services labelled `service.kubernetes.io/service-proxy-name`, headless
 //!   Services (`clusterIP: None`) and `type: ExternalName` are not proxied.
-//! - EndpointSlices belong to the Service named by their
+//! - `EndpointSlices` belong to the Service named by their
 //!   `kubernetes.io/service-name` label in the same namespace.
 //! - A Service port takes its endpoints from the slice ports with the same
 //!   name and protocol; the slice carries the resolved target port, which is

@@ -63,7 +63,7 @@ struct Programmed {
     next_backend_id: u32,
 }
 
-fn svc_key(k: &FrontendKey, slot: u16) -> SvcKey {
+fn svc_key(k: FrontendKey, slot: u16) -> SvcKey {
     SvcKey {
         addr_be: u32::from(k.addr).to_be(),
         port_be: k.port.to_be(),
@@ -74,7 +74,7 @@ fn svc_key(k: &FrontendKey, slot: u16) -> SvcKey {
     }
 }
 
-fn frontend_of(k: &SvcKey) -> Option<FrontendKey> {
+fn frontend_of(k: SvcKey) -> Option<FrontendKey> {
     Some(FrontendKey {
         addr: Ipv4Addr::from(u32::from_be(k.addr_be)),
         port: u16::from_be(k.port_be),
@@ -88,8 +88,10 @@ fn slot_u16(i: usize) -> u16 {
 
 impl Programmed {
     fn from_dump(d: MapsDump) -> Self {
-        let mut p = Self::default();
-        p.svc_entries = d.svc.len();
+        let mut p = Self {
+            svc_entries: d.svc.len(),
+            ..Self::default()
+        };
         let mut groups: BTreeMap<(u32, u16, u8, u8), BTreeMap<u16, SvcValue>> = BTreeMap::new();
         for (k, v) in d.svc {
             groups
@@ -100,7 +102,7 @@ impl Programmed {
         let names: BTreeMap<u32, String> = d.names.into_iter().collect();
         for ((addr_be, port_be, proto, scope), slots) in groups {
             let key0 = SvcKey { addr_be, port_be, backend_slot: 0, proto, scope, _pad: [0; 2] };
-            let fk = frontend_of(&key0).filter(|_| scope == 0);
+            let fk = frontend_of(key0).filter(|_| scope == 0);
             let (Some(fk), Some(head)) = (fk, slots.get(&0)) else {
                 p.orphan_svc.extend(slots.keys().map(|&s| SvcKey { backend_slot: s, ..key0 }));
                 continue;
@@ -215,7 +217,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         self.remove_gone(desired, &mut report);
         for (key, fe) in &desired.frontends {
-            if let Err(e) = self.program_frontend(key, fe, &mut report) {
+            if let Err(e) = self.program_frontend(*key, fe, &mut report) {
                 if !matches!(e, Error::MapFull { .. }) {
                     self.stale = true;
                 }
@@ -243,10 +245,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         for key in gone {
             let fe = self.state.frontends[&key].clone();
             let res = (|| -> Result<()> {
-                self.maps.delete_svc(svc_key(&key, 0))?;
+                self.maps.delete_svc(svc_key(key, 0))?;
                 report.deletes += 1;
                 for s in (1..=fe.slots.len()).map(slot_u16).chain(fe.stale_slots.iter().copied()) {
-                    self.maps.delete_svc(svc_key(&key, s))?;
+                    self.maps.delete_svc(svc_key(key, s))?;
                     report.deletes += 1;
                 }
                 if fe.name.is_some() {
@@ -299,11 +301,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         // An id twice in `cur` (should not happen) keeps its first slot only.
         let mut seen = BTreeSet::new();
         for s in &mut slots {
-            if let Some(id) = *s {
-                if !seen.insert(id) {
+            if let Some(id) = *s
+                && !seen.insert(id) {
                     *s = None;
                 }
-            }
         }
         let mut fresh = wanted.iter().copied().filter(|id| !seen.contains(id));
         for s in &mut slots {
@@ -329,9 +330,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         out.into_iter().flatten().collect()
     }
 
-    fn program_frontend(&mut self, key: &FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
+    fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
-        let cur = self.state.frontends.get(key).cloned();
+        let cur = self.state.frontends.get(&key).cloned();
         // As the names map stores it (truncated), so an adopted name compares equal.
         let name = proxy_common::names::SvcName::new(&fe.display_name()).as_str().to_owned();
         // Capacity checks before any write: all or nothing.
@@ -377,13 +378,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         let wanted: Vec<u32> = fe.backends.iter().map(|b| self.state.backend_ids[&(*b, proto)]).collect();
         let cur_slots = cur.as_ref().map_or(&[][..], |c| c.slots.as_slice());
         let slots = Self::plan_slots(cur_slots, &wanted);
-        let svc_id = match &cur {
-            Some(c) => c.svc_id,
-            None => {
-                let id = self.state.next_svc_id;
-                self.state.next_svc_id += 1;
-                id
-            }
+        let svc_id = if let Some(c) = &cur { c.svc_id } else {
+            let id = self.state.next_svc_id;
+            self.state.next_svc_id += 1;
+            id
         };
         // Name before the frontend exists, so a reader never sees an unnamed id.
         if cur.as_ref().and_then(|c| c.name.as_deref()) != Some(name.as_str()) {
@@ -422,7 +420,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let prog = ProgFrontend { svc_id, flags, slots, stale_slots: Vec::new(), name: Some(name) };
         self.state.svc_entries = self.state.svc_entries + prog.entries() - cur.as_ref().map_or(0, ProgFrontend::entries);
-        self.state.frontends.insert(*key, prog);
+        self.state.frontends.insert(key, prog);
         Ok(())
     }
 

@@ -47,6 +47,7 @@ pub struct Stored<T> {
 
 /// What a source reports.
 #[derive(Clone, Debug)]
+#[expect(clippy::large_enum_variant, reason = "short-lived, moved once into the store")]
 pub enum SourceEvent {
     ServiceApplied(Stored<Service>),
     ServiceDeleted(ObjectKey),
@@ -54,7 +55,7 @@ pub enum SourceEvent {
     SliceDeleted(ObjectKey),
     /// The initial list of Services is complete.
     ServicesSynced,
-    /// The initial list of EndpointSlices is complete.
+    /// The initial list of `EndpointSlices` is complete.
     SlicesSynced,
 }
 
@@ -88,7 +89,7 @@ impl Store {
     }
 
     /// kube-proxy programs nothing and prunes nothing before both initial
-    /// lists are complete (OnServiceSynced + OnEndpointSlicesSynced).
+    /// lists are complete (`OnServiceSynced` + `OnEndpointSlicesSynced`).
     #[must_use]
     pub fn synced(&self) -> bool {
         self.services_synced && self.slices_synced

@@ -32,6 +32,7 @@ pub struct CtKey {
     pub proto: u8,
     /// `CT_DIR_SERVICE` or `CT_DIR_REPLY`.
     pub dir: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<CtKey>() == 16);
@@ -44,6 +45,7 @@ pub struct CtValue {
     /// Port written by the translation.
     pub nat_port_be: u16,
     pub flags: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
     pub _pad: u8,
     pub backend_id: u32,
     pub svc_id: u32,

@@ -27,9 +27,9 @@ reasons! {
     PASS_OTHER_PROTO = 1, "pass_other_proto";
     /// TCP/UDP not addressed to a frontend and not a reply of a translated flow.
     PASS_NO_SERVICE = 2, "pass_no_service";
-    /// First packet of a flow to a frontend: backend chosen, DNATed.
+    /// First packet of a flow to a frontend: backend chosen, destination translated.
     DNAT_NEW = 3, "dnat_new_flow";
-    /// Later packet of a tracked flow: DNATed to the same backend.
+    /// Later packet of a tracked flow: translated to the same backend.
     DNAT_ESTABLISHED = 4, "dnat_established";
     /// Reply from a backend: source restored to the frontend.
     REV_NAT = 5, "rev_nat_reply";
@@ -39,7 +39,7 @@ reasons! {
     DROP_NO_BACKEND = 7, "drop_no_backend";
     /// Shorter than its headers claim: passed to the kernel, which drops it.
     MALFORMED_TRUNCATED = 8, "malformed_truncated";
-    /// IPv4 header with version != 4 or IHL < 5: passed to the kernel, which drops it.
+    /// IPv4 header with version other than 4 or IHL below 5: passed to the kernel, which drops it.
     MALFORMED_BAD_IHL = 9, "malformed_bad_ihl";
     /// IPv4 fragment: not translated (no fragment tracking yet), passed untouched.
     PASS_FRAGMENT = 10, "pass_fragment";
@@ -53,4 +53,4 @@ reasons! {
 
 /// Number of counter slots (size of the per-CPU array).
 pub const STATS_MAX_ENTRIES: u32 = 32;
-const _: () = assert!(REASONS.len() as u32 <= STATS_MAX_ENTRIES);
+const _: () = assert!(REASONS.len() <= STATS_MAX_ENTRIES as usize);

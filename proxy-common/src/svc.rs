@@ -34,6 +34,7 @@ pub struct SvcKey {
     pub proto: u8,
     /// Reserved for traffic-policy scopes (internal/external); 0 for now.
     pub scope: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<SvcKey>() == 12);

@@ -54,6 +54,7 @@ pub struct AgentArgs<'a> {
 impl Agent {
     /// Starts `proxy-agent run` in the namespace with nsenter (which, unlike
     /// `ip netns exec`, keeps /sys and so the bpffs visible).
+    #[must_use] 
     pub fn start(a: &AgentArgs<'_>) -> Self {
         let log = File::options().create(true).append(true).open(a.log).expect("agent log");
         let child = Command::new("nsenter")

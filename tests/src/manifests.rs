@@ -1,4 +1,4 @@
-//! Writing Service and EndpointSlice manifests the way users have them.
+//! Writing Service and `EndpointSlice` manifests the way users have them.
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 #[derive(Clone, Debug)]
@@ -9,7 +9,7 @@ pub struct Port<'a> {
     pub protocol: &'a str,
 }
 
-/// A ClusterIP Service with one EndpointSlice holding `endpoints`
+/// A `ClusterIP` Service with one `EndpointSlice` holding `endpoints`
 /// (address, ready) as multi-document YAML.
 #[must_use]
 pub fn service_yaml(name: &str, vip: Ipv4Addr, ports: &[Port<'_>], endpoints: &[(Ipv4Addr, bool)]) -> String {

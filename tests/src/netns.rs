@@ -42,6 +42,7 @@ pub struct Netns {
 }
 
 impl Netns {
+    #[must_use] 
     pub fn create(name: &str) -> Self {
         ip(&["netns", "add", name]);
         let ns = Self { name: name.to_owned() };

@@ -58,6 +58,7 @@ pub fn pod_ip(i: usize) -> Ipv4Addr {
 impl Sandbox {
     /// Builds the client, the node and `pods` pod namespaces named
     /// `pod1..podN`. `prefix` keeps names apart between tests.
+    #[must_use] 
     pub fn new(prefix: &str, pods: usize) -> Self {
         crate::netns::require_root();
         let id = unique_name(prefix);
@@ -146,6 +147,7 @@ impl Sandbox {
         }
     }
 
+    #[must_use] 
     pub fn agent_log_path(&self) -> PathBuf {
         self.workdir.join("agent.log")
     }

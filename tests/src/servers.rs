@@ -39,6 +39,7 @@ impl Drop for Server {
 }
 
 /// Serves `HTTP/1.1 200` with body `<name>\n` on `port` inside `ns`.
+#[must_use] 
 pub fn http_server(ns: &Netns, port: u16, name: &str) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -87,6 +88,7 @@ fn serve_http(mut stream: TcpStream, name: &str, stop: &AtomicBool, served: &Ato
 }
 
 /// Answers each datagram on `port` with `<name>:<payload>`.
+#[must_use] 
 pub fn udp_echo(ns: &Netns, port: u16, name: &str) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));

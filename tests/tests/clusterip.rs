@@ -1,5 +1,5 @@
-//! End-to-end ClusterIP tests on the real kernel: the agent runs in a node
-//! namespace, real clients in a client namespace talk to a ClusterIP, real
+//! End-to-end `ClusterIP` tests on the real kernel: the agent runs in a node
+//! namespace, real clients in a client namespace talk to a `ClusterIP`, real
 //! servers answer in pod namespaces. Every loop is bounded in count and time;
 //! the sandbox removes namespaces, pins and files even when a test fails.
 use std::{

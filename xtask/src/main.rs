@@ -31,12 +31,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run the sandboxed ClusterIP demo.
+    /// Set up, build, and run the sandboxed `ClusterIP` demo.
     Demo {
         /// Leave the sandbox running and print how to look inside.
         #[arg(long)]
         keep: bool,
-        /// How many requests the client sends to the ClusterIP.
+        /// How many requests the client sends to the `ClusterIP`.
         #[arg(long, default_value_t = 90)]
         requests: u32,
     },

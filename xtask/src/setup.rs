@@ -67,7 +67,7 @@ fn nightly_rust_src() -> Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
-/// bpf-linker must link against the nightly's own LLVM: point LLVM_PREFIX at
+/// bpf-linker must link against the nightly's own LLVM: point `LLVM_PREFIX` at
 /// a permanent directory of symlinks to the nightly sysroot's libLLVM and
 /// build bpf-linker with the matching `llvm-NN` feature.
 fn bpf_linker() -> Result<()> {

@@ -1,5 +1,5 @@
 //! An in-memory [`ServiceMaps`] with capacity limits and fault injection, for
-//! reconciler tests (Cilium's fake LBMaps plays the same role).
+//! reconciler tests (Cilium's fake `LBMaps` plays the same role).
 use std::collections::BTreeMap;
 
 use proxy_common::{
@@ -58,11 +58,10 @@ impl ServiceMaps for FakeMaps {
     }
 
     fn write_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
-        if let Some(cap) = self.svc_capacity {
-            if !self.svc.contains_key(&key) && self.svc.len() >= cap {
+        if let Some(cap) = self.svc_capacity
+            && !self.svc.contains_key(&key) && self.svc.len() >= cap {
                 return Err(Error::Injected("svc map full"));
             }
-        }
         self.step(format!("svc+ {}:{} slot {}", key.addr_be, key.port_be, key.backend_slot))?;
         self.svc.insert(key, value);
         Ok(())

@@ -1,5 +1,5 @@
 //! The manifests source: a directory of `*.yaml`, `*.yml` and `*.json` files
-//! holding v1 Services and discovery.k8s.io/v1 EndpointSlices, exactly as
+//! holding v1 Services and discovery.k8s.io/v1 `EndpointSlices`, exactly as
 //! `kubectl get svc,endpointslices -o yaml` prints them (multi-document YAML
 //! and `kind: List` included). Other kinds are ignored.
 //!
@@ -25,6 +25,7 @@ use crate::store::{ObjectKey, SourceEvent, Stored};
 
 /// One decoded object.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(clippy::large_enum_variant, reason = "kept as decoded, like the API types")]
 pub enum Object {
     Service(Service),
     Slice(EndpointSlice),
@@ -72,19 +73,19 @@ fn describe(v: &Value) -> String {
     format!("{kind} {ns}/{name}")
 }
 
-fn decode(v: Value, file: &Path, objects: &mut Vec<Object>, problems: &mut Vec<FileProblem>) {
+fn decode(v: &Value, file: &Path, objects: &mut Vec<Object>, problems: &mut Vec<FileProblem>) {
     let api_version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
     let problem = |reason: String| FileProblem {
         file: file.to_owned(),
-        object: Some(describe(&v)),
+        object: Some(describe(v)),
         reason,
     };
     match (api_version, kind) {
         (_, k) if k == "List" || k.ends_with("List") => {
             match v.get("items").and_then(Value::as_array) {
                 Some(items) => {
-                    for item in items.clone() {
+                    for item in items {
                         decode(item, file, objects, problems);
                     }
                 }
@@ -104,7 +105,7 @@ fn decode(v: Value, file: &Path, objects: &mut Vec<Object>, problems: &mut Vec<F
         (_, "Service" | "EndpointSlice") => {
             problems.push(problem(format!("unsupported apiVersion {api_version:?} for {kind}")));
         }
-        _ => debug!(file = %file.display(), object = %describe(&v), "ignoring object of another kind"),
+        _ => debug!(file = %file.display(), object = %describe(v), "ignoring object of another kind"),
     }
 }
 
@@ -118,7 +119,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(Vec<Object>, Vec<FileProbl
     let mut objects = Vec::new();
     let mut problems = Vec::new();
     for v in docs {
-        decode(v, path, &mut objects, &mut problems);
+        decode(&v, path, &mut objects, &mut problems);
     }
     Ok((objects, problems))
 }

@@ -1,4 +1,4 @@
-//! Where Services and EndpointSlices come from. Every source sends the same
+//! Where Services and `EndpointSlices` come from. Every source sends the same
 //! [`SourceEvent`](crate::store::SourceEvent)s; nothing downstream knows
 //! which one is in use.
 pub mod manifests;

@@ -1,5 +1,5 @@
 //! The demo behind `cargo xtask demo`: a sandboxed node in network
-//! namespaces, three pods answering HTTP with their own name, a ClusterIP
+//! namespaces, three pods answering HTTP with their own name, a `ClusterIP`
 //! Service fed to the agent as ordinary YAML, real requests from a client
 //! namespace, and a table of what went where.
 use std::{
@@ -75,7 +75,7 @@ fn main() {
         let mut answers: BTreeMap<String, u32> = BTreeMap::new();
         let mut failures = Vec::new();
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(60);
+        let deadline = start + Duration::from_mins(1);
         for _ in 0..n {
             if Instant::now() > deadline {
                 failures.push("deadline of 60 s reached".to_owned());
@@ -118,7 +118,7 @@ fn main() {
     println!("$ proxy-agent --bpffs {} stats   (non-zero counters)", sb.bpffs.display());
     let out = Command::new(&args.agent).arg("--bpffs").arg(&sb.bpffs).arg("stats").output().expect("proxy-agent stats");
     for (i, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate() {
-        if i == 0 || !line.split_whitespace().nth(1).is_some_and(|p| p == "0") {
+        if i == 0 || line.split_whitespace().nth(1).is_none_or(|p| p != "0") {
             println!("{line}");
         }
     }
@@ -138,7 +138,7 @@ fn main() {
         println!("  cat {}                                  # agent log", sb.agent_log_path().display());
         println!("  $EDITOR {}/web.yaml                     # the agent follows changes", sb.manifests.display());
         println!("Tear down with:");
-        let pids: Vec<String> = sb.server_procs.iter().map(|c| c.id().to_string()).chain(sb.agent.as_ref().and_then(|a| a.pid()).map(|p| p.to_string())).collect();
+        let pids: Vec<String> = sb.server_procs.iter().map(|c| c.id().to_string()).chain(sb.agent.as_ref().and_then(integration_tests::agent::Agent::pid).map(|p| p.to_string())).collect();
         println!("  kill {}", pids.join(" "));
         println!("  {agent} --bpffs {bpffs} cleanup");
         let mut nss = vec![sb.client.name().to_owned(), sb.node.name().to_owned()];
