@@ -64,6 +64,40 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one summary line
+/// over every test binary: `summary: N passed, N failed, N ignored`.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("cannot start cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(&[';', '.'][..]) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn step(msg: &str) {
     eprintln!("\x1b[1m==> {msg}\x1b[0m");
 }
@@ -108,11 +142,15 @@ fn main() -> Result<()> {
             let agent = build_agent()?;
             step("run every test (unit, packet, network-namespace)");
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--no-fail-fast"]).current_dir(root()).env("PROXY_AGENT_BIN", &agent);
+            // Doc tests are left out: there are none, and their empty
+            // "0 passed" summary would be the run's last line.
+            cmd.args(["test", "--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"])
+                .current_dir(root())
+                .env("PROXY_AGENT_BIN", &agent);
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
         Task::Demo { keep, requests } => {
             step("setup");
