@@ -52,6 +52,23 @@ pub enum Error {
         #[source]
         source: glob::PatternError,
     },
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("finding the API server (no --kubeconfig, $KUBECONFIG, ~/.kube/config or in-cluster config): {0}")]
+    InferConfig(#[source] Box<kube::config::InferConfigError>),
+    #[error("API client: {0}")]
+    Kube(#[source] Box<kube::Error>),
+    #[error("{what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("fault injected: {0}")]
     Injected(&'static str),
 }

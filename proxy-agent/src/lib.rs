@@ -8,10 +8,13 @@
 pub mod agent;
 pub mod datapath;
 pub mod error;
+pub mod health;
 pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod reconcile;
+pub mod runner;
 pub mod source;
 pub mod store;
 

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, SourceConfig},
     datapath::{self, BpfMaps, ServiceMaps as _},
     inspect,
     pins::{DEFAULT_BPFFS, Pins},
@@ -30,18 +30,31 @@ enum Output {
 enum Command {
     /// Program the datapath and keep it in sync with the Services.
     Run {
-        /// Directory of Service and `EndpointSlice` manifests (YAML/JSON).
+        /// Read Services and EndpointSlices from this directory of manifests
+        /// (YAML/JSON) instead of the API server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig of the API server (default: $KUBECONFIG, ~/.kube/config, then in-cluster).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Devices to attach to: comma-separated names or globs (e.g. "eth0,lxc*").
         #[arg(long)]
         devices: String,
-        /// This node's name (default: $`NODE_NAME`, else the hostname).
+        /// This node's name (default: $NODE_NAME, else the hostname).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
-        /// Least time between two syncs; bursts of changes are coalesced.
-        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        /// Least time between two syncs; bursts of changes are coalesced (kube-proxy's minSyncPeriod).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
         min_sync_period: Duration,
+        /// A sync runs at least this often (kube-proxy's syncPeriod); twice this is the health timeout.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        sync_period: Duration,
+        /// Address for /healthz and /livez ("" disables).
+        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
+        healthz_bind_address: Bind,
+        /// Address for /metrics ("" disables).
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+        metrics_bind_address: Bind,
     },
     /// Frontends and their backends, read from the pinned maps.
     Services {
@@ -55,6 +68,17 @@ enum Command {
     },
     /// Detach everything and remove the pins.
     Cleanup,
+}
+
+/// A bind address, or none ("" disables the server).
+#[derive(Clone, Copy, Debug)]
+struct Bind(Option<std::net::SocketAddr>);
+
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s.is_empty() {
+        return Ok(Bind(None));
+    }
+    s.parse().map(|a| Bind(Some(a))).map_err(|e| format!("invalid address {s:?}: {e}"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -81,7 +105,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let pins = Pins::new(&cli.bpffs);
     match cli.command {
-        Command::Run { manifests, devices, node_name, min_sync_period } => {
+        Command::Run {
+            manifests,
+            kubeconfig,
+            devices,
+            node_name,
+            min_sync_period,
+            sync_period,
+            healthz_bind_address,
+            metrics_bind_address,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -89,14 +122,21 @@ fn main() -> Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::ApiServer { kubeconfig },
+            };
             let cfg = RunConfig {
-                manifests,
+                source,
                 devices,
                 bpffs: cli.bpffs,
                 node_name: node_name.unwrap_or_else(hostname),
                 min_sync_period,
+                sync_period,
                 poll_interval: Duration::from_millis(250),
                 device_interval: Duration::from_secs(1),
+                healthz_bind_address: healthz_bind_address.0,
+                metrics_bind_address: metrics_bind_address.0,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -162,6 +162,22 @@ impl fmt::Display for Rejection {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
+    /// `topology.kubernetes.io/zone` of the Node, when known.
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    /// From the agent's own Node object (if the source has it).
+    #[must_use]
+    pub fn from_node(name: &str, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
+        Self {
+            name: name.to_owned(),
+            zone: node
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .cloned(),
+        }
+    }
 }
 
 /// Computes the desired frontends from everything in the store.

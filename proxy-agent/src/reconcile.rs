@@ -194,6 +194,17 @@ impl<M: ServiceMaps> Reconciler<M> {
         &mut self.maps
     }
 
+    /// Entries and capacity of the service and backend maps, as programmed.
+    #[must_use]
+    pub fn occupancy(&self) -> std::collections::BTreeMap<&'static str, (u64, u64)> {
+        [
+            (SVC_MAP, (self.state.svc_entries as u64, self.svc_capacity as u64)),
+            (BACKEND_MAP, (self.state.backends.len() as u64, self.backend_capacity as u64)),
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// Number of frontends currently programmed.
     #[must_use]
     pub fn programmed_frontends(&self) -> usize {

@@ -2,7 +2,10 @@
 //! (manifests directory, API server) feed it the same [`SourceEvent`]s.
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 /// `namespace/name` of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,6 +56,9 @@ pub enum SourceEvent {
     ServiceDeleted(ObjectKey),
     SliceApplied(Stored<EndpointSlice>),
     SliceDeleted(ObjectKey),
+    /// The agent's own Node (its labels give the zone).
+    NodeApplied(Box<Node>),
+    NodeDeleted,
     /// The initial list of Services is complete.
     ServicesSynced,
     /// The initial list of `EndpointSlices` is complete.
@@ -63,6 +69,8 @@ pub enum SourceEvent {
 pub struct Store {
     pub services: BTreeMap<ObjectKey, Stored<Service>>,
     pub slices: BTreeMap<ObjectKey, Stored<EndpointSlice>>,
+    /// The agent's own Node, when the source knows it.
+    pub node: Option<Node>,
     pub services_synced: bool,
     pub slices_synced: bool,
 }
@@ -83,6 +91,12 @@ impl Store {
                 true
             }
             SourceEvent::SliceDeleted(key) => self.slices.remove(&key).is_some(),
+            SourceEvent::NodeApplied(n) => {
+                let changed = self.node.as_ref() != Some(&*n);
+                self.node = Some(*n);
+                changed
+            }
+            SourceEvent::NodeDeleted => self.node.take().is_some(),
             SourceEvent::ServicesSynced => !std::mem::replace(&mut self.services_synced, true),
             SourceEvent::SlicesSynced => !std::mem::replace(&mut self.slices_synced, true),
         }

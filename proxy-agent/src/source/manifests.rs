@@ -678,6 +678,7 @@ addressType: IPv4
                 SourceEvent::SliceDeleted(k) => format!("SliceDeleted {k}"),
                 SourceEvent::ServicesSynced => "ServicesSynced".to_owned(),
                 SourceEvent::SlicesSynced => "SlicesSynced".to_owned(),
+                SourceEvent::NodeApplied(_) | SourceEvent::NodeDeleted => "Node".to_owned(),
             })
             .collect()
     }
