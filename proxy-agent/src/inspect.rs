@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use proxy_common::{
     stats::{REASONS, StatCounter},
-    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
+    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
 };
 
 use crate::{datapath::MapsDump, model::Protocol};
@@ -28,6 +28,8 @@ pub struct FrontendView {
     pub kind: String,
     pub svc_id: u32,
     pub service: String,
+    /// With no backends, traffic is dropped (not rejected).
+    pub drop_when_empty: bool,
     pub backends: Vec<BackendView>,
 }
 
@@ -70,6 +72,7 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             kind: kind_of(head.flags).to_owned(),
             svc_id: head.svc_id,
             service: names.get(&head.svc_id).map_or_else(String::new, |s| (*s).to_owned()),
+            drop_when_empty: head.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0,
             backends,
         });
     }
@@ -112,7 +115,9 @@ pub fn services_table(view: &[FrontendView]) -> String {
     let rows: Vec<Vec<String>> = view
         .iter()
         .map(|f| {
-            let backends = if f.backends.is_empty() {
+            let backends = if f.backends.is_empty() && f.drop_when_empty {
+                "(none on this node: dropped)".to_owned()
+            } else if f.backends.is_empty() {
                 "(none: rejected)".to_owned()
             } else {
                 f.backends

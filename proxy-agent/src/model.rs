@@ -9,15 +9,23 @@
 //! - A Service port takes its endpoints from the slice ports with the same
 //!   name and protocol; the slice carries the resolved target port, which is
 //!   how a named `targetPort` reaches the proxy.
-//! - Only endpoints whose `ready` condition is true or unset are used; the
-//!   first address of an endpoint is its address; the same address:port in
-//!   several slices counts once.
+//! - Ready endpoints (`ready` true or unset) are used; when none is ready,
+//!   endpoints that are serving and terminating are (KEP-1669). The first
+//!   address of an endpoint is its address; the same address:port in several
+//!   slices counts once.
+//! - `internalTrafficPolicy: Local` uses only endpoints whose `nodeName` is
+//!   this node (with the same terminating fallback); when the Service has
+//!   endpoints but none here, its traffic is dropped, not rejected.
+//! - Topology: when every ready endpoint carries zone hints and one matches
+//!   this node's zone (`topology.kubernetes.io/zone` of its Node), only those
+//!   are used; `trafficDistribution: PreferSameNode` likewise with node
+//!   hints first. Otherwise all endpoints are (kube-proxy's fallbacks).
 //! - A Service with no usable endpoints still gets its frontend, with no
 //!   backends: the datapath rejects connections to it (ICMP port
 //!   unreachable), as kube-proxy's REJECT rule does.
 //!
 //! Not yet (later issues): IPv6, SCTP, NodePort/externalIPs/LoadBalancer,
-//! traffic policies, terminating fallback, topology, session affinity.
+//! externalTrafficPolicy, session affinity.
 //! Invalid objects (or ports) are skipped with a [`Rejection`] naming them;
 //! everything else is unaffected.
 use std::{
@@ -123,6 +131,9 @@ pub struct Frontend {
     pub kind: FrontendKind,
     /// Sorted, without duplicates.
     pub backends: Vec<BackendAddr>,
+    /// With no backends: drop (there are endpoints, none usable from this
+    /// node) instead of reject (there are none).
+    pub drop_when_empty: bool,
 }
 
 impl Frontend {
@@ -182,13 +193,13 @@ impl NodeInfo {
 
 /// Computes the desired frontends from everything in the store.
 #[must_use]
-pub fn desired_state(store: &Store, _node: &NodeInfo) -> (Desired, Vec<Rejection>) {
+pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>) {
     let mut rejections = Vec::new();
     let slices_by_service = index_slices(store);
     let mut desired = Desired::default();
     for (key, svc) in &store.services {
         let slices = slices_by_service.get(key).map_or(&[][..], Vec::as_slice);
-        service_frontends(key, svc, slices, &mut desired, &mut rejections);
+        service_frontends(key, svc, slices, node, &mut desired, &mut rejections);
     }
     // A slice shared by several ports reports the same problem once per port.
     rejections.sort();
@@ -268,6 +279,7 @@ fn service_frontends(
     key: &ObjectKey,
     svc: &Stored<Service>,
     slices: &[&Stored<EndpointSlice>],
+    node: &NodeInfo,
     desired: &mut Desired,
     rejections: &mut Vec<Rejection>,
 ) {
@@ -292,6 +304,9 @@ fn service_frontends(
     if let Some(bad) = ports.iter().find(|p| port_in_range(p.port).is_none()) {
         return reject(rejections, KIND, key, &svc.origin, format!("port {} is out of range 1-65535", bad.port));
     }
+    let spec = svc.object.spec.as_ref();
+    let local_only = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
     let mut mine = Vec::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -324,7 +339,8 @@ fn service_frontends(
             );
             continue;
         }
-        let mut backends = endpoints_for_port(&port_name, protocol, slices, rejections);
+        let endpoints = endpoints_for_port(&port_name, protocol, slices, rejections);
+        let (mut backends, drop_when_empty) = select_backends(&endpoints, node, local_only, prefer_same_node);
         if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
             reject(
                 rejections,
@@ -345,10 +361,23 @@ fn service_frontends(
                 port_name,
                 kind: FrontendKind::ClusterIp,
                 backends,
+                drop_when_empty,
             },
         ));
     }
     desired.frontends.extend(mine);
+}
+
+/// One endpoint of a Service port, as the slices describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    backend: BackendAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<String>,
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
 }
 
 fn endpoints_for_port(
@@ -356,9 +385,9 @@ fn endpoints_for_port(
     protocol: Protocol,
     slices: &[&Stored<EndpointSlice>],
     rejections: &mut Vec<Rejection>,
-) -> Vec<BackendAddr> {
+) -> Vec<Endpoint> {
     const KIND: &str = "EndpointSlice";
-    let mut out = BTreeSet::new();
+    let mut out: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
     for slice in slices {
         let es = &slice.object;
         // Why: IPv6 and FQDN slices are normal in a dual-stack cluster; they
@@ -384,28 +413,100 @@ fn endpoints_for_port(
             continue;
         };
         for ep in es.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
             let Some(first) = ep.addresses.first() else {
                 continue;
             };
-            match first.parse::<Ipv4Addr>() {
-                Ok(addr) => {
-                    out.insert(BackendAddr { addr, port });
-                }
-                Err(_) => reject(
+            let Ok(addr) = first.parse::<Ipv4Addr>() else {
+                reject(
                     rejections,
                     KIND,
                     &key,
                     &slice.origin,
                     format!("endpoint address {first:?} is not an IPv4 address"),
-                ),
-            }
+                );
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            // Unset `ready` means ready; unset `serving` means the same as
+            // ready; unset `terminating` means not terminating (API docs).
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let hints = ep.hints.as_ref();
+            let backend = BackendAddr { addr, port };
+            // The same address:port in two slices counts once (the first).
+            out.entry(backend).or_insert_with(|| Endpoint {
+                backend,
+                ready,
+                serving,
+                terminating,
+                node_name: ep.node_name.clone(),
+                zone_hints: hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect(),
+                node_hints: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
+            });
         }
     }
-    out.into_iter().collect()
+    out.into_values().collect()
+}
+
+/// Which endpoints topology-aware routing keeps (kube-proxy's
+/// `topologyModeFromHints`): hints are used only when every ready endpoint
+/// carries them and at least one matches this node (PreferSameNode) or its
+/// zone; otherwise all endpoints are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    All,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo, prefer_same_node: bool) -> TopologyMode {
+    let ready = || endpoints.iter().filter(|e| e.ready);
+    let all_node_hints = ready().all(|e| !e.node_hints.is_empty());
+    let for_node = ready().any(|e| e.node_hints.contains(&node.name));
+    if prefer_same_node && all_node_hints && for_node {
+        return TopologyMode::SameNode;
+    }
+    let all_zone_hints = ready().all(|e| !e.zone_hints.is_empty());
+    let for_zone = node.zone.as_ref().is_some_and(|z| ready().any(|e| e.zone_hints.contains(z)));
+    if ready().next().is_some() && all_zone_hints && for_zone {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::All
+}
+
+/// The backends a frontend uses, and whether an empty list means "drop"
+/// (endpoints exist, none usable from here) rather than "reject" (none at
+/// all) — kube-proxy's `CategorizeEndpoints`:
+/// - cluster traffic: ready endpoints (narrowed by topology), else those
+///   that are serving and terminating;
+/// - `internalTrafficPolicy: Local`: this node's ready endpoints, else its
+///   serving-and-terminating ones; none → dropped, not rejected.
+fn select_backends(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, prefer_same_node: bool) -> (Vec<BackendAddr>, bool) {
+    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<BackendAddr> { endpoints.iter().filter(|e| f(e)).map(|e| e.backend).collect() };
+    let has_any = endpoints.iter().any(|e| e.ready || (e.serving && e.terminating));
+    if local_only {
+        let local = |e: &Endpoint| e.node_name.as_deref() == Some(node.name.as_str());
+        let mut v = pick(&|e| local(e) && e.ready);
+        if v.is_empty() {
+            v = pick(&|e| local(e) && e.serving && e.terminating);
+        }
+        let drop = v.is_empty() && has_any;
+        return (v, drop);
+    }
+    let mode = topology_mode(endpoints, node, prefer_same_node);
+    let mut v = pick(&|e| {
+        e.ready
+            && match mode {
+                TopologyMode::All => true,
+                TopologyMode::SameNode => e.node_hints.contains(&node.name),
+                TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+            }
+    });
+    if v.is_empty() {
+        v = pick(&|e| e.serving && e.terminating);
+    }
+    (v, false)
 }
 
 #[cfg(test)]

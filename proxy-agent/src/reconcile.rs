@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 
 use proxy_common::{
     backend::{BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend},
-    svc::{SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -408,7 +408,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         // 3. Slot 0 with the count.
-        let flags = fe.kind.flags();
+        let flags = fe.kind.flags() | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 };
         let count = slot_u16(slots.len());
         let head_same = cur
             .as_ref()

@@ -49,6 +49,8 @@ reasons! {
     DROP_REWRITE_FAILED = 12, "drop_rewrite_failed";
     /// A conntrack entry could not be written: translated without tracking.
     CT_INSERT_FAILED = 13, "ct_insert_failed";
+    /// Frontend whose endpoints are all elsewhere (`internalTrafficPolicy: Local`): dropped.
+    DROP_NO_LOCAL_BACKEND = 14, "drop_no_local_backend";
 }
 
 /// Number of counter slots (size of the per-CPU array).

@@ -20,6 +20,9 @@ pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
 pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// With count 0: drop instead of reject (the Service has endpoints, none
+/// usable from this node: `internalTrafficPolicy: Local`), as kube-proxy does.
+pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -8,7 +8,7 @@ use proxy_common::{
     backend::Backend,
     ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CtValue},
     proto, stats,
-    svc::{SvcKey, SvcValue},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -92,6 +92,12 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return handle_reply(ctx, &p, len);
     };
     if svc.count == 0 {
+        // Why: kube-proxy rejects when a Service has no endpoints at all, but
+        // drops when it has some and none is usable from this node.
+        if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+            count(stats::DROP_NO_LOCAL_BACKEND, len);
+            return Err(TC_ACT_SHOT as i32);
+        }
         return Ok(reject::port_unreachable(ctx, &p, len));
     }
 

@@ -55,6 +55,18 @@ fn compute(yaml: &str) -> (Desired, Vec<Rejection>) {
     desired_state(&store_from(yaml), &NodeInfo::default())
 }
 
+#[track_caller]
+fn check_on(node: &NodeInfo, yaml: &str, expected: &str) {
+    let (desired, rejections) = desired_state(&store_from(yaml), node);
+    let got = render(&desired, &rejections);
+    let want = lines(expected);
+    assert!(got == want, "desired state differs\n--- expected ---\n{want}--- got ---\n{got}----------------");
+}
+
+fn node(name: &str, zone: Option<&str>) -> NodeInfo {
+    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned) }
+}
+
 fn render(desired: &Desired, rejections: &[Rejection]) -> String {
     let mut out = String::new();
     for (key, fe) in &desired.frontends {
@@ -63,7 +75,9 @@ fn render(desired: &Desired, rejections: &[Rejection]) -> String {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted, fe.backends, "backends of {key} must be sorted and without duplicates");
-        let backends = if fe.backends.is_empty() {
+        let backends = if fe.backends.is_empty() && fe.drop_when_empty {
+            "(dropped)".to_owned()
+        } else if fe.backends.is_empty() {
             "(none)".to_owned()
         } else {
             fe.backends.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
@@ -1455,4 +1469,127 @@ endpoints: [{addresses: [10.244.0.11]}]
         rejected: Service default/dup (from test.yaml): port \"b\": frontend 10.96.0.39:80/TCP is already used by another port of this Service
         ",
     );
+}
+
+// ------------------------------------------ terminating, traffic policy, topology
+
+const SVC_ITP: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80}]
+";
+
+fn slice(endpoints: &str) -> String {
+    format!(
+        "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+const SVC: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+";
+
+#[test]
+fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
+    let eps = "
+- addresses: [10.244.0.11]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.0.12]
+  conditions: {ready: false, serving: false, terminating: true}
+";
+    check(&format!("{SVC}{}", slice(eps)), "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080");
+    let with_ready = format!("{eps}- addresses: [10.244.0.13]\n");
+    check(&format!("{SVC}{}", slice(&with_ready)), "10.96.0.10:80/TCP default/web:http -> 10.244.0.13:8080");
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_this_nodes_endpoints_only() {
+    let eps = "
+- {addresses: [10.244.0.11], nodeName: node-a}
+- {addresses: [10.244.0.12], nodeName: node-b}
+- {addresses: [10.244.0.13], nodeName: node-a, conditions: {ready: false}}
+";
+    let yaml = format!("{SVC_ITP}{}", slice(eps));
+    check_on(&node("node-a", None), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080");
+    check_on(&node("node-b", None), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.12:8080");
+    // Endpoints exist, none here: dropped, not rejected (kube-proxy).
+    check_on(&node("node-c", None), &yaml, "10.96.0.10:80/TCP default/web:http -> (dropped)");
+}
+
+#[test]
+fn internal_traffic_policy_local_falls_back_to_local_terminating_endpoints() {
+    let eps = "
+- {addresses: [10.244.0.11], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.0.12], nodeName: node-b}
+";
+    check_on(&node("node-a", None), &format!("{SVC_ITP}{}", slice(eps)), "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080");
+}
+
+#[test]
+fn internal_traffic_policy_local_without_any_endpoint_rejects() {
+    check_on(&node("node-a", None), &format!("{SVC_ITP}{}", slice("").replace("endpoints:\n", "endpoints: []\n")), "10.96.0.10:80/TCP default/web:http -> (none)");
+}
+
+#[test]
+fn zone_hints_narrow_to_this_zone_when_every_ready_endpoint_has_them() {
+    let eps = "
+- {addresses: [10.244.0.11], zone: a, hints: {forZones: [{name: a}]}}
+- {addresses: [10.244.0.12], zone: b, hints: {forZones: [{name: b}]}}
+- {addresses: [10.244.0.13], zone: a, hints: {forZones: [{name: a}]}}
+";
+    let yaml = format!("{SVC}{}", slice(eps));
+    check_on(&node("n", Some("a")), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.13:8080");
+    check_on(&node("n", Some("b")), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.12:8080");
+    // No endpoint for this zone, or the zone unknown: all of them.
+    let all = "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080,10.244.0.13:8080";
+    check_on(&node("n", Some("c")), &yaml, all);
+    check_on(&node("n", None), &yaml, all);
+}
+
+#[test]
+fn zone_hints_are_ignored_unless_every_ready_endpoint_has_them() {
+    let eps = "
+- {addresses: [10.244.0.11], hints: {forZones: [{name: a}]}}
+- {addresses: [10.244.0.12]}
+";
+    check_on(
+        &node("n", Some("a")),
+        &format!("{SVC}{}", slice(eps)),
+        "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080",
+    );
+}
+
+#[test]
+fn prefer_same_node_uses_node_hints_then_zone_hints() {
+    let svc = SVC.replace("  ports:", "  trafficDistribution: PreferSameNode\n  ports:");
+    let eps = "
+- {addresses: [10.244.0.11], nodeName: n1, hints: {forNodes: [{name: n1}], forZones: [{name: a}]}}
+- {addresses: [10.244.0.12], nodeName: n2, hints: {forNodes: [{name: n2}], forZones: [{name: a}]}}
+- {addresses: [10.244.0.13], nodeName: n3, hints: {forNodes: [{name: n3}], forZones: [{name: b}]}}
+";
+    let yaml = format!("{svc}{}", slice(eps));
+    check_on(&node("n2", Some("a")), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.12:8080");
+    // A node with no endpoint of its own: its zone's.
+    check_on(&node("n9", Some("a")), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080");
+    // Without PreferSameNode, node hints are not used.
+    check_on(&node("n2", Some("a")), &format!("{SVC}{}", slice(eps)), "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080");
 }

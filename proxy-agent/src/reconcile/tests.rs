@@ -66,6 +66,7 @@ fn fe(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Fe {
             port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
             kind: FrontendKind::ClusterIp,
             backends: bs,
+            drop_when_empty: false,
         },
     )
 }
