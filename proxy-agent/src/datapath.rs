@@ -267,6 +267,31 @@ impl Datapath {
     }
 }
 
+/// Opens a pinned link and detaches it at once (`BPF_OBJ_GET`, then
+/// `BPF_LINK_DETACH`); aya 0.14 has no call for the latter.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr, zeroed; both commands read only their first fields.
+    let mut attr = [0u64; 8];
+    attr[0] = c.as_ptr() as u64; // pathname
+    // SAFETY: bpf(2) with a zeroed attr buffer larger than either command reads.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(fd.unsigned_abs()); // link_fd
+    // SAFETY: as above; the fd is ours and closed right after.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd BPF_OBJ_GET gave us.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}
+
 /// Detaches everything and removes every pin under the directory: what
 /// `proxy-agent cleanup` does. Returns what was removed.
 pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
@@ -279,6 +304,12 @@ pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
     // then maps, then the directories.
     if let Ok(entries) = fs::read_dir(pins.links_dir()) {
         for entry in entries.flatten() {
+            // Why: unpinning drops the last reference, but the kernel
+            // releases a link asynchronously (deferred work); an explicit
+            // BPF_LINK_DETACH makes "cleanup returned" mean "detached".
+            if let Err(e) = detach_pinned_link(&entry.path()) {
+                warn!(link = %entry.path().display(), error = %e, "BPF_LINK_DETACH failed; unpinning anyway");
+            }
             fs::remove_file(entry.path()).map_err(Error::io("unlink", entry.path()))?;
             removed.push(format!("links/{}", entry.file_name().to_string_lossy()));
         }
