@@ -487,6 +487,26 @@ fn empty_frontends(dp: &mut Datapath) {
     dp.add_frontend(EMPTY_VIP, proto::UDP, 11, &[]);
 }
 
+/// `internalTrafficPolicy: Local` with every endpoint on other nodes.
+fn no_local_frontends(dp: &mut Datapath) {
+    dp.add_frontend(EMPTY_VIP, proto::TCP, 14, &[]);
+    dp.add_frontend(EMPTY_VIP, proto::UDP, 15, &[]);
+    let mut m = HashMap::<_, SvcKey, SvcValue>::try_from(dp.ebpf.map_mut(SVC_MAP).expect("svc map")).expect("svc map type");
+    for proto in [proto::TCP, proto::UDP] {
+        let key = SvcKey {
+            addr_be: be_addr(EMPTY_VIP),
+            port_be: EMPTY_VIP.port().to_be(),
+            backend_slot: 0,
+            proto,
+            scope: 0,
+            _pad: [0; 2],
+        };
+        let mut v = m.get(&key, 0).expect("frontend");
+        v.flags |= proxy_common::svc::SVC_FLAG_DROP_WHEN_EMPTY;
+        m.insert(key, v, 0).expect("update frontend");
+    }
+}
+
 fn broken_frontend(dp: &mut Datapath) {
     dp.add_frontend(BROKEN_VIP, proto::TCP, 12, &[MISSING_BACKEND_ID]);
     dp.add_frontend(BROKEN_VIP, proto::UDP, 13, &[MISSING_BACKEND_ID]);
@@ -940,6 +960,27 @@ fn bad_ip_headers_and_fragments_pass_unchanged_and_are_counted() {
             frag,
         )
         .with_setup(empty_frontends),
+    ]);
+}
+
+#[test]
+fn frontend_with_only_remote_endpoints_drops_instead_of_rejecting() {
+    let dropped = Some(stats::DROP_NO_LOCAL_BACKEND);
+    run_cases(&[
+        Case {
+            name: "TCP SYN",
+            setup: no_local_frontends,
+            input: Input::Frame(tcp_syn(EMPTY_VIP)),
+            expect: Expect::Unchanged(TC_ACT_SHOT),
+            counted: dropped,
+        },
+        Case {
+            name: "UDP",
+            setup: no_local_frontends,
+            input: Input::Frame(udp(EMPTY_VIP)),
+            expect: Expect::Unchanged(TC_ACT_SHOT),
+            counted: dropped,
+        },
     ]);
 }
 

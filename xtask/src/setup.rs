@@ -41,6 +41,7 @@ const DEBIAN: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("mountpoint", "util-linux"),
+    ("kubectl", "kubernetes-client"),
 ];
 
 pub fn setup() -> Result<()> {
