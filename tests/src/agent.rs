@@ -41,12 +41,20 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
+/// Where the agent reads Services and EndpointSlices from.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentSource<'a> {
+    Manifests(&'a Path),
+    /// An API server, through this kubeconfig, as node `node_name`.
+    ApiServer { kubeconfig: &'a Path, node_name: &'a str },
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentArgs<'a> {
     pub bin: &'a Path,
     pub netns: &'a str,
     pub bpffs: &'a Path,
-    pub manifests: &'a Path,
+    pub source: AgentSource<'a>,
     pub devices: &'a str,
     pub log: &'a Path,
 }
@@ -57,14 +65,15 @@ impl Agent {
     #[must_use] 
     pub fn start(a: &AgentArgs<'_>) -> Self {
         let log = File::options().create(true).append(true).open(a.log).expect("agent log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", a.netns))
-            .arg(a.bin)
-            .arg("--bpffs")
-            .arg(a.bpffs)
-            .arg("run")
-            .arg("--manifests")
-            .arg(a.manifests)
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", a.netns)).arg(a.bin).arg("--bpffs").arg(a.bpffs).arg("run");
+        match a.source {
+            AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            AgentSource::ApiServer { kubeconfig, node_name } => {
+                cmd.arg("--kubeconfig").arg(kubeconfig).arg("--node-name").arg(node_name)
+            }
+        };
+        let child = cmd
             .arg("--devices")
             .arg(a.devices)
             .env("RUST_LOG", "info")

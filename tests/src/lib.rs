@@ -3,9 +3,22 @@
 //! clients that run inside a namespace, the agent as a child process, and a
 //! packet builder for `BPF_PROG_TEST_RUN` tests.
 pub mod agent;
+pub mod apiserver;
 pub mod client;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
 pub mod sandbox;
 pub mod servers;
+
+/// `address:port` of the backends programmed for `vip:port`, in slot order.
+#[must_use]
+pub fn inspect_backends(view: &[proxy_agent::inspect::FrontendView], vip: std::net::Ipv4Addr, port: u16) -> Vec<String> {
+    let mut v: Vec<String> = view
+        .iter()
+        .find(|f| f.address == vip.to_string() && f.port == port)
+        .map(|f| f.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

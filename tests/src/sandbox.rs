@@ -17,7 +17,7 @@ use std::{
 use proxy_agent::pins::Pins;
 
 use crate::{
-    agent::{Agent, AgentArgs},
+    agent::{Agent, AgentArgs, AgentSource},
     netns::{Netns, unique_name},
     servers::Server,
 };
@@ -152,15 +152,22 @@ impl Sandbox {
         self.workdir.join("agent.log")
     }
 
-    /// Starts the agent (`bin`) in the node namespace.
+    /// Starts the agent (`bin`) in the node namespace, reading the
+    /// sandbox's manifests directory.
     pub fn start_agent(&mut self, bin: &Path) {
+        let manifests = self.manifests.clone();
+        self.start_agent_from(bin, AgentSource::Manifests(&manifests));
+    }
+
+    /// Starts the agent (`bin`) in the node namespace with `source`.
+    pub fn start_agent_from(&mut self, bin: &Path, source: AgentSource<'_>) {
         assert!(self.agent.is_none(), "agent already running");
         let log = self.agent_log_path();
         self.agent = Some(Agent::start(&AgentArgs {
             bin,
             netns: self.node.name(),
             bpffs: &self.bpffs,
-            manifests: &self.manifests,
+            source,
             devices: DEVICES,
             log: &log,
         }));

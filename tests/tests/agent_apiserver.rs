@@ -1,0 +1,290 @@
+//! The agent following an API server end to end: the test API server
+//! (tests/src/apiserver) runs inside the node namespace on 127.0.0.1, the
+//! agent reaches it over real HTTP through a kubeconfig, and the results are
+//! checked in the pinned maps and with real traffic from the client.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::{AgentSource, agent_bin, programmed, wait_programmed},
+    apiserver::ApiServer,
+    client::http_get,
+    inspect_backends,
+    netns::run,
+    sandbox::{Sandbox, pod_ip},
+};
+use serde_json::{Value, json};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE: &str = "node-a";
+const T: Duration = Duration::from_secs(2);
+
+fn service(name: &str, vip: Ipv4Addr, extra: Value) -> Value {
+    let mut s = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    });
+    merge(&mut s, extra);
+    s
+}
+
+fn slice(name: &str, service: &str, endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+fn ep(ip: Ipv4Addr, node: &str, ready: bool) -> Value {
+    json!({"addresses": [ip.to_string()], "nodeName": node, "conditions": {"ready": ready}})
+}
+
+fn merge(a: &mut Value, b: Value) {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        for (k, v) in b {
+            match a.get_mut(&k) {
+                Some(av) if av.is_object() && v.is_object() => merge(av, v),
+                _ => {
+                    a.insert(k, v);
+                }
+            }
+        }
+    }
+}
+
+struct Cluster {
+    sb: Sandbox,
+    api: ApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn new(prefix: &str, pods: usize) -> Self {
+        let mut sb = Sandbox::new(prefix, pods);
+        sb.serve_http(8080);
+        // Started from a thread inside the node namespace: its listener (and
+        // so 127.0.0.1) is the node's, where the agent runs.
+        let api = sb.node.run(|| ApiServer::start(SocketAddr::from(([127, 0, 0, 1], 0))));
+        let kubeconfig = sb.workdir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+        api.apply(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "z1"}}}))
+            .expect("node");
+        Self { sb, api, kubeconfig }
+    }
+
+    fn start_agent(&mut self) {
+        let kc = self.kubeconfig.clone();
+        self.sb.start_agent_from(&agent_bin(), AgentSource::ApiServer { kubeconfig: &kc, node_name: NODE });
+    }
+
+    fn backends(&self) -> Vec<String> {
+        inspect_backends(&programmed(&self.sb.bpffs), VIP, 80)
+    }
+
+    fn wait_backends(&self, want: &[Ipv4Addr], what: &str) {
+        let want: Vec<String> = want.iter().map(|ip| format!("{ip}:8080")).collect();
+        wait_programmed(&self.sb.bpffs, Duration::from_secs(20), what, |v| inspect_backends(v, VIP, 80) == want);
+    }
+
+    fn get(&self) -> std::io::Result<String> {
+        self.sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T))
+    }
+
+    /// GET on the node's loopback (health and metrics), returning status and body.
+    fn node_http(&self, port: u16, path: &str) -> (u16, String) {
+        let path = path.to_owned();
+        self.sb.node.run(move || {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), T).expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("read");
+            let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            (status, body)
+        })
+    }
+}
+
+#[test]
+fn creates_updates_and_deletes_follow_the_api_server() {
+    let mut c = Cluster::new("apic", 3);
+    c.api.apply(service("web", VIP, json!({}))).expect("svc");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice 1");
+    c.api.apply(slice("web-2", "web", json!([ep(pod_ip(2), "node-b", true)]))).expect("slice 2");
+    // Not ours: another proxy's Service, and a headless one.
+    c.api.apply(service("other", Ipv4Addr::new(10, 96, 0, 50), json!({"metadata": {"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}}))).expect("other");
+    c.api.apply(service("headless", Ipv4Addr::new(10, 96, 0, 51), json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}))).expect("headless");
+    c.start_agent();
+
+    // Endpoints split across two slices.
+    c.wait_backends(&[pod_ip(1), pod_ip(2)], "both slices' endpoints");
+    assert_eq!(programmed(&c.sb.bpffs).len(), 1, "only web is programmed");
+    assert!(c.get().is_ok(), "traffic through the ClusterIP");
+    let lists: Vec<_> = c.api.requests().into_iter().filter(|r| r.path.ends_with("/services") && !r.is_watch()).collect();
+    assert!(
+        lists.iter().any(|r| r.param("labelSelector").is_some_and(|s| s.contains("!service.kubernetes.io/service-proxy-name") && s.contains("!service.kubernetes.io/headless"))),
+        "Services are listed with kube-proxy's label selector: {lists:?}"
+    );
+
+    // Readiness flips.
+    c.api.apply(slice("web-2", "web", json!([ep(pod_ip(2), "node-b", false), ep(pod_ip(3), "node-b", true)]))).expect("slice 2");
+    c.wait_backends(&[pod_ip(1), pod_ip(3)], "pod2 not ready, pod3 ready");
+    // None ready, one serving and terminating: it is used.
+    c.api.apply(slice("web-1", "web", json!([{"addresses": [pod_ip(1).to_string()], "nodeName": NODE,
+        "conditions": {"ready": false, "serving": true, "terminating": true}}]))).expect("slice 1");
+    c.api.delete("EndpointSlice", Some("default"), "web-2").expect("delete slice 2");
+    c.wait_backends(&[pod_ip(1)], "terminating fallback");
+    assert_eq!(c.get().expect("served by the terminating endpoint"), "pod1");
+
+    // internalTrafficPolicy Local: only this node's endpoints.
+    c.api.apply(slice("web-2", "web", json!([ep(pod_ip(2), "node-b", true), ep(pod_ip(3), NODE, true)]))).expect("slice 2");
+    c.api.apply(service("web", VIP, json!({"spec": {"internalTrafficPolicy": "Local"}}))).expect("svc");
+    c.wait_backends(&[pod_ip(3)], "internalTrafficPolicy Local");
+
+    // Delete the Service: the frontend goes.
+    c.api.delete("Service", Some("default"), "web").expect("delete");
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "no frontends", <[_]>::is_empty);
+}
+
+#[test]
+fn faults_keep_forwarding_and_converge() {
+    let mut c = Cluster::new("apif", 3);
+    c.api.apply(service("web", VIP, json!({}))).expect("svc");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    c.start_agent();
+    c.wait_backends(&[pod_ip(1)], "initial");
+
+    // A watch dropped mid-stream: the agent resumes and sees later changes.
+    c.api.drop_watches();
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true), ep(pod_ip(2), NODE, true)]))).expect("slice");
+    c.wait_backends(&[pod_ip(1), pod_ip(2)], "change after a dropped watch");
+
+    // 410 Gone: the agent's resourceVersion falls out of the history while it
+    // is disconnected; its watch resume gets 410 Expired and it re-lists.
+    let lists_before = c.api.requests().iter().filter(|r| r.path.ends_with("/endpointslices") && !r.is_watch()).count();
+    c.api.set_down(true);
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(2), NODE, true)]))).expect("slice");
+    c.api.compact();
+    c.api.set_down(false);
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(60), "convergence after 410 Gone", |v| {
+        inspect_backends(v, VIP, 80) == vec![format!("{}:8080", pod_ip(2))]
+    });
+    let lists_after = c.api.requests().iter().filter(|r| r.path.ends_with("/endpointslices") && !r.is_watch()).count();
+    assert!(lists_after > lists_before, "410 Gone must make the agent list again ({lists_before} -> {lists_after})");
+
+    // The API server down for a while: traffic keeps flowing, nothing flushed.
+    c.api.set_down(true);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(c.get().expect("traffic while the API server is down"), "pod2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.backends(), vec![format!("{}:8080", pod_ip(2))], "no flush while the API server is down");
+    // The agent restarted while the API server is still down: it keeps the
+    // pinned state (no initial list, so nothing is pruned).
+    c.sb.kill_agent();
+    c.start_agent();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.backends(), vec![format!("{}:8080", pod_ip(2))], "a restart without the API server flushes nothing");
+    assert_eq!(c.get().expect("traffic after a restart without the API server"), "pod2");
+    // Changed while it was unreachable; back up: converges.
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(3), NODE, true)]))).expect("slice");
+    c.api.set_down(false);
+    // kube-rs backs off up to 30 s between retries.
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(60), "convergence after the outage", |v| {
+        inspect_backends(v, VIP, 80) == vec![format!("{}:8080", pod_ip(3))]
+    });
+    assert_eq!(c.get().expect("traffic after the outage"), "pod3");
+}
+
+#[test]
+fn health_and_metrics_answer_like_kube_proxy() {
+    let mut c = Cluster::new("apih", 1);
+    c.api.apply(service("web", VIP, json!({}))).expect("svc");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    c.start_agent();
+    c.wait_backends(&[pod_ip(1)], "initial");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let r = c.node_http(10256, "/healthz");
+        if r.0 == 200 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("healthz body is JSON");
+    assert!(v["lastUpdated"].is_string() && v["currentTime"].is_string(), "{body}");
+    assert_eq!(v["nodeEligible"], json!(true), "{body}");
+    assert_eq!(c.node_http(10256, "/livez").0, 200);
+
+    c.get().expect("one request for the counters");
+    let (status, text) = c.node_http(10249, "/metrics");
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.0e9);
+    assert!(value("proxy_map_entries{map=\"proxy_svc_v1\"}") >= 2.0);
+    assert!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\"}") >= 1.0);
+    assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0);
+
+    // The Node being deleted: /healthz says 503, /livez still 200.
+    c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+        "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}})).expect("node");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.node_http(10256, "/healthz").0 != 503 {
+        assert!(Instant::now() < deadline, "healthz never turned 503 for a node being deleted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.node_http(10256, "/livez").0, 200);
+}
+
+#[test]
+fn kubectl_as_an_independent_client_drives_the_agent() {
+    let mut c = Cluster::new("apik", 1);
+    c.start_agent();
+    let manifest = c.sb.workdir.join("web.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n{}",
+            serde_yaml::to_string(&slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("yaml")
+        ),
+    )
+    .expect("write manifest");
+    let kc = c.kubeconfig.to_string_lossy().into_owned();
+    let netns = format!("--net={}", c.sb.node.path());
+    let kubectl = |args: &[&str]| {
+        let mut all = vec![netns.as_str(), "kubectl", "--kubeconfig", kc.as_str()];
+        all.extend_from_slice(args);
+        run("nsenter", &all)
+    };
+    kubectl(&["create", "--validate=false", "-f", &manifest.to_string_lossy()]);
+    c.wait_backends(&[pod_ip(1)], "the Service kubectl created");
+    assert_eq!(c.get().expect("traffic"), "pod1");
+    let listed = kubectl(&["get", "svc", "-A"]);
+    assert!(listed.contains("web") && listed.contains(&VIP.to_string()), "{listed}");
+    kubectl(&["label", "svc", "web", "service.kubernetes.io/service-proxy-name=other"]);
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the relabelled Service gone", <[_]>::is_empty);
+    kubectl(&["label", "svc", "web", "service.kubernetes.io/service-proxy-name-"]);
+    c.wait_backends(&[pod_ip(1)], "the Service back");
+    kubectl(&["delete", "svc", "web"]);
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the deleted Service gone", <[_]>::is_empty);
+}
