@@ -206,6 +206,13 @@ fn faults_keep_forwarding_and_converge() {
         inspect_backends(v, VIP, 80) == vec![format!("{}:8080", pod_ip(3))]
     });
     assert_eq!(c.get().expect("traffic after the outage"), "pod3");
+
+    // Objects changed while the agent was down: the next start converges.
+    c.sb.kill_agent();
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true), ep(pod_ip(3), NODE, true)]))).expect("slice");
+    assert_eq!(c.get().expect("traffic with the agent down"), "pod3");
+    c.start_agent();
+    c.wait_backends(&[pod_ip(1), pod_ip(3)], "changes made while the agent was down");
 }
 
 #[test]
