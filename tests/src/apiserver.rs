@@ -91,6 +91,8 @@
 //! - Validation covers what tests trip over (names, labels, ports,
 //!   protocols, types, addresses), not all of it. Any valid IP is accepted
 //!   as a static cluster IP (the real one must be inside its service range).
+//!   `fieldValidation=Strict` (kubectl 1.25+) is accepted but unknown fields
+//!   are kept, not rejected.
 //! - Bookmarks come at a fixed interval (the real cacher: about a minute,
 //!   plus one shortly before the watch times out). `compact()` forgets the
 //!   history up to the current resourceVersion, like an etcd compaction:
@@ -276,7 +278,9 @@ impl ApiServer {
     /// Creates the object, or replaces the stored one of that kind,
     /// namespace (default `default`) and name — status included, whatever
     /// its resourceVersion says — as the real server would store it
-    /// (defaults, allocations, system fields, one event for the watches).
+    /// (defaults, allocations, system fields, one event for the watches; no
+    /// event when nothing changes). The real server's rules hold: changing a
+    /// Service's cluster IP is a 422 (delete it first).
     pub fn apply(&self, mut obj: Value) -> Result<Value, ApiError> {
         let kind_name = obj.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
         let kind = Kind::from_name(&kind_name)
@@ -316,6 +320,7 @@ impl ApiServer {
     /// with `None`), in key order.
     pub fn list(&self, kind: &str, namespace: Option<&str>) -> Vec<Value> {
         let kind = kind_of(kind);
+        let namespace = namespace.filter(|_| kind.namespaced());
         lock(&self.shared.store).current(kind, namespace).cloned().collect()
     }
 

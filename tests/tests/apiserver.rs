@@ -3,6 +3,7 @@
 //! `watcher` (the agent's client) and kubectl (an independent client).
 //! Every wait is bounded in time.
 use std::{
+    fmt::Write as _,
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
@@ -51,10 +52,10 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 fn send_request(s: &mut TcpStream, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        let _ = write!(req, "{k}: {v}\r\n");
     }
     if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+        let _ = write!(req, "Content-Length: {}\r\n", b.len());
     }
     req.push_str("\r\n");
     req.push_str(body.unwrap_or(""));
@@ -282,43 +283,43 @@ fn writes_set_system_fields_and_errors_are_status_objects() {
 
     let created = send_json(&api, "POST", base, "application/json", &service("", "web", &json!({ "app": "web" })));
     assert_eq!(created.status, 201, "{}", String::from_utf8_lossy(&created.body));
-    let c = created.json();
-    assert_eq!(c["kind"], "Service");
-    assert_eq!(c["metadata"]["namespace"], "default");
-    assert!(rv_of(&c) > rv0);
-    assert_eq!(rv_of(&c), api.current_resource_version());
-    assert!(c["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36));
-    assert!(c["metadata"]["creationTimestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
-    assert!(c["metadata"].get("generation").is_none(), "Services have no generation");
+    let svc = created.json();
+    assert_eq!(svc["kind"], "Service");
+    assert_eq!(svc["metadata"]["namespace"], "default");
+    assert!(rv_of(&svc) > rv0);
+    assert_eq!(rv_of(&svc), api.current_resource_version());
+    assert!(svc["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36));
+    assert!(svc["metadata"]["creationTimestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(svc["metadata"].get("generation").is_none(), "Services have no generation");
     // Defaults and allocation, as the real server does.
-    assert_eq!(c["spec"]["type"], "ClusterIP");
-    assert_eq!(c["spec"]["sessionAffinity"], "None");
-    assert_eq!(c["spec"]["ports"][0]["protocol"], "TCP");
-    let ip = c["spec"]["clusterIP"].as_str().expect("cluster IP allocated");
+    assert_eq!(svc["spec"]["type"], "ClusterIP");
+    assert_eq!(svc["spec"]["sessionAffinity"], "None");
+    assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
+    let ip = svc["spec"]["clusterIP"].as_str().expect("cluster IP allocated");
     assert!(ip.starts_with("10."), "{ip}");
-    assert_eq!(c["spec"]["clusterIPs"], json!([ip]));
+    assert_eq!(svc["spec"]["clusterIPs"], json!([ip]));
 
     let dup = send_json(&api, "POST", base, "application/json", &service("default", "web", &json!({})));
     assert_eq!(dup.status, 409);
-    let d = dup.json();
-    assert_eq!((d["kind"].as_str(), d["reason"].as_str(), d["code"].as_u64()), (Some("Status"), Some("AlreadyExists"), Some(409)));
-    assert_eq!(d["message"], "services \"web\" already exists");
-    assert_eq!(d["details"], json!({ "name": "web", "kind": "services" }));
+    let dup_status = dup.json();
+    assert_eq!((dup_status["kind"].as_str(), dup_status["reason"].as_str(), dup_status["code"].as_u64()), (Some("Status"), Some("AlreadyExists"), Some(409)));
+    assert_eq!(dup_status["message"], "services \"web\" already exists");
+    assert_eq!(dup_status["details"], json!({ "name": "web", "kind": "services" }));
 
     // PUT with a stale resourceVersion conflicts; without one it is unconditional.
-    let mut stale = c.clone();
-    stale["metadata"]["resourceVersion"] = json!((rv_of(&c) - 1).to_string());
+    let mut stale = svc.clone();
+    stale["metadata"]["resourceVersion"] = json!((rv_of(&svc) - 1).to_string());
     let r = send_json(&api, "PUT", &format!("{base}/web"), "application/json", &stale);
     assert_eq!((r.status, r.json()["reason"].as_str().map(str::to_owned)), (409, Some("Conflict".into())));
-    let mut fresh = c.clone();
+    let mut fresh = svc.clone();
     fresh["metadata"]["resourceVersion"] = json!("");
     fresh["spec"]["ports"][0]["port"] = json!(81);
     let r = send_json(&api, "PUT", &format!("{base}/web"), "application/json", &fresh);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let u = r.json();
-    assert!(rv_of(&u) > rv_of(&c));
-    assert_eq!(u["metadata"]["uid"], c["metadata"]["uid"]);
-    assert_eq!(u["spec"]["clusterIP"], c["spec"]["clusterIP"], "the cluster IP is kept");
+    let updated = r.json();
+    assert!(rv_of(&updated) > rv_of(&svc));
+    assert_eq!(updated["metadata"]["uid"], svc["metadata"]["uid"]);
+    assert_eq!(updated["spec"]["clusterIP"], svc["spec"]["clusterIP"], "the cluster IP is kept");
 
     // Merge and strategic merge patches (what kubectl label/patch send).
     let r = send_json(&api, "PATCH", &format!("{base}/web"), "application/merge-patch+json", &json!({ "metadata": { "labels": { "tier": "front" } } }));
@@ -342,7 +343,7 @@ fn writes_set_system_fields_and_errors_are_status_objects() {
     assert_eq!(r.status, 422);
     let s = r.json();
     assert_eq!(s["reason"], "Invalid");
-    let fields: Vec<&str> = s["details"]["causes"].as_array().expect("causes").iter().filter_map(|c| c["field"].as_str()).collect();
+    let fields: Vec<&str> = s["details"]["causes"].as_array().expect("causes").iter().filter_map(|cause| cause["field"].as_str()).collect();
     assert_eq!(fields, ["metadata.name", "spec.ports[0].port"]);
 
     // DELETE answers the Service; a re-read is a 404 NotFound Status.
@@ -499,16 +500,20 @@ fn watch_streams_events_after_the_resource_version_in_order() {
     api.apply(service("other", "elsewhere", &json!({}))).expect("other namespace");
     api.delete("svc", Some("default"), "web").expect("delete");
 
-    let (a, m, d) = (w.change(), w.change(), w.change());
-    assert_eq!((a["type"].as_str(), m["type"].as_str(), d["type"].as_str()), (Some("ADDED"), Some("MODIFIED"), Some("DELETED")));
-    assert_eq!(a["object"]["kind"], "Service", "watch objects carry kind and apiVersion");
-    assert_eq!(m["object"]["spec"]["ports"][0]["port"], 81);
-    assert!(rv < rv_of(&a["object"]) && rv_of(&a["object"]) < rv_of(&m["object"]) && rv_of(&m["object"]) < rv_of(&d["object"]));
-    assert_eq!(rv_of(&d["object"]), api.current_resource_version(), "a DELETED object carries the delete's resourceVersion");
+    let (added, modified, deleted) = (w.change(), w.change(), w.change());
+    assert_eq!(
+        (added["type"].as_str(), modified["type"].as_str(), deleted["type"].as_str()),
+        (Some("ADDED"), Some("MODIFIED"), Some("DELETED"))
+    );
+    assert_eq!(added["object"]["kind"], "Service", "watch objects carry kind and apiVersion");
+    assert_eq!(modified["object"]["spec"]["ports"][0]["port"], 81);
+    let rvs = [rv, rv_of(&added["object"]), rv_of(&modified["object"]), rv_of(&deleted["object"])];
+    assert!(rvs.is_sorted() && rvs.windows(2).all(|w| w[0] < w[1]), "{rvs:?}");
+    assert_eq!(rvs[3], api.current_resource_version(), "a DELETED object carries the delete's resourceVersion");
     // Ends at timeoutSeconds with the terminating chunk.
-    let t = Instant::now();
+    let started = Instant::now();
     assert!(matches!(w.next(Duration::from_secs(6)), Next::Ended));
-    assert!(t.elapsed() < Duration::from_secs(4));
+    assert!(started.elapsed() < Duration::from_secs(4));
 
     // Without a resourceVersion: the current state as ADDED first.
     let mut w = Watch::open(&api, "/api/v1/services?watch=1&timeoutSeconds=2");
@@ -760,10 +765,10 @@ async fn next_matching<S, T>(stream: &mut S, what: &str, mut pick: impl FnMut(&w
 where
     S: futures::Stream<Item = Result<watcher::Event<Service>, watcher::Error>> + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
     loop {
         match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => panic!("timed out waiting for {what}"),
+            Err(tokio::time::error::Elapsed { .. }) => panic!("timed out waiting for {what}"),
             Ok(None) => panic!("watcher stream ended waiting for {what}"),
             // Errors (refused connections, 410) are retried by the watcher.
             Ok(Some(Err(_))) => {}
@@ -844,14 +849,16 @@ fn kube_rs_watcher_follows_changes_survives_drops_and_relists_after_expiry() {
         api.compact();
         api.clear_requests();
         api.set_down(false);
-        let relisted = next_matching(&mut stream, "the re-list with the missed Service", |e| match e {
+        next_matching(&mut stream, "the re-list with the missed Service", |e| match e {
             watcher::Event::InitApply(s) if svc_name(s) == "missed" => Some(()),
             _ => None,
         })
         .await;
-        let _ = relisted;
         let log = api.requests();
         let expired_watch = log.iter().position(|r| r.is_watch_of(Kind::Service)).expect("a resumed watch");
+        let resumed_at: u64 = log[expired_watch].param("resourceVersion").and_then(|v| v.parse().ok()).expect("resumed from a resourceVersion");
+        let missed_rv = rv_of(&api.get("svc", None, "missed").expect("missed"));
+        assert!(resumed_at < missed_rv, "the resume predates the compaction, so it got 410");
         let relist = log.iter().position(|r| r.is_list_of(Kind::Service)).expect("a re-list after 410");
         assert!(expired_watch < relist, "watch (410) then list: {log:?}");
         next_matching(&mut stream, "InitDone after the re-list", |e| matches!(e, watcher::Event::InitDone).then_some(())).await;
@@ -992,23 +999,4 @@ fn kubectl_gets_creates_labels_and_deletes() {
         .expect("run kubectl");
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"), "{}", String::from_utf8_lossy(&missing.stderr));
-}
-
-#[test]
-fn zz_debug_log() {
-    let api = start();
-    let dir = tempdir::Dir::new("dbg");
-    let kc = dir.path.join("kubeconfig");
-    api.write_kubeconfig(&kc).expect("kubeconfig");
-    api.apply(service("default", "a", &json!({}))).unwrap();
-    let mut child = Command::new(kubectl_bin()).arg("--kubeconfig").arg(&kc).args(["get", "svc", "-w", "--request-timeout=3s"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    api.apply(service("default", "b", &json!({}))).unwrap();
-    api.apply(service("default", "a", &json!({"x": "y"}))).unwrap();
-    api.delete("svc", None, "b").unwrap();
-    std::thread::sleep(Duration::from_millis(3000));
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    for r in api.requests() { eprintln!("{} {}?{} [{}]", r.method, r.path, r.query, r.user_agent); }
 }

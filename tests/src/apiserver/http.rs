@@ -438,7 +438,7 @@ fn openapi_v2(ctx: &Ctx) -> Response<Body> {
     }))
 }
 
-#[allow(clippy::too_many_lines, reason = "one match over the REST verbs, as the real handler table")]
+#[expect(clippy::too_many_lines, reason = "one match over the REST verbs, as the real handler table")]
 async fn resource(shared: &Arc<Shared>, ctx: &Ctx, gv: &str, rest: &[&str]) -> Result<Response<Body>, ApiError> {
     let (watch_path, rest) = match rest {
         ["watch", rest @ ..] => (true, rest),
