@@ -57,6 +57,61 @@ pub struct RunConfig {
     pub device_interval: Duration,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
+    pub nodeport_addresses: NodePortAddresses,
+}
+
+/// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
+/// NodePorts are served on every address of the node inside one of them;
+/// unset (or `primary`): the primary IPv4 address of each `--devices` device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePortAddresses {
+    cidrs: Option<Vec<(std::net::Ipv4Addr, u8)>>,
+}
+
+impl NodePortAddresses {
+    /// Parses `"10.0.0.0/8,192.168.1.0/24"`, `""` or `"primary"`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() || s == "primary" {
+            return Ok(Self { cidrs: None });
+        }
+        let mut cidrs = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not a CIDR"))?;
+            let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| format!("{part:?}: IPv6 and bad addresses are not supported"))?;
+            let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{part:?}: bad prefix length"))?;
+            cidrs.push((ip, len));
+        }
+        Ok(Self { cidrs: Some(cidrs) })
+    }
+
+    /// The NodePort addresses among the node's `addrs`.
+    #[must_use]
+    pub fn select(&self, addrs: &[datapath::DeviceAddr], devices: &DeviceSelector) -> Vec<std::net::Ipv4Addr> {
+        let mut out: Vec<std::net::Ipv4Addr> = match &self.cidrs {
+            None => {
+                let mut seen = BTreeSet::new();
+                addrs
+                    .iter()
+                    .filter(|a| devices.matches(&a.device) && !a.addr.is_loopback() && seen.insert(a.device.clone()))
+                    .map(|a| a.addr)
+                    .collect()
+            }
+            Some(cidrs) => addrs
+                .iter()
+                .filter(|a| {
+                    cidrs.iter().any(|(net, len)| {
+                        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) };
+                        u32::from(a.addr) & mask == u32::from(*net) & mask
+                    })
+                })
+                .map(|a| a.addr)
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 /// What the HTTP endpoints read.
@@ -150,7 +205,18 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     }
 
-    let mut node = NodeInfo { name: cfg.node_name.clone(), ..NodeInfo::default() };
+    let node_addrs = || -> Vec<std::net::Ipv4Addr> {
+        match datapath::list_ipv4_addresses() {
+            Ok(a) => cfg.nodeport_addresses.select(&a, &selector),
+            Err(e) => {
+                warn!(error = %e, "listing addresses failed");
+                Vec::new()
+            }
+        }
+    };
+    let mut node = NodeInfo { name: cfg.node_name.clone(), nodeport_addresses: node_addrs(), ..NodeInfo::default() };
+    info!(addresses = ?node.nodeport_addresses, "NodePort addresses");
+    warn_if_snat_ports_overlap();
     let mut store = Store::default();
     let mut runner = SyncRunner::new(cfg.min_sync_period, cfg.sync_period, cfg.min_sync_period.max(Duration::from_secs(1)));
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
@@ -177,7 +243,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     }
                     if node_event {
                         g.health.node_changed(store.node.as_ref());
-                        node = NodeInfo::from_node(&cfg.node_name, store.node.as_ref());
+                        let addrs = std::mem::take(&mut node.nodeport_addresses);
+                        node = NodeInfo { nodeport_addresses: addrs, ..NodeInfo::from_node(&cfg.node_name, store.node.as_ref()) };
                     }
                 }
                 if store.synced() && !was_synced {
@@ -188,6 +255,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             _ = devices_tick.tick() => {
                 if let Err(e) = dp.sync_devices(&selector) {
                     warn!(error = %e, "listing devices failed");
+                }
+                let addrs = node_addrs();
+                if addrs != node.nodeport_addresses {
+                    info!(addresses = ?addrs, "NodePort addresses changed");
+                    node.nodeport_addresses = addrs;
+                    runner.request();
                 }
             }
             () = tokio::time::sleep(wait), if next.is_some() => {
@@ -200,6 +273,25 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     info!("exiting; programs and maps stay pinned and keep forwarding");
     Ok(())
+}
+
+/// SNAT source ports (`proxy_common::ct::SNAT_PORT_MIN..=MAX`) must not be
+/// ports the node hands out to its own connections.
+fn warn_if_snat_ports_overlap() {
+    use proxy_common::ct::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let v: Vec<u16> = text.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    if let [lo, hi] = v[..] {
+        if lo <= SNAT_PORT_MAX && hi >= SNAT_PORT_MIN {
+            warn!(
+                ip_local_port_range = %text.trim(),
+                snat_ports = %format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"),
+                "the node's ephemeral port range overlaps the SNAT port range; lower net.ipv4.ip_local_port_range's upper bound below {SNAT_PORT_MIN}"
+            );
+        }
+    }
 }
 
 /// Change counters and network-programming trigger times (the
@@ -286,4 +378,41 @@ fn sync_once(
         g.health.updated(wall);
     }
     !retriable
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::datapath::DeviceAddr;
+
+    fn addrs() -> Vec<DeviceAddr> {
+        let a = |d: &str, ip: [u8; 4]| DeviceAddr { device: d.into(), addr: Ipv4Addr::from(ip), prefix_len: 24 };
+        vec![a("lo", [127, 0, 0, 1]), a("ext0", [198, 51, 100, 1]), a("ext0", [198, 51, 100, 10]), a("nodelink", [10, 0, 0, 1]), a("other", [172, 16, 0, 1])]
+    }
+
+    #[test]
+    fn nodeport_addresses_default_to_the_primary_address_of_each_device() {
+        let sel = DeviceSelector::parse("ext0,nodelink,lxc*").unwrap();
+        let got = NodePortAddresses::parse("").unwrap().select(&addrs(), &sel);
+        assert_eq!(got, vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(198, 51, 100, 1)]);
+        assert_eq!(NodePortAddresses::parse("primary").unwrap().select(&addrs(), &sel), got);
+    }
+
+    #[test]
+    fn nodeport_addresses_cidrs_select_every_address_inside_them() {
+        let sel = DeviceSelector::parse("ext0").unwrap();
+        let got = NodePortAddresses::parse("198.51.100.10/32, 172.16.0.0/12").unwrap().select(&addrs(), &sel);
+        assert_eq!(got, vec![Ipv4Addr::new(172, 16, 0, 1), Ipv4Addr::new(198, 51, 100, 10)]);
+        let all = NodePortAddresses::parse("0.0.0.0/0").unwrap().select(&addrs(), &sel);
+        assert_eq!(all.len(), 5);
+    }
+
+    #[test]
+    fn nodeport_addresses_reject_bad_input() {
+        assert!(NodePortAddresses::parse("10.0.0.0").is_err());
+        assert!(NodePortAddresses::parse("10.0.0.0/33").is_err());
+        assert!(NodePortAddresses::parse("fd00::/8").is_err());
+    }
 }

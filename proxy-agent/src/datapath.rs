@@ -68,6 +68,49 @@ pub fn list_devices() -> Result<Vec<Device>> {
     }
 }
 
+/// An IPv4 address of a device in the current network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeviceAddr {
+    pub device: String,
+    pub addr: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// Every IPv4 address of the current network namespace, in the kernel's
+/// order (a device's primary address first).
+pub fn list_ipv4_addresses() -> Result<Vec<DeviceAddr>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs allocates a list we walk and free below.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&raw mut head) != 0 {
+            return Err(Error::io("getifaddrs", "")(std::io::Error::last_os_error()));
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let ifa = &*p;
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let prefix_len = if ifa.ifa_netmask.is_null() {
+                    32
+                } else {
+                    let m = &*ifa.ifa_netmask.cast::<libc::sockaddr_in>();
+                    u8::try_from(u32::from_be(m.sin_addr.s_addr).count_ones()).unwrap_or(32)
+                };
+                out.push(DeviceAddr {
+                    device: CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned(),
+                    addr,
+                    prefix_len,
+                });
+            }
+            p = ifa.ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
+}
+
 /// `--devices` patterns (comma-separated globs).
 #[derive(Clone, Debug)]
 pub struct DeviceSelector {

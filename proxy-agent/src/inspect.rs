@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use proxy_common::{
     stats::{REASONS, StatCounter},
-    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
+    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
 };
 
 use crate::{datapath::MapsDump, model::Protocol};
@@ -30,6 +30,10 @@ pub struct FrontendView {
     pub service: String,
     /// With no backends, traffic is dropped (not rejected).
     pub drop_when_empty: bool,
+    /// Traffic policy of this frontend: "Cluster" or "Local".
+    pub policy: String,
+    /// Remote backends are reached with the source NATed to this node.
+    pub snat_remote: bool,
     pub backends: Vec<BackendView>,
 }
 
@@ -73,6 +77,8 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             svc_id: head.svc_id,
             service: names.get(&head.svc_id).map_or_else(String::new, |s| (*s).to_owned()),
             drop_when_empty: head.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0,
+            policy: if head.flags & SVC_FLAG_POLICY_LOCAL != 0 { "Local" } else { "Cluster" }.to_owned(),
+            snat_remote: head.flags & SVC_FLAG_SNAT_REMOTE != 0,
             backends,
         });
     }
@@ -129,13 +135,14 @@ pub fn services_table(view: &[FrontendView]) -> String {
             vec![
                 format!("{}:{}/{}", f.address, f.port, f.protocol),
                 f.kind.clone(),
+                f.policy.clone(),
                 f.service.clone(),
                 f.svc_id.to_string(),
                 backends,
             ]
         })
         .collect();
-    table(&["FRONTEND", "KIND", "SERVICE", "ID", "BACKENDS"], &rows)
+    table(&["FRONTEND", "KIND", "POLICY", "SERVICE", "ID", "BACKENDS"], &rows)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

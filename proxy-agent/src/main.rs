@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
-    agent::{self, RunConfig, SourceConfig},
+    agent::{self, NodePortAddresses, RunConfig, SourceConfig},
     datapath::{self, BpfMaps, ServiceMaps as _},
     inspect,
     pins::{DEFAULT_BPFFS, Pins},
@@ -55,6 +55,10 @@ enum Command {
         /// Address for /metrics ("" disables).
         #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
         metrics_bind_address: Bind,
+        /// CIDRs whose node addresses serve NodePorts (default: the primary
+        /// address of each --devices device; "primary" says the same).
+        #[arg(long, default_value = "", value_parser = NodePortAddresses::parse)]
+        nodeport_addresses: NodePortAddresses,
     },
     /// Frontends and their backends, read from the pinned maps.
     Services {
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             sync_period,
             healthz_bind_address,
             metrics_bind_address,
+            nodeport_addresses,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -137,6 +142,7 @@ fn main() -> Result<()> {
                 device_interval: Duration::from_secs(1),
                 healthz_bind_address: healthz_bind_address.0,
                 metrics_bind_address: metrics_bind_address.0,
+                nodeport_addresses,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

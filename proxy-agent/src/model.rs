@@ -35,7 +35,9 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use proxy_common::svc::{MAX_BACKENDS_PER_FRONTEND, SVC_FLAG_CLUSTER_IP};
+use proxy_common::svc::{
+    MAX_BACKENDS_PER_FRONTEND, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+};
 
 use crate::store::{ObjectKey, Store, Stored};
 
@@ -99,6 +101,9 @@ impl fmt::Display for FrontendKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FrontendKind {
     ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
 }
 
 impl FrontendKind {
@@ -106,6 +111,9 @@ impl FrontendKind {
     pub fn flags(self) -> u16 {
         match self {
             Self::ClusterIp => SVC_FLAG_CLUSTER_IP,
+            Self::NodePort => SVC_FLAG_NODE_PORT,
+            Self::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+            Self::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
         }
     }
 }
@@ -115,6 +123,8 @@ impl FrontendKind {
 pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The endpoint runs on this node (`nodeName`).
+    pub local: bool,
 }
 
 impl fmt::Display for BackendAddr {
@@ -134,6 +144,12 @@ pub struct Frontend {
     /// With no backends: drop (there are endpoints, none usable from this
     /// node) instead of reject (there are none).
     pub drop_when_empty: bool,
+    /// The traffic policy for this frontend is Local (internalTrafficPolicy
+    /// for a ClusterIP, externalTrafficPolicy for the others).
+    pub policy_local: bool,
+    /// External frontend with externalTrafficPolicy Cluster: remote
+    /// backends get the source NATed to this node.
+    pub snat_remote: bool,
 }
 
 impl Frontend {
@@ -175,6 +191,8 @@ pub struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone` of the Node, when known.
     pub zone: Option<String>,
+    /// The addresses NodePorts are served on (see `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<Ipv4Addr>,
 }
 
 impl NodeInfo {
@@ -183,6 +201,7 @@ impl NodeInfo {
     pub fn from_node(name: &str, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
         Self {
             name: name.to_owned(),
+            nodeport_addresses: Vec::new(),
             zone: node
                 .and_then(|n| n.metadata.labels.as_ref())
                 .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -275,6 +294,31 @@ fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
         .ok_or_else(|| "IPv6-only Service: IPv6 is not supported yet".to_owned())
 }
 
+/// externalIPs and LoadBalancer ingress IPs (IPv4; an ingress whose
+/// `ipMode` is `Proxy` is skipped, as kube-proxy does: the load balancer
+/// itself proxies to the nodes).
+fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, rejections: &mut Vec<Rejection>) -> Vec<(Ipv4Addr, FrontendKind)> {
+    let mut out = Vec::new();
+    let spec = svc.object.spec.as_ref();
+    for ip in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => out.push((a, FrontendKind::ExternalIp)),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => reject(rejections, "Service", key, &svc.origin, format!("invalid externalIP {ip:?}")),
+        }
+    }
+    let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+    for ing in ingress.into_iter().flatten() {
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if let Some(Ok(IpAddr::V4(a))) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
+            out.push((a, FrontendKind::LoadBalancer));
+        }
+    }
+    out
+}
+
 fn service_frontends(
     key: &ObjectKey,
     svc: &Stored<Service>,
@@ -305,9 +349,12 @@ fn service_frontends(
         return reject(rejections, KIND, key, &svc.origin, format!("port {} is out of range 1-65535", bad.port));
     }
     let spec = svc.object.spec.as_ref();
-    let local_only = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let itp_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let etp_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
     let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
-    let mut mine = Vec::new();
+    let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
+    let external_ips = external_ipv4s(svc, key, rejections);
+    let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
         let protocol = match parse_protocol(sp.protocol.as_deref()) {
@@ -317,53 +364,67 @@ fn service_frontends(
                 continue;
             }
         };
-        let fk = FrontendKey {
-            addr: vip,
-            port: port_in_range(sp.port).expect("checked above"),
-            protocol,
-        };
-        // Why: two ports of one Service on the same port/protocol (the API
-        // server refuses it, a manifest may not) would silently replace each
-        // other; keep the first.
-        if mine.iter().any(|(k, _): &(FrontendKey, Frontend)| *k == fk) {
-            reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
-            continue;
-        }
-        if let Some(owner) = desired.frontends.get(&fk) {
-            reject(
-                rejections,
-                KIND,
-                key,
-                &svc.origin,
-                format!("frontend {fk} is already used by Service {}", owner.service),
-            );
-            continue;
-        }
-        let endpoints = endpoints_for_port(&port_name, protocol, slices, rejections);
-        let (mut backends, drop_when_empty) = select_backends(&endpoints, node, local_only, prefer_same_node);
-        if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
-            reject(
-                rejections,
-                KIND,
-                key,
-                &svc.origin,
-                format!(
-                    "port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used",
-                    backends.len()
+        let port = port_in_range(sp.port).expect("checked above");
+        // Every address this port is reachable on, with its kind.
+        let mut keys = vec![(FrontendKey { addr: vip, port, protocol }, FrontendKind::ClusterIp)];
+        if matches!(svc_type, "NodePort" | "LoadBalancer") {
+            match sp.node_port.map(port_in_range) {
+                Some(Some(np)) => keys.extend(
+                    node.nodeport_addresses
+                        .iter()
+                        .map(|a| (FrontendKey { addr: *a, port: np, protocol }, FrontendKind::NodePort)),
                 ),
-            );
-            backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
+                Some(None) => reject(
+                    rejections,
+                    KIND,
+                    key,
+                    &svc.origin,
+                    format!("port {port_name:?}: nodePort {} is out of range", sp.node_port.unwrap_or_default()),
+                ),
+                None => {}
+            }
         }
-        mine.push((
-            fk,
-            Frontend {
-                service: key.clone(),
-                port_name,
-                kind: FrontendKind::ClusterIp,
-                backends,
-                drop_when_empty,
-            },
-        ));
+        keys.extend(external_ips.iter().map(|(a, kind)| (FrontendKey { addr: *a, port, protocol }, *kind)));
+        let endpoints = endpoints_for_port(&port_name, protocol, slices, rejections);
+        for (fk, kind) in keys {
+            // Why: two ports of one Service on the same frontend (the API
+            // server refuses it, a manifest may not) would silently replace
+            // each other; keep the first.
+            if mine.iter().any(|(k, _)| *k == fk) {
+                reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
+                continue;
+            }
+            if let Some(owner) = desired.frontends.get(&fk) {
+                reject(rejections, KIND, key, &svc.origin, format!("frontend {fk} is already used by Service {}", owner.service));
+                continue;
+            }
+            let external = kind != FrontendKind::ClusterIp;
+            let policy_local = if external { etp_local } else { itp_local };
+            let (mut backends, drop_when_empty) = select_backends(&endpoints, node, policy_local, prefer_same_node);
+            if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
+                reject(
+                    rejections,
+                    KIND,
+                    key,
+                    &svc.origin,
+                    format!("port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used", backends.len()),
+                );
+                backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
+            }
+            mine.push((
+                fk,
+                Frontend {
+                    service: key.clone(),
+                    port_name: port_name.clone(),
+                    kind,
+                    backends,
+                    drop_when_empty,
+                    policy_local,
+                    // externalTrafficPolicy Cluster: remote backends need SNAT.
+                    snat_remote: external && !etp_local,
+                },
+            ));
+        }
     }
     desired.frontends.extend(mine);
 }
@@ -433,7 +494,7 @@ fn endpoints_for_port(
             let serving = c.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let hints = ep.hints.as_ref();
-            let backend = BackendAddr { addr, port };
+            let backend = BackendAddr { addr, port, local: false };
             // The same address:port in two slices counts once (the first).
             out.entry(backend).or_insert_with(|| Endpoint {
                 backend,
@@ -483,13 +544,19 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo, prefer_same_node: bool
 /// - `internalTrafficPolicy: Local`: this node's ready endpoints, else its
 ///   serving-and-terminating ones; none → dropped, not rejected.
 fn select_backends(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, prefer_same_node: bool) -> (Vec<BackendAddr>, bool) {
-    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<BackendAddr> { endpoints.iter().filter(|e| f(e)).map(|e| e.backend).collect() };
+    let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(node.name.as_str());
+    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<BackendAddr> {
+        endpoints
+            .iter()
+            .filter(|e| f(e))
+            .map(|e| BackendAddr { local: is_local(e), ..e.backend })
+            .collect()
+    };
     let has_any = endpoints.iter().any(|e| e.ready || (e.serving && e.terminating));
     if local_only {
-        let local = |e: &Endpoint| e.node_name.as_deref() == Some(node.name.as_str());
-        let mut v = pick(&|e| local(e) && e.ready);
+        let mut v = pick(&|e| is_local(e) && e.ready);
         if v.is_empty() {
-            v = pick(&|e| local(e) && e.serving && e.terminating);
+            v = pick(&|e| is_local(e) && e.serving && e.terminating);
         }
         let drop = v.is_empty() && has_any;
         return (v, drop);

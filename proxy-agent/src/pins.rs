@@ -2,7 +2,7 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
-//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v1 proxy_stats_v1 proxy_names_v1   maps
+//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1   maps
 //! <bpffs>/links/tcx_ingress_<ifindex>_<ifname>                               TCX links
 //! ```
 //! The map names are public interface (`bpftool map dump pinned <bpffs>/<map>`).

@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    backend::{BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend},
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
+    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -127,6 +127,7 @@ impl Programmed {
                 let addr = BackendAddr {
                     addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
                     port: u16::from_be(b.port_be),
+                    local: b.flags & BACKEND_F_LOCAL != 0,
                 };
                 // Two ids for one address (should not happen): keep the first;
                 // the other is deleted once nothing references it.
@@ -378,7 +379,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 addr_be: u32::from(b.addr).to_be(),
                 port_be: b.port.to_be(),
                 proto: proto.number(),
-                flags: 0,
+                flags: if b.local { BACKEND_F_LOCAL } else { 0 },
             };
             self.maps.write_backend(id, value)?;
             report.writes += 1;
@@ -408,7 +409,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         // 3. Slot 0 with the count.
-        let flags = fe.kind.flags() | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 };
+        let flags = fe.kind.flags()
+            | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 }
+            | if fe.snat_remote { SVC_FLAG_SNAT_REMOTE } else { 0 }
+            | if fe.policy_local { SVC_FLAG_POLICY_LOCAL } else { 0 };
         let count = slot_u16(slots.len());
         let head_same = cur
             .as_ref()

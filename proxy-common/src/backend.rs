@@ -16,9 +16,12 @@ pub struct Backend {
     pub port_be: u16,
     /// IP protocol number.
     pub proto: u8,
-    /// Reserved (terminating, local, ...); 0 for now.
+    /// `BACKEND_F_*`.
     pub flags: u8,
 }
 const _: () = assert!(size_of::<Backend>() == 8);
+
+/// The backend runs on this node (no SNAT needed to reach it).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 crate::pod!(Backend);

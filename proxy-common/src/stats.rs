@@ -51,6 +51,12 @@ reasons! {
     CT_INSERT_FAILED = 13, "ct_insert_failed";
     /// Frontend whose endpoints are all elsewhere (`internalTrafficPolicy: Local`): dropped.
     DROP_NO_LOCAL_BACKEND = 14, "drop_no_local_backend";
+    /// No free SNAT source port for a new flow to a remote backend: dropped.
+    DROP_SNAT_EXHAUSTED = 15, "drop_snat_ports_exhausted";
+    /// Translated, but no route for the FIB redirect: left to the stack.
+    FIB_NO_ROUTE = 16, "fib_no_route";
+    /// TTL would expire on the FIB redirect: left to the stack.
+    PASS_TTL_EXPIRED = 17, "pass_ttl_expired";
 }
 
 /// Number of counter slots (size of the per-CPU array).

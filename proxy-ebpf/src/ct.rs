@@ -1,7 +1,11 @@
-//! Conntrack: look up, refresh and create the two entries of a flow.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+//! Conntrack: look up, refresh, create and close the two entries of a flow,
+//! and allocate SNAT source ports.
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns}};
 use proxy_common::{
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_REFRESH_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS, CtKey, CtValue},
+    ct::{
+        CT_CLOSING_TIMEOUT_NS, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SNAT, CT_REFRESH_NS, CT_TCP_TIMEOUT_NS,
+        CT_UDP_TIMEOUT_NS, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    },
     proto,
 };
 
@@ -14,8 +18,14 @@ pub fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn timeout_ns(proto: u8) -> u64 {
-    if proto == proto::TCP { CT_TCP_TIMEOUT_NS } else { CT_UDP_TIMEOUT_NS }
+fn timeout_ns(v: &CtValue, proto: u8) -> u64 {
+    if v.flags & CT_F_CLOSING != 0 {
+        CT_CLOSING_TIMEOUT_NS
+    } else if proto == proto::TCP {
+        CT_TCP_TIMEOUT_NS
+    } else {
+        CT_UDP_TIMEOUT_NS
+    }
 }
 
 /// The key of the packet as it is on the wire, in direction `dir`.
@@ -32,6 +42,11 @@ pub fn key_of(p: &Packet, dir: u8) -> CtKey {
     }
 }
 
+#[inline(always)]
+fn key(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8, dir: u8) -> CtKey {
+    CtKey { saddr_be, daddr_be, sport_be, dport_be, proto, dir, _pad: [0; 2] }
+}
+
 /// Looks up a live entry; refreshes its `last_seen_ns` at most once per
 /// `CT_REFRESH_NS`. An expired entry counts as absent.
 #[inline(always)]
@@ -42,7 +57,7 @@ pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
     // when the entry is refreshed.
     let v = unsafe { &mut *ptr };
     let age = now.wrapping_sub(v.last_seen_ns);
-    if age > timeout_ns(key.proto) {
+    if age > timeout_ns(v, key.proto) {
         return None;
     }
     if age > CT_REFRESH_NS {
@@ -51,35 +66,97 @@ pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
     Some(*v)
 }
 
+/// How a new flow is translated.
+pub struct NewFlow {
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// `CT_F_*` for both entries (without `CT_F_SNAT`, set by `snat_addr_be`).
+    pub flags: u8,
+    /// Source to NAT to, or 0 for none.
+    pub snat_addr_be: u32,
+}
+
 /// Records a new flow: the SERVICE entry for the client's packets and the
-/// REPLY entry for the backend's. Returns false if either insert failed.
+/// REPLY entry for the backend's. With SNAT, a source port is allocated such
+/// that the REPLY key is unique (tried a bounded number of times, random in
+/// `SNAT_PORT_MIN..=SNAT_PORT_MAX`; an expired entry's port is reused).
+/// Returns the SERVICE entry, or `None` when no port was free.
 #[inline(always)]
-pub fn create(p: &Packet, backend_addr_be: u32, backend_port_be: u16, backend_id: u32, svc_id: u32, now: u64) -> bool {
-    let fwd = CtValue {
-        nat_addr_be: backend_addr_be,
-        nat_port_be: backend_port_be,
-        flags: 0,
+pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
+    let snat = f.snat_addr_be != 0;
+    let flags = f.flags | if snat { CT_F_SNAT } else { 0 };
+    let mut fwd = CtValue {
+        nat_addr_be: f.backend_addr_be,
+        nat_port_be: f.backend_port_be,
+        flags,
         _pad: 0,
-        backend_id,
-        svc_id,
+        snat_addr_be: f.snat_addr_be,
+        snat_port_be: 0,
+        _pad2: [0; 2],
+        backend_id: f.backend_id,
+        svc_id: f.svc_id,
         last_seen_ns: now,
-    };
-    let rev_key = CtKey {
-        saddr_be: backend_addr_be,
-        daddr_be: p.saddr_be,
-        sport_be: backend_port_be,
-        dport_be: p.sport_be,
-        proto: p.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
     };
     let rev = CtValue {
         nat_addr_be: p.daddr_be,
         nat_port_be: p.dport_be,
+        snat_addr_be: if snat { p.saddr_be } else { 0 },
+        snat_port_be: if snat { p.sport_be } else { 0 },
         ..fwd
     };
-    // Reply entry first: once the SERVICE entry exists, replies may follow.
-    let a = CT.insert(&rev_key, &rev, 0).is_ok();
-    let b = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0).is_ok();
-    a && b
+    if snat {
+        let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+        let mut found = false;
+        for _ in 0..8 {
+            // SAFETY: helper without arguments.
+            let r = unsafe { bpf_get_prandom_u32() };
+            let port = (SNAT_PORT_MIN + (r % span) as u16).to_be();
+            let rk = key(f.backend_addr_be, f.snat_addr_be, f.backend_port_be, port, p.proto, CT_DIR_REPLY);
+            // Why: NOEXIST makes the check-and-claim atomic against another
+            // CPU picking the same port for the same backend.
+            let free = CT.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok()
+                || (lookup_live(&rk, now).is_none() && CT.insert(&rk, &rev, 0).is_ok());
+            if free {
+                fwd.snat_port_be = port;
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return None;
+        }
+    } else {
+        let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
+        // Reply entry first: once the SERVICE entry exists, replies may follow.
+        let _ = CT.insert(&rk, &rev, 0);
+    }
+    let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
+    Some(fwd)
+}
+
+#[inline(always)]
+fn mark_closing(k: &CtKey) {
+    if let Some(ptr) = CT.get_ptr_mut(k) {
+        // SAFETY: pointer from a successful lookup; a flag bit set twice is harmless.
+        unsafe { (*ptr).flags |= CT_F_CLOSING };
+    }
+}
+
+/// A FIN or RST on a SERVICE-direction packet with entry `e`: both entries
+/// get the short timeout.
+#[inline(always)]
+pub fn close_from_service(p: &Packet, e: &CtValue) {
+    mark_closing(&key_of(p, CT_DIR_SERVICE));
+    let (src, sport) = if e.flags & CT_F_SNAT != 0 { (e.snat_addr_be, e.snat_port_be) } else { (p.saddr_be, p.sport_be) };
+    mark_closing(&key(e.nat_addr_be, src, e.nat_port_be, sport, p.proto, CT_DIR_REPLY));
+}
+
+/// A FIN or RST on a REPLY-direction packet with entry `e`.
+#[inline(always)]
+pub fn close_from_reply(p: &Packet, e: &CtValue) {
+    mark_closing(&key_of(p, CT_DIR_REPLY));
+    let (client, cport) = if e.flags & CT_F_SNAT != 0 { (e.snat_addr_be, e.snat_port_be) } else { (p.daddr_be, p.dport_be) };
+    mark_closing(&key(client, e.nat_addr_be, cport, e.nat_port_be, p.proto, CT_DIR_SERVICE));
 }

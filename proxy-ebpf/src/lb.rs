@@ -5,14 +5,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    backend::Backend,
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CtValue},
+    backend::{BACKEND_F_LOCAL, Backend},
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
     proto, stats,
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SvcKey, SvcValue},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL, SvcKey, SvcValue},
 };
 
 use crate::{
-    TC_NEXT, ct,
+    TC_NEXT, ct, fib,
     maps::{BACKEND, SVC},
     nat,
     parse::{Packet, parse_ipv4_l4},
@@ -20,7 +20,9 @@ use crate::{
     stats::count,
 };
 
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
@@ -78,6 +80,25 @@ fn lb4_flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
 }
 
 #[inline(always)]
+fn closes(p: &Packet) -> bool {
+    p.proto == proto::TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Whether a new flow to `backend` through `svc` needs its source NATed.
+///
+/// Why: a reply must come back through this node to be translated back.
+/// That holds by itself for a backend on this node and for cluster-internal
+/// clients; an external client's packets to a backend on another node
+/// (externalTrafficPolicy Cluster) need the node as source. A hairpin (the
+/// client is the backend) needs it too: a pod drops a packet from its own
+/// address, so kube-proxy masquerades it.
+#[inline(always)]
+fn lb4_needs_snat(p: &Packet, svc: &SvcValue, backend: &Backend) -> bool {
+    backend.addr_be == p.saddr_be
+        || (svc.flags & SVC_FLAG_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0)
+}
+
+#[inline(always)]
 pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let len = ctx.len();
     let p = match parse_ipv4_l4(ctx) {
@@ -105,12 +126,10 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let fwd_key = ct::key_of(&p, CT_DIR_SERVICE);
     if let Some(entry) = ct::lookup_live(&fwd_key, now) {
         if lb4_flow_keeps_backend(&p, &entry) {
-            if nat::dnat(ctx, &p, entry.nat_addr_be, entry.nat_port_be).is_err() {
-                count(stats::DROP_REWRITE_FAILED, len);
-                return Err(TC_ACT_SHOT as i32);
+            if closes(&p) {
+                ct::close_from_service(&p, &entry);
             }
-            count(stats::DNAT_ESTABLISHED, len);
-            return Ok(TC_ACT_OK as i32);
+            return forward(ctx, &p, &entry, len, stats::DNAT_ESTABLISHED);
         }
     }
 
@@ -118,30 +137,81 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
         count(stats::DROP_BACKEND_MISSING, len);
         return Err(TC_ACT_SHOT as i32);
     };
-    if !ct::create(&p, backend.addr_be, backend.port_be, backend_id, svc.svc_id, now) {
-        count(stats::CT_INSERT_FAILED, len);
+    let external = svc.flags & SVC_FLAGS_EXTERNAL != 0;
+    let mut flow = ct::NewFlow {
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        backend_id,
+        svc_id: svc.svc_id,
+        // Why: the reply of an external frontend may carry a node address
+        // as source once translated back (NodePort): send it out directly.
+        flags: if external { CT_F_REDIRECT } else { 0 },
+        snat_addr_be: 0,
+    };
+    if lb4_needs_snat(&p, &svc, &backend) {
+        // The address the kernel would masquerade to for this route.
+        let Some(route) = fib::lookup(ctx, p.proto, p.saddr_be, backend.addr_be) else {
+            count(stats::FIB_NO_ROUTE, len);
+            return Err(TC_ACT_SHOT as i32);
+        };
+        flow.snat_addr_be = route.src_be;
+        flow.flags |= CT_F_REDIRECT;
     }
-    if nat::dnat(ctx, &p, backend.addr_be, backend.port_be).is_err() {
+    let Some(entry) = ct::create(&p, &flow, now) else {
+        count(stats::DROP_SNAT_EXHAUSTED, len);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    forward(ctx, &p, &entry, len, stats::DNAT_NEW)
+}
+
+/// Applies a SERVICE entry: DNAT, SNAT when the flow has it, and the FIB
+/// redirect when the source is now a local address.
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> Result<i32, i32> {
+    if nat::dnat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    count(stats::DNAT_NEW, len);
-    Ok(TC_ACT_OK as i32)
+    count(reason, len);
+    if e.flags & CT_F_SNAT == 0 {
+        return Ok(TC_ACT_OK as i32);
+    }
+    if nat::snat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    Ok(fib::redirect(ctx, p.proto, e.snat_addr_be, e.nat_addr_be))
 }
 
 /// A packet that is not addressed to a frontend: a reply of a translated
-/// flow gets its source restored; anything else passes untouched.
+/// flow gets its source (and with SNAT its destination) restored; anything
+/// else passes untouched.
 #[inline(always)]
 fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
     let key = ct::key_of(p, CT_DIR_REPLY);
-    let Some(entry) = ct::lookup_live(&key, ct::now_ns()) else {
+    let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
         count(stats::PASS_NO_SERVICE, len);
         return Ok(TC_NEXT);
     };
-    if nat::snat(ctx, p, entry.nat_addr_be, entry.nat_port_be).is_err() {
+    if closes(p) {
+        ct::close_from_reply(p, &e);
+    }
+    if nat::snat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
+    let dst = if e.flags & CT_F_SNAT != 0 {
+        if nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+            count(stats::DROP_REWRITE_FAILED, len);
+            return Err(TC_ACT_SHOT as i32);
+        }
+        e.snat_addr_be
+    } else {
+        p.daddr_be
+    };
     count(stats::REV_NAT, len);
+    if e.flags & CT_F_REDIRECT != 0 {
+        return Ok(fib::redirect(ctx, p.proto, e.nat_addr_be, dst));
+    }
     Ok(TC_ACT_OK as i32)
 }

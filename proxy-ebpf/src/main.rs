@@ -5,6 +5,7 @@
 
 mod csum;
 mod ct;
+mod fib;
 mod lb;
 mod maps;
 mod nat;

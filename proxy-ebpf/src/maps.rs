@@ -25,7 +25,7 @@ pub static SVC: HashMap<SvcKey, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREAL
 pub static BACKEND: HashMap<u32, Backend, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
-#[btf_map(name = "proxy_ct_v1")]
+#[btf_map(name = "proxy_ct_v2")]
 pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map(name = "proxy_stats_v1")]

@@ -220,8 +220,8 @@ fn bpftool_dump_of_the_pinned_maps_shows_field_names() {
     }
     let be = dump("proxy_be_v1");
     assert!(be.contains("\"addr_be\"") && be.contains("\"port_be\""), "proxy_be_v1 dump:\n{be}");
-    let ct = dump("proxy_ct_v1");
-    assert!(ct.contains("\"nat_addr_be\"") && ct.contains("\"backend_id\""), "proxy_ct_v1 dump:\n{ct}");
+    let ct = dump("proxy_ct_v2");
+    assert!(ct.contains("\"nat_addr_be\"") && ct.contains("\"backend_id\""), "proxy_ct_v2 dump:\n{ct}");
     let stats = dump("proxy_stats_v1");
     assert!(stats.contains("\"packets\""), "proxy_stats_v1 dump:\n{stats}");
 }

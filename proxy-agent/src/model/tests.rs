@@ -64,7 +64,7 @@ fn check_on(node: &NodeInfo, yaml: &str, expected: &str) {
 }
 
 fn node(name: &str, zone: Option<&str>) -> NodeInfo {
-    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned) }
+    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned), nodeport_addresses: Vec::new() }
 }
 
 fn render(desired: &Desired, rejections: &[Rejection]) -> String {
@@ -1384,7 +1384,8 @@ fn backend_addr_and_frontend_display() {
         fe.backends,
         [BackendAddr {
             addr: "192.168.1.10".parse().unwrap(),
-            port: 6443
+            port: 6443,
+            local: false,
         }]
     );
     assert_eq!(key.protocol.number(), proxy_common::proto::TCP);
@@ -1592,4 +1593,109 @@ fn prefer_same_node_uses_node_hints_then_zone_hints() {
     check_on(&node("n9", Some("a")), &yaml, "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080");
     // Without PreferSameNode, node hints are not used.
     check_on(&node("n2", Some("a")), &format!("{SVC}{}", slice(eps)), "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080,10.244.0.12:8080");
+}
+
+// ---------------------------------------------- NodePort, externalIPs, LoadBalancer
+
+fn render_external(node: &NodeInfo, yaml: &str) -> String {
+    let (desired, rejections) = desired_state(&store_from(yaml), node);
+    let mut out = String::new();
+    for (key, fe) in &desired.frontends {
+        let backends: Vec<String> = fe.backends.iter().map(|b| format!("{b}{}", if b.local { "(local)" } else { "" })).collect();
+        writeln!(
+            out,
+            "{key} {:?} policy={} snat={} drop={} -> {}",
+            fe.kind,
+            if fe.policy_local { "Local" } else { "Cluster" },
+            fe.snat_remote,
+            fe.drop_when_empty,
+            backends.join(",")
+        )
+        .unwrap();
+    }
+    for r in rejections {
+        writeln!(out, "rejected: {r}").unwrap();
+    }
+    out
+}
+
+const LB_SVC: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.7, fd00::7]
+  externalTrafficPolicy: ETP
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.50}, {ip: 203.0.113.51, ipMode: Proxy}, {hostname: lb.example}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+- {addresses: [10.244.2.11], nodeName: node-b}
+";
+
+fn node_a() -> NodeInfo {
+    NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "198.51.100.1".parse().unwrap()],
+    }
+}
+
+#[test]
+fn load_balancer_service_gets_cluster_ip_node_ports_external_and_ingress_ips() {
+    let got = render_external(&node_a(), &LB_SVC.replace("ETP", "Cluster"));
+    let want = lines(
+        "
+        10.0.0.1:30080/TCP NodePort policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        10.96.0.10:80/TCP ClusterIp policy=Cluster snat=false drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        198.51.100.1:30080/TCP NodePort policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        203.0.113.7:80/TCP ExternalIp policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        203.0.113.50:80/TCP LoadBalancer policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        ",
+    );
+    assert_eq!(got, want);
+}
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_without_snat_and_drops_without_them() {
+    let yaml = LB_SVC.replace("ETP", "Local");
+    let got = render_external(&node_a(), &yaml);
+    assert!(got.contains("198.51.100.1:30080/TCP NodePort policy=Local snat=false drop=false -> 10.244.1.11:8080(local)\n"), "{got}");
+    assert!(got.contains("10.96.0.10:80/TCP ClusterIp policy=Cluster snat=false drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080\n"), "{got}");
+    let elsewhere = NodeInfo { name: "node-c".into(), ..node_a() };
+    let got = render_external(&elsewhere, &yaml);
+    assert!(got.contains("198.51.100.1:30080/TCP NodePort policy=Local snat=false drop=true -> \n"), "{got}");
+    assert!(got.contains("203.0.113.50:80/TCP LoadBalancer policy=Local snat=false drop=true -> \n"), "{got}");
+}
+
+#[test]
+fn cluster_ip_services_get_no_node_ports_and_bad_external_ips_are_rejected() {
+    let yaml = LB_SVC.replace("type: LoadBalancer", "type: ClusterIP").replace("203.0.113.7, fd00::7", "banana").replace("ETP", "Cluster");
+    let got = render_external(&node_a(), &yaml);
+    assert!(!got.contains("NodePort"), "{got}");
+    assert!(got.contains(r#"rejected: Service default/web (from test.yaml): invalid externalIP "banana""#), "{got}");
+}
+
+#[test]
+fn the_same_node_port_in_two_services_is_rejected_for_the_second() {
+    let two = format!(
+        "{}---\n{}",
+        LB_SVC.replace("ETP", "Cluster"),
+        LB_SVC.replace("ETP", "Cluster").replace("name: web,", "name: web2,").replace("10.96.0.10", "10.96.0.11").replace("203.0.113.7, fd00::7", "203.0.113.8").replace("203.0.113.50", "203.0.113.60")
+    );
+    let got = render_external(&node_a(), &two);
+    assert!(got.contains("rejected: Service default/web2 (from test.yaml): frontend 10.0.0.1:30080/TCP is already used by Service default/web"), "{got}");
 }

@@ -51,6 +51,7 @@ fn baddr(s: &str) -> BackendAddr {
         port: p
             .parse()
             .unwrap_or_else(|e| panic!("bad backend port {s:?}: {e}")),
+        local: false,
     }
 }
 
@@ -67,6 +68,8 @@ fn fe(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Fe {
             kind: FrontendKind::ClusterIp,
             backends: bs,
             drop_when_empty: false,
+            policy_local: false,
+            snat_remote: false,
         },
     )
 }

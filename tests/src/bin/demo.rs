@@ -132,7 +132,7 @@ fn main() {
         println!("  nsenter --net={} curl -s http://{VIP}/        # from the client namespace", sb.client.path());
         println!("  bpftool map dump pinned {bpffs}/proxy_svc_v1");
         println!("  bpftool map dump pinned {bpffs}/proxy_be_v1");
-        println!("  bpftool map dump pinned {bpffs}/proxy_ct_v1");
+        println!("  bpftool map dump pinned {bpffs}/proxy_ct_v2");
         println!("  {agent} --bpffs {bpffs} services");
         println!("  {agent} --bpffs {bpffs} stats");
         println!("  cat {}                                  # agent log", sb.agent_log_path().display());
