@@ -216,6 +216,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     };
     let mut node = NodeInfo { name: cfg.node_name.clone(), nodeport_addresses: node_addrs(), ..NodeInfo::default() };
     info!(addresses = ?node.nodeport_addresses, "NodePort addresses");
+    // healthCheckNodePort servers listen on the NodePort addresses (as
+    // kube-proxy's do with --nodeport-addresses); the proxier's health is
+    // what they report as serviceProxyHealthy.
+    let bind_ips: Vec<std::net::IpAddr> = node.nodeport_addresses.iter().copied().map(Into::into).collect();
+    let hc_shared = shared.clone();
+    let mut svc_health = crate::svchealth::ServiceHealthServer::new(&bind_ips, move || {
+        hc_shared.lock().expect("lock").health.healthy(SystemTime::now())
+    });
     warn_if_snat_ports_overlap();
     let mut store = Store::default();
     let mut runner = SyncRunner::new(cfg.min_sync_period, cfg.sync_period, cfg.min_sync_period.max(Duration::from_secs(1)));
@@ -266,6 +274,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             () = tokio::time::sleep(wait), if next.is_some() => {
                 let ok = sync_once(&store, &node, &mut rec, &mut reported, &shared, &mut triggers);
                 runner.ran(Instant::now(), ok);
+                // After the datapath, as kube-proxy's syncProxyRules does.
+                let (hc_ports, local_ready) = crate::model::health_checks(&store, &node);
+                let _ = svc_health.sync_services(hc_ports).await;
+                svc_health.sync_endpoints(&local_ready);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

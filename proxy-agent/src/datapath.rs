@@ -29,7 +29,7 @@ pub use self::{
 };
 use crate::{
     error::{Error, Result},
-    pins::{ALL_MAPS, Pins, TC_INGRESS_LINK_PREFIX, TC_INGRESS_PROG},
+    pins::{ALL_MAPS, Pins, TcHook},
 };
 
 /// The eBPF object this agent was built with (see build.rs).
@@ -200,23 +200,22 @@ impl Datapath {
         for name in ALL_MAPS {
             loader.map_pin_path(name, pins.map(name));
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let ebpf = loader.load(EBPF_OBJECT)?;
         for name in ALL_MAPS {
             if ebpf.map(name).is_none() {
                 return Err(Error::MissingMap { name });
             }
         }
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(TC_INGRESS_PROG)
-            .ok_or(Error::MissingMap { name: TC_INGRESS_PROG })?
-            .try_into()
-            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
-        prog.load().map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             pins: pins.clone(),
             attached: BTreeMap::new(),
-        })
+        };
+        for hook in TcHook::ALL {
+            let name = hook.program();
+            dp.program(hook)?.load().map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(dp)
     }
 
     /// Takes the service maps out of the object for the reconciler.
@@ -224,12 +223,13 @@ impl Datapath {
         BpfMaps::take(&mut self.ebpf)
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier> {
+    fn program(&mut self, hook: TcHook) -> Result<&mut SchedClassifier> {
+        let name = hook.program();
         self.ebpf
-            .program_mut(TC_INGRESS_PROG)
-            .ok_or(Error::MissingMap { name: TC_INGRESS_PROG })?
+            .program_mut(name)
+            .ok_or(Error::MissingMap { name })?
             .try_into()
-            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })
+            .map_err(|source| Error::Program { name, source })
     }
 
     /// Attaches TC ingress to every present device matching `selector` that
@@ -248,13 +248,14 @@ impl Datapath {
             if self.attached.get(&dev.name) == Some(&dev.index) {
                 continue;
             }
-            match self.attach_ingress(dev) {
+            let res = TcHook::ALL.into_iter().try_fold(true, |all, hook| self.attach(dev, hook).map(|a| all && a));
+            match res {
                 Ok(adopted) => {
-                    info!(device = %dev.name, ifindex = dev.index, adopted, "TC ingress attached");
+                    info!(device = %dev.name, ifindex = dev.index, adopted, "TC ingress and egress attached");
                     self.attached.insert(dev.name.clone(), dev.index);
                     new.push(dev.name.clone());
                 }
-                Err(e) => warn!(device = %dev.name, error = ?e, "cannot attach TC ingress; will retry"),
+                Err(e) => warn!(device = %dev.name, error = ?e, "cannot attach TC programs; will retry"),
             }
         }
         self.prune_link_pins(&devices);
@@ -265,30 +266,29 @@ impl Datapath {
     /// program is swapped in atomically (same link, no gap in forwarding);
     /// otherwise a new TCX link is made and pinned. Returns whether a link
     /// was adopted.
-    fn attach_ingress(&mut self, dev: &Device) -> Result<bool> {
-        let pin = self.pins.tc_ingress_link(&dev.name, dev.index);
+    fn attach(&mut self, dev: &Device, hook: TcHook) -> Result<bool> {
+        let pin = self.pins.tc_link(hook, &dev.name, dev.index);
+        let name = hook.program();
         let link_err = |path: &Path| {
             let path = path.to_owned();
             move |e: Box<dyn std::error::Error + Send + Sync>| Error::Link { path, source: e }
         };
-        let prog = self.program()?;
+        let prog = self.program(hook)?;
         if pin.exists() {
             let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                 .map_err(|e| link_err(&pin)(Box::new(e)))?;
-            let id = prog
-                .attach_to_link(link)
-                .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+            let id = prog.attach_to_link(link).map_err(|source| Error::Program { name, source })?;
             // Keep the link alive through its pin only; dropping our fd is fine.
             let _ = prog.take_link(id);
             return Ok(true);
         }
-        let id = prog
-            .attach(&dev.name, TcAttachType::Ingress)
-            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| Error::Program { name: TC_INGRESS_PROG, source })?;
+        let attach_type = match hook {
+            TcHook::Ingress => TcAttachType::Ingress,
+            TcHook::Egress => TcAttachType::Egress,
+        };
+        let id = prog.attach(&dev.name, attach_type).map_err(|source| Error::Program { name, source })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
         let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin)(Box::new(e)))?;
         fd_link.pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
         Ok(false)
@@ -302,8 +302,11 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let ours = entry.file_name().to_string_lossy().starts_with(TC_INGRESS_LINK_PREFIX);
-            if ours && !present.iter().any(|d| self.pins.tc_ingress_link(&d.name, d.index) == path) {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(hook) = TcHook::ALL.into_iter().find(|h| file.starts_with(h.link_prefix())) else {
+                continue;
+            };
+            if !present.iter().any(|d| self.pins.tc_link(hook, &d.name, d.index) == path) {
                 let _ = fs::remove_file(&path);
             }
         }

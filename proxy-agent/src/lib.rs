@@ -17,5 +17,6 @@ pub mod reconcile;
 pub mod runner;
 pub mod source;
 pub mod store;
+pub mod svchealth;
 
 pub use error::{Error, Result};

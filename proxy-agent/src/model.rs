@@ -226,6 +226,45 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
     (desired, rejections)
 }
 
+/// kube-proxy's health-check inputs: the `healthCheckNodePort` of every
+/// proxied LoadBalancer Service with `externalTrafficPolicy: Local`, and per
+/// Service the number of distinct ready IPv4 endpoint addresses on this node.
+#[must_use]
+pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16>, BTreeMap<ObjectKey, usize>) {
+    let slices = index_slices(store);
+    let mut ports = BTreeMap::new();
+    let mut local = BTreeMap::new();
+    for (key, svc) in &store.services {
+        let proxied = !svc.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+            && matches!(cluster_ipv4(&svc.object), Ok(Some(_)));
+        let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied) else {
+            continue;
+        };
+        let needs = spec.type_.as_deref() == Some("LoadBalancer")
+            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && spec.ports.as_ref().is_some_and(|p| !p.is_empty());
+        if let Some(port) = spec.health_check_node_port.and_then(port_in_range).filter(|_| needs) {
+            ports.insert(key.clone(), port);
+        }
+        let mut ips = BTreeSet::new();
+        for slice in slices.get(key).into_iter().flatten() {
+            if slice.object.address_type != "IPv4" {
+                continue;
+            }
+            for ep in slice.object.endpoints.iter().flatten() {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if ready && ep.node_name.as_deref() == Some(node.name.as_str()) {
+                    if let Some(ip) = ep.addresses.first() {
+                        ips.insert(ip.clone());
+                    }
+                }
+            }
+        }
+        local.insert(key.clone(), ips.len());
+    }
+    (ports, local)
+}
+
 fn index_slices(store: &Store) -> BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> {
     let mut map: BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> = BTreeMap::new();
     for (key, slice) in &store.slices {

@@ -3,7 +3,7 @@
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1   maps
-//! <bpffs>/links/tcx_ingress_<ifindex>_<ifname>                               TCX links
+//! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! ```
 //! The map names are public interface (`bpftool map dump pinned <bpffs>/<map>`).
 use std::path::{Path, PathBuf};
@@ -18,11 +18,36 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 /// Every map the agent pins.
 pub const ALL_MAPS: [&str; 5] = [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP];
 
-/// The kernel program attached at TC ingress.
-pub const TC_INGRESS_PROG: &str = "proxy_tc_ingress";
+/// The TC hooks the agent attaches to every `--devices` match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    /// DNAT, SNAT, reverse NAT, reject, ICMP errors arriving.
+    Ingress,
+    /// ICMP errors the node itself sends about translated flows.
+    Egress,
+}
 
-/// File-name prefix of pinned TC ingress links.
-pub const TC_INGRESS_LINK_PREFIX: &str = "tcx_ingress_";
+impl TcHook {
+    pub const ALL: [TcHook; 2] = [TcHook::Ingress, TcHook::Egress];
+
+    /// The kernel program for this hook.
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::Ingress => "proxy_tc_ingress",
+            Self::Egress => "proxy_tc_egress",
+        }
+    }
+
+    /// File-name prefix of this hook's pinned links.
+    #[must_use]
+    pub fn link_prefix(self) -> &'static str {
+        match self {
+            Self::Ingress => "tcx_ingress_",
+            Self::Egress => "tcx_egress_",
+        }
+    }
+}
 
 /// Paths below one pin directory.
 #[derive(Clone, Debug)]
@@ -51,14 +76,14 @@ impl Pins {
         self.root.join("links")
     }
 
-    /// The pinned TC ingress link of one device. The ifindex is part of the
+    /// The pinned TC link of one device and hook. The ifindex is part of the
     /// name: a device deleted and re-created under the same name is a new
     /// attachment, not the old (defunct) link.
     ///
     /// bpffs refuses names with a dot (EPERM, "reserved"), and device names
     /// may have one (VLANs: `eth0.100`), so dots become underscores.
     #[must_use]
-    pub fn tc_ingress_link(&self, ifname: &str, ifindex: u32) -> PathBuf {
-        self.links_dir().join(format!("{TC_INGRESS_LINK_PREFIX}{ifindex}_{}", ifname.replace('.', "_")))
+    pub fn tc_link(&self, hook: TcHook, ifname: &str, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{}{ifindex}_{}", hook.link_prefix(), ifname.replace('.', "_")))
     }
 }

@@ -57,6 +57,9 @@ reasons! {
     FIB_NO_ROUTE = 16, "fib_no_route";
     /// TTL would expire on the FIB redirect: left to the stack.
     PASS_TTL_EXPIRED = 17, "pass_ttl_expired";
+    /// An ICMP error (unreachable, fragmentation needed, time exceeded) about
+    /// a translated flow, translated back.
+    ICMP_ERROR_TRANSLATED = 18, "icmp_error_translated";
 }
 
 /// Number of counter slots (size of the per-CPU array).

@@ -103,6 +103,7 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let len = ctx.len();
     let p = match parse_ipv4_l4(ctx) {
         Ok(p) => p,
+        Err(stats::PASS_OTHER_PROTO) => return Ok(other_proto(ctx, len)),
         Err(reason) => {
             count(reason, len);
             return Ok(TC_NEXT);
@@ -162,6 +163,31 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return Err(TC_ACT_SHOT as i32);
     };
     forward(ctx, &p, &entry, len, stats::DNAT_NEW)
+}
+
+/// Not TCP/UDP: an ICMP error about a translated flow is translated back;
+/// anything else passes.
+#[inline(always)]
+fn other_proto(ctx: &TcContext, len: u32) -> i32 {
+    let is_icmp = ctx.load::<u8>(crate::parse::ETH_HLEN + crate::parse::IP_PROTO).is_ok_and(|p| p == proto::ICMP);
+    let ihl = ctx.load::<u8>(crate::parse::ETH_HLEN).map_or(0, |v| usize::from(v & 0x0f) * 4);
+    if is_icmp && ihl >= 20 {
+        return crate::icmp::handle(ctx, ihl, false);
+    }
+    count(stats::PASS_OTHER_PROTO, len);
+    TC_NEXT
+}
+
+/// TC egress: only ICMP errors the node sends about translated flows.
+#[inline(always)]
+pub fn handle_egress(ctx: &TcContext) -> i32 {
+    let is_ipv4 = ctx.load::<u16>(12).is_ok_and(|t| t == crate::parse::ETH_P_IP_BE);
+    let is_icmp = ctx.load::<u8>(crate::parse::ETH_HLEN + crate::parse::IP_PROTO).is_ok_and(|p| p == proto::ICMP);
+    let ihl = ctx.load::<u8>(crate::parse::ETH_HLEN).map_or(0, |v| usize::from(v & 0x0f) * 4);
+    if is_ipv4 && is_icmp && ihl >= 20 {
+        return crate::icmp::handle(ctx, ihl, true);
+    }
+    TC_NEXT
 }
 
 /// Applies a SERVICE entry: DNAT, SNAT when the flow has it, and the FIB

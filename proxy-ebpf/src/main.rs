@@ -6,6 +6,7 @@
 mod csum;
 mod ct;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -26,6 +27,14 @@ pub fn proxy_tc_ingress(ctx: TcContext) -> i32 {
     match lb::handle_ingress(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
+}
+
+/// TC egress on the same devices: ICMP errors the node itself sends about a
+/// translated flow (fragmentation needed while forwarding) are translated
+/// back. Every other packet: `TC_ACT_UNSPEC` (next), uncounted.
+#[classifier]
+pub fn proxy_tc_egress(ctx: TcContext) -> i32 {
+    lb::handle_egress(&ctx)
 }
 
 #[cfg(not(test))]

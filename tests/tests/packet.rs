@@ -26,7 +26,9 @@ use integration_tests::packet::{
     Parsed, arp_request, ethernet, fold, icmp, ipv6_udp, l4_checksum, parse, pseudo_header_sum,
     sum_words, tcp_flags,
 };
-use proxy_agent::{datapath::EBPF_OBJECT, pins::TC_INGRESS_PROG};
+use proxy_agent::{datapath::EBPF_OBJECT, pins::TcHook};
+
+const TC_INGRESS_PROG: &str = TcHook::Ingress.program();
 use proxy_common::{
     backend::{BACKEND_MAP, Backend},
     ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_MAP, CtKey, CtValue},
@@ -1246,4 +1248,64 @@ fn counters_sum_bytes_over_packets() {
     let pass = dp.stat(stats::PASS_NO_SERVICE);
     assert_eq!((dnat.packets, dnat.bytes), (1, a.len() as u64));
     assert_eq!((pass.packets, pass.bytes), (2, 2 * b.len() as u64));
+}
+
+// ---------------------------------------------------------------------------
+// ICMP errors about translated flows
+// ---------------------------------------------------------------------------
+
+/// An ICMP error (type, code, 4 bytes of rest) from `from` to `to` quoting
+/// the IPv4 header and first 8 L4 bytes of `quoted` (an Ethernet frame).
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 8];
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = fold(sum_words(&icmp, 0));
+    icmp[2..4].copy_from_slice(&(!c).to_be_bytes());
+    let total = u16::try_from(IPV4_HLEN + icmp.len()).expect("small");
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto::ICMP, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let c = fold(sum_words(&ip, 0));
+    ip[10..12].copy_from_slice(&(!c).to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ethernet(CLIENT_MAC, NODE_MAC, ETH_P_IP, &ip)
+}
+
+#[test]
+fn fragmentation_needed_about_a_translated_flow_is_translated_back() {
+    let dp = Datapath::standard();
+    let syn = tcp_syn(VIP);
+    let (translated, p) = dp.run_translated(&syn.build());
+    let backend = p.dst();
+    assert!(backend_of(backend, &TCP_BACKENDS).is_some());
+    // A router between the node and the backend cannot forward it: MTU 1400.
+    let router = Ipv4Addr::new(10, 0, 0, 99);
+    let err = icmp_error(router, *CLIENT.ip(), 3, 4, [0, 0, 0x05, 0x78], &translated);
+    let (verdict, out) = dp.run(&err);
+    assert_eq!(verdict, TC_ACT_OK, "translated error continues through the stack");
+    let ip = &out[ETH_HLEN..];
+    assert_eq!(&ip[12..16], &router.octets(), "outer source unchanged");
+    assert_eq!(&ip[16..20], &CLIENT.ip().octets(), "outer destination unchanged (no SNAT)");
+    assert_eq!(fold(sum_words(&ip[..IPV4_HLEN], 0)), 0xffff, "outer IPv4 checksum");
+    let icmp = &ip[IPV4_HLEN..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    assert_eq!(&icmp[4..8], &[0, 0, 0x05, 0x78], "the MTU is kept");
+    assert_eq!(fold(sum_words(icmp, 0)), 0xffff, "ICMP checksum over the whole message");
+    let inner = &icmp[8..];
+    assert_eq!(fold(sum_words(&inner[..IPV4_HLEN], 0)), 0xffff, "quoted IPv4 checksum");
+    assert_eq!(&inner[12..16], &CLIENT.ip().octets(), "quoted source is the client");
+    assert_eq!(&inner[16..20], &VIP.ip().octets(), "quoted destination is the frontend again");
+    assert_eq!(&inner[20..22], &CLIENT.port().to_be_bytes());
+    assert_eq!(&inner[22..24], &VIP.port().to_be_bytes(), "quoted port is the frontend's again");
+    assert_eq!(dp.stat(stats::ICMP_ERROR_TRANSLATED).packets, 1);
+
+    // An error about a flow nobody tracks passes untouched.
+    let other = tcp_syn(VIP).with_dst(SocketAddrV4::new(Ipv4Addr::new(10, 244, 9, 9), 80)).build();
+    let err = icmp_error(router, *CLIENT.ip(), 3, 4, [0, 0, 0x05, 0x78], &other);
+    let (verdict, out) = dp.run(&err);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, err);
 }
