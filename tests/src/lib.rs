@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod client;
+pub mod cluster;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

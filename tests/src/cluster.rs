@@ -1,0 +1,646 @@
+//! The two-node test topology for north-south traffic, built on the real
+//! kernel:
+//!
+//! ```text
+//!  client ns                        node A ns (node-a)                       pod ns (x N)
+//!  eth0 198.51.100.2/24 ───── ext0 198.51.100.1/24 + 198.51.100.10/24   lxcI ── eth0 10.244.1.(10+I)/32
+//!  routes (no default):            nodelink 10.0.0.1/30                   routes via 169.254.1.1
+//!   203.0.113.0/24 via .100.1        │  10.244.2.0/24, 198.51.101.0/24 via 10.0.0.2
+//!   10.244.0.0/16  via .100.1        │
+//!                                    │                                    pod ns (x M)
+//!  eth1 198.51.101.2/24 ───── ext0 198.51.101.1/24   node B ns (node-b)   lxcI ── eth0 10.244.2.(10+I)/32
+//!                                  nodelink 10.0.0.2/30
+//!                                    10.244.1.0/24, 198.51.100.0/24 via 10.0.0.1
+//! ```
+//!
+//! Both nodes forward (`ip_forward=1`). Pods are joined like in
+//! [`crate::sandbox`]: veth pairs, /32 routes on the node, static
+//! neighbours and the link-local gateway 169.254.1.1 in the pod, which has
+//! routes to the client legs, the node link, the pod and the service ranges
+//! (no default route). The client reaches node B's pods only through node A
+//! (its one route to 10.244.0.0/16), and node B itself on its own leg.
+//!
+//! Each node has its own bpffs directory; both agents read one shared
+//! manifests directory. Everything — namespaces, pins, files, agents,
+//! servers — is removed on drop, also when a test panics.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use proxy_agent::pins::Pins;
+
+use crate::{
+    agent::{Agent, AgentArgs, AgentSource},
+    netns::{Netns, unique_name},
+    servers::Server,
+};
+
+/// The client's address on its leg to node A (`eth0`).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// The client's address on its leg to node B (`eth1`).
+pub const CLIENT_IP_B: Ipv4Addr = Ipv4Addr::new(198, 51, 101, 2);
+/// Node A's external (primary) address on `ext0`: where its `NodePort`s are reached.
+pub const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// Node A's second address on `ext0` (for `--nodeport-addresses` narrowing).
+pub const NODE_A_IP2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// Node B's external (primary) address on `ext0`.
+pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 101, 1);
+/// Node A's address on `nodelink`.
+pub const NODE_A_LINK_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// Node B's address on `nodelink`.
+pub const NODE_B_LINK_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// The link between the nodes.
+pub const NODE_LINK_CIDR: &str = "10.0.0.0/30";
+/// The client leg of node A.
+pub const EXT_A_CIDR: &str = "198.51.100.0/24";
+/// The client leg of node B.
+pub const EXT_B_CIDR: &str = "198.51.101.0/24";
+/// Addresses for externalIPs and load-balancer IPs; the client routes them to node A.
+pub const EXTERNAL_CIDR: &str = "203.0.113.0/24";
+/// Two examples out of [`EXTERNAL_CIDR`].
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// All pods (both nodes).
+pub const POD_CIDR: &str = "10.244.0.0/16";
+pub const POD_CIDR_A: &str = "10.244.1.0/24";
+pub const POD_CIDR_B: &str = "10.244.2.0/24";
+/// The `--devices` value for both nodes.
+pub const DEVICES: &str = "ext0,nodelink,lxc*";
+/// The pods' gateway (static neighbour, never on the wire).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// Which node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeId {
+    A,
+    B,
+}
+
+impl NodeId {
+    /// The node name (`--node-name`, `nodeName` of endpoints): `node-a` / `node-b`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::A => "node-a",
+            Self::B => "node-b",
+        }
+    }
+
+    /// Primary address on `ext0`.
+    #[must_use]
+    pub fn external_ip(self) -> Ipv4Addr {
+        match self {
+            Self::A => NODE_A_IP,
+            Self::B => NODE_B_IP,
+        }
+    }
+
+    /// Address on `nodelink`.
+    #[must_use]
+    pub fn link_ip(self) -> Ipv4Addr {
+        match self {
+            Self::A => NODE_A_LINK_IP,
+            Self::B => NODE_B_LINK_IP,
+        }
+    }
+
+    /// The client's address on its leg to this node.
+    #[must_use]
+    pub fn client_ip(self) -> Ipv4Addr {
+        match self {
+            Self::A => CLIENT_IP,
+            Self::B => CLIENT_IP_B,
+        }
+    }
+
+    /// This node's pod range.
+    #[must_use]
+    pub fn pod_cidr(self) -> &'static str {
+        match self {
+            Self::A => POD_CIDR_A,
+            Self::B => POD_CIDR_B,
+        }
+    }
+
+    /// The address of pod `i` (1-based) on this node: 10.244.1.(10+i) / 10.244.2.(10+i).
+    #[must_use]
+    pub fn pod_ip(self, i: usize) -> Ipv4Addr {
+        let third = match self {
+            Self::A => 1,
+            Self::B => 2,
+        };
+        Ipv4Addr::new(10, 244, third, 10 + u8::try_from(i).expect("few pods"))
+    }
+
+    fn letter(self) -> char {
+        match self {
+            Self::A => 'a',
+            Self::B => 'b',
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::A => Self::B,
+            Self::B => Self::A,
+        }
+    }
+}
+
+/// Pod `i` (1-based) on node A.
+#[must_use]
+pub fn pod_ip_a(i: usize) -> Ipv4Addr {
+    NodeId::A.pod_ip(i)
+}
+
+/// Pod `i` (1-based) on node B.
+#[must_use]
+pub fn pod_ip_b(i: usize) -> Ipv4Addr {
+    NodeId::B.pod_ip(i)
+}
+
+/// A pod: its namespace, address and the node side of its veth.
+pub struct Pod {
+    /// `pod-a1`, `pod-b2`, … (what the servers answer with).
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub node: NodeId,
+    /// The veth on the node (`lxcI`).
+    pub veth: String,
+}
+
+/// One node: its namespace, pods, bpffs directory and agent.
+pub struct Node {
+    pub id: NodeId,
+    pub ns: Netns,
+    pub pods: Vec<Pod>,
+    /// Where this node's agent pins (`/sys/fs/bpf/proxy-cluster-<id>-a|b`).
+    pub bpffs: PathBuf,
+    pub agent: Option<Agent>,
+    log: PathBuf,
+    launcher: PathBuf,
+}
+
+impl Node {
+    /// `node-a` / `node-b`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        self.id.name()
+    }
+
+    #[must_use]
+    pub fn external_ip(&self) -> Ipv4Addr {
+        self.id.external_ip()
+    }
+
+    #[must_use]
+    pub fn link_ip(&self) -> Ipv4Addr {
+        self.id.link_ip()
+    }
+
+    #[must_use]
+    pub fn agent_log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Everything this node's agents wrote so far (all runs, appended).
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILLs the agent; programs and maps stay pinned.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    /// Starts `bin` in this node's namespace with `--manifests manifests
+    /// --devices DEVICES --node-name <name>` and `extra` appended.
+    fn start_agent(&mut self, bin: &Path, manifests: &Path, extra: &[&str]) {
+        assert!(self.agent.is_none(), "agent already running on {}", self.name());
+        // Why: AgentArgs has no node name (for manifests) nor extra flags, so
+        // a launcher script execs the agent with them appended; the child
+        // Agent holds is then the agent process itself (nsenter and sh exec).
+        let mut script = format!("#!/bin/sh\nexec {} \"$@\" --node-name {}", sh_quote(&bin.to_string_lossy()), self.name());
+        for a in extra {
+            script.push(' ');
+            script.push_str(&sh_quote(a));
+        }
+        script.push('\n');
+        std::fs::write(&self.launcher, script).expect("write agent launcher");
+        std::fs::set_permissions(&self.launcher, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod agent launcher");
+        self.agent = Some(Agent::start(&AgentArgs {
+            bin: &self.launcher,
+            netns: self.ns.name(),
+            bpffs: &self.bpffs,
+            source: AgentSource::Manifests(manifests),
+            devices: DEVICES,
+            log: &self.log,
+        }));
+    }
+
+    fn add_pod(&mut self, id: &str, i: usize) {
+        let n = self.id;
+        let name = format!("pod-{}{i}", n.letter());
+        let ns = Netns::create(&format!("{id}p{}{i}", n.letter()));
+        let ip = n.pod_ip(i);
+        let node_byte = match n {
+            NodeId::A => 0x0a,
+            NodeId::B => 0x0b,
+        };
+        let pod_mac = format!("02:00:00:{node_byte:02x}:01:{i:02x}");
+        let node_mac = format!("02:00:00:{node_byte:02x}:02:{i:02x}");
+        let veth = format!("lxc{i}");
+        ns.ip(&["link", "add", "eth0", "address", &pod_mac, "type", "veth", "peer", "name", &veth, "address", &node_mac, "netns", self.ns.name()]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        let gw = POD_GATEWAY.to_string();
+        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"]);
+        for cidr in [EXT_A_CIDR, EXT_B_CIDR, NODE_LINK_CIDR, POD_CIDR, SERVICE_CIDR] {
+            ns.ip(&["route", "add", cidr, "via", &gw, "dev", "eth0"]);
+        }
+        ns.ip(&["neigh", "add", &gw, "lladdr", &node_mac, "dev", "eth0"]);
+        self.ns.ip(&["link", "set", &veth, "up"]);
+        self.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth]);
+        self.ns.ip(&["neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &veth]);
+        self.pods.push(Pod { name, ns, ip, node: n, veth });
+    }
+}
+
+/// The two-node topology. See the module documentation.
+pub struct Cluster {
+    pub id: String,
+    pub client: Netns,
+    pub a: Node,
+    pub b: Node,
+    /// Temporary files of this cluster (manifests, agent logs), removed on drop.
+    pub workdir: PathBuf,
+    /// The manifests directory both agents read.
+    pub manifests: PathBuf,
+    servers: Vec<Server>,
+    peer_servers: Vec<PeerServer>,
+}
+
+impl Cluster {
+    /// Builds the client, both nodes, `pods_a` pods on node A (`pod-a1..`)
+    /// and `pods_b` on node B (`pod-b1..`). `prefix` keeps names apart
+    /// between tests. Panics unless root.
+    #[must_use]
+    pub fn new(prefix: &str, pods_a: usize, pods_b: usize) -> Self {
+        crate::netns::require_root();
+        let id = unique_name(prefix);
+        let workdir = std::env::temp_dir().join(format!("proxy-cluster-{id}"));
+        let manifests = workdir.join("manifests");
+        std::fs::create_dir_all(&manifests).expect("create manifests dir");
+        let node = |n: NodeId| {
+            let l = n.letter();
+            Node {
+                id: n,
+                ns: Netns::detached(),
+                pods: Vec::new(),
+                bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-cluster-{id}-{l}")),
+                agent: None,
+                log: workdir.join(format!("agent-{}.log", n.name())),
+                launcher: workdir.join(format!("agent-{}.sh", n.name())),
+            }
+        };
+        // Built field by field into the guard first, so a failing step
+        // still removes what exists.
+        let mut c = Self {
+            client: Netns::detached(),
+            a: node(NodeId::A),
+            b: node(NodeId::B),
+            id: id.clone(),
+            workdir: workdir.clone(),
+            manifests,
+            servers: Vec::new(),
+            peer_servers: Vec::new(),
+        };
+        c.client = Netns::create(&format!("{id}c"));
+        c.a.ns = Netns::create(&format!("{id}na"));
+        c.b.ns = Netns::create(&format!("{id}nb"));
+        c.wire();
+        for i in 1..=pods_a {
+            c.a.add_pod(&id, i);
+        }
+        for i in 1..=pods_b {
+            c.b.add_pod(&id, i);
+        }
+        c
+    }
+
+    fn wire(&self) {
+        let (c, a, b) = (&self.client, &self.a.ns, &self.b.ns);
+        // Client legs.
+        for (dev, node, client_ip) in [("eth0", a, CLIENT_IP), ("eth1", b, CLIENT_IP_B)] {
+            c.ip(&["link", "add", dev, "type", "veth", "peer", "name", "ext0", "netns", node.name()]);
+            c.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", dev]);
+            c.ip(&["link", "set", dev, "up"]);
+        }
+        a.ip(&["addr", "add", &format!("{NODE_A_IP}/24"), "dev", "ext0"]);
+        a.ip(&["addr", "add", &format!("{NODE_A_IP2}/24"), "dev", "ext0"]);
+        b.ip(&["addr", "add", &format!("{NODE_B_IP}/24"), "dev", "ext0"]);
+        let via_a = NODE_A_IP.to_string();
+        for cidr in [EXTERNAL_CIDR, POD_CIDR] {
+            c.ip(&["route", "add", cidr, "via", &via_a]);
+        }
+        // Node link.
+        a.ip(&["link", "add", "nodelink", "type", "veth", "peer", "name", "nodelink", "netns", b.name()]);
+        for (n, ns) in [(NodeId::A, a), (NodeId::B, b)] {
+            ns.ip(&["addr", "add", &format!("{}/30", n.link_ip()), "dev", "nodelink"]);
+            for dev in ["ext0", "nodelink"] {
+                ns.ip(&["link", "set", dev, "up"]);
+            }
+            let peer = n.other().link_ip().to_string();
+            let peer_ext = match n {
+                NodeId::A => EXT_B_CIDR,
+                NodeId::B => EXT_A_CIDR,
+            };
+            for cidr in [n.other().pod_cidr(), peer_ext] {
+                ns.ip(&["route", "add", cidr, "via", &peer, "dev", "nodelink"]);
+            }
+            ns.sysctl("net.ipv4.ip_forward", "1");
+        }
+    }
+
+    #[must_use]
+    pub fn node(&self, n: NodeId) -> &Node {
+        match n {
+            NodeId::A => &self.a,
+            NodeId::B => &self.b,
+        }
+    }
+
+    pub fn node_mut(&mut self, n: NodeId) -> &mut Node {
+        match n {
+            NodeId::A => &mut self.a,
+            NodeId::B => &mut self.b,
+        }
+    }
+
+    #[must_use]
+    pub fn pods_a(&self) -> &[Pod] {
+        &self.a.pods
+    }
+
+    #[must_use]
+    pub fn pods_b(&self) -> &[Pod] {
+        &self.b.pods
+    }
+
+    /// Every pod, node A's first.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.a.pods.iter().chain(&self.b.pods)
+    }
+
+    /// HTTP on `port` in every pod, answering with the pod name
+    /// ([`crate::servers::http_server`]).
+    pub fn serve_http(&mut self, port: u16) {
+        let new: Vec<Server> = self.pods().map(|p| crate::servers::http_server(&p.ns, port, &p.name)).collect();
+        self.servers.extend(new);
+    }
+
+    /// UDP echo on `port` in every pod, answering `<pod>:<payload>`
+    /// ([`crate::servers::udp_echo`]).
+    pub fn serve_udp(&mut self, port: u16) {
+        let new: Vec<Server> = self.pods().map(|p| crate::servers::udp_echo(&p.ns, port, &p.name)).collect();
+        self.servers.extend(new);
+    }
+
+    /// HTTP on `port` in every pod, answering `<pod> <peer-ip> <peer-port>`:
+    /// the source the pod sees (parse with [`Seen::parse`]).
+    pub fn serve_http_peer(&mut self, port: u16) {
+        let new: Vec<PeerServer> = self.pods().map(|p| http_peer_server(&p.ns, port, &p.name)).collect();
+        self.peer_servers.extend(new);
+    }
+
+    /// UDP on `port` in every pod, answering `<pod> <peer-ip> <peer-port> <payload>`.
+    pub fn serve_udp_peer(&mut self, port: u16) {
+        let new: Vec<PeerServer> = self.pods().map(|p| udp_peer_echo(&p.ns, port, &p.name)).collect();
+        self.peer_servers.extend(new);
+    }
+
+    /// Keeps a server (for example one in a node namespace) until the
+    /// cluster is dropped.
+    pub fn keep_server(&mut self, s: PeerServer) {
+        self.peer_servers.push(s);
+    }
+
+    /// Starts the agent `bin` on node `n`: `--manifests <self.manifests>
+    /// --devices 'ext0,nodelink,lxc*' --node-name node-a|node-b` and `extra`
+    /// (e.g. `["--nodeport-addresses", "198.51.100.1/32"]`). Its log is
+    /// [`Node::agent_log`].
+    pub fn start_agent(&mut self, n: NodeId, bin: &Path, extra: &[&str]) {
+        let manifests = self.manifests.clone();
+        self.node_mut(n).start_agent(bin, &manifests, extra);
+    }
+
+    /// [`Self::start_agent`] on node A.
+    pub fn start_agent_a(&mut self, bin: &Path, extra: &[&str]) {
+        self.start_agent(NodeId::A, bin, extra);
+    }
+
+    /// [`Self::start_agent`] on node B.
+    pub fn start_agent_b(&mut self, bin: &Path, extra: &[&str]) {
+        self.start_agent(NodeId::B, bin, extra);
+    }
+
+    /// [`Self::start_agent`] on both nodes, with the same `extra`.
+    pub fn start_agents(&mut self, bin: &Path, extra: &[&str]) {
+        self.start_agent_a(bin, extra);
+        self.start_agent_b(bin, extra);
+    }
+
+    /// SIGKILLs the agent on node `n` (pins stay).
+    pub fn kill_agent(&mut self, n: NodeId) {
+        self.node_mut(n).kill_agent();
+    }
+
+    /// The names of every namespace of this cluster (client, nodes, pods).
+    #[must_use]
+    pub fn netns_names(&self) -> Vec<String> {
+        let mut v = vec![self.client.name().to_owned(), self.a.ns.name().to_owned(), self.b.ns.name().to_owned()];
+        v.extend(self.pods().map(|p| p.ns.name().to_owned()));
+        v
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.a.kill_agent();
+        self.b.kill_agent();
+        self.servers.clear();
+        self.peer_servers.clear();
+        for n in [&self.a, &self.b] {
+            let _ = proxy_agent::datapath::cleanup(&Pins::new(&n.bpffs));
+        }
+        let _ = std::fs::remove_dir_all(&self.workdir);
+        // The namespaces go when the fields drop (pods, then nodes, client).
+    }
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// What a peer server answered: the pod's name and the source address it
+/// saw (and, for UDP, the payload echoed back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub pod: String,
+    pub peer: SocketAddrV4,
+    pub payload: String,
+}
+
+impl Seen {
+    /// Parses `<pod> <peer-ip> <peer-port>[ <payload>]`.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.trim().splitn(4, ' ');
+        let pod = it.next()?.to_owned();
+        let ip: Ipv4Addr = it.next()?.parse().ok()?;
+        let port: u16 = it.next()?.parse().ok()?;
+        let payload = it.next().unwrap_or_default().to_owned();
+        Some(Self { pod, peer: SocketAddrV4::new(ip, port), payload })
+    }
+
+    /// The source IP the pod saw.
+    #[must_use]
+    pub fn peer_ip(&self) -> Ipv4Addr {
+        *self.peer.ip()
+    }
+}
+
+/// A server that reports the peer it sees; stopped (threads joined) on drop.
+pub struct PeerServer {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PeerServer {
+    /// Requests (HTTP) or datagrams (UDP) answered so far.
+    #[must_use]
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn peer_text(name: &str, peer: SocketAddr) -> String {
+    match peer {
+        SocketAddr::V4(p) => format!("{name} {} {}", p.ip(), p.port()),
+        SocketAddr::V6(p) => format!("{name} {} {}", p.ip(), p.port()),
+    }
+}
+
+/// HTTP/1.1 (keep-alive) on `port` inside `ns`; each response body is
+/// `<name> <peer-ip> <peer-port>\n`, the client address as the server sees it.
+#[must_use]
+pub fn http_peer_server(ns: &Netns, port: u16, name: &str) -> PeerServer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns.spawn(move || {
+        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind http peer server");
+        listener.set_nonblocking(true).expect("nonblocking");
+        ready_tx.send(()).expect("ready");
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let (s, c) = (s.clone(), c.clone());
+                    let body = format!("{}\n", peer_text(&name, peer));
+                    conns.push(std::thread::spawn(move || serve_peer_http(stream, &body, &s, &c)));
+                    conns.retain(|h| !h.is_finished());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        for h in conns {
+            let _ = h.join();
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("http peer server did not start");
+    PeerServer { stop, served, thread: Some(thread) }
+}
+
+fn serve_peer_http(mut stream: TcpStream, body: &str, stop: &AtomicBool, served: &AtomicU64) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            if stream.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+            served.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// UDP on `port` inside `ns`; answers each datagram with
+/// `<name> <peer-ip> <peer-port> <payload>`. The socket is bound to the
+/// wildcard address, so replies leave from the address the route picks: in
+/// a namespace with several addresses (node A) use [`udp_peer_echo_at`].
+#[must_use]
+pub fn udp_peer_echo(ns: &Netns, port: u16, name: &str) -> PeerServer {
+    udp_peer_echo_at(ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port), name)
+}
+
+/// [`udp_peer_echo`] bound to `bind`, so replies come from that address.
+#[must_use]
+pub fn udp_peer_echo_at(ns: &Netns, bind: SocketAddrV4, name: &str) -> PeerServer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns.spawn(move || {
+        let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp peer echo {bind}: {e}"));
+        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        ready_tx.send(()).expect("ready");
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                if sock.send_to(&reply, peer).is_ok() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("udp peer echo did not start");
+    PeerServer { stop, served, thread: Some(thread) }
+}

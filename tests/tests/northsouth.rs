@@ -1,0 +1,272 @@
+//! North-south traffic on two nodes: NodePort, externalIPs and LoadBalancer
+//! IPs, SNAT to remote backends, externalTrafficPolicy Local with the
+//! client's address kept, healthCheckNodePort, --nodeport-addresses,
+//! hairpin, and SNAT ports under many concurrent flows. The agent runs on
+//! node A; a client namespace sends real traffic; pods answer with the
+//! source address they see.
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use integration_tests::{
+    agent::{agent_bin, programmed, wait_programmed},
+    client::{http_get, udp_request},
+    cluster::{CLIENT_IP, Cluster, EXTERNAL_IP, LB_IP, NODE_A_IP, NODE_A_IP2, NODE_A_LINK_IP, Seen, pod_ip_a, pod_ip_b},
+    manifests::write_atomic,
+};
+use proxy_common::ct::{CT_DIR_REPLY, CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN};
+
+const T: Duration = Duration::from_secs(2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
+const HC_PORT: u16 = 32000;
+
+/// A Service `web` (type `kind`, externalTrafficPolicy `etp`) with HTTP
+/// 80→8080 (nodePort 30080) and UDP 53→5353 (nodePort 30053), externalIP
+/// and LoadBalancer IP, and an EndpointSlice with `endpoints` (ip, node).
+fn web(etp: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {VIP}
+  externalIPs: [{EXTERNAL_IP}]
+  externalTrafficPolicy: {etp}
+  healthCheckNodePort: {HC_PORT}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+"
+    );
+    for (ip, node) in endpoints {
+        y.push_str(&format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n"));
+    }
+    if endpoints.is_empty() {
+        y = y.replace("endpoints:\n", "endpoints: []\n");
+    }
+    y
+}
+
+fn cluster(prefix: &str, a: usize, b: usize) -> Cluster {
+    let mut c = Cluster::new(prefix, a, b);
+    c.serve_http_peer(8080);
+    c.serve_udp_peer(5353);
+    c
+}
+
+fn frontends_with(c: &Cluster, n: usize) {
+    wait_programmed(&c.a.bpffs, Duration::from_secs(20), &format!("{n} frontends with backends"), |v| {
+        v.iter().filter(|f| !f.backends.is_empty()).count() >= n
+    });
+}
+
+fn get(c: &Cluster, addr: Ipv4Addr, port: u16) -> std::io::Result<Seen> {
+    c.client.run(move || {
+        let body = http_get(SocketAddr::from((addr, port)), T)?;
+        Seen::parse(&body).ok_or_else(|| std::io::Error::other(format!("bad answer {body:?}")))
+    })
+}
+
+fn udp(c: &Cluster, addr: Ipv4Addr, port: u16, msg: &'static str) -> std::io::Result<Seen> {
+    c.client.run(move || {
+        let body = udp_request(SocketAddr::from((addr, port)), msg, T)?;
+        Seen::parse(&body).ok_or_else(|| std::io::Error::other(format!("bad answer {body:?}")))
+    })
+}
+
+/// Raw HTTP GET from the client; returns (status, body).
+fn health(c: &Cluster, addr: Ipv4Addr, port: u16) -> std::io::Result<(u16, String)> {
+    c.client.run(move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), T)?;
+        s.set_read_timeout(Some(T))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    })
+}
+
+#[test]
+fn nodeport_reaches_local_and_remote_backends_and_remote_ones_see_the_node() {
+    let mut c = cluster("nsc", 1, 1);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
+    c.start_agent_a(&agent_bin(), &[]);
+    frontends_with(&c, 6);
+
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let s = get(&c, NODE_A_IP, NODE_PORT).unwrap_or_else(|e| panic!("NodePort TCP failed: {e}\n{}", c.a.agent_log()));
+        // The backend on node A sees the client; the one on node B sees
+        // node A (SNAT), so its reply comes back through node A.
+        let want = if s.pod == "pod-a1" { CLIENT_IP } else { NODE_A_LINK_IP };
+        assert_eq!(s.peer_ip(), want, "{s:?}");
+        if s.pod == "pod-b1" {
+            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&s.peer.port()), "SNAT port {s:?}");
+        }
+        seen.insert(s.pod);
+    }
+    assert_eq!(seen.len(), 2, "both backends used over TCP: {seen:?}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let s = udp(&c, NODE_A_IP, UDP_NODE_PORT, "q").unwrap_or_else(|e| panic!("NodePort UDP failed: {e}\n{}", c.a.agent_log()));
+        assert_eq!(s.peer_ip(), if s.pod == "pod-a1" { CLIENT_IP } else { NODE_A_LINK_IP }, "{s:?}");
+        assert_eq!(s.payload, "q");
+        seen.insert(s.pod);
+    }
+    assert_eq!(seen.len(), 2, "both backends used over UDP: {seen:?}");
+    // externalIP and LoadBalancer IP frontends, on the Service port.
+    for addr in [EXTERNAL_IP, LB_IP] {
+        let s = get(&c, addr, 80).unwrap_or_else(|e| panic!("{addr}:80 failed: {e}"));
+        assert!(s.pod == "pod-a1" || s.pod == "pod-b1");
+    }
+    let v = programmed(&c.a.bpffs);
+    let kinds: BTreeSet<&str> = v.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"].into_iter().collect());
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_say_where() {
+    let mut c = cluster("nsl", 1, 1);
+    // Only a remote endpoint: node A must drop, and say 503.
+    write_atomic(&c.manifests, "web.yaml", &web("Local", &[(pod_ip_b(1), "node-b")]));
+    c.start_agent_a(&agent_bin(), &[]);
+    // The ClusterIP frontends have the remote backend; the external ones none.
+    frontends_with(&c, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        match health(&c, NODE_A_IP, HC_PORT) {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "healthCheckNodePort not answering: {e}\n{}", c.a.agent_log()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(v["localEndpoints"], 0, "{body}");
+    assert_eq!(v["service"]["name"], "web");
+    let r = c.client.run(|| http_get(SocketAddr::from((NODE_A_IP, NODE_PORT)), Duration::from_millis(500)));
+    assert!(r.is_err(), "a node without local endpoints must not forward: {r:?}");
+    let stats = integration_tests::netns::run(&agent_bin().to_string_lossy(), &["--bpffs", &c.a.bpffs.to_string_lossy(), "stats"]);
+    assert!(stats.lines().any(|l| l.starts_with("drop_no_local_backend") && !l.contains(" 0 ")), "{stats}");
+
+    // A local endpoint appears: it answers and sees the client itself.
+    write_atomic(&c.manifests, "web.yaml", &web("Local", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
+    frontends_with(&c, 10);
+    for addr_port in [(NODE_A_IP, NODE_PORT), (EXTERNAL_IP, 80), (LB_IP, 80)] {
+        for _ in 0..10 {
+            let s = get(&c, addr_port.0, addr_port.1).unwrap_or_else(|e| panic!("{addr_port:?}: {e}"));
+            assert_eq!(s.pod, "pod-a1", "Local uses only this node's endpoint");
+            assert_eq!(s.peer_ip(), CLIENT_IP, "the client's address is kept under Local");
+        }
+    }
+    let s = udp(&c, NODE_A_IP, UDP_NODE_PORT, "x").expect("UDP NodePort under Local");
+    assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-a1", CLIENT_IP));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = health(&c, NODE_A_IP, HC_PORT).expect("health");
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(v["localEndpoints"], 1, "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "health check never turned 200: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nodeport_addresses_narrow_where_node_ports_answer() {
+    let mut c = cluster("nsn", 1, 0);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a")]));
+    c.start_agent_a(&agent_bin(), &["--nodeport-addresses", &format!("{NODE_A_IP2}/32")]);
+    frontends_with(&c, 5);
+    let s = get(&c, NODE_A_IP2, NODE_PORT).expect("NodePort on the listed address");
+    assert_eq!(s.pod, "pod-a1");
+    let r = get(&c, NODE_A_IP, NODE_PORT);
+    assert!(r.is_err(), "NodePort answered on an address outside --nodeport-addresses: {r:?}");
+    let v = programmed(&c.a.bpffs);
+    let np: Vec<&str> = v.iter().filter(|f| f.kind == "NodePort").map(|f| f.address.as_str()).collect();
+    assert_eq!(np, vec![NODE_A_IP2.to_string().as_str(); 2], "{v:#?}");
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_gets_itself_through_hairpin() {
+    let mut c = cluster("nsh", 1, 0);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a")]));
+    c.start_agent_a(&agent_bin(), &[]);
+    frontends_with(&c, 5);
+    let pod = &c.pods_a()[0];
+    for _ in 0..10 {
+        let body = pod.ns.run(|| http_get(SocketAddr::from((VIP, 80)), T)).unwrap_or_else(|e| panic!("hairpin failed: {e}\n{}", c.a.agent_log()));
+        let s = Seen::parse(&body).expect("answer");
+        assert_eq!(s.pod, "pod-a1");
+        assert_ne!(s.peer_ip(), pod_ip_a(1), "hairpin traffic is masqueraded, as kube-proxy does");
+    }
+}
+
+fn ct_entries(c: &Cluster) -> Vec<(CtKey, CtValue)> {
+    let data = MapData::from_pin(c.a.bpffs.join("proxy_ct_v2")).expect("pinned ct map");
+    let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data)).expect("ct map");
+    map.iter().filter_map(Result::ok).collect()
+}
+
+#[test]
+fn snat_ports_never_collide_under_many_concurrent_flows_and_are_released() {
+    let mut c = cluster("nss", 0, 1);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_b(1), "node-b")]));
+    c.start_agent_a(&agent_bin(), &[]);
+    frontends_with(&c, 6);
+    // 200 connections open at once from one client to the remote backend.
+    let seen: Vec<SocketAddrV4> = c.client.run(|| {
+        let mut conns = Vec::new();
+        for _ in 0..200 {
+            let s = TcpStream::connect_timeout(&SocketAddr::from((NODE_A_IP, NODE_PORT)), T).expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            conns.push(s);
+        }
+        let mut seen = Vec::new();
+        for s in &mut conns {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).expect("answer");
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            seen.push(Seen::parse(&body).unwrap_or_else(|| panic!("bad answer {text:?}")).peer);
+        }
+        seen
+    });
+    let unique: BTreeSet<SocketAddrV4> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), 200, "two flows shared a SNAT address:port");
+    assert!(seen.iter().all(|p| *p.ip() == NODE_A_LINK_IP && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p.port())));
+    // The flows ended (closed above): every SNAT entry is closing, so its
+    // port is free again once idle for CT_CLOSING_TIMEOUT.
+    std::thread::sleep(Duration::from_millis(500));
+    let snat: Vec<(CtKey, CtValue)> = ct_entries(&c)
+        .into_iter()
+        .filter(|(k, v)| k.dir == CT_DIR_REPLY && v.flags & CT_F_SNAT != 0)
+        .collect();
+    assert_eq!(snat.len(), 200, "one SNAT reply entry per flow");
+    let open: Vec<_> = snat.iter().filter(|(_, v)| v.flags & CT_F_CLOSING == 0).collect();
+    assert!(open.is_empty(), "{} SNAT entries still open after their flows ended", open.len());
+}
