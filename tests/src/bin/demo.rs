@@ -14,13 +14,14 @@ use integration_tests::{
     agent::wait_programmed,
     client::http_get,
     manifests::{Port, service_yaml, write_atomic},
-    sandbox::{DEVICES, Sandbox},
+    sandbox::{DEVICES, NODE_IP, Sandbox},
     servers::http_server_forever,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const PODS: usize = 3;
+const NODE_PORT: u16 = 30080;
 
 struct Args {
     agent: PathBuf,
@@ -59,19 +60,66 @@ fn main() {
     let mut sb = Sandbox::new("demo", PODS);
     sb.serve_http_processes(&me, &["--serve-http"], 8080);
 
-    say(2, "writing manifests: Service web (ClusterIP 10.96.0.10:80 -> 3 pods :8080) and Service empty (no endpoints)");
+    say(2, &format!("writing manifests: Service web (NodePort: ClusterIP {VIP}:80 and {NODE_IP}:{NODE_PORT} -> 3 pods :8080) and Service empty (no endpoints)"));
     let endpoints: Vec<(Ipv4Addr, bool)> = sb.pods.iter().map(|p| (p.ip, true)).collect();
     let http = [Port { name: "http", port: 80, target: 8080, protocol: "TCP" }];
-    write_atomic(&sb.manifests, "web.yaml", &service_yaml("web", VIP, &http, &endpoints));
+    let web = service_yaml("web", VIP, &http, &endpoints)
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("    targetPort: 8080\n", &format!("    targetPort: 8080\n    nodePort: {NODE_PORT}\n"));
+    write_atomic(&sb.manifests, "web.yaml", &web);
     write_atomic(&sb.manifests, "empty.yaml", &service_yaml("empty", EMPTY_VIP, &http, &[]));
 
     say(3, &format!("starting proxy-agent in the node (--devices '{DEVICES}', --bpffs {})", sb.bpffs.display()));
     sb.start_agent(&args.agent);
-    wait_programmed(&sb.bpffs, Duration::from_secs(20), "the demo Services", |v| v.len() == 2);
+    wait_programmed(&sb.bpffs, Duration::from_secs(20), "the demo Services", |v| v.len() == 3);
 
-    say(4, &format!("sending {} HTTP requests from the client namespace to http://{VIP}:80", args.requests));
+    say(4, &format!("sending {} HTTP requests from the client namespace to http://{VIP}:80 and to http://{NODE_IP}:{NODE_PORT}", args.requests));
     let n = args.requests;
-    let (answers, failures, elapsed) = sb.client.run(move || {
+    let cip = run_load(&sb, SocketAddr::from((VIP, 80)), n);
+    let np = run_load(&sb, SocketAddr::from((NODE_IP, NODE_PORT)), n);
+    let refused = sb.client.run(|| http_get(SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(2)).err().map(|e| e.to_string()));
+
+    say(5, "results");
+    println!();
+    println!("  {:<6}  {:<13}  {:>20}  {:>24}", "POD", "IP", format!("ClusterIP {VIP}:80"), format!("NodePort {NODE_IP}:{NODE_PORT}"));
+    for p in &sb.pods {
+        let cell = |l: &Load| {
+            let c = l.answers.get(&p.name).copied().unwrap_or(0);
+            format!("{c} ({:.0}%)", f64::from(c) * 100.0 / f64::from(n.max(1)))
+        };
+        println!("  {:<6}  {:<13}  {:>20}  {:>24}", p.name, p.ip.to_string(), cell(&cip), cell(&np));
+    }
+    for (what, l) in [("ClusterIP", &cip), ("NodePort", &np)] {
+        println!(
+            "  {what}: {n} requests in {:.2} s, {} failed{}",
+            l.elapsed.as_secs_f64(),
+            l.failures.len(),
+            l.failures.first().map(|f| format!(" (first: {f})")).unwrap_or_default()
+        );
+    }
+    println!(
+        "  http://{EMPTY_VIP}:80 (no endpoints): {}",
+        refused.unwrap_or_else(|| "answered?! (expected a reject)".to_owned())
+    );
+    let ok = [&cip, &np].iter().all(|l| l.failures.is_empty() && l.answers.len() == PODS);
+    report(&args, &mut sb);
+    // Tear down (unless kept) before exiting with the verdict.
+    drop(sb);
+    if !ok {
+        eprintln!("demo FAILED: expected every request answered and all {PODS} pods used");
+        std::process::exit(1);
+    }
+}
+
+struct Load {
+    answers: BTreeMap<String, u32>,
+    failures: Vec<String>,
+    elapsed: Duration,
+}
+
+/// `n` requests (a new connection each) from the client, bounded to 60 s.
+fn run_load(sb: &Sandbox, to: SocketAddr, n: u32) -> Load {
+    sb.client.run(move || {
         let mut answers: BTreeMap<String, u32> = BTreeMap::new();
         let mut failures = Vec::new();
         let start = Instant::now();
@@ -81,35 +129,16 @@ fn main() {
                 failures.push("deadline of 60 s reached".to_owned());
                 break;
             }
-            match http_get(SocketAddr::from((VIP, 80)), Duration::from_secs(2)) {
+            match http_get(to, Duration::from_secs(2)) {
                 Ok(body) => *answers.entry(body).or_default() += 1,
                 Err(e) => failures.push(e.to_string()),
             }
         }
-        (answers, failures, start.elapsed())
-    });
-    let refused = sb.client.run(|| http_get(SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(2)).err().map(|e| e.to_string()));
+        Load { answers, failures, elapsed: start.elapsed() }
+    })
+}
 
-    say(5, "results");
-    println!();
-    println!("  {:<6}  {:<13}  {:>8}  {:>6}", "POD", "IP", "REQUESTS", "SHARE");
-    for p in &sb.pods {
-        let c = answers.get(&p.name).copied().unwrap_or(0);
-        let share = f64::from(c) * 100.0 / f64::from(n.max(1));
-        let bar = "#".repeat(usize::try_from(c * 30 / n.max(1)).unwrap_or(0));
-        println!("  {:<6}  {:<13}  {c:>8}  {share:>5.1}%  {bar}", p.name, p.ip.to_string());
-    }
-    println!(
-        "  {} requests in {:.2} s, {} failed{}",
-        n,
-        elapsed.as_secs_f64(),
-        failures.len(),
-        failures.first().map(|f| format!(" (first: {f})")).unwrap_or_default()
-    );
-    println!(
-        "  http://{EMPTY_VIP}:80 (no endpoints): {}",
-        refused.unwrap_or_else(|| "answered?! (expected a reject)".to_owned())
-    );
+fn report(args: &Args, sb: &mut Sandbox) {
     println!();
     println!("$ proxy-agent --bpffs {} services", sb.bpffs.display());
     let out = Command::new(&args.agent).arg("--bpffs").arg(&sb.bpffs).arg("services").output().expect("proxy-agent services");
@@ -124,7 +153,6 @@ fn main() {
     }
     println!();
 
-    let ok = failures.is_empty() && answers.len() == PODS;
     if args.keep {
         say(6, "keeping the sandbox (--keep). Look inside with:");
         let agent = args.agent.display();
@@ -150,10 +178,5 @@ fn main() {
         sb.keep();
     } else {
         say(6, "tearing down (use --keep to leave it running)");
-        drop(sb);
-    }
-    if !ok {
-        eprintln!("demo FAILED: expected every request answered and all {PODS} pods used");
-        std::process::exit(1);
     }
 }
