@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub nodeport_addresses: NodePortAddresses,
+    /// Attach the XDP fast path too, in this mode.
+    pub xdp: Option<datapath::XdpAttachMode>,
 }
 
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
@@ -169,6 +171,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
     let mut dp = Datapath::load(&pins)?;
+    if let Some(mode) = cfg.xdp {
+        dp.enable_xdp(mode);
+    }
     let attached = dp.sync_devices(&selector)?;
     if attached.is_empty() {
         warn!(devices = %cfg.devices, "no device matches --devices yet; will attach when one appears");

@@ -16,7 +16,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType,
+        SchedClassifier, TcAttachType, Xdp,
+        xdp::{XdpLink, XdpMode},
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
@@ -29,7 +30,7 @@ pub use self::{
 };
 use crate::{
     error::{Error, Result},
-    pins::{ALL_MAPS, Pins, TcHook},
+    pins::{ALL_MAPS, Pins, TcHook, XDP_LINK_PREFIX, XDP_PROG},
 };
 
 /// The eBPF object this agent was built with (see build.rs).
@@ -182,11 +183,21 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
     mount_bpffs(root)
 }
 
+/// `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttachMode {
+    /// In the driver; falls back to the TC path where the driver lacks it.
+    Native,
+    /// Generic (skb) XDP: works on any device, slower than native.
+    Generic,
+}
+
 /// The loaded programs with their pinned maps and links.
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     attached: BTreeMap<String, u32>,
+    xdp: Option<XdpAttachMode>,
 }
 
 impl Datapath {
@@ -210,12 +221,54 @@ impl Datapath {
             ebpf,
             pins: pins.clone(),
             attached: BTreeMap::new(),
+            xdp: None,
         };
         for hook in TcHook::ALL {
             let name = hook.program();
             dp.program(hook)?.load().map_err(|source| Error::Program { name, source })?;
         }
+        dp.xdp_program()?.load().map_err(|source| Error::Program { name: XDP_PROG, source })?;
         Ok(dp)
+    }
+
+    /// Also attach the XDP fast path to the devices (`--xdp`).
+    pub fn enable_xdp(&mut self, mode: XdpAttachMode) {
+        self.xdp = Some(mode);
+    }
+
+    fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(XDP_PROG)
+            .ok_or(Error::MissingMap { name: XDP_PROG })?
+            .try_into()
+            .map_err(|source| Error::Program { name: XDP_PROG, source })
+    }
+
+    /// Attaches (or adopts) the XDP program on one device. A driver without
+    /// native XDP is reported and left to the TC path.
+    fn attach_xdp(&mut self, dev: &Device, mode: XdpAttachMode) -> Result<bool> {
+        let pin = self.pins.xdp_link(&dev.name, dev.index);
+        let link_err = |path: &Path| {
+            let path = path.to_owned();
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Link { path, source: e }
+        };
+        let prog = self.xdp_program()?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(&pin)(Box::new(e)))?;
+            let id = prog.attach_to_link(link).map_err(|source| Error::Program { name: XDP_PROG, source })?;
+            let _ = prog.take_link(id);
+            return Ok(true);
+        }
+        let flags = match mode {
+            XdpAttachMode::Native => XdpMode::Driver,
+            XdpAttachMode::Generic => XdpMode::Skb,
+        };
+        let id = prog.attach(&dev.name, flags).map_err(|source| Error::Program { name: XDP_PROG, source })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program { name: XDP_PROG, source })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin)(Box::new(e)))?;
+        fd_link.pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
+        Ok(false)
     }
 
     /// Takes the service maps out of the object for the reconciler.
@@ -254,6 +307,17 @@ impl Datapath {
                     info!(device = %dev.name, ifindex = dev.index, adopted, "TC ingress and egress attached");
                     self.attached.insert(dev.name.clone(), dev.index);
                     new.push(dev.name.clone());
+                    if let Some(mode) = self.xdp {
+                        match self.attach_xdp(dev, mode) {
+                            Ok(adopted) => info!(device = %dev.name, ?mode, adopted, "XDP fast path attached"),
+                            Err(e) => warn!(
+                                device = %dev.name,
+                                ?mode,
+                                error = %e,
+                                "XDP not available on this device; the TC path carries its traffic"
+                            ),
+                        }
+                    }
                 }
                 Err(e) => warn!(device = %dev.name, error = ?e, "cannot attach TC programs; will retry"),
             }
@@ -303,6 +367,15 @@ impl Datapath {
         for entry in entries.flatten() {
             let path = entry.path();
             let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with(XDP_LINK_PREFIX) {
+                // Gone devices, or XDP no longer wanted: detach.
+                let wanted = self.xdp.is_some() && present.iter().any(|d| self.pins.xdp_link(&d.name, d.index) == path);
+                if !wanted {
+                    let _ = detach_pinned_link(&path);
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
             let Some(hook) = TcHook::ALL.into_iter().find(|h| file.starts_with(h.link_prefix())) else {
                 continue;
             };

@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
     agent::{self, NodePortAddresses, RunConfig, SourceConfig},
-    datapath::{self, BpfMaps, ServiceMaps as _},
+    datapath::{self, BpfMaps, ServiceMaps as _, XdpAttachMode},
     inspect,
     pins::{DEFAULT_BPFFS, Pins},
 };
@@ -59,6 +59,13 @@ enum Command {
         /// address of each --devices device; "primary" says the same).
         #[arg(long, default_value = "", value_parser = NodePortAddresses::parse)]
         nodeport_addresses: NodePortAddresses,
+        /// Also attach the XDP fast path for north-south traffic to remote backends.
+        #[arg(long)]
+        xdp: bool,
+        /// XDP mode: native (in the driver; devices without it keep the TC
+        /// path) or generic.
+        #[arg(long, value_enum, default_value = "native", requires = "xdp")]
+        xdp_mode: XdpAttachMode,
     },
     /// Frontends and their backends, read from the pinned maps.
     Services {
@@ -119,6 +126,8 @@ fn main() -> Result<()> {
             healthz_bind_address,
             metrics_bind_address,
             nodeport_addresses,
+            xdp,
+            xdp_mode,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -143,6 +152,7 @@ fn main() -> Result<()> {
                 healthz_bind_address: healthz_bind_address.0,
                 metrics_bind_address: metrics_bind_address.0,
                 nodeport_addresses,
+                xdp: xdp.then_some(xdp_mode),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -49,6 +49,11 @@ impl TcHook {
     }
 }
 
+/// The XDP fast-path program.
+pub const XDP_PROG: &str = "proxy_xdp";
+/// File-name prefix of pinned XDP links.
+pub const XDP_LINK_PREFIX: &str = "xdp_";
+
 /// Paths below one pin directory.
 #[derive(Clone, Debug)]
 pub struct Pins {
@@ -74,6 +79,12 @@ impl Pins {
     #[must_use]
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
+    }
+
+    /// The pinned XDP link of one device (named like [`Self::tc_link`]).
+    #[must_use]
+    pub fn xdp_link(&self, ifname: &str, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{XDP_LINK_PREFIX}{ifindex}_{}", ifname.replace('.', "_")))
     }
 
     /// The pinned TC link of one device and hook. The ifindex is part of the

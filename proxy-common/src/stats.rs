@@ -60,6 +60,10 @@ reasons! {
     /// An ICMP error (unreachable, fragmentation needed, time exceeded) about
     /// a translated flow, translated back.
     ICMP_ERROR_TRANSLATED = 18, "icmp_error_translated";
+    /// XDP fast path: DNAT+SNAT to a remote backend, sent out from XDP.
+    XDP_FORWARD = 19, "xdp_forward";
+    /// XDP fast path: reply of a SNATed flow translated back, sent out from XDP.
+    XDP_REVERSE = 20, "xdp_reverse";
 }
 
 /// Number of counter slots (size of the per-CPU array).

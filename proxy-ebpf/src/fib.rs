@@ -24,39 +24,52 @@ const LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
 /// BPF_FIB_LOOKUP_SRC: fill in the source address for the route.
 const LOOKUP_SRC: u32 = 1 << 4;
 
-/// The egress device and preferred source address for `dst`.
+/// The egress device, preferred source address and (when resolved) MACs
+/// for `dst`.
 pub struct Route {
     pub ifindex: u32,
     pub src_be: u32,
+    /// Whether `smac`/`dmac` are filled in (the neighbour is known).
+    pub neigh: bool,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
 }
 
+/// `bpf_fib_lookup` for a TC or XDP context pointer. `with_neigh`: also
+/// resolve the next hop's MAC (XDP rewrites Ethernet itself).
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Option<Route> {
+pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u16, proto: u8, src_be: u32, dst_be: u32, with_neigh: bool) -> Option<Route> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
-    // SAFETY: reading the ingress ifindex of our skb; writing union fields.
-    unsafe {
-        params.ifindex = (*ctx.skb.skb).ifindex;
-        params.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(ETH_HLEN as u16);
-        params.__bindgen_anon_3.ipv4_src = src_be;
-        params.__bindgen_anon_4.ipv4_dst = dst_be;
-    }
+    params.ifindex = ingress_ifindex;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = src_be;
+    params.__bindgen_anon_4.ipv4_dst = dst_be;
+    let flags = if with_neigh { LOOKUP_SRC } else { LOOKUP_SKIP_NEIGH | LOOKUP_SRC };
     // SAFETY: params lives on our stack for the call.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &raw mut params,
-            size_of::<FibParams>() as i32,
-            LOOKUP_SKIP_NEIGH | LOOKUP_SRC,
-        )
-    };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    let rc = unsafe { bpf_fib_lookup(ctx.cast(), &raw mut params, size_of::<FibParams>() as i32, flags) };
+    let neigh = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    if !neigh && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return None;
     }
-    // SAFETY: the helper filled the union's IPv4 member.
-    Some(Route { ifindex: params.ifindex, src_be: unsafe { params.__bindgen_anon_3.ipv4_src } })
+    Some(Route {
+        ifindex: params.ifindex,
+        // SAFETY: the helper filled the union's IPv4 member.
+        src_be: unsafe { params.__bindgen_anon_3.ipv4_src },
+        neigh: neigh && with_neigh,
+        smac: params.smac,
+        dmac: params.dmac,
+    })
+}
+
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Option<Route> {
+    // SAFETY: reading the ingress ifindex of our skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let tot_len = (ctx.len() as u16).saturating_sub(ETH_HLEN as u16);
+    lookup_raw(ctx.skb.skb.cast(), ifindex, tot_len, proto, src_be, dst_be, false)
 }
 
 /// Decrements the TTL as a router does and redirects the (already

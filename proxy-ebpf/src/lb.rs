@@ -39,7 +39,7 @@ fn svc_key(p: &Packet, slot: u16) -> SvcKey {
 
 /// The frontend entry (slot 0) for the packet's destination, if any.
 #[inline(always)]
-fn lb4_lookup_service(p: &Packet) -> Option<SvcValue> {
+pub fn lookup_service(p: &Packet) -> Option<SvcValue> {
     // SAFETY: the value is copied out at once.
     unsafe { SVC.get(svc_key(p, 0)).copied() }
 }
@@ -52,7 +52,7 @@ fn lookup_backend(id: u32) -> Option<Backend> {
 
 /// Picks a backend uniformly at random among the frontend's slots.
 #[inline(always)]
-fn lb4_select_backend(p: &Packet, svc: &SvcValue) -> Option<(u32, Backend)> {
+pub fn select_backend(p: &Packet, svc: &SvcValue) -> Option<(u32, Backend)> {
     // SAFETY: helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
     let slot = (r % u32::from(svc.count)) as u16 + 1;
@@ -69,7 +69,7 @@ fn lb4_select_backend(p: &Packet, svc: &SvcValue) -> Option<(u32, Backend)> {
 /// kube-proxy's conntrack does; a UDP flow moves when its backend is gone
 /// (kube-proxy deletes UDP conntrack entries of removed endpoints).
 #[inline(always)]
-fn lb4_flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
+pub fn flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
     if p.proto == proto::TCP {
         return p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
     }
@@ -80,7 +80,7 @@ fn lb4_flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
 }
 
 #[inline(always)]
-fn closes(p: &Packet) -> bool {
+pub fn closes(p: &Packet) -> bool {
     p.proto == proto::TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
@@ -110,7 +110,7 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     };
 
-    let Some(svc) = lb4_lookup_service(&p) else {
+    let Some(svc) = lookup_service(&p) else {
         return handle_reply(ctx, &p, len);
     };
     if svc.count == 0 {
@@ -126,7 +126,7 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let now = ct::now_ns();
     let fwd_key = ct::key_of(&p, CT_DIR_SERVICE);
     if let Some(entry) = ct::lookup_live(&fwd_key, now) {
-        if lb4_flow_keeps_backend(&p, &entry) {
+        if flow_keeps_backend(&p, &entry) {
             if closes(&p) {
                 ct::close_from_service(&p, &entry);
             }
@@ -134,7 +134,7 @@ pub fn handle_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
 
-    let Some((backend_id, backend)) = lb4_select_backend(&p, &svc) else {
+    let Some((backend_id, backend)) = select_backend(&p, &svc) else {
         count(stats::DROP_BACKEND_MISSING, len);
         return Err(TC_ACT_SHOT as i32);
     };

@@ -13,8 +13,13 @@ mod nat;
 mod parse;
 mod reject;
 mod stats;
+mod xdp;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// TC ingress on every device named by `--devices`: DNAT of packets to a
 /// frontend, reverse NAT of replies from a backend.
@@ -35,6 +40,13 @@ pub fn proxy_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn proxy_tc_egress(ctx: TcContext) -> i32 {
     lb::handle_egress(&ctx)
+}
+
+/// XDP fast path on the `--devices` (with `--xdp`): north-south flows to
+/// remote backends, and their replies. Everything else: `XDP_PASS`.
+#[xdp]
+pub fn proxy_xdp(ctx: XdpContext) -> u32 {
+    xdp::handle(&ctx)
 }
 
 #[cfg(not(test))]

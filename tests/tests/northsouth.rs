@@ -270,3 +270,35 @@ fn snat_ports_never_collide_under_many_concurrent_flows_and_are_released() {
     let open: Vec<_> = snat.iter().filter(|(_, v)| v.flags & CT_F_CLOSING == 0).collect();
     assert!(open.is_empty(), "{} SNAT entries still open after their flows ended", open.len());
 }
+
+fn stat(c: &Cluster, reason: &str) -> u64 {
+    let out = integration_tests::netns::run(&agent_bin().to_string_lossy(), &["--bpffs", &c.a.bpffs.to_string_lossy(), "stats", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    v.as_array()
+        .and_then(|a| a.iter().find(|s| s["reason"] == reason))
+        .and_then(|s| s["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no {reason} in {out}"))
+}
+
+#[test]
+fn xdp_generic_mode_carries_nodeport_traffic_to_remote_backends() {
+    let mut c = cluster("nsx", 1, 1);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
+    c.start_agent_a(&agent_bin(), &["--xdp", "--xdp-mode", "generic"]);
+    frontends_with(&c, 6);
+    assert!(c.a.agent_log().contains("XDP fast path attached"), "{}", c.a.agent_log());
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let s = get(&c, NODE_A_IP, NODE_PORT).unwrap_or_else(|e| panic!("NodePort over XDP failed: {e}\n{}", c.a.agent_log()));
+        assert_eq!(s.peer_ip(), if s.pod == "pod-a1" { CLIENT_IP } else { NODE_A_LINK_IP }, "{s:?}");
+        seen.insert(s.pod);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for _ in 0..20 {
+        let s = udp(&c, NODE_A_IP, UDP_NODE_PORT, "u").expect("UDP NodePort over XDP");
+        assert_eq!(s.peer_ip(), if s.pod == "pod-a1" { CLIENT_IP } else { NODE_A_LINK_IP }, "{s:?}");
+    }
+    // Flows to the remote backend went through XDP both ways.
+    assert!(stat(&c, "xdp_forward") > 0, "no packet forwarded by XDP");
+    assert!(stat(&c, "xdp_reverse") > 0, "no reply translated by XDP");
+}

@@ -1,0 +1,208 @@
+//! The XDP fast path for north-south traffic (`--xdp`): a packet to a
+//! NodePort / externalIP / LoadBalancer frontend whose flow goes to a
+//! backend on another node (externalTrafficPolicy Cluster: DNAT + SNAT) is
+//! translated here and sent straight out with `XDP_TX` / `bpf_redirect`
+//! after a FIB lookup, never entering the stack; so is its reply coming back
+//! from that node. It shares the service, backend and conntrack maps with
+//! the TC programs, so either path can carry either packet of a flow.
+//! Everything else — and anything this path cannot finish (unknown
+//! neighbour, IP options, fragments, a frontend without backends) — is
+//! `XDP_PASS`ed untouched to the TC programs.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    helpers::bpf_redirect,
+    programs::XdpContext,
+};
+use proxy_common::{
+    backend::BACKEND_F_LOCAL,
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    proto, stats,
+    svc::{SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL},
+};
+
+use crate::{ct, fib, lb, parse::Packet, stats::count};
+
+const ETH_HLEN: usize = 14;
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: bounds checked against data_end.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn write<T>(ctx: &XdpContext, off: usize, v: T) -> Option<()> {
+    // SAFETY: bounds checked against data_end.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
+}
+
+/// RFC 1624 incremental update of a checksum for a 16-bit word change.
+#[inline(always)]
+fn csum_update16(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn csum_update32(csum: u16, old: u32, new: u32) -> u16 {
+    let c = csum_update16(csum, (old >> 16) as u16, (new >> 16) as u16);
+    csum_update16(c, old as u16, new as u16)
+}
+
+/// Parses Ethernet + IPv4 (no options, not a fragment) + TCP/UDP.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Option<Packet> {
+    if read::<u16>(ctx, 12)? != 0x0800_u16.to_be() {
+        return None;
+    }
+    // Why: a fixed 20-byte header keeps every offset a constant for the
+    // verifier; packets with options take the TC path.
+    if read::<u8>(ctx, ETH_HLEN)? != 0x45 {
+        return None;
+    }
+    if read::<u16>(ctx, ETH_HLEN + 6)? & 0x3fff_u16.to_be() != 0 {
+        return None;
+    }
+    let proto: u8 = read(ctx, ETH_HLEN + 9)?;
+    let l4 = ETH_HLEN + 20;
+    let tcp_flags = if proto == proto::TCP {
+        // The whole TCP header must be there (checksum at 16).
+        read::<[u8; 20]>(ctx, l4)?[13]
+    } else if proto == proto::UDP {
+        read::<[u8; 8]>(ctx, l4)?;
+        0
+    } else {
+        return None;
+    };
+    let ports: [u16; 2] = read(ctx, l4)?;
+    Some(Packet {
+        l4_off: l4,
+        ihl_len: 20,
+        proto,
+        saddr_be: read(ctx, ETH_HLEN + 12)?,
+        daddr_be: read(ctx, ETH_HLEN + 16)?,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        tcp_flags,
+    })
+}
+
+/// Rewrites source and destination (address and port), fixes both
+/// checksums, decrements the TTL, sets the MACs and sends the packet out.
+#[inline(always)]
+fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u16), route: &fib::Route) -> Option<u32> {
+    let ttl: u8 = read(ctx, ETH_HLEN + 8)?;
+    if ttl <= 1 {
+        return None;
+    }
+    let ip_csum: u16 = read(ctx, ETH_HLEN + 10)?;
+    let mut c = csum_update32(ip_csum, p.saddr_be, src.0);
+    c = csum_update32(c, p.daddr_be, dst.0);
+    let old_ttl_word: u16 = read(ctx, ETH_HLEN + 8)?;
+    let new_ttl_word = u16::from_ne_bytes([ttl - 1, p.proto]);
+    c = csum_update16(c, old_ttl_word, new_ttl_word);
+    let csum_off = p.l4_off + if p.proto == proto::TCP { 16 } else { 6 };
+    let l4c: u16 = read(ctx, csum_off)?;
+    // Why: a UDP checksum of 0 means none (RFC 768): leave it so.
+    if !(p.proto == proto::UDP && l4c == 0) {
+        let mut n = csum_update32(l4c, p.saddr_be, src.0);
+        n = csum_update32(n, p.daddr_be, dst.0);
+        n = csum_update16(n, p.sport_be, src.1);
+        n = csum_update16(n, p.dport_be, dst.1);
+        if p.proto == proto::UDP && n == 0 {
+            n = 0xffff;
+        }
+        write(ctx, csum_off, n)?;
+    }
+    write(ctx, ETH_HLEN + 8, new_ttl_word)?;
+    write(ctx, ETH_HLEN + 10, c)?;
+    write(ctx, ETH_HLEN + 12, src.0)?;
+    write(ctx, ETH_HLEN + 16, dst.0)?;
+    write(ctx, p.l4_off, src.1)?;
+    write(ctx, p.l4_off + 2, dst.1)?;
+    write(ctx, 0, route.dmac)?;
+    write(ctx, 6, route.smac)?;
+    // SAFETY: reading the ingress ifindex of our context.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    if route.ifindex == ingress {
+        return Some(XDP_TX);
+    }
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
+}
+
+#[inline(always)]
+fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route> {
+    // SAFETY: reading the ingress ifindex of our context.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let tot_len = (ctx.data_end() - ctx.data()).saturating_sub(ETH_HLEN) as u16;
+    fib::lookup_raw(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true).filter(|r| r.neigh)
+}
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) -> u32 {
+    match try_handle(ctx) {
+        Some(v) => v,
+        None => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_handle(ctx: &XdpContext) -> Option<u32> {
+    let p = parse(ctx)?;
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let now = ct::now_ns();
+    let Some(svc) = lb::lookup_service(&p) else {
+        // A reply from a remote backend of a SNATed flow.
+        let e = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), now)?;
+        if e.flags & CT_F_SNAT == 0 || lb::closes(&p) {
+            return None;
+        }
+        let r = route(ctx, &p, e.nat_addr_be, e.snat_addr_be)?;
+        let v = rewrite_and_send(ctx, &p, (e.nat_addr_be, e.nat_port_be), (e.snat_addr_be, e.snat_port_be), &r)?;
+        count(stats::XDP_REVERSE, len);
+        return Some(v);
+    };
+    if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(&p) {
+        return None;
+    }
+    let e: CtValue = match ct::lookup_live(&ct::key_of(&p, CT_DIR_SERVICE), now) {
+        Some(e) if lb::flow_keeps_backend(&p, &e) => e,
+        _ => {
+            let (backend_id, backend) = lb::select_backend(&p, &svc)?;
+            if backend.flags & BACKEND_F_LOCAL != 0 || backend.addr_be == p.saddr_be {
+                // Local backends and hairpins: the TC path (no SNAT needed).
+                return None;
+            }
+            let r = route(ctx, &p, p.saddr_be, backend.addr_be)?;
+            let flow = ct::NewFlow {
+                backend_addr_be: backend.addr_be,
+                backend_port_be: backend.port_be,
+                backend_id,
+                svc_id: svc.svc_id,
+                flags: CT_F_REDIRECT,
+                snat_addr_be: r.src_be,
+            };
+            ct::create(&p, &flow, now)?
+        }
+    };
+    if e.flags & CT_F_SNAT == 0 {
+        return None;
+    }
+    let r = route(ctx, &p, e.snat_addr_be, e.nat_addr_be)?;
+    let v = rewrite_and_send(ctx, &p, (e.snat_addr_be, e.snat_port_be), (e.nat_addr_be, e.nat_port_be), &r)?;
+    count(stats::XDP_FORWARD, len);
+    Some(v)
+}
