@@ -31,7 +31,7 @@ use crate::{
     store::{SourceEvent, Store},
 };
 
-/// Where Services and EndpointSlices come from.
+/// Where Services and `EndpointSlices` come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
     /// A directory of manifests (standalone and demo mode).
@@ -63,7 +63,7 @@ pub struct RunConfig {
 }
 
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
-/// NodePorts are served on every address of the node inside one of them;
+/// `NodePorts` are served on every address of the node inside one of them;
 /// unset (or `primary`): the primary IPv4 address of each `--devices` device.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodePortAddresses {
@@ -87,7 +87,7 @@ impl NodePortAddresses {
         Ok(Self { cidrs: Some(cidrs) })
     }
 
-    /// The NodePort addresses among the node's `addrs`.
+    /// The `NodePort` addresses among the node's `addrs`.
     #[must_use]
     pub fn select(&self, addrs: &[datapath::DeviceAddr], devices: &DeviceSelector) -> Vec<std::net::Ipv4Addr> {
         let mut out: Vec<std::net::Ipv4Addr> = match &self.cidrs {
@@ -242,7 +242,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     loop {
         // Nothing is programmed or pruned before both initial lists are in.
         let next = if store.synced() { runner.next_run(Instant::now()) } else { None };
-        let wait = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+        let wait = next.map_or(Duration::from_hours(1), |t| t.saturating_duration_since(Instant::now()));
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
@@ -296,19 +296,20 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
 /// ports the node hands out to its own connections.
 fn warn_if_snat_ports_overlap() {
     use proxy_common::ct::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+    const _: () = assert!(SNAT_PORT_MAX == u16::MAX);
     let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
         return;
     };
     let v: Vec<u16> = text.split_whitespace().filter_map(|n| n.parse().ok()).collect();
-    if let [lo, hi] = v[..] {
-        if lo <= SNAT_PORT_MAX && hi >= SNAT_PORT_MIN {
+    // (SNAT_PORT_MAX is the top of the port space: only the upper bound matters.)
+    if let [_lo, hi] = v[..]
+        && hi >= SNAT_PORT_MIN {
             warn!(
                 ip_local_port_range = %text.trim(),
                 snat_ports = %format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"),
                 "the node's ephemeral port range overlaps the SNAT port range; lower net.ipv4.ip_local_port_range's upper bound below {SNAT_PORT_MIN}"
             );
         }
-    }
 }
 
 /// Change counters and network-programming trigger times (the

@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn healthy_while_starting_up() {
-        let h = ProxierHealth::new(Duration::from_secs(60));
+        let h = ProxierHealth::new(Duration::from_mins(1));
         let a = h.healthz(t(0));
         assert_eq!(a.status, 200);
         assert_eq!(
@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn a_pending_change_older_than_the_timeout_is_unhealthy_until_synced() {
-        let mut h = ProxierHealth::new(Duration::from_secs(60));
+        let mut h = ProxierHealth::new(Duration::from_mins(1));
         h.queued_update(t(0));
         h.queued_update(t(30)); // the oldest pending one counts
         assert_eq!(h.healthz(t(59)).status, 200);
@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn a_node_being_deleted_fails_healthz_but_not_livez() {
-        let mut h = ProxierHealth::new(Duration::from_secs(60));
+        let mut h = ProxierHealth::new(Duration::from_mins(1));
         let mut node = Node::default();
         node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
         h.node_changed(Some(&node));
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn a_node_tainted_for_deletion_by_the_autoscaler_fails_healthz() {
-        let mut h = ProxierHealth::new(Duration::from_secs(60));
+        let mut h = ProxierHealth::new(Duration::from_mins(1));
         let node = Node {
             spec: Some(NodeSpec {
                 taints: Some(vec![Taint { key: "ToBeDeletedByClusterAutoscaler".into(), effect: "NoSchedule".into(), ..Taint::default() }]),

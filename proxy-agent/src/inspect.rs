@@ -32,7 +32,7 @@ pub struct FrontendView {
     pub drop_when_empty: bool,
     /// Traffic policy of this frontend: "Cluster" or "Local".
     pub policy: String,
-    /// Remote backends are reached with the source NATed to this node.
+    /// Remote backends are reached with the source `NATed` to this node.
     pub snat_remote: bool,
     pub backends: Vec<BackendView>,
 }

@@ -30,7 +30,7 @@ enum Output {
 enum Command {
     /// Program the datapath and keep it in sync with the Services.
     Run {
-        /// Read Services and EndpointSlices from this directory of manifests
+        /// Read Services and `EndpointSlices` from this directory of manifests
         /// (YAML/JSON) instead of the API server.
         #[arg(long, conflicts_with = "kubeconfig")]
         manifests: Option<PathBuf>,
@@ -40,7 +40,7 @@ enum Command {
         /// Devices to attach to: comma-separated names or globs (e.g. "eth0,lxc*").
         #[arg(long)]
         devices: String,
-        /// This node's name (default: $NODE_NAME, else the hostname).
+        /// This node's name (default: $`NODE_NAME`, else the hostname).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Least time between two syncs; bursts of changes are coalesced (kube-proxy's minSyncPeriod).
@@ -55,7 +55,7 @@ enum Command {
         /// Address for /metrics ("" disables).
         #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
         metrics_bind_address: Bind,
-        /// CIDRs whose node addresses serve NodePorts (default: the primary
+        /// CIDRs whose node addresses serve `NodePorts` (default: the primary
         /// address of each --devices device; "primary" says the same).
         #[arg(long, default_value = "", value_parser = NodePortAddresses::parse)]
         nodeport_addresses: NodePortAddresses,

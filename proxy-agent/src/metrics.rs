@@ -151,6 +151,7 @@ impl Metrics {
 }
 
 #[cfg(test)]
+#[expect(clippy::float_cmp, reason = "exact values parsed back from text")]
 mod tests {
     use super::*;
 

@@ -145,10 +145,10 @@ pub struct Frontend {
     /// node) instead of reject (there are none).
     pub drop_when_empty: bool,
     /// The traffic policy for this frontend is Local (internalTrafficPolicy
-    /// for a ClusterIP, externalTrafficPolicy for the others).
+    /// for a `ClusterIP`, externalTrafficPolicy for the others).
     pub policy_local: bool,
     /// External frontend with externalTrafficPolicy Cluster: remote
-    /// backends get the source NATed to this node.
+    /// backends get the source `NATed` to this node.
     pub snat_remote: bool,
 }
 
@@ -191,7 +191,7 @@ pub struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone` of the Node, when known.
     pub zone: Option<String>,
-    /// The addresses NodePorts are served on (see `--nodeport-addresses`).
+    /// The addresses `NodePorts` are served on (see `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
 }
 
@@ -227,7 +227,7 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
 }
 
 /// kube-proxy's health-check inputs: the `healthCheckNodePort` of every
-/// proxied LoadBalancer Service with `externalTrafficPolicy: Local`, and per
+/// proxied `LoadBalancer` Service with `externalTrafficPolicy: Local`, and per
 /// Service the number of distinct ready IPv4 endpoint addresses on this node.
 #[must_use]
 pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16>, BTreeMap<ObjectKey, usize>) {
@@ -253,11 +253,10 @@ pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16
             }
             for ep in slice.object.endpoints.iter().flatten() {
                 let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if ready && ep.node_name.as_deref() == Some(node.name.as_str()) {
-                    if let Some(ip) = ep.addresses.first() {
+                if ready && ep.node_name.as_deref() == Some(node.name.as_str())
+                    && let Some(ip) = ep.addresses.first() {
                         ips.insert(ip.clone());
                     }
-                }
             }
         }
         local.insert(key.clone(), ips.len());
@@ -333,7 +332,7 @@ fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
         .ok_or_else(|| "IPv6-only Service: IPv6 is not supported yet".to_owned())
 }
 
-/// externalIPs and LoadBalancer ingress IPs (IPv4; an ingress whose
+/// externalIPs and `LoadBalancer` ingress IPs (IPv4; an ingress whose
 /// `ipMode` is `Proxy` is skipped, as kube-proxy does: the load balancer
 /// itself proxies to the nodes).
 fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, rejections: &mut Vec<Rejection>) -> Vec<(Ipv4Addr, FrontendKind)> {
@@ -551,7 +550,7 @@ fn endpoints_for_port(
 
 /// Which endpoints topology-aware routing keeps (kube-proxy's
 /// `topologyModeFromHints`): hints are used only when every ready endpoint
-/// carries them and at least one matches this node (PreferSameNode) or its
+/// carries them and at least one matches this node (`PreferSameNode`) or its
 /// zone; otherwise all endpoints are used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TopologyMode {

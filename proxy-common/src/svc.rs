@@ -24,13 +24,13 @@ pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
 /// usable from this node: `internalTrafficPolicy: Local`), as kube-proxy does.
 pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 4;
 /// External frontend with `externalTrafficPolicy: Cluster`: a backend on
-/// another node gets the source NATed to this node's address.
+/// another node gets the source `NATed` to this node's address.
 pub const SVC_FLAG_SNAT_REMOTE: u16 = 1 << 5;
 /// The frontend's traffic policy is Local (internalTrafficPolicy for a
-/// ClusterIP, externalTrafficPolicy for external kinds); informational for
+/// `ClusterIP`, externalTrafficPolicy for external kinds); informational for
 /// `proxy-agent services`, the backends are already chosen accordingly.
 pub const SVC_FLAG_POLICY_LOCAL: u16 = 1 << 6;
-/// Any external kind (NodePort, externalIP, LoadBalancer).
+/// Any external kind (`NodePort`, externalIP, `LoadBalancer`).
 pub const SVC_FLAGS_EXTERNAL: u16 = SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
 
 #[repr(C)]

@@ -177,7 +177,7 @@ fn faults_keep_forwarding_and_converge() {
     c.api.apply(slice("web-1", "web", json!([ep(pod_ip(2), NODE, true)]))).expect("slice");
     c.api.compact();
     c.api.set_down(false);
-    wait_programmed(&c.sb.bpffs, Duration::from_secs(60), "convergence after 410 Gone", |v| {
+    wait_programmed(&c.sb.bpffs, Duration::from_mins(1), "convergence after 410 Gone", |v| {
         inspect_backends(v, VIP, 80) == vec![format!("{}:8080", pod_ip(2))]
     });
     let lists_after = c.api.requests().iter().filter(|r| r.path.ends_with("/endpointslices") && !r.is_watch()).count();
@@ -202,7 +202,7 @@ fn faults_keep_forwarding_and_converge() {
     c.api.apply(slice("web-1", "web", json!([ep(pod_ip(3), NODE, true)]))).expect("slice");
     c.api.set_down(false);
     // kube-rs backs off up to 30 s between retries.
-    wait_programmed(&c.sb.bpffs, Duration::from_secs(60), "convergence after the outage", |v| {
+    wait_programmed(&c.sb.bpffs, Duration::from_mins(1), "convergence after the outage", |v| {
         inspect_backends(v, VIP, 80) == vec![format!("{}:8080", pod_ip(3))]
     });
     assert_eq!(c.get().expect("traffic after the outage"), "pod3");

@@ -1,4 +1,4 @@
-//! North-south traffic on two nodes: NodePort, externalIPs and LoadBalancer
+//! North-south traffic on two nodes: `NodePort`, externalIPs and `LoadBalancer`
 //! IPs, SNAT to remote backends, externalTrafficPolicy Local with the
 //! client's address kept, healthCheckNodePort, --nodeport-addresses,
 //! hairpin, and SNAT ports under many concurrent flows. The agent runs on
@@ -28,7 +28,7 @@ const HC_PORT: u16 = 32000;
 
 /// A Service `web` (type `kind`, externalTrafficPolicy `etp`) with HTTP
 /// 80→8080 (nodePort 30080) and UDP 53→5353 (nodePort 30053), externalIP
-/// and LoadBalancer IP, and an EndpointSlice with `endpoints` (ip, node).
+/// and `LoadBalancer` IP, and an `EndpointSlice` with `endpoints` (ip, node).
 fn web(etp: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
     let mut y = format!(
         "apiVersion: v1

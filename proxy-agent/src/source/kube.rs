@@ -1,7 +1,7 @@
 //! The API server source: kube-rs watchers for v1 Services,
-//! discovery.k8s.io/v1 EndpointSlices and the agent's own v1 Node.
+//! discovery.k8s.io/v1 `EndpointSlices` and the agent's own v1 Node.
 //!
-//! As kube-proxy does, Services and EndpointSlices are listed with the label
+//! As kube-proxy does, Services and `EndpointSlices` are listed with the label
 //! selector `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`,
 //! so objects of other proxies and of headless Services never reach the agent.
 //! Each watcher lists, then watches from the list's resourceVersion; on a
@@ -30,7 +30,7 @@ use crate::{
     store::{ObjectKey, SourceEvent, Stored},
 };
 
-/// kube-proxy's label selector for Services and EndpointSlices.
+/// kube-proxy's label selector for Services and `EndpointSlices`.
 pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 /// Where objects from the API server say they came from.
 pub const ORIGIN: &str = "apiserver";
