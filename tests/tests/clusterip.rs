@@ -319,3 +319,48 @@ fn services_json_reads_the_pins_and_cleanup_removes_everything() {
     let r = sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), Duration::from_millis(500)));
     assert!(r.is_err(), "the ClusterIP still answers after cleanup: {r:?}");
 }
+
+/// Path-MTU discovery through a ClusterIP: the node cannot forward a
+/// too-big datagram to the pod and sends "fragmentation needed" quoting the
+/// translated packet (client → pod); the agent's TC egress program
+/// translates the quote back (client → VIP), so the client's socket learns
+/// the smaller MTU.
+#[test]
+fn fragmentation_needed_reaches_the_client_translated_so_pmtu_discovery_works() {
+    use std::os::fd::AsRawFd as _;
+    let mut sb = Sandbox::new("mtu", 1);
+    sb.serve_udp(5353);
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[DNS], &ready(&[pod_ip(1)])));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 53, 1);
+    sb.node.ip(&["link", "set", "lxc1", "mtu", "1280"]);
+    sb.pods[0].ns.ip(&["link", "set", "eth0", "mtu", "1280"]);
+
+    let mtu = sb.client.run(|| {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        sock.connect(SocketAddr::from((VIP, 53))).expect("connect");
+        let fd = sock.as_raw_fd();
+        let on: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt on our socket with an int option.
+        let rc = unsafe {
+            libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, (&raw const on).cast(), size_of::<libc::c_int>() as u32)
+        };
+        assert_eq!(rc, 0, "IP_MTU_DISCOVER");
+        let big = vec![b'x'; 1400];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let _ = sock.send(&big);
+            std::thread::sleep(Duration::from_millis(100));
+            let mut mtu: libc::c_int = 0;
+            let mut len = size_of::<libc::c_int>() as u32;
+            // SAFETY: getsockopt into an int we own.
+            unsafe { libc::getsockopt(fd, libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+            if mtu == 1280 || Instant::now() > deadline {
+                return mtu;
+            }
+        }
+    });
+    assert_eq!(mtu, 1280, "the client never learned the path MTU through the ClusterIP\n{}", sb.agent_log());
+    let stats = run(&agent_bin().to_string_lossy(), &["--bpffs", &sb.bpffs.to_string_lossy(), "stats"]);
+    assert!(stats.lines().any(|l| l.starts_with("icmp_error_translated") && !l.contains(" 0 ")), "{stats}");
+}
