@@ -5,7 +5,8 @@
 //! pinned maps alone.
 
 pub const NAMES_MAP: &str = "proxy_names_v1";
-pub const NAMES_MAX_ENTRIES: u32 = 65_536;
+/// One per frontend; no preallocation, so only used entries cost memory.
+pub const NAMES_MAX_ENTRIES: u32 = 1_048_576;
 pub const NAME_LEN: usize = 120;
 
 #[repr(C)]

@@ -11,7 +11,7 @@
 pub const SVC_MAP: &str = "proxy_svc_v1";
 /// Capacity of the service map (frontends + slots). Hash map without
 /// preallocation: memory is used only for entries that exist.
-pub const SVC_MAX_ENTRIES: u32 = 262_144;
+pub const SVC_MAX_ENTRIES: u32 = 1_048_576;
 /// Most backends one frontend may have (slots are `u16`).
 pub const MAX_BACKENDS_PER_FRONTEND: u16 = 4096;
 

@@ -41,7 +41,7 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// Where the agent reads Services and EndpointSlices from.
+/// Where the agent reads Services and `EndpointSlices` from.
 #[derive(Clone, Copy, Debug)]
 pub enum AgentSource<'a> {
     Manifests(&'a Path),

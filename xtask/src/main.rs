@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", about = "Project tasks: setup, build-ebpf, test, demo")]
+#[command(name = "xtask", about = "Project tasks: setup, build-ebpf, test, demo, bench")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -39,6 +39,26 @@ enum Task {
         /// How many requests the client sends to the `ClusterIP`.
         #[arg(long, default_value_t = 90)]
         requests: u32,
+    },
+    /// Set up, build in release mode, and run the side-by-side benchmark
+    /// (direct, iptables, nftables, ipvs, ebpf); writes BENCHMARKS.md,
+    /// bench.json and bench.svg to --out.
+    Bench {
+        /// A smoke check in under 3 minutes (one short run per case).
+        #[arg(long)]
+        quick: bool,
+        /// Numbers of Services for the data-path cases (default 1,10000; --quick: 1,1000).
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<usize>,
+        /// Seconds per load phase (default 2; --quick: 1).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Output directory.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// More options for the bench binary (see `target/release/bench --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
 }
 
@@ -164,6 +184,26 @@ fn main() -> Result<()> {
                 cmd.arg("--keep");
             }
             run(&mut cmd)
+        }
+        Task::Bench { quick, services, duration, out, args } => {
+            step("setup");
+            setup::setup()?;
+            step("build the agent and the bench (release)");
+            run(cargo().args(["build", "--release", "-p", "proxy-agent", "-p", "integration-tests"]).current_dir(root()))?;
+            step("run the benchmark");
+            let mut cmd = Command::new(target_dir().join("release/bench"));
+            cmd.arg("--agent").arg(target_dir().join("release/proxy-agent")).arg("--out").arg(root().join(out));
+            if quick {
+                cmd.arg("--quick");
+            }
+            if !services.is_empty() {
+                let list: Vec<String> = services.iter().map(ToString::to_string).collect();
+                cmd.arg("--services").arg(list.join(","));
+            }
+            if let Some(d) = duration {
+                cmd.arg("--duration").arg(d.to_string());
+            }
+            run(cmd.args(&args).current_dir(root()))
         }
     }
 }

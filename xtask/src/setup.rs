@@ -42,6 +42,8 @@ const DEBIAN: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("mountpoint", "util-linux"),
     ("kubectl", "kubernetes-client"),
+    ("iptables-nft-restore", "iptables"),
+    ("nft", "nftables"),
 ];
 
 pub fn setup() -> Result<()> {

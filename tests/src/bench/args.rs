@@ -1,0 +1,131 @@
+//! Command line of the bench binary (what `cargo xtask bench` passes on).
+use std::{path::PathBuf, time::Duration};
+
+use super::program::IptBackend;
+
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub quick: bool,
+    /// Numbers of Services for the data-path cases.
+    pub services: Vec<usize>,
+    /// Length of each load phase.
+    pub duration: Duration,
+    pub out: PathBuf,
+    pub agent: PathBuf,
+    /// Runs of each case (median and spread over them).
+    pub reps: usize,
+    /// Client threads for the connection, keep-alive and UDP phases.
+    pub clients: usize,
+    /// Numbers of Services for the control-plane figures.
+    pub cp_services: Vec<usize>,
+    /// Where "apply one added Service" is measured.
+    pub add_one_at: usize,
+    pub ipt_backend: IptBackend,
+    /// Services per iptables-restore / nft -f transaction.
+    pub ipt_chunk: usize,
+    pub nft_chunk: usize,
+    /// Upper bound for programming one set of Services.
+    pub program_timeout: Duration,
+    /// Modes to run (default: all).
+    pub modes: Vec<String>,
+    /// The command line, for the report.
+    pub command_line: String,
+}
+
+pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S] [--out DIR] [--agent PATH] \
+[--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
+[--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--modes direct,iptables,nftables,ipvs,ebpf]";
+
+fn list(v: &str) -> Vec<usize> {
+    v.split(',')
+        .map(|n| n.trim().replace('_', "").parse().unwrap_or_else(|_| panic!("not a number: {n:?}\n{USAGE}")))
+        .collect()
+}
+
+fn secs(v: &str) -> Duration {
+    Duration::from_secs_f64(v.parse().unwrap_or_else(|_| panic!("not a number of seconds: {v:?}\n{USAGE}")))
+}
+
+impl Args {
+    /// Whether `mode` is to be run.
+    #[must_use]
+    pub fn wants(&self, mode: &str) -> bool {
+        self.modes.is_empty() || self.modes.iter().any(|m| m == mode)
+    }
+
+    #[must_use]
+    pub fn parse(argv: &[String]) -> Self {
+        let quick = argv.iter().any(|a| a == "--quick");
+        let mut a = Self {
+            quick,
+            services: vec![1, 10_000],
+            duration: Duration::from_secs(if quick { 1 } else { 2 }),
+            out: PathBuf::from("target/bench"),
+            agent: PathBuf::from("target/release/proxy-agent"),
+            reps: if quick { 1 } else { 5 },
+            clients: 4,
+            cp_services: Vec::new(),
+            add_one_at: 0,
+            ipt_backend: IptBackend::Nft,
+            ipt_chunk: 100,
+            nft_chunk: 500,
+            program_timeout: Duration::from_secs(if quick { 60 } else { 100 }),
+            modes: Vec::new(),
+            command_line: argv.join(" "),
+        };
+        let mut cp_given = false;
+        let mut add_given = false;
+        let mut services_given = false;
+        let mut it = argv.iter().skip(1);
+        while let Some(flag) = it.next() {
+            if flag == "--quick" {
+                continue;
+            }
+            if flag == "-h" || flag == "--help" {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value\n{USAGE}"));
+            match flag.as_str() {
+                "--services" => {
+                    a.services = list(v);
+                    services_given = true;
+                }
+                "--duration" => a.duration = secs(v),
+                "--out" => a.out = PathBuf::from(v),
+                "--agent" => a.agent = PathBuf::from(v),
+                "--reps" => a.reps = list(v)[0].max(1),
+                "--clients" => a.clients = list(v)[0].max(1),
+                "--cp-services" => {
+                    a.cp_services = list(v);
+                    cp_given = true;
+                }
+                "--add-one-at" => {
+                    a.add_one_at = list(v)[0];
+                    add_given = true;
+                }
+                "--iptables-backend" => a.ipt_backend = IptBackend::parse(v).unwrap_or_else(|| panic!("nft or legacy\n{USAGE}")),
+                "--ipt-chunk" => a.ipt_chunk = list(v)[0].max(1),
+                "--nft-chunk" => a.nft_chunk = list(v)[0].max(1),
+                "--program-timeout" => a.program_timeout = secs(v),
+                "--modes" => a.modes = v.split(',').map(str::to_owned).collect(),
+                other => panic!("unknown argument {other:?}\n{USAGE}"),
+            }
+        }
+        if quick && !services_given {
+            a.services = vec![1, 1000];
+        }
+        a.services.sort_unstable();
+        a.services.dedup();
+        let largest = a.services.iter().copied().max().unwrap_or(1);
+        if !cp_given {
+            a.cp_services = if quick { vec![largest] } else { vec![1000, 10_000, 50_000] };
+        }
+        a.cp_services.sort_unstable();
+        a.cp_services.dedup();
+        if !add_given {
+            a.add_one_at = if quick { largest } else { 10_000 };
+        }
+        a
+    }
+}

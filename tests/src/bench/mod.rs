@@ -1,0 +1,82 @@
+//! `cargo xtask bench` (issue 5): the `ClusterIP` datapath of this project's
+//! agent side by side with direct routing and kube-proxy's iptables,
+//! nftables and IPVS rule shapes, plus control-plane timings, measured in one
+//! run in network namespaces the bench creates. Writes `BENCHMARKS.md`,
+//! `bench.json` and `bench.svg` to `--out` and the Markdown to stdout.
+//!
+//! Modules: [`services`] (the Services every mode gets), [`rules`]
+//! (kube-proxy's iptables and nftables shapes), [`program`] (loading them,
+//! or running the agent, timed), [`traffic`] (servers and load generators),
+//! [`run`] (the cases), [`report`] (Markdown, JSON, SVG).
+pub mod args;
+pub mod program;
+pub mod report;
+pub mod rules;
+pub mod run;
+pub mod services;
+pub mod traffic;
+
+use std::time::Instant;
+
+use self::{
+    args::Args,
+    report::{Machine, Report},
+    run::{MODES, Mode, prepare, progress, run_program_only},
+};
+
+/// Runs the benchmark for `command_line` (the program name included).
+pub fn main(command_line: &[String]) {
+    let args = Args::parse(command_line);
+    crate::netns::require_root();
+    assert!(
+        args.agent.exists(),
+        "agent binary {} not found (cargo xtask bench builds it: cargo build --release -p proxy-agent)",
+        args.agent.display()
+    );
+    std::fs::create_dir_all(&args.out).unwrap_or_else(|e| panic!("create {}: {e}", args.out.display()));
+    let start = Instant::now();
+    let machine = Machine::read();
+    progress(&format!(
+        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}",
+        machine.cpu, machine.cores, machine.kernel, args.services, args.duration.as_secs_f64(), args.reps, args.cp_services
+    ));
+    let mut cases = Vec::new();
+    for &n in &args.services {
+        let mut live: Vec<_> = MODES.into_iter().filter(|m| args.wants(&m.to_string())).map(|m| prepare(&args, m, n)).collect();
+        for rep in 0..args.reps {
+            for l in &mut live {
+                l.measure(&args, rep);
+            }
+        }
+        cases.extend(live.into_iter().map(|l| l.finish(&args)));
+    }
+    let mut program_cases = Vec::new();
+    for &n in &args.cp_services {
+        for mode in [Mode::Iptables, Mode::Nftables, Mode::Ebpf].into_iter().filter(|m| args.wants(&m.to_string())) {
+            let covered = cases.iter().any(|c| c.mode == mode && c.services == n && c.program.is_some());
+            if !covered {
+                program_cases.push(run_program_only(&args, mode, n));
+            }
+        }
+    }
+    let add_measured = |mode| {
+        cases.iter().chain(&program_cases).any(|case: &run::Case| case.mode == mode && case.services == args.add_one_at && case.add_one.is_some())
+    };
+    let missing: Vec<Mode> = [Mode::Iptables, Mode::Nftables, Mode::Ebpf].into_iter().filter(|m| !add_measured(*m) && args.wants(&m.to_string())).collect();
+    for mode in missing {
+        program_cases.push(run_program_only(&args, mode, args.add_one_at));
+    }
+    let report = Report { args: &args, machine, cases, program_cases, elapsed: start.elapsed() };
+    let md = report.markdown();
+    println!("{md}");
+    let write = |name: &str, content: &str| {
+        let p = args.out.join(name);
+        std::fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    };
+    write("BENCHMARKS.md", &md);
+    write("bench.json", &serde_json::to_string_pretty(&report.json()).expect("json"));
+    if let Err(e) = report.svg(&args.out.join("bench.svg")) {
+        eprintln!("bench: cannot draw the chart: {e}");
+    }
+    progress(&format!("wrote {}/BENCHMARKS.md, bench.json, bench.svg", args.out.display()));
+}

@@ -1,0 +1,447 @@
+//! BENCHMARKS.md, bench.json and bench.svg from the cases of one run.
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use super::{
+    args::Args,
+    run::{Case, METRICS, MODES, Mode},
+};
+
+/// Facts about the machine and the run, for the report header.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub date: String,
+    pub iptables: String,
+    pub nft: String,
+    /// /proc/loadavg (1, 5, 15 min) when the run started: other work on the
+    /// machine skews every figure.
+    pub load_start: String,
+}
+
+/// The 1, 5 and 15 minute load averages.
+#[must_use]
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Machine {
+    #[must_use]
+    pub fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned()))
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            kernel: cmd_out("uname", &["-r"]),
+            date: cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            iptables: cmd_out("iptables-nft-restore", &["--version"]),
+            nft: cmd_out("nft", &["--version"]),
+            load_start: loadavg(),
+        }
+    }
+}
+
+/// A whole run.
+pub struct Report<'a> {
+    pub args: &'a Args,
+    pub machine: Machine,
+    pub cases: Vec<Case>,
+    /// Control-plane-only cases (sizes not covered by a data-path case).
+    pub program_cases: Vec<Case>,
+    pub elapsed: Duration,
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "display of a positive figure")]
+        fmt_count(v.round() as usize)
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A count with thousands separators.
+fn fmt_count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+impl Report<'_> {
+    fn case(&self, mode: Mode, s: usize) -> Option<&Case> {
+        self.cases.iter().find(|c| c.mode == mode && c.services == s)
+    }
+
+    /// The programming case for (mode, S): the data-path one when it exists.
+    fn program_case(&self, mode: Mode, s: usize) -> Option<&Case> {
+        self.case(mode, s).filter(|c| c.program.is_some()).or_else(|| self.program_cases.iter().find(|c| c.mode == mode && c.services == s))
+    }
+
+    fn median(&self, mode: Mode, s: usize, m: usize) -> Option<f64> {
+        self.case(mode, s).and_then(|c| c.stat(m)).map(|(med, _, _)| med)
+    }
+
+    fn ratio(&self, mode: Mode, s: usize, m: usize) -> Option<f64> {
+        let d = self.median(Mode::Direct, s, m)?;
+        let v = self.median(mode, s, m)?;
+        (d > 0.0).then(|| v / d)
+    }
+
+    fn targets(&self) -> Vec<(String, Option<bool>, String)> {
+        let mut out = Vec::new();
+        let smin = self.args.services.first().copied().unwrap_or(1);
+        let smax = self.args.services.last().copied().unwrap_or(1);
+        for (m, what) in [(0, "new-connection rate"), (1, "keep-alive request rate")] {
+            let r = self.ratio(Mode::Ebpf, smin, m);
+            out.push((
+                format!("ebpf {what} ≥ 0.95 × direct at S={smin}"),
+                r.map(|r| r >= 0.95),
+                r.map_or_else(|| "no figures".into(), |r| format!("{r:.3} × direct ({:+.1}% vs the target)", (r / 0.95 - 1.0) * 100.0)),
+            ));
+        }
+        if smax != smin {
+            for (m, what) in [(0, "new-connection rate"), (1, "keep-alive request rate")] {
+                let (a, b) = (self.median(Mode::Ebpf, smin, m), self.median(Mode::Ebpf, smax, m));
+                let r = a.zip(b).map(|(a, b)| b / a);
+                // The same comparison with each figure taken relative to
+                // `direct` at its S: what is left when the machine itself
+                // was faster or slower during one group of cases.
+                let norm = self.ratio(Mode::Ebpf, smin, m).zip(self.ratio(Mode::Ebpf, smax, m)).map(|(a, b)| b / a);
+                out.push((
+                    format!("ebpf {what} at S={smax} within 5% of its own S={smin}"),
+                    r.map(|r| r >= 0.95),
+                    r.map_or_else(
+                        || "no figures".into(),
+                        |r| {
+                            format!(
+                                "{r:.3} × its S={smin} figure ({:+.1}%); relative to direct at each S: {}",
+                                (r - 1.0) * 100.0,
+                                norm.map_or_else(|| "–".into(), |n| format!("{n:.3}× ({:+.1}%)", (n - 1.0) * 100.0))
+                            )
+                        },
+                    ),
+                ));
+            }
+            let (e, i) = (self.median(Mode::Ebpf, smax, 0), self.median(Mode::Iptables, smax, 0));
+            out.push((
+                format!("ebpf ahead of iptables on new connections at S={smax}"),
+                e.zip(i).map(|(e, i)| e > i),
+                e.zip(i).map_or_else(|| "no figures".into(), |(e, i)| format!("{} vs {} conn/s ({:.2}×)", fmt_num(e), fmt_num(i), e / i)),
+            ));
+        }
+        let s = 10_000;
+        let t = |mode| self.program_case(mode, s).and_then(|c| c.program.as_ref()).map(|p| p.result.clone());
+        if let Some(ebpf) = t(Mode::Ebpf) {
+            for (mode, tool) in [(Mode::Iptables, "iptables-restore"), (Mode::Nftables, "nft -f")] {
+                let (met, note) = match (&ebpf, t(mode)) {
+                    (Ok(e), Some(Ok(o))) => (Some(e < &o), format!("agent {} vs {tool} {} ({:.1}× faster)", secs(*e), secs(o), o.as_secs_f64() / e.as_secs_f64())),
+                    (Ok(e), Some(Err(o))) => (Some(true), format!("agent {} vs {tool}: {o}", secs(*e))),
+                    (Err(e), _) => (Some(false), format!("agent: {e}")),
+                    (Ok(_), None) => (None, format!("{tool} not measured")),
+                };
+                out.push((format!("programming {s} Services faster than {tool}"), met, note));
+            }
+        }
+        out
+    }
+
+    /// The Markdown report.
+    #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one report, read top to bottom")]
+    pub fn markdown(&self) -> String {
+        let (a, mach) = (self.args, &self.machine);
+        let mut s = String::new();
+        let _ = writeln!(s, "# Benchmarks\n");
+        let _ = writeln!(
+            s,
+            "ClusterIP datapath and control plane of this project's agent (`ebpf`) side by side with direct routing and \
+             kube-proxy's iptables, nftables and IPVS rule shapes, measured in one run on one machine by `cargo xtask bench` \
+             (issue 5). Everything runs in network namespaces the bench creates (client → node → 10 pods, the test topology).\n"
+        );
+        let _ = writeln!(s, "- machine: {} ({} cores), kernel {}", mach.cpu, mach.cores, mach.kernel);
+        let _ = writeln!(s, "- date: {}; whole run {:.0} s; load average at start / end: {} / {}", mach.date, self.elapsed.as_secs_f64(), mach.load_start, loadavg());
+        let _ = writeln!(s, "- command: `{}`", a.command_line);
+        let _ = writeln!(
+            s,
+            "- each case: {} run(s) of {} s per phase ({} client threads); figures are the median, spread in the raw table",
+            a.reps,
+            a.duration.as_secs_f64(),
+            a.clients
+        );
+        let _ = writeln!(
+            s,
+            "- iptables: `{}` ({} backend; {}), {} Services per `--noflush` transaction; nftables: `nft -f` ({}), {} Services per transaction",
+            a.ipt_backend.restore_bin(),
+            a.ipt_backend.name(),
+            mach.iptables,
+            a.ipt_chunk,
+            mach.nft,
+            a.nft_chunk
+        );
+        let _ = writeln!(s, "- ebpf: `{}` (release), TC ingress on `ext0,lxc*`\n", a.agent.display());
+
+        let _ = writeln!(s, "## Data path\n");
+        let _ = writeln!(s, "Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
+        let mut head = String::from("| S | mode |");
+        let mut sep = String::from("|---:|---|");
+        for (_, h, _, _) in METRICS {
+            let _ = write!(head, " {h} |");
+            sep.push_str("---:|");
+        }
+        let _ = writeln!(s, "{head}\n{sep}");
+        for &n in &a.services {
+            for mode in MODES {
+                let Some(case) = self.case(mode, n) else { continue };
+                let _ = write!(s, "| {} | {mode} |", fmt_count(n));
+                if let Some(why) = &case.skipped {
+                    let _ = writeln!(s, " {why} |{}", " |".repeat(METRICS.len() - 1));
+                    continue;
+                }
+                for k in 0..METRICS.len() {
+                    match (case.stat(k), self.ratio(mode, n, k)) {
+                        (Some((med, _, _)), Some(r)) if mode != Mode::Direct => {
+                            let _ = write!(s, " {} ({r:.2}×) |", fmt_num(med));
+                        }
+                        (Some((med, _, _)), _) => {
+                            let _ = write!(s, " {} |", fmt_num(med));
+                        }
+                        (None, _) => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
+            }
+        }
+
+        let _ = writeln!(s, "\n## Control plane\n");
+        let _ = writeln!(
+            s,
+            "Time to program S Services (10 endpoints each) from nothing into an empty node, and to apply one added Service at S = {}. \
+             iptables/nftables: until the last restore/`nft -f` returns; ebpf: from starting the agent until the pinned service map \
+             holds every frontend with all its backends (read with map lookups). Where a data-path case had the same S, its \
+             programming time is the one shown.\n",
+            fmt_count(a.add_one_at)
+        );
+        let mut head = String::from("| mode |");
+        let mut sep = String::from("|---|");
+        for n in &a.cp_services {
+            let _ = write!(head, " S = {} |", fmt_count(*n));
+            sep.push_str("---:|");
+        }
+        let _ = writeln!(s, "{head} add one at S = {} |\n{sep}---:|", fmt_count(a.add_one_at));
+        for mode in [Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf] {
+            let _ = write!(s, "| {mode} |");
+            if mode == Mode::Ipvs {
+                let _ = writeln!(s, " not measurable here (no IPVS in this kernel) |{}", " |".repeat(a.cp_services.len()));
+                continue;
+            }
+            for &n in &a.cp_services {
+                match self.program_case(mode, n).and_then(|c| c.program.as_ref()) {
+                    Some(prog) => match &prog.result {
+                        Ok(took) => {
+                            let _ = write!(s, " {} ({} tx) |", secs(*took), prog.transactions);
+                        }
+                        Err(why) => {
+                            let _ = write!(s, " {why} |");
+                        }
+                    },
+                    None => s.push_str(" – |"),
+                }
+            }
+            let add = self
+                .cases
+                .iter()
+                .chain(&self.program_cases)
+                .find(|c| c.mode == mode && c.services == a.add_one_at && c.add_one.is_some())
+                .and_then(|c| c.add_one.clone());
+            match add {
+                Some(Ok(d)) => {
+                    let _ = writeln!(s, " {} |", secs(d));
+                }
+                Some(Err(e)) => {
+                    let _ = writeln!(s, " {e} |");
+                }
+                None => s.push_str(" – |\n"),
+            }
+        }
+
+        let _ = writeln!(s, "\n## Targets (reported, not asserted)\n");
+        let _ = writeln!(s, "| target | met | by how much |\n|---|---|---|");
+        for (what, met, note) in self.targets() {
+            let met = match met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "–",
+            };
+            let _ = writeln!(s, "| {what} | {met} | {note} |");
+        }
+
+        let _ = writeln!(s, "\n## How it is measured\n");
+        for l in [
+            "- Topology: client namespace (no default route) → node namespace (veth `ext0`; `ip_forward=1`) → 10 pod namespaces (veth `lxcN`, /32 routes). A fresh sandbox for every case; rules live only in its node namespace and go with it. The bench refuses to run iptables/nft in the root namespace.",
+            "- Services: S ClusterIP Services with 10 endpoints each. The one in the middle of the list is the real one (ports 80/TCP HTTP, 5201/TCP bulk, 5300/UDP echo → the 10 pods); the others point at 10.64.0.0/13, never reached. A linear rule walk (iptables' `KUBE-SERVICES`) sees half the Services before the real one.",
+            "- `direct`: the client connects to the pod IPs in turn (no translation). Other modes connect to the real Service's ClusterIP.",
+            "- new conn/s: each client thread opens a connection, sends one HTTP/1.1 request, reads the reply, closes (client `tcp_tw_reuse=1`, port range 1024–65535). keep-alive req/s: one connection per client thread, requests back to back. bulk: one TCP stream writing 128 KiB buffers to a sink for half the phase time. UDP rr/s: one connected UDP socket per client thread, 64-byte request, echo reply. p50/p99: one client alone, a new connection per request (connect + request + reply).",
+            "- CPU µs/conn and µs/req: system + softirq time of the whole machine from /proc/stat during the new-connection and keep-alive phases, divided by the operations. Client, node and pods share the same CPUs, so this is total kernel cost per operation; the differences between modes are the datapath's. Resolution is 10 ms per phase.",
+            "- kube-proxy masquerades ClusterIP traffic from outside the cluster CIDR; the client (192.0.2.2) is outside 10.244.0.0/16, so the iptables and nftables modes also SNAT (as kube-proxy would). The ebpf mode does not SNAT (replies come back through the node, where TC reverses the DNAT).",
+            "- Servers: in each pod, worker threads sharing one listener (no thread spawned per connection), the same in every mode.",
+        ] {
+            let _ = writeln!(s, "{l}");
+        }
+
+        let _ = writeln!(s, "\n## Raw numbers\n");
+        let _ = writeln!(s, "Every run of every case (also in `bench.json`).\n");
+        let _ = writeln!(s, "| S | mode | figure | runs | median | min | max | errors |\n|---:|---|---|---|---:|---:|---:|---:|");
+        for c in &self.cases {
+            if c.reps.is_empty() {
+                continue;
+            }
+            let errors: u64 = c.reps.iter().map(|r| r.errors).sum();
+            for (k, (_, h, _, _)) in METRICS.iter().enumerate() {
+                let runs: Vec<String> = c.reps.iter().map(|r| r.values[k].map_or_else(|| "–".into(), fmt_num)).collect();
+                let (med, lo, hi) = c.stat(k).map_or_else(|| ("–".into(), "–".into(), "–".into()), |(a, b, c)| (fmt_num(a), fmt_num(b), fmt_num(c)));
+                let _ = writeln!(s, "| {} | {} | {h} | {} | {med} | {lo} | {hi} | {errors} |", c.services, c.mode, runs.join(", "));
+            }
+            if let Some(e) = c.reps.iter().find_map(|r| r.first_error.clone()) {
+                let _ = writeln!(s, "| {} | {} | first error | {e} | | | | |", c.services, c.mode);
+            }
+        }
+        let _ = writeln!(s, "\n![connection rate and latency against the number of Services](bench.svg)");
+        s
+    }
+
+    /// The raw data as JSON.
+    #[must_use]
+    pub fn json(&self) -> Value {
+        let case = |c: &Case| {
+            let prog = c.program.as_ref().map(|p| match &p.result {
+                Ok(d) => json!({"seconds": d.as_secs_f64(), "transactions": p.transactions}),
+                Err(e) => json!({"error": e, "transactions": p.transactions}),
+            });
+            let add = c.add_one.as_ref().map(|r| match r {
+                Ok(d) => json!({"seconds": d.as_secs_f64()}),
+                Err(e) => json!({"error": e}),
+            });
+            let metrics: serde_json::Map<String, Value> = METRICS
+                .iter()
+                .enumerate()
+                .map(|(k, (key, _, unit, higher))| {
+                    let runs: Vec<Option<f64>> = c.reps.iter().map(|r| r.values[k]).collect();
+                    let stat = c.stat(k);
+                    ((*key).to_owned(), json!({"unit": unit, "higher_is_better": higher, "runs": runs,
+                        "median": stat.map(|s| s.0), "min": stat.map(|s| s.1), "max": stat.map(|s| s.2),
+                        "ratio_to_direct": self.ratio(c.mode, c.services, k)}))
+                })
+                .collect();
+            json!({
+                "mode": c.mode.to_string(), "services": c.services, "skipped": c.skipped,
+                "program": prog, "add_one": add, "metrics": metrics,
+                "errors": c.reps.iter().map(|r| r.errors).collect::<Vec<_>>(),
+                "first_error": c.reps.iter().find_map(|r| r.first_error.clone()),
+            })
+        };
+        let m = &self.machine;
+        let a = self.args;
+        json!({
+            "machine": {"cpu": m.cpu, "cores": m.cores, "kernel": m.kernel, "date": m.date, "iptables": m.iptables, "nft": m.nft,
+                "loadavg_start": m.load_start, "loadavg_end": loadavg()},
+            "command_line": a.command_line,
+            "settings": {"quick": a.quick, "services": a.services, "duration_s": a.duration.as_secs_f64(), "reps": a.reps,
+                "clients": a.clients, "cp_services": a.cp_services, "add_one_at": a.add_one_at,
+                "iptables_backend": a.ipt_backend.name(), "ipt_chunk": a.ipt_chunk, "nft_chunk": a.nft_chunk},
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "cases": self.cases.iter().map(case).collect::<Vec<_>>(),
+            "program_cases": self.program_cases.iter().map(case).collect::<Vec<_>>(),
+            "targets": self.targets().into_iter().map(|(w, m, n)| json!({"target": w, "met": m, "note": n})).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Connection rate and p50 latency against the number of Services, per mode.
+    pub fn svg(&self, path: &Path) -> Result<(), String> {
+        let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let panels = root.split_evenly((1, 2));
+        let colors = [(Mode::Direct, BLACK), (Mode::Iptables, RED), (Mode::Nftables, BLUE), (Mode::Ebpf, GREEN)];
+        #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
+        let xs: Vec<f64> = self.args.services.iter().map(|&n| n as f64).collect();
+        let xmax = xs.iter().copied().fold(1.0, f64::max) * 3.0;
+        for (panel, (m, title)) in panels.iter().zip([(0, "new TCP connections/s"), (4, "p50 latency, new connection + request (µs)")]) {
+            let ymax = self
+                .cases
+                .iter()
+                .filter_map(|c| c.stat(m).map(|s| s.0))
+                .fold(1.0, f64::max)
+                * 1.15;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(64)
+                .build_cartesian_2d((0.5f64..xmax).log_scale(), 0f64..ymax)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .x_desc("Services")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for (mode, color) in colors {
+                #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
+                let pts: Vec<(f64, f64)> = self
+                    .cases
+                    .iter()
+                    .filter(|c| c.mode == mode)
+                    .filter_map(|c| c.stat(m).map(|s| (c.services as f64, s.0)))
+                    .collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+                    .label(mode.to_string())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerLeft)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,265 @@
+//! kube-proxy's rule shapes for the same Services, as `iptables-restore` and
+//! `nft -f` input.
+//!
+//! iptables: the `nat` chains that `pkg/proxy/iptables` writes —
+//! `KUBE-SERVICES` (one rule per Service port, matched in order) →
+//! `KUBE-SVC-*` (the `KUBE-MARK-MASQ` rule for traffic from outside the
+//! cluster CIDR, then the `-m statistic --mode random --probability 1/n`
+//! ladder) → `KUBE-SEP-*` (hairpin `KUBE-MARK-MASQ`, `DNAT`), and
+//! `KUBE-POSTROUTING` (`MASQUERADE` of marked packets); in `filter`,
+//! `KUBE-FORWARD` and the (empty: every Service has endpoints) `KUBE-SERVICES`.
+//! Like kube-proxy with more than 1,000 endpoints ("large cluster mode"), the
+//! per-endpoint rules carry no comments.
+//!
+//! nftables: the `ip kube-proxy` table that `pkg/proxy/nftables` writes — the
+//! `service-ips` verdict map (`ip daddr . meta l4proto . th dport vmap`),
+//! one `service-*` chain per Service port (masquerade mark, then `numgen
+//! random mod n vmap`), one `endpoint-*` chain per endpoint (`dnat to`), the
+//! `cluster-ips` set and the `filter-forward` checks.
+use super::services::{CLUSTER_CIDR, Frontend, ServiceSet, hash16, line, probability};
+
+fn svc_chain(f: &Frontend) -> String {
+    format!("KUBE-SVC-{}", hash16(&format!("{}{}", f.port_name_string(), f.proto.lower())))
+}
+
+fn sep_chain(f: &Frontend, ep: std::net::Ipv4Addr) -> String {
+    format!("KUBE-SEP-{}", hash16(&format!("{}{}{ep}:{}", f.port_name_string(), f.proto.lower(), f.target)))
+}
+
+/// kube-proxy drops comments on endpoint rules above this many endpoints.
+const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+fn large(set: &ServiceSet) -> bool {
+    set.count * super::services::ENDPOINTS > LARGE_CLUSTER_ENDPOINTS
+}
+
+/// The `KUBE-SERVICES` rule of one frontend.
+fn iptables_services_rule(out: &mut String, f: &Frontend) {
+    let p = f.proto.lower();
+    line(
+        out,
+        &format!(
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+            f.port_name_string(),
+            f.vip,
+            f.port,
+            svc_chain(f)
+        ),
+    );
+}
+
+/// Declarations (`:CHAIN - [0:0]`) and rules of one frontend's own chains.
+fn iptables_frontend_chains(decl: &mut String, rules: &mut String, f: &Frontend, large: bool) {
+    let svc = svc_chain(f);
+    let p = f.proto.lower();
+    let name = f.port_name_string();
+    line(decl, &format!(":{svc} - [0:0]"));
+    line(
+        rules,
+        &format!("-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ", f.vip, f.port),
+    );
+    let n = f.endpoints.len();
+    for (k, ep) in f.endpoints.iter().enumerate() {
+        let sep = sep_chain(f, *ep);
+        line(decl, &format!(":{sep} - [0:0]"));
+        let comment = if large { String::new() } else { format!("-m comment --comment \"{name} -> {ep}:{}\" ", f.target) };
+        if k + 1 < n {
+            line(rules, &format!("-A {svc} {comment}-m statistic --mode random --probability {} -j {sep}", probability(n - k)));
+        } else {
+            line(rules, &format!("-A {svc} {comment}-j {sep}"));
+        }
+        let comment = if large { String::new() } else { format!("-m comment --comment {name} ") };
+        line(rules, &format!("-A {sep} {comment}-s {ep}/32 -j KUBE-MARK-MASQ"));
+        line(rules, &format!("-A {sep} {comment}-m {p} -p {p} -j DNAT --to-destination {ep}:{}", f.target));
+    }
+}
+
+/// The first `iptables-restore --noflush` input: the fixed chains and the
+/// jumps from the built-in chains (kube-proxy adds those with `iptables -I`).
+#[must_use]
+pub fn iptables_base() -> String {
+    let mut s = String::new();
+    for l in [
+        "*filter",
+        ":KUBE-NODEPORTS - [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-EXTERNAL-SERVICES - [0:0]",
+        ":KUBE-FORWARD - [0:0]",
+        ":KUBE-PROXY-FIREWALL - [0:0]",
+        "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+        "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT",
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "COMMIT",
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-NODEPORTS - [0:0]",
+        ":KUBE-POSTROUTING - [0:0]",
+        ":KUBE-MARK-MASQ - [0:0]",
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        "COMMIT",
+    ] {
+        line(&mut s, l);
+    }
+    s
+}
+
+const NODEPORTS_LAST: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS";
+
+/// `iptables-restore --noflush` inputs that program `set` from nothing, after
+/// [`iptables_base`]: `per_chunk` Services per transaction (all in one when
+/// `per_chunk >= set.count`). Each appends to `KUBE-SERVICES` in order.
+#[must_use]
+pub fn iptables_chunks(set: &ServiceSet, per_chunk: usize) -> Vec<String> {
+    let large = large(set);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < set.count {
+        let end = (start + per_chunk.max(1)).min(set.count);
+        let (mut decl, mut svc_rules, mut rules) = (String::new(), String::new(), String::new());
+        for i in start..end {
+            for f in set.frontends(i) {
+                iptables_services_rule(&mut svc_rules, &f);
+                iptables_frontend_chains(&mut decl, &mut rules, &f, large);
+            }
+        }
+        if end == set.count {
+            line(&mut svc_rules, NODEPORTS_LAST);
+        }
+        out.push(format!("*nat\n{decl}{svc_rules}{rules}COMMIT\n"));
+        start = end;
+    }
+    out
+}
+
+/// kube-proxy's partial sync after one added Service: `KUBE-SERVICES`
+/// rewritten whole (declaring it flushes it under `--noflush`), plus the new
+/// Service's chains. `set` is the state before; `extra` the added frontend.
+#[must_use]
+pub fn iptables_add_one(set: &ServiceSet, extra: &Frontend) -> String {
+    let large = large(set);
+    let (mut decl, mut svc_rules, mut rules) = (String::new(), String::new(), String::new());
+    line(&mut decl, ":KUBE-SERVICES - [0:0]");
+    for f in set.all_frontends() {
+        iptables_services_rule(&mut svc_rules, &f);
+    }
+    iptables_services_rule(&mut svc_rules, extra);
+    line(&mut svc_rules, NODEPORTS_LAST);
+    iptables_frontend_chains(&mut decl, &mut rules, extra, large);
+    format!("*nat\n{decl}{svc_rules}{rules}COMMIT\n")
+}
+
+/// nftables chain names: `service-HASH8-ns/name/proto/port` and
+/// `endpoint-HASH8-ns/name/proto/port__ip/port`, as kube-proxy names them.
+fn nft_svc_chain(f: &Frontend) -> String {
+    let base = format!("default/{}/{}/{}", f.service, f.proto.lower(), f.port_name);
+    format!("service-{}-{base}", &hash16(&base)[..8])
+}
+
+fn nft_ep_chain(f: &Frontend, ep: std::net::Ipv4Addr) -> String {
+    let base = format!("default/{}/{}/{}__{ep}/{}", f.service, f.proto.lower(), f.port_name, f.target);
+    format!("endpoint-{}-{base}", &hash16(&base)[..8])
+}
+
+const T: &str = "ip kube-proxy";
+
+/// The table, its fixed chains, sets and maps.
+#[must_use]
+pub fn nft_base() -> String {
+    let mut s = String::new();
+    for l in [
+        format!("add table {T} {{ comment \"rules for kube-proxy\" ; }}"),
+        format!("add chain {T} mark-for-masquerade"),
+        format!("add rule {T} mark-for-masquerade mark set mark or 0x4000"),
+        format!("add chain {T} masquerading"),
+        format!("add rule {T} masquerading mark and 0x4000 == 0 return"),
+        format!("add rule {T} masquerading mark set mark xor 0x4000"),
+        format!("add rule {T} masquerading masquerade fully-random"),
+        format!("add set {T} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"),
+        format!("add map {T} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"),
+        format!("add map {T} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"),
+        format!("add chain {T} services"),
+        format!("add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips"),
+        format!("add chain {T} service-endpoints-check"),
+        format!("add rule {T} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+        format!("add chain {T} cluster-ips-check"),
+        format!("add rule {T} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
+        format!("add rule {T} cluster-ips-check ip daddr 10.96.0.0/12 drop comment \"Drop traffic to unallocated ClusterIPs\""),
+        format!("add chain {T} filter-forward {{ type filter hook forward priority -110 ; }}"),
+        format!("add rule {T} filter-forward ct state new jump service-endpoints-check"),
+        format!("add rule {T} filter-forward ct state new jump cluster-ips-check"),
+        format!("add chain {T} filter-output {{ type filter hook output priority -110 ; }}"),
+        format!("add rule {T} filter-output ct state new jump service-endpoints-check"),
+        format!("add rule {T} filter-output ct state new jump cluster-ips-check"),
+        format!("add chain {T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}"),
+        format!("add rule {T} nat-prerouting jump services"),
+        format!("add chain {T} nat-output {{ type nat hook output priority -100 ; }}"),
+        format!("add rule {T} nat-output jump services"),
+        format!("add chain {T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}"),
+        format!("add rule {T} nat-postrouting jump masquerading"),
+    ] {
+        line(&mut s, &l);
+    }
+    s
+}
+
+fn nft_frontend(out: &mut String, f: &Frontend) {
+    let svc = nft_svc_chain(f);
+    let p = f.proto.lower();
+    line(out, &format!("add chain {T} {svc}"));
+    line(out, &format!("add rule {T} {svc} ip daddr {} {p} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade", f.vip, f.port));
+    let mut vmap = Vec::new();
+    for (k, ep) in f.endpoints.iter().enumerate() {
+        let chain = nft_ep_chain(f, *ep);
+        line(out, &format!("add chain {T} {chain}"));
+        line(out, &format!("add rule {T} {chain} ip saddr {ep} jump mark-for-masquerade"));
+        line(out, &format!("add rule {T} {chain} meta l4proto {p} dnat to {ep}:{}", f.target));
+        vmap.push(format!("{k} : goto {chain}"));
+    }
+    line(out, &format!("add rule {T} {svc} numgen random mod {} vmap {{ {} }}", f.endpoints.len(), vmap.join(" , ")));
+    line(out, &format!("add element {T} cluster-ips {{ {} }}", f.vip));
+    line(out, &format!("add element {T} service-ips {{ {} . {p} . {} : goto {svc} }}", f.vip, f.port));
+}
+
+/// `nft -f` inputs that program `set` after [`nft_base`], `per_chunk`
+/// Services per transaction.
+#[must_use]
+pub fn nft_chunks(set: &ServiceSet, per_chunk: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < set.count {
+        let end = (start + per_chunk.max(1)).min(set.count);
+        let mut s = String::new();
+        for i in start..end {
+            for f in set.frontends(i) {
+                nft_frontend(&mut s, &f);
+            }
+        }
+        out.push(s);
+        start = end;
+    }
+    out
+}
+
+/// The one transaction kube-proxy's nftables proxier writes for one added
+/// Service: its chains and its map elements.
+#[must_use]
+pub fn nft_add_one(extra: &Frontend) -> String {
+    let mut s = String::new();
+    nft_frontend(&mut s, extra);
+    s
+}

@@ -1,0 +1,290 @@
+//! Running the cases: a fresh sandbox per (mode, number of Services), the
+//! Services programmed the mode's way, then the load phases, each repeated.
+use std::{
+    fmt,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use super::{
+    args::Args,
+    program::{self, Programmed},
+    services::{BULK_PORT, BULK_TARGET, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_PORT, UDP_TARGET},
+    traffic::{Phase, PhaseResult, Target, run_phase, start_servers},
+};
+use crate::{manifests::write_atomic, sandbox::Sandbox};
+
+/// Pods (the real Service's endpoints).
+pub const PODS: usize = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Iptables,
+    Nftables,
+    Ipvs,
+    Ebpf,
+}
+
+pub const MODES: [Mode; 5] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf];
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::Ipvs => "ipvs",
+            Self::Ebpf => "ebpf",
+        })
+    }
+}
+
+/// The figures, in report order: (key, heading, unit, higher is better).
+pub const METRICS: [(&str, &str, &str, bool); 8] = [
+    ("conn_per_s", "new conn/s", "connections/s", true),
+    ("req_per_s", "keep-alive req/s", "requests/s", true),
+    ("bulk_gbit_s", "bulk Gbit/s", "Gbit/s", true),
+    ("udp_rr_per_s", "UDP rr/s", "round trips/s", true),
+    ("lat_p50_us", "p50 µs", "µs", false),
+    ("lat_p99_us", "p99 µs", "µs", false),
+    ("cpu_us_per_conn", "CPU µs/conn", "µs", false),
+    ("cpu_us_per_req", "CPU µs/req", "µs", false),
+];
+
+/// One run of the phases: the figures in [`METRICS`] order (None when not
+/// readable), plus errors seen.
+#[derive(Clone, Debug, Default)]
+pub struct Rep {
+    pub values: Vec<Option<f64>>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub mode: Mode,
+    pub services: usize,
+    /// Why the case could not be measured.
+    pub skipped: Option<String>,
+    pub program: Option<Programmed>,
+    pub add_one: Option<Result<Duration, String>>,
+    pub reps: Vec<Rep>,
+}
+
+impl Case {
+    fn skipped(mode: Mode, services: usize, why: String) -> Self {
+        Self { mode, services, skipped: Some(why), program: None, add_one: None, reps: Vec::new() }
+    }
+
+    /// Median and (min, max) of metric `m` over the runs.
+    #[must_use]
+    pub fn stat(&self, m: usize) -> Option<(f64, f64, f64)> {
+        let mut v: Vec<f64> = self.reps.iter().filter_map(|r| r.values.get(m).copied().flatten()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let med = if v.len() % 2 == 1 { v[v.len() / 2] } else { f64::midpoint(v[v.len() / 2 - 1], v[v.len() / 2]) };
+        Some((med, v[0], v[v.len() - 1]))
+    }
+}
+
+/// Progress on stderr.
+pub fn progress(msg: &str) {
+    eprintln!("[bench {:>6.1}s] {msg}", START.with(|s| s.elapsed().as_secs_f64()));
+}
+
+thread_local! {
+    static START: Instant = Instant::now();
+}
+
+fn ratio(part: Duration, n: f64) -> Option<f64> {
+    (n > 0.0).then(|| part.as_secs_f64() * 1e6 / n)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn rep_values(conn: &PhaseResult, rr: &PhaseResult, bulk: &PhaseResult, udp: &PhaseResult, lat: &mut PhaseResult) -> Vec<Option<f64>> {
+    let nz = |r: &PhaseResult| (r.ops > 0).then(|| r.rate());
+    vec![
+        nz(conn),
+        nz(rr),
+        (bulk.bytes > 0).then(|| bulk.bytes as f64 * 8.0 / bulk.elapsed.as_secs_f64() / 1e9),
+        nz(udp),
+        super::traffic::percentile(&mut lat.samples_us, 50.0),
+        super::traffic::percentile(&mut lat.samples_us, 99.0),
+        ratio(conn.cpu, conn.ops as f64),
+        ratio(rr.cpu, rr.ops as f64),
+    ]
+}
+
+/// A case being measured: its sandbox (with the Services programmed) and
+/// servers. The cases of one number of Services exist side by side, so their
+/// runs can be interleaved (drift in the machine's speed hits every mode).
+pub struct Live {
+    pub case: Case,
+    // Declared before `sb`: the servers stop before the namespaces go.
+    servers: Option<super::traffic::Servers>,
+    sb: Option<Sandbox>,
+    set: ServiceSet,
+    target: Target,
+}
+
+/// Builds the sandbox for one case and programs its Services.
+#[must_use]
+pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
+    let set0 = ServiceSet::new(services, Vec::new());
+    let mut live = Live {
+        case: Case { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new() },
+        servers: None,
+        sb: None,
+        target: Target { addrs: vec![set0.real_vip()], http: HTTP_PORT, bulk: BULK_PORT, udp: UDP_PORT },
+        set: set0,
+    };
+    if mode == Mode::Ipvs {
+        live.case.skipped = Some(ipvs_unavailable());
+        return live;
+    }
+    progress(&format!("{mode} S={services}: building the sandbox ({PODS} pods)"));
+    let mut sb = Sandbox::new("bn", PODS);
+    sb.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    sb.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    let pods: Vec<_> = sb.pods.iter().map(|p| &p.ns).collect();
+    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, args.clients + 2));
+    live.set = ServiceSet::new(services, sb.pods.iter().map(|p| p.ip).collect());
+    if mode == Mode::Direct {
+        live.target = Target { addrs: live.set.real_endpoints.clone(), http: HTTP_TARGET, bulk: BULK_TARGET, udp: UDP_TARGET };
+    }
+    progress(&format!("{mode} S={services}: programming {services} Services"));
+    let programmed = match mode {
+        Mode::Direct | Mode::Ipvs => None,
+        Mode::Iptables => Some(program::iptables(&sb.node, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
+        Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
+        Mode::Ebpf => Some(program_agent(args, &mut sb, &live.set)),
+    };
+    if let Some(p) = &programmed {
+        match &p.result {
+            Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
+            Err(e) => {
+                progress(&format!("{mode} S={services}: programming failed: {e}"));
+                live.case.skipped = Some(format!("programming {services} Services failed: {e}"));
+            }
+        }
+    }
+    live.case.program = programmed;
+    if live.case.skipped.is_none() {
+        // Warm-up, and a check that the target answers at all.
+        let warm = run_phase(&sb.client, &live.target, Phase::Connections, args.clients, Duration::from_millis(300));
+        if warm.ops == 0 {
+            live.case.skipped = Some(format!("no request answered: {}", warm.first_error.unwrap_or_default()));
+            progress(&format!("{mode} S={services}: {}", live.case.skipped.as_deref().unwrap_or_default()));
+        }
+    }
+    live.sb = Some(sb);
+    live
+}
+
+impl Live {
+    /// One run of every phase.
+    pub fn measure(&mut self, args: &Args, rep: usize) {
+        let Some(sb) = self.sb.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        let (mode, services) = (self.case.mode, self.case.services);
+        let d = args.duration;
+        progress(&format!("{mode} S={services}: run {}/{} ({:.1} s of load)", rep + 1, args.reps, (d * 9 / 2).as_secs_f64()));
+        let t = &self.target;
+        let conn = run_phase(&sb.client, t, Phase::Connections, args.clients, d);
+        let rr = run_phase(&sb.client, t, Phase::KeepAlive, args.clients, d);
+        let bulk = run_phase(&sb.client, t, Phase::Bulk, 1, d / 2);
+        let udp = run_phase(&sb.client, t, Phase::Udp, args.clients, d);
+        let mut lat = run_phase(&sb.client, t, Phase::Latency, 1, d);
+        let errors = conn.errors + rr.errors + bulk.errors + udp.errors + lat.errors;
+        let first_error = [&conn, &rr, &bulk, &udp, &lat].iter().find_map(|r| r.first_error.clone());
+        let values = rep_values(&conn, &rr, &bulk, &udp, &mut lat);
+        self.case.reps.push(Rep { values, errors, first_error });
+    }
+
+    /// Measures "apply one added Service" when this is the size for it, then
+    /// tears the sandbox down and returns the case.
+    #[must_use]
+    pub fn finish(mut self, args: &Args) -> Case {
+        if let Some(sb) = self.sb.as_ref()
+            && self.case.services == args.add_one_at
+            && self.case.program.as_ref().is_some_and(|p| p.result.is_ok())
+        {
+            self.case.add_one = Some(add_one(args, self.case.mode, sb, &self.set));
+        }
+        self.servers = None;
+        if self.sb.take().is_some() {
+            progress(&format!("{} S={}: torn down", self.case.mode, self.case.services));
+        }
+        self.case
+    }
+}
+
+/// Why kube-proxy's IPVS shape cannot be measured here.
+#[must_use]
+pub fn ipvs_unavailable() -> String {
+    let config = std::process::Command::new("sh")
+        .args(["-c", "zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?CONFIG_IP_VS[ =]'"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if config.ends_with("is not set") || (config.is_empty() && !Path::new("/proc/net/ip_vs").exists()) {
+        format!(
+            "not measurable here: this kernel has no IPVS ({}; no loadable modules), so kube-proxy's IPVS rules cannot be programmed",
+            if config.is_empty() { "no /proc/net/ip_vs".to_owned() } else { config }
+        )
+    } else {
+        "not measured: this kernel has IPVS, but the bench does not program kube-proxy's IPVS shape yet".to_owned()
+    }
+}
+
+/// Writes the manifests, starts the agent and times it until every frontend
+/// is in the pinned maps.
+fn program_agent(args: &Args, sb: &mut Sandbox, set: &ServiceSet) -> Programmed {
+    set.write_manifests(&sb.manifests);
+    let start = Instant::now();
+    sb.start_agent(&args.agent);
+    let fronts = set.all_frontends();
+    let result = program::wait_frontends(&sb.bpffs, &fronts, start, args.program_timeout);
+    Programmed { result, transactions: 1 }
+}
+
+/// Applies one more Service the mode's way and times it until it is in
+/// effect (rules loaded; for the agent: in the pinned maps).
+fn add_one(args: &Args, mode: Mode, sb: &Sandbox, set: &ServiceSet) -> Result<Duration, String> {
+    progress(&format!("{mode} S={}: applying one added Service", set.count));
+    let t = args.program_timeout;
+    match mode {
+        Mode::Iptables => program::iptables_add_one(&sb.node, set, args.ipt_backend, t),
+        Mode::Nftables => program::nftables_add_one(&sb.node, set, t),
+        Mode::Ebpf => {
+            let extra = set.extra();
+            let start = Instant::now();
+            write_atomic(&sb.manifests, "added.yaml", &super::services::manifest_of(std::slice::from_ref(&extra)));
+            program::wait_frontends(&sb.bpffs, &[extra], start, t)
+        }
+        Mode::Direct | Mode::Ipvs => Err("no Services in this mode".into()),
+    }
+}
+
+/// Control plane only: programs `services` Services with `mode` in a fresh
+/// sandbox without pods, then (at `args.add_one_at`) one more.
+#[must_use]
+pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
+    progress(&format!("control plane: {mode}, {services} Services from nothing"));
+    let mut sb = Sandbox::new("bp", 0);
+    let set = ServiceSet::new(services, vec![std::net::Ipv4Addr::new(10, 244, 0, 11)]);
+    let program = match mode {
+        Mode::Iptables => program::iptables(&sb.node, &set, args.ipt_backend, args.ipt_chunk, args.program_timeout),
+        Mode::Nftables => program::nftables(&sb.node, &set, args.nft_chunk, args.program_timeout),
+        Mode::Ebpf => program_agent(args, &mut sb, &set),
+        Mode::Direct | Mode::Ipvs => return Case::skipped(mode, services, ipvs_unavailable()),
+    };
+    match &program.result {
+        Ok(d) => progress(&format!("control plane: {mode}, {services} Services: {:.2} s", d.as_secs_f64())),
+        Err(e) => progress(&format!("control plane: {mode}, {services} Services: {e}")),
+    }
+    let add_one = (services == args.add_one_at && program.result.is_ok()).then(|| add_one(args, mode, &sb, &set));
+    Case { mode, services, skipped: None, program: Some(program), add_one, reps: Vec::new() }
+}

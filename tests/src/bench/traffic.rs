@@ -1,0 +1,406 @@
+//! Load generators and the servers they talk to: lean std-socket threads in
+//! the bench's own namespaces (clients in the client namespace, servers in
+//! the pods). Every loop is bounded in time (a deadline) and in count.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// At most this many latency samples per client thread.
+const MAX_SAMPLES: usize = 2_000_000;
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Servers in the pods; stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set_accept_timeout(l: &TcpListener, t: Duration) {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(1),
+        tv_usec: libc::suseconds_t::from(t.subsec_micros()),
+    };
+    // SAFETY: setsockopt on a socket we own with a correctly sized timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).expect("small"),
+        )
+    };
+    assert!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+}
+
+/// Starts, in every pod namespace: an HTTP server on `http` (keep-alive, a
+/// fixed 3-byte body), a TCP sink on `bulk`, a UDP echo on `udp`. Workers
+/// share one listener each (blocking accept with a timeout, no spawn per
+/// connection), so the servers cost the same in every mode.
+#[must_use]
+pub fn start_servers(pods: &[&Netns], http: u16, bulk: u16, udp: u16, http_workers: usize) -> Servers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for ns in pods {
+        let (tx, rx) = std::sync::mpsc::channel();
+        threads.push(ns.spawn(move || {
+            let any = |p| SocketAddr::from(([0, 0, 0, 0], p));
+            let web = TcpListener::bind(any(http)).expect("bind http");
+            let sink = TcpListener::bind(any(bulk)).expect("bind bulk");
+            let echo = UdpSocket::bind(any(udp)).expect("bind udp");
+            set_accept_timeout(&web, Duration::from_millis(100));
+            set_accept_timeout(&sink, Duration::from_millis(100));
+            echo.set_read_timeout(Some(Duration::from_millis(100))).expect("udp timeout");
+            tx.send((web, sink, echo)).expect("ready");
+        }));
+        let (web, sink, echo) = rx.recv_timeout(Duration::from_secs(5)).expect("pod servers did not start");
+        let web = Arc::new(web);
+        for _ in 0..http_workers {
+            let (l, s) = (web.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || accept_loop(&l, &s, serve_http)));
+        }
+        let sink = Arc::new(sink);
+        for _ in 0..2 {
+            let (l, s) = (sink.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || accept_loop(&l, &s, serve_sink)));
+        }
+        let s = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], peer);
+                }
+            }
+        }));
+    }
+    Servers { stop, threads }
+}
+
+fn accept_loop(l: &TcpListener, stop: &AtomicBool, serve: fn(TcpStream, &AtomicBool)) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((s, _)) = l.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+            serve(s, stop);
+        }
+    }
+}
+
+/// Answers each request (anything ending in an empty line) until EOF.
+fn serve_http(mut s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_nodelay(true);
+    let mut buf = [0u8; 4096];
+    let mut have = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf[have..]) {
+            Ok(0) => return,
+            Ok(n) => have += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            if s.write_all(RESPONSE).is_err() {
+                return;
+            }
+            buf.copy_within(end + 4..have, 0);
+            have -= end + 4;
+        }
+        if have == buf.len() {
+            return;
+        }
+    }
+}
+
+fn serve_sink(mut s: TcpStream, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// What the client targets: one address (a `ClusterIP`) or the pods
+/// themselves in turn (direct).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addrs: Vec<Ipv4Addr>,
+    pub http: u16,
+    pub bulk: u16,
+    pub udp: u16,
+}
+
+impl Target {
+    fn pick(&self, n: usize, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.addrs[n % self.addrs.len()], port))
+    }
+}
+
+/// The result of one load phase.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseResult {
+    /// Completed operations (requests, connections, datagram round trips).
+    pub ops: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Bytes moved (bulk).
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Latency samples in microseconds.
+    pub samples_us: Vec<u32>,
+    /// sys + softirq CPU time (whole machine) during the phase.
+    pub cpu: Duration,
+}
+
+impl PhaseResult {
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let ops = self.ops as f64;
+        ops / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The machine's system + softirq time so far, from /proc/stat.
+#[must_use]
+pub fn sys_softirq() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| l.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq ...; USER_HZ is 100 on Linux.
+    let ticks = fields.get(2).copied().unwrap_or(0) + fields.get(5).copied().unwrap_or(0) + fields.get(6).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A new connection per request (one thread per `clients`).
+    Connections,
+    /// Requests over keep-alive connections (one per client thread).
+    KeepAlive,
+    /// One TCP stream, as fast as it goes.
+    Bulk,
+    /// UDP request/response, one socket per client thread.
+    Udp,
+    /// One client, a new connection per request, nothing else running.
+    Latency,
+}
+
+/// Runs `phase` from the client namespace for `dur` with `clients` threads.
+#[must_use]
+pub fn run_phase(client: &Netns, target: &Target, phase: Phase, clients: usize, dur: Duration) -> PhaseResult {
+    let threads = match phase {
+        Phase::Bulk | Phase::Latency => 1,
+        _ => clients.max(1),
+    };
+    let cpu0 = sys_softirq();
+    let start = Instant::now();
+    let deadline = start + dur;
+    let handles: Vec<_> = (0..threads)
+        .map(|k| {
+            let t = target.clone();
+            client.spawn(move || match phase {
+                Phase::Connections | Phase::Latency => connections(&t, k, deadline),
+                Phase::KeepAlive => keep_alive(&t, k, deadline),
+                Phase::Bulk => bulk(&t, k, deadline),
+                Phase::Udp => udp(&t, k, deadline),
+            })
+        })
+        .collect();
+    let mut out = PhaseResult::default();
+    for h in handles {
+        let r = h.join().unwrap_or_else(|_| PhaseResult { errors: 1, first_error: Some("client thread panicked".into()), ..PhaseResult::default() });
+        out.ops += r.ops;
+        out.errors += r.errors;
+        out.bytes += r.bytes;
+        if out.first_error.is_none() {
+            out.first_error = r.first_error;
+        }
+        out.samples_us.extend(r.samples_us);
+    }
+    out.elapsed = start.elapsed();
+    out.cpu = sys_softirq().saturating_sub(cpu0);
+    out
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+fn error(r: &mut PhaseResult, e: &std::io::Error) {
+    r.errors += 1;
+    if r.first_error.is_none() {
+        r.first_error = Some(e.to_string());
+    }
+    // A failing target must not turn into a busy loop.
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+/// Reads one response of the known size (headers + 3-byte body).
+fn read_response(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut have = 0;
+    while have < RESPONSE.len() {
+        let n = s.read(&mut buf[have..])?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
+        }
+        have += n;
+    }
+    if !buf.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other("unexpected response"));
+    }
+    Ok(())
+}
+
+fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    read_response(&mut s, buf)
+}
+
+fn connections(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
+    let mut r = PhaseResult::default();
+    let mut buf = [0u8; 512];
+    let mut n = thread;
+    while Instant::now() < deadline && r.samples_us.len() < MAX_SAMPLES {
+        let t0 = Instant::now();
+        match one_connection(target.pick(n, target.http), &mut buf) {
+            Ok(()) => {
+                r.ops += 1;
+                r.samples_us.push(micros(t0.elapsed()));
+            }
+            Err(e) => error(&mut r, &e),
+        }
+        n += 1;
+    }
+    r
+}
+
+fn keep_alive(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
+    let mut r = PhaseResult::default();
+    let mut buf = [0u8; 512];
+    let mut conn: Option<TcpStream> = None;
+    while Instant::now() < deadline && r.samples_us.len() < MAX_SAMPLES {
+        let s = match conn.as_mut() {
+            Some(s) => s,
+            None => match TcpStream::connect_timeout(&target.pick(thread, target.http), IO_TIMEOUT).and_then(|s| {
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            }) {
+                Ok(s) => conn.insert(s),
+                Err(e) => {
+                    error(&mut r, &e);
+                    continue;
+                }
+            },
+        };
+        let t0 = Instant::now();
+        match s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").and_then(|()| read_response(s, &mut buf)) {
+            Ok(()) => {
+                r.ops += 1;
+                r.samples_us.push(micros(t0.elapsed()));
+            }
+            Err(e) => {
+                conn = None;
+                error(&mut r, &e);
+            }
+        }
+    }
+    r
+}
+
+fn bulk(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
+    let mut r = PhaseResult::default();
+    let chunk = vec![0x5au8; 128 * 1024];
+    let mut s = match TcpStream::connect_timeout(&target.pick(thread, target.bulk), IO_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            error(&mut r, &e);
+            return r;
+        }
+    };
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    while Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                r.bytes += n as u64;
+                r.ops += 1;
+            }
+            Err(e) => {
+                error(&mut r, &e);
+                break;
+            }
+        }
+    }
+    r
+}
+
+fn udp(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
+    let mut r = PhaseResult::default();
+    let sock = match UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(target.pick(thread, target.udp))?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            error(&mut r, &e);
+            return r;
+        }
+    };
+    let payload = [0x42u8; 64];
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline && r.samples_us.len() < MAX_SAMPLES {
+        let t0 = Instant::now();
+        match sock.send(&payload).and_then(|_| sock.recv(&mut buf)) {
+            Ok(64) => {
+                r.ops += 1;
+                r.samples_us.push(micros(t0.elapsed()));
+            }
+            Ok(n) => error(&mut r, &std::io::Error::other(format!("short UDP reply ({n} bytes)"))),
+            Err(e) => error(&mut r, &e),
+        }
+    }
+    r
+}
+
+/// The `p`-th percentile (0..=100) of `samples` (sorted in place).
+#[must_use]
+pub fn percentile(samples: &mut [u32], p: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "index in range")]
+    let idx = (((samples.len() - 1) as f64) * p / 100.0).round() as usize;
+    Some(f64::from(samples[idx.min(samples.len() - 1)]))
+}
