@@ -63,7 +63,8 @@ struct Programmed {
     next_backend_id: u32,
 }
 
-fn svc_key(k: FrontendKey, slot: u16) -> SvcKey {
+/// The service-map key of slot `slot` of frontend `k`.
+pub(crate) fn svc_key(k: FrontendKey, slot: u16) -> SvcKey {
     SvcKey {
         addr_be: u32::from(k.addr).to_be(),
         port_be: k.port.to_be(),

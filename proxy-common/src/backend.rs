@@ -5,7 +5,8 @@
 //! while slots are reshuffled.
 
 pub const BACKEND_MAP: &str = "proxy_be_v1";
-pub const BACKEND_MAX_ENTRIES: u32 = 262_144;
+/// No preallocation: only used entries cost memory.
+pub const BACKEND_MAX_ENTRIES: u32 = 1_048_576;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

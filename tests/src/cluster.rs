@@ -24,8 +24,7 @@
 //! manifests directory. Everything — namespaces, pins, files, agents,
 //! servers — is removed on drop, also when a test panics.
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -572,7 +571,7 @@ pub fn http_peer_server(ns: &Netns, port: u16, name: &str) -> PeerServer {
                 Ok((stream, peer)) => {
                     let (s, c) = (s.clone(), c.clone());
                     let body = format!("{}\n", peer_text(&name, peer));
-                    conns.push(std::thread::spawn(move || serve_peer_http(stream, &body, &s, &c)));
+                    conns.push(std::thread::spawn(move || crate::servers::serve_http_body(stream, &body, &s, &c)));
                     conns.retain(|h| !h.is_finished());
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -584,30 +583,6 @@ pub fn http_peer_server(ns: &Netns, port: u16, name: &str) -> PeerServer {
     });
     ready_rx.recv_timeout(Duration::from_secs(5)).expect("http peer server did not start");
     PeerServer { stop, served, thread: Some(thread) }
-}
-
-fn serve_peer_http(mut stream: TcpStream, body: &str, stop: &AtomicBool, served: &AtomicU64) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        match stream.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
-            Err(_) => return,
-        }
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.drain(..end + 4);
-            if stream.write_all(response.as_bytes()).is_err() {
-                return;
-            }
-            served.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// UDP on `port` inside `ns`; answers each datagram with

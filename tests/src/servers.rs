@@ -53,7 +53,7 @@ pub fn http_server(ns: &Netns, port: u16, name: &str) -> Server {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let (s, c, name) = (s.clone(), c.clone(), name.clone());
-                    std::thread::spawn(move || serve_http(stream, &name, &s, &c));
+                    std::thread::spawn(move || serve_http_body(stream, &format!("{name}\n"), &s, &c));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
@@ -63,10 +63,11 @@ pub fn http_server(ns: &Netns, port: u16, name: &str) -> Server {
     Server { stop, served, thread: Some(thread) }
 }
 
-fn serve_http(mut stream: TcpStream, name: &str, stop: &AtomicBool, served: &AtomicU64) {
+/// Answers every request on one keep-alive connection with `body`.
+pub(crate) fn serve_http_body(mut stream: TcpStream, body: &str, stop: &AtomicBool, served: &AtomicU64) {
+    let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let body = format!("{name}\n");
     let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -121,7 +122,7 @@ pub fn http_server_forever(port: u16, name: &str) -> ! {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind http server");
     for stream in listener.incoming().flatten() {
         let name = name.to_owned();
-        std::thread::spawn(move || serve_http(stream, &name, stop, served));
+        std::thread::spawn(move || serve_http_body(stream, &format!("{name}\n"), stop, served));
     }
     unreachable!("TcpListener::incoming never ends")
 }

@@ -142,14 +142,7 @@ fn assert_no_writes(r: &mut Reconciler<FakeMaps>, d: &Desired, what: &str) {
 // ---------------------------------------------------------------------------
 
 fn skey(k: FrontendKey, slot: u16) -> SvcKey {
-    SvcKey {
-        addr_be: u32::from(k.addr).to_be(),
-        port_be: k.port.to_be(),
-        backend_slot: slot,
-        proto: k.protocol.number(),
-        scope: 0,
-        _pad: [0; 2],
-    }
+    super::svc_key(k, slot)
 }
 
 fn head(maps: &FakeMaps, k: FrontendKey) -> SvcValue {
