@@ -83,6 +83,16 @@ fn frontend_of(k: SvcKey) -> Option<FrontendKey> {
     })
 }
 
+/// The model's key of a backend as stored in the map.
+fn backend_key(b: Backend) -> Option<(BackendAddr, Protocol)> {
+    let addr = BackendAddr {
+        addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
+        port: u16::from_be(b.port_be),
+        local: b.flags & BACKEND_F_LOCAL != 0,
+    };
+    Some((addr, Protocol::from_number(b.proto)?))
+}
+
 fn slot_u16(i: usize) -> u16 {
     u16::try_from(i).expect("slot numbers fit u16 (MAX_BACKENDS_PER_FRONTEND)")
 }
@@ -124,15 +134,10 @@ impl Programmed {
         for (id, b) in d.backends {
             p.next_backend_id = p.next_backend_id.max(id);
             p.backends.insert(id, b);
-            if let Some(proto) = Protocol::from_number(b.proto) {
-                let addr = BackendAddr {
-                    addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
-                    port: u16::from_be(b.port_be),
-                    local: b.flags & BACKEND_F_LOCAL != 0,
-                };
+            if let Some(key) = backend_key(b) {
                 // Two ids for one address (should not happen): keep the first;
                 // the other is deleted once nothing references it.
-                p.backend_ids.entry((addr, proto)).or_insert(id);
+                p.backend_ids.entry(key).or_insert(id);
             }
         }
         p.next_svc_id += 1;
@@ -448,8 +453,10 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Ok(()) => {
                     report.deletes += 1;
                     let b = self.state.backends.remove(&id).expect("present");
-                    self.state.backend_ids.retain(|_, v| *v != id);
-                    let _ = b;
+                    // The address this id stood for (only if it still maps to this id).
+                    if let Some(key) = backend_key(b).filter(|k| self.state.backend_ids.get(k) == Some(&id)) {
+                        self.state.backend_ids.remove(&key);
+                    }
                 }
                 Err(e) => {
                     self.stale = true;

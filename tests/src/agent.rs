@@ -45,8 +45,8 @@ pub struct Agent {
 #[derive(Clone, Copy, Debug)]
 pub enum AgentSource<'a> {
     Manifests(&'a Path),
-    /// An API server, through this kubeconfig, as node `node_name`.
-    ApiServer { kubeconfig: &'a Path, node_name: &'a str },
+    /// An API server, through this kubeconfig.
+    ApiServer { kubeconfig: &'a Path },
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +56,10 @@ pub struct AgentArgs<'a> {
     pub bpffs: &'a Path,
     pub source: AgentSource<'a>,
     pub devices: &'a str,
+    /// `--node-name` (default: the agent's own default).
+    pub node_name: Option<&'a str>,
+    /// More `run` flags.
+    pub extra: &'a [&'a str],
     pub log: &'a Path,
 }
 
@@ -69,10 +73,12 @@ impl Agent {
         cmd.arg(format!("--net=/run/netns/{}", a.netns)).arg(a.bin).arg("--bpffs").arg(a.bpffs).arg("run");
         match a.source {
             AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
-            AgentSource::ApiServer { kubeconfig, node_name } => {
-                cmd.arg("--kubeconfig").arg(kubeconfig).arg("--node-name").arg(node_name)
-            }
+            AgentSource::ApiServer { kubeconfig } => cmd.arg("--kubeconfig").arg(kubeconfig),
         };
+        if let Some(name) = a.node_name {
+            cmd.arg("--node-name").arg(name);
+        }
+        cmd.args(a.extra);
         let child = cmd
             .arg("--devices")
             .arg(a.devices)

@@ -24,14 +24,8 @@
 //! manifests directory. Everything — namespaces, pins, files, agents,
 //! servers — is removed on drop, also when a test panics.
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
 };
 
 use proxy_agent::pins::Pins;
@@ -187,7 +181,6 @@ pub struct Node {
     pub bpffs: PathBuf,
     pub agent: Option<Agent>,
     log: PathBuf,
-    launcher: PathBuf,
 }
 
 impl Node {
@@ -229,23 +222,14 @@ impl Node {
     /// --devices DEVICES --node-name <name>` and `extra` appended.
     fn start_agent(&mut self, bin: &Path, manifests: &Path, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running on {}", self.name());
-        // Why: AgentArgs has no node name (for manifests) nor extra flags, so
-        // a launcher script execs the agent with them appended; the child
-        // Agent holds is then the agent process itself (nsenter and sh exec).
-        let mut script = format!("#!/bin/sh\nexec {} \"$@\" --node-name {}", sh_quote(&bin.to_string_lossy()), self.name());
-        for a in extra {
-            script.push(' ');
-            script.push_str(&sh_quote(a));
-        }
-        script.push('\n');
-        std::fs::write(&self.launcher, script).expect("write agent launcher");
-        std::fs::set_permissions(&self.launcher, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod agent launcher");
         self.agent = Some(Agent::start(&AgentArgs {
-            bin: &self.launcher,
+            bin,
             netns: self.ns.name(),
             bpffs: &self.bpffs,
             source: AgentSource::Manifests(manifests),
             devices: DEVICES,
+            node_name: Some(self.name()),
+            extra,
             log: &self.log,
         }));
     }
@@ -289,7 +273,6 @@ pub struct Cluster {
     /// The manifests directory both agents read.
     pub manifests: PathBuf,
     servers: Vec<Server>,
-    peer_servers: Vec<PeerServer>,
 }
 
 impl Cluster {
@@ -312,7 +295,6 @@ impl Cluster {
                 bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-cluster-{id}-{l}")),
                 agent: None,
                 log: workdir.join(format!("agent-{}.log", n.name())),
-                launcher: workdir.join(format!("agent-{}.sh", n.name())),
             }
         };
         // Built field by field into the guard first, so a failing step
@@ -325,7 +307,6 @@ impl Cluster {
             workdir: workdir.clone(),
             manifests,
             servers: Vec::new(),
-            peer_servers: Vec::new(),
         };
         c.client = Netns::create(&format!("{id}c"));
         c.a.ns = Netns::create(&format!("{id}na"));
@@ -422,19 +403,19 @@ impl Cluster {
     /// the source the pod sees (parse with [`Seen::parse`]).
     pub fn serve_http_peer(&mut self, port: u16) {
         let new: Vec<PeerServer> = self.pods().map(|p| http_peer_server(&p.ns, port, &p.name)).collect();
-        self.peer_servers.extend(new);
+        self.servers.extend(new);
     }
 
     /// UDP on `port` in every pod, answering `<pod> <peer-ip> <peer-port> <payload>`.
     pub fn serve_udp_peer(&mut self, port: u16) {
         let new: Vec<PeerServer> = self.pods().map(|p| udp_peer_echo(&p.ns, port, &p.name)).collect();
-        self.peer_servers.extend(new);
+        self.servers.extend(new);
     }
 
     /// Keeps a server (for example one in a node namespace) until the
     /// cluster is dropped.
     pub fn keep_server(&mut self, s: PeerServer) {
-        self.peer_servers.push(s);
+        self.servers.push(s);
     }
 
     /// Starts the agent `bin` on node `n`: `--manifests <self.manifests>
@@ -481,17 +462,12 @@ impl Drop for Cluster {
         self.a.kill_agent();
         self.b.kill_agent();
         self.servers.clear();
-        self.peer_servers.clear();
         for n in [&self.a, &self.b] {
             let _ = proxy_agent::datapath::cleanup(&Pins::new(&n.bpffs));
         }
         let _ = std::fs::remove_dir_all(&self.workdir);
         // The namespaces go when the fields drop (pods, then nodes, client).
     }
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// What a peer server answered: the pod's name and the source address it
@@ -523,28 +499,7 @@ impl Seen {
 }
 
 /// A server that reports the peer it sees; stopped (threads joined) on drop.
-pub struct PeerServer {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl PeerServer {
-    /// Requests (HTTP) or datagrams (UDP) answered so far.
-    #[must_use]
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for PeerServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+pub type PeerServer = crate::servers::Server;
 
 fn peer_text(name: &str, peer: SocketAddr) -> String {
     match peer {
@@ -557,32 +512,8 @@ fn peer_text(name: &str, peer: SocketAddr) -> String {
 /// `<name> <peer-ip> <peer-port>\n`, the client address as the server sees it.
 #[must_use]
 pub fn http_peer_server(ns: &Netns, port: u16, name: &str) -> PeerServer {
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = ns.spawn(move || {
-        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind http peer server");
-        listener.set_nonblocking(true).expect("nonblocking");
-        ready_tx.send(()).expect("ready");
-        let mut conns: Vec<JoinHandle<()>> = Vec::new();
-        while !s.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let (s, c) = (s.clone(), c.clone());
-                    let body = format!("{}\n", peer_text(&name, peer));
-                    conns.push(std::thread::spawn(move || crate::servers::serve_http_body(stream, &body, &s, &c)));
-                    conns.retain(|h| !h.is_finished());
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-        for h in conns {
-            let _ = h.join();
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("http peer server did not start");
-    PeerServer { stop, served, thread: Some(thread) }
+    let name = name.to_owned();
+    crate::servers::http_server_with(ns, port, move |peer| format!("{}\n", peer_text(&name, peer)))
 }
 
 /// UDP on `port` inside `ns`; answers each datagram with
@@ -597,25 +528,10 @@ pub fn udp_peer_echo(ns: &Netns, port: u16, name: &str) -> PeerServer {
 /// [`udp_peer_echo`] bound to `bind`, so replies come from that address.
 #[must_use]
 pub fn udp_peer_echo_at(ns: &Netns, bind: SocketAddrV4, name: &str) -> PeerServer {
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = ns.spawn(move || {
-        let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp peer echo {bind}: {e}"));
-        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        ready_tx.send(()).expect("ready");
-        let mut buf = [0u8; 2048];
-        while !s.load(Ordering::Relaxed) {
-            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                if sock.send_to(&reply, peer).is_ok() {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("udp peer echo did not start");
-    PeerServer { stop, served, thread: Some(thread) }
+    let name = name.to_owned();
+    crate::servers::udp_echo_with(ns, SocketAddr::V4(bind), move |peer, payload| {
+        let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
+        reply.extend_from_slice(payload);
+        reply
+    })
 }

@@ -156,11 +156,12 @@ impl Sandbox {
     /// sandbox's manifests directory.
     pub fn start_agent(&mut self, bin: &Path) {
         let manifests = self.manifests.clone();
-        self.start_agent_from(bin, AgentSource::Manifests(&manifests));
+        self.start_agent_from(bin, AgentSource::Manifests(&manifests), None);
     }
 
-    /// Starts the agent (`bin`) in the node namespace with `source`.
-    pub fn start_agent_from(&mut self, bin: &Path, source: AgentSource<'_>) {
+    /// Starts the agent (`bin`) in the node namespace with `source`, as
+    /// node `node_name` when given.
+    pub fn start_agent_from(&mut self, bin: &Path, source: AgentSource<'_>, node_name: Option<&str>) {
         assert!(self.agent.is_none(), "agent already running");
         let log = self.agent_log_path();
         self.agent = Some(Agent::start(&AgentArgs {
@@ -169,6 +170,8 @@ impl Sandbox {
             bpffs: &self.bpffs,
             source,
             devices: DEVICES,
+            node_name,
+            extra: &[],
             log: &log,
         }));
     }

@@ -39,24 +39,37 @@ impl Drop for Server {
 }
 
 /// Serves `HTTP/1.1 200` with body `<name>\n` on `port` inside `ns`.
-#[must_use] 
+#[must_use]
 pub fn http_server(ns: &Netns, port: u16, name: &str) -> Server {
+    let body = format!("{name}\n");
+    http_server_with(ns, port, move |_| body.clone())
+}
+
+/// Serves HTTP/1.1 (keep-alive) on `port` inside `ns`; every response on a
+/// connection has the body `body(peer)`, the peer as the server sees it.
+#[must_use]
+pub fn http_server_with(ns: &Netns, port: u16, body: impl Fn(SocketAddr) -> String + Send + 'static) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
-    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
+    let (s, c) = (stop.clone(), served.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = ns.spawn(move || {
         let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind http server");
         listener.set_nonblocking(true).expect("nonblocking");
         ready_tx.send(()).expect("ready");
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
         while !s.load(Ordering::Relaxed) {
             match listener.accept() {
-                Ok((stream, _)) => {
-                    let (s, c, name) = (s.clone(), c.clone(), name.clone());
-                    std::thread::spawn(move || serve_http_body(stream, &format!("{name}\n"), &s, &c));
+                Ok((stream, peer)) => {
+                    let (s, c, body) = (s.clone(), c.clone(), body(peer));
+                    conns.push(std::thread::spawn(move || serve_http_body(stream, &body, &s, &c)));
+                    conns.retain(|h| !h.is_finished());
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
+        }
+        for h in conns {
+            let _ = h.join();
         }
     });
     ready_rx.recv_timeout(Duration::from_secs(5)).expect("http server did not start");
@@ -89,24 +102,34 @@ pub(crate) fn serve_http_body(mut stream: TcpStream, body: &str, stop: &AtomicBo
 }
 
 /// Answers each datagram on `port` with `<name>:<payload>`.
-#[must_use] 
+#[must_use]
 pub fn udp_echo(ns: &Netns, port: u16, name: &str) -> Server {
+    let prefix = format!("{name}:");
+    udp_echo_with(ns, SocketAddr::from(([0, 0, 0, 0], port)), move |_, payload| {
+        let mut reply = prefix.clone().into_bytes();
+        reply.extend_from_slice(payload);
+        reply
+    })
+}
+
+/// Answers each datagram received on `bind` inside `ns` with
+/// `reply(peer, payload)`.
+#[must_use]
+pub fn udp_echo_with(ns: &Netns, bind: SocketAddr, reply: impl Fn(SocketAddr, &[u8]) -> Vec<u8> + Send + 'static) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
-    let (s, c, name) = (stop.clone(), served.clone(), name.to_owned());
+    let (s, c) = (stop.clone(), served.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = ns.spawn(move || {
-        let sock = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind udp echo");
+        let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp echo {bind}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
         ready_tx.send(()).expect("ready");
         let mut buf = [0u8; 2048];
         while !s.load(Ordering::Relaxed) {
-            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                let mut reply = format!("{name}:").into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                if sock.send_to(&reply, peer).is_ok() {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Ok((n, peer)) = sock.recv_from(&mut buf)
+                && sock.send_to(&reply(peer, &buf[..n]), peer).is_ok()
+            {
+                c.fetch_add(1, Ordering::Relaxed);
             }
         }
     });

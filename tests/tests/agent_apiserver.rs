@@ -84,7 +84,7 @@ impl Cluster {
 
     fn start_agent(&mut self) {
         let kc = self.kubeconfig.clone();
-        self.sb.start_agent_from(&agent_bin(), AgentSource::ApiServer { kubeconfig: &kc, node_name: NODE });
+        self.sb.start_agent_from(&agent_bin(), AgentSource::ApiServer { kubeconfig: &kc }, Some(NODE));
     }
 
     fn backends(&self) -> Vec<String> {
