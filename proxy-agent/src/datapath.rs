@@ -297,6 +297,15 @@ impl Datapath {
         self.attached
             .retain(|name, index| devices.iter().any(|d| &d.name == name && d.index == *index));
         let mut new = Vec::new();
+        // Devices with an IPv4 address: the node's own interfaces, where
+        // north-south traffic enters. Pod devices (no address) get no XDP:
+        // nothing arriving there is for the fast path, and native XDP on a
+        // veth would take GSO away from the pod's side of it.
+        let addressed: Vec<String> = if self.xdp.is_some() {
+            list_ipv4_addresses()?.into_iter().map(|a| a.device).collect()
+        } else {
+            Vec::new()
+        };
         for dev in &devices {
             if self.attached.get(&dev.name) == Some(&dev.index) {
                 continue;
@@ -308,6 +317,10 @@ impl Datapath {
                     self.attached.insert(dev.name.clone(), dev.index);
                     new.push(dev.name.clone());
                     if let Some(mode) = self.xdp {
+                        if !addressed.contains(&dev.name) {
+                            info!(device = %dev.name, "no IPv4 address (a pod device): XDP not attached, TC carries its traffic");
+                            continue;
+                        }
                         match self.attach_xdp(dev, mode) {
                             Ok(adopted) => info!(device = %dev.name, ?mode, adopted, "XDP fast path attached"),
                             Err(e) => warn!(

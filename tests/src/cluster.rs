@@ -448,6 +448,29 @@ impl Cluster {
         self.node_mut(n).kill_agent();
     }
 
+    /// Makes the veths behave like wires for native XDP: the client and the
+    /// pods compute full checksums instead of leaving them to an offload a
+    /// veth never performs (on a real wire every packet carries its
+    /// checksum; an XDP program has no skb to finish it in), and the
+    /// devices native XDP redirects into (the client's `eth0`, node B's
+    /// `nodelink`) run NAPI (GRO on), as a NIC driver does. Uses `ethtool`.
+    pub fn make_wire_like(&self) -> Result<(), String> {
+        let mut steps: Vec<(&Netns, &str, &[&str])> = vec![(&self.client, "eth0", &["tx", "off", "gro", "on"]), (&self.b.ns, "nodelink", &["gro", "on"])];
+        steps.extend(self.pods().map(|p| (&p.ns, "eth0", &["tx", "off"][..])));
+        for (ns, dev, features) in steps {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", ns.path()))
+                .args(["ethtool", "-K", dev])
+                .args(features)
+                .output()
+                .map_err(|e| format!("cannot run ethtool (cargo xtask setup installs it): {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ethtool -K {dev} {} in {}: {}", features.join(" "), ns.name(), String::from_utf8_lossy(&out.stderr).trim()));
+            }
+        }
+        Ok(())
+    }
+
     /// The names of every namespace of this cluster (client, nodes, pods).
     #[must_use]
     pub fn netns_names(&self) -> Vec<String> {

@@ -44,6 +44,7 @@ const DEBIAN: &[(&str, &str)] = &[
     ("kubectl", "kubernetes-client"),
     ("iptables-nft-restore", "iptables"),
     ("nft", "nftables"),
+    ("ethtool", "ethtool"),
 ];
 
 pub fn setup() -> Result<()> {

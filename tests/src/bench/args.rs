@@ -34,7 +34,7 @@ pub struct Args {
 
 pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S] [--out DIR] [--agent PATH] \
 [--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
-[--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--modes direct,iptables,nftables,ipvs,ebpf]";
+[--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--modes direct,iptables,nftables,ipvs,ebpf,np-direct,np-iptables,np-tc,np-xdp]";
 
 fn list(v: &str) -> Vec<usize> {
     v.split(',')

@@ -1,7 +1,10 @@
-//! `cargo xtask bench` (issue 5): the `ClusterIP` datapath of this project's
-//! agent side by side with direct routing and kube-proxy's iptables,
-//! nftables and IPVS rule shapes, plus control-plane timings, measured in one
-//! run in network namespaces the bench creates. Writes `BENCHMARKS.md`,
+//! `cargo xtask bench` (issues 5 and 4): the `ClusterIP` datapath of this
+//! project's agent side by side with direct routing and kube-proxy's
+//! iptables, nftables and IPVS rule shapes; the `NodePort` datapath (client →
+//! node A → backend on node B) of its TC and XDP paths side by side with
+//! kube-proxy's iptables `NodePort` rules and a direct route to the pods;
+//! plus control-plane timings, measured in one run in network namespaces the
+//! bench creates. Writes `BENCHMARKS.md`,
 //! `bench.json` and `bench.svg` to `--out` and the Markdown to stdout.
 //!
 //! Modules: [`services`] (the Services every mode gets), [`rules`]
@@ -21,7 +24,7 @@ use std::time::Instant;
 use self::{
     args::Args,
     report::{Machine, Report},
-    run::{MODES, Mode, prepare, progress, run_program_only},
+    run::{MODES, Mode, NP_MODES, prepare, progress, run_program_only},
 };
 
 /// Runs the benchmark for `command_line` (the program name included).
@@ -42,7 +45,8 @@ pub fn main(command_line: &[String]) {
     ));
     let mut cases = Vec::new();
     for &n in &args.services {
-        let mut live: Vec<_> = MODES.into_iter().filter(|m| args.wants(&m.to_string())).map(|m| prepare(&args, m, n)).collect();
+        let mut live: Vec<_> =
+            MODES.into_iter().chain(NP_MODES).filter(|m| args.wants(&m.to_string())).map(|m| prepare(&args, m, n)).collect();
         for rep in 0..args.reps {
             for l in &mut live {
                 l.measure(&args, rep);

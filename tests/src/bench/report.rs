@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     args::Args,
-    run::{Case, METRICS, MODES, Mode},
+    run::{Case, METRICS, MODES, Mode, NP_MODES},
 };
 
 /// Facts about the machine and the run, for the report header.
@@ -111,10 +111,93 @@ impl Report<'_> {
         self.case(mode, s).and_then(|c| c.stat(m)).map(|(med, _, _)| med)
     }
 
+    /// `mode`'s figure over its baseline's (`direct` / `np-direct`) at S.
     fn ratio(&self, mode: Mode, s: usize, m: usize) -> Option<f64> {
-        let d = self.median(Mode::Direct, s, m)?;
+        self.ratio_to(mode, mode.baseline(), s, m)
+    }
+
+    fn ratio_to(&self, mode: Mode, base: Mode, s: usize, m: usize) -> Option<f64> {
+        let d = self.median(base, s, m)?;
         let v = self.median(mode, s, m)?;
         (d > 0.0).then(|| v / d)
+    }
+
+    /// The north-south targets of issue 4: the TC path at least the iptables
+    /// shape on every figure, the XDP path clearly (≥ 1.2×) above it, and
+    /// neither depending on the number of Services.
+    fn node_port_targets(&self, out: &mut Vec<(String, Option<bool>, String)>) {
+        // The throughput figures (higher is better): conn, keep-alive, bulk, UDP.
+        let figures = [(0, "conn"), (1, "req"), (2, "bulk"), (3, "udp")];
+        for &n in &self.args.services {
+            for (mode, floor, what) in [(Mode::NpTc, 1.0, "≥"), (Mode::NpXdp, 1.2, "≥ 1.2 ×")] {
+                let ratios: Vec<(&str, Option<f64>)> = figures.iter().map(|&(m, h)| (h, self.ratio_to(mode, Mode::NpIptables, n, m))).collect();
+                if ratios.iter().all(|(_, r)| r.is_none()) {
+                    continue;
+                }
+                let met = ratios.iter().all(|(_, r)| r.is_some_and(|r| r >= floor));
+                let note = ratios
+                    .iter()
+                    .map(|(h, r)| format!("{h} {}", r.map_or_else(|| "–".into(), |r| format!("{r:.2}×"))))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push((format!("{mode} {what} np-iptables on every NodePort figure at S={}", fmt_count(n)), Some(met), note));
+            }
+        }
+        let smin = self.args.services.first().copied().unwrap_or(1);
+        let smax = self.args.services.iter().copied().filter(|&n| n <= 10_000).max().unwrap_or(smin);
+        if smax != smin {
+            for mode in [Mode::NpTc, Mode::NpXdp] {
+                let changes: Vec<(&str, Option<f64>)> = [(0, "conn"), (1, "req")]
+                    .iter()
+                    .map(|&(m, h)| (h, self.median(mode, smin, m).zip(self.median(mode, smax, m)).map(|(a, b)| b / a)))
+                    .collect();
+                if changes.iter().all(|(_, r)| r.is_none()) {
+                    continue;
+                }
+                let met = changes.iter().all(|(_, r)| r.is_some_and(|r| r >= 0.95));
+                let note = changes
+                    .iter()
+                    .map(|(h, r)| format!("{h} {}", r.map_or_else(|| "–".into(), |r| format!("{r:.3}× its S={} figure", fmt_count(smin)))))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push((format!("{mode} at S={} within 5% of its own S={}", fmt_count(smax), fmt_count(smin)), Some(met), note));
+            }
+        }
+    }
+
+    /// The data-path table of `modes`: medians, with the ratio to the
+    /// modes' baseline in brackets.
+    fn data_table(&self, s: &mut String, modes: &[Mode]) {
+        let a = self.args;
+        let mut head = String::from("| S | mode |");
+        let mut sep = String::from("|---:|---|");
+        for (_, h, _, _) in METRICS {
+            let _ = write!(head, " {h} |");
+            sep.push_str("---:|");
+        }
+        let _ = writeln!(s, "{head}\n{sep}");
+        for &n in &a.services {
+            for &mode in modes {
+                let Some(case) = self.case(mode, n) else { continue };
+                let _ = write!(s, "| {} | {mode} |", fmt_count(n));
+                if let Some(why) = &case.skipped {
+                    let _ = writeln!(s, " {why} |{}", " |".repeat(METRICS.len() - 1));
+                    continue;
+                }
+                for k in 0..METRICS.len() {
+                    match (case.stat(k), self.ratio(mode, n, k)) {
+                        (Some((med, _, _)), Some(r)) if mode != mode.baseline() => {
+                            let _ = write!(s, " {} ({r:.2}×) |", fmt_num(med));
+                        }
+                        (Some((med, _, _)), _) => {
+                            let _ = write!(s, " {} |", fmt_num(med));
+                        }
+                        (None, _) => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
+            }
+        }
     }
 
     fn targets(&self) -> Vec<(String, Option<bool>, String)> {
@@ -172,6 +255,7 @@ impl Report<'_> {
                 out.push((format!("programming {s} Services faster than {tool}"), met, note));
             }
         }
+        self.node_port_targets(&mut out);
         out
     }
 
@@ -185,8 +269,10 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "ClusterIP datapath and control plane of this project's agent (`ebpf`) side by side with direct routing and \
-             kube-proxy's iptables, nftables and IPVS rule shapes, measured in one run on one machine by `cargo xtask bench` \
-             (issue 5). Everything runs in network namespaces the bench creates (client → node → 10 pods, the test topology).\n"
+             kube-proxy's iptables, nftables and IPVS rule shapes (issue 5), and its NodePort datapath, TC and XDP paths (`np-tc`, \
+             `np-xdp`), side by side with kube-proxy's iptables NodePort rules and a direct route to the pods (issue 4), measured \
+             in one run on one machine by `cargo xtask bench`. Everything runs in network namespaces the bench creates (client → \
+             node → 10 pods; for NodePort client → node A → node B → 10 pods, the test topologies).\n"
         );
         let _ = writeln!(s, "- machine: {} ({} cores), kernel {}", mach.cpu, mach.cores, mach.kernel);
         let _ = writeln!(s, "- date: {}; whole run {:.0} s; load average at start / end: {} / {}", mach.date, self.elapsed.as_secs_f64(), mach.load_start, loadavg());
@@ -211,34 +297,23 @@ impl Report<'_> {
         let _ = writeln!(s, "- ebpf: `{}` (release), TC ingress on `ext0,lxc*`\n", a.agent.display());
 
         let _ = writeln!(s, "## Data path\n");
-        let _ = writeln!(s, "Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
-        let mut head = String::from("| S | mode |");
-        let mut sep = String::from("|---:|---|");
-        for (_, h, _, _) in METRICS {
-            let _ = write!(head, " {h} |");
-            sep.push_str("---:|");
-        }
-        let _ = writeln!(s, "{head}\n{sep}");
-        for &n in &a.services {
-            for mode in MODES {
-                let Some(case) = self.case(mode, n) else { continue };
-                let _ = write!(s, "| {} | {mode} |", fmt_count(n));
-                if let Some(why) = &case.skipped {
-                    let _ = writeln!(s, " {why} |{}", " |".repeat(METRICS.len() - 1));
-                    continue;
-                }
-                for k in 0..METRICS.len() {
-                    match (case.stat(k), self.ratio(mode, n, k)) {
-                        (Some((med, _, _)), Some(r)) if mode != Mode::Direct => {
-                            let _ = write!(s, " {} ({r:.2}×) |", fmt_num(med));
-                        }
-                        (Some((med, _, _)), _) => {
-                            let _ = write!(s, " {} |", fmt_num(med));
-                        }
-                        (None, _) => s.push_str(" – |"),
-                    }
-                }
+        let _ = writeln!(s, "ClusterIP: client → node → pod. Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
+        self.data_table(&mut s, &MODES);
+        if self.cases.iter().any(|c| c.mode.is_node_port()) {
+            let _ = writeln!(s, "\n## NodePort (north-south)\n");
+            let _ = writeln!(
+                s,
+                "Client → node A's address on a node port → backend on node B (node A DNATs and SNATs; the reply returns through node A). \
+                 Median of the runs; in brackets the ratio to `np-direct` (the client routed straight to the pod IPs through node A, no \
+                 translation) at the same number of Services in this run.\n"
+            );
+            self.data_table(&mut s, &NP_MODES);
+            let notes: Vec<&Case> = self.cases.iter().filter(|c| c.note.is_some()).collect();
+            if !notes.is_empty() {
                 s.push('\n');
+                for c in notes {
+                    let _ = writeln!(s, "- {} S={}: {}", c.mode, fmt_count(c.services), c.note.as_deref().unwrap_or_default());
+                }
             }
         }
 
@@ -314,6 +389,9 @@ impl Report<'_> {
             "- CPU µs/conn and µs/req: system + softirq time of the whole machine from /proc/stat during the new-connection and keep-alive phases, divided by the operations. Client, node and pods share the same CPUs, so this is total kernel cost per operation; the differences between modes are the datapath's. Resolution is 10 ms per phase.",
             "- kube-proxy masquerades ClusterIP traffic from outside the cluster CIDR; the client (192.0.2.2) is outside 10.244.0.0/16, so the iptables and nftables modes also SNAT (as kube-proxy would). The ebpf mode does not SNAT (replies come back through the node, where TC reverses the DNAT).",
             "- Servers: in each pod, worker threads sharing one listener (no thread spawned per connection), the same in every mode.",
+            "- NodePort modes (`np-*`): the two-node topology of the north-south tests — client (198.51.100.2, no default route) → node A (`ext0` 198.51.100.1; `nodelink` 10.0.0.1/30) → node B (10.0.0.2) → 10 pods on node B (10.244.2.0/24). Every one of the S Services is of type NodePort (the real one on node ports 30080/TCP HTTP, 30201/TCP bulk, 30300/UDP echo; the others on 20000 + i, endpoints never reached); externalTrafficPolicy Cluster, so node A SNATs to its own address and the reply comes back through it. Rules and agents only on node A.",
+            "- `np-direct`: the client connects to the pod IPs in turn, routed by node A (no translation). `np-iptables`: kube-proxy's iptables rules on node A — the ClusterIP chains above plus `KUBE-NODEPORTS` (one rule per node port, reached through the last `KUBE-SERVICES` rule, `-m addrtype --dst-type LOCAL`) → `KUBE-EXT-*` (`KUBE-MARK-MASQ`, then `KUBE-SVC-*`), MASQUERADE `--random-fully` in `POSTROUTING`. `np-tc`: the agent on node A (`--devices ext0,nodelink,lxc*`), TC path. `np-xdp`: the same with `--xdp --xdp-mode native` (XDP on node A's `ext0` and `nodelink`).",
+            "- The veths of the NodePort topology are made to behave like wires, the same in every `np-*` mode: the client and the pods compute full checksums (`ethtool -K eth0 tx off`, which also turns TSO off: the client sends MTU-sized segments) — a packet on a real wire always carries its checksum, while a veth passes a checksum left to offload that an XDP program cannot finish — and the devices native XDP redirects into (the client's `eth0`, node B's `nodelink`) run NAPI (`gro on`), as a NIC driver does.",
         ] {
             let _ = writeln!(s, "{l}");
         }
@@ -359,11 +437,12 @@ impl Report<'_> {
                     let stat = c.stat(k);
                     ((*key).to_owned(), json!({"unit": unit, "higher_is_better": higher, "runs": runs,
                         "median": stat.map(|s| s.0), "min": stat.map(|s| s.1), "max": stat.map(|s| s.2),
-                        "ratio_to_direct": self.ratio(c.mode, c.services, k)}))
+                        "ratio_to_direct": self.ratio(c.mode, c.services, k),
+                        "ratio_to_iptables": c.mode.is_node_port().then(|| self.ratio_to(c.mode, Mode::NpIptables, c.services, k)).flatten()}))
                 })
                 .collect();
             json!({
-                "mode": c.mode.to_string(), "services": c.services, "skipped": c.skipped,
+                "mode": c.mode.to_string(), "baseline": c.mode.baseline().to_string(), "services": c.services, "skipped": c.skipped, "note": c.note,
                 "program": prog, "add_one": add, "metrics": metrics,
                 "errors": c.reps.iter().map(|r| r.errors).collect::<Vec<_>>(),
                 "first_error": c.reps.iter().find_map(|r| r.first_error.clone()),
@@ -390,7 +469,16 @@ impl Report<'_> {
         let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let panels = root.split_evenly((1, 2));
-        let colors = [(Mode::Direct, BLACK), (Mode::Iptables, RED), (Mode::Nftables, BLUE), (Mode::Ebpf, GREEN)];
+        let colors = [
+            (Mode::Direct, BLACK),
+            (Mode::Iptables, RED),
+            (Mode::Nftables, BLUE),
+            (Mode::Ebpf, GREEN),
+            (Mode::NpDirect, RGBColor(128, 128, 128)),
+            (Mode::NpIptables, RGBColor(230, 120, 0)),
+            (Mode::NpTc, RGBColor(0, 160, 160)),
+            (Mode::NpXdp, RGBColor(150, 0, 200)),
+        ];
         #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
         let xs: Vec<f64> = self.args.services.iter().map(|&n| n as f64).collect();
         let xmax = xs.iter().copied().fold(1.0, f64::max) * 3.0;

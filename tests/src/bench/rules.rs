@@ -22,6 +22,10 @@ fn svc_chain(f: &Frontend) -> String {
     format!("KUBE-SVC-{}", hash16(&format!("{}{}", f.port_name_string(), f.proto.lower())))
 }
 
+fn ext_chain(f: &Frontend) -> String {
+    format!("KUBE-EXT-{}", hash16(&format!("{}{}", f.port_name_string(), f.proto.lower())))
+}
+
 fn sep_chain(f: &Frontend, ep: std::net::Ipv4Addr) -> String {
     format!("KUBE-SEP-{}", hash16(&format!("{}{}{ep}:{}", f.port_name_string(), f.proto.lower(), f.target)))
 }
@@ -48,11 +52,28 @@ fn iptables_services_rule(out: &mut String, f: &Frontend) {
     );
 }
 
-/// Declarations (`:CHAIN - [0:0]`) and rules of one frontend's own chains.
+/// The `KUBE-NODEPORTS` rule of a `NodePort` frontend (none otherwise):
+/// matched only for local destination addresses (the last `KUBE-SERVICES`
+/// rule), one rule per node port, in order.
+fn iptables_nodeports_rule(out: &mut String, f: &Frontend) {
+    let Some(np) = f.node_port else { return };
+    let p = f.proto.lower();
+    line(out, &format!("-A KUBE-NODEPORTS -m comment --comment \"{}\" -m {p} -p {p} --dport {np} -j {}", f.port_name_string(), ext_chain(f)));
+}
+
+/// Declarations (`:CHAIN - [0:0]`) and rules of one frontend's own chains:
+/// `KUBE-EXT-*` for a `NodePort` (externalTrafficPolicy Cluster: mark for
+/// masquerade, then the Service chain), `KUBE-SVC-*`, `KUBE-SEP-*`.
 fn iptables_frontend_chains(decl: &mut String, rules: &mut String, f: &Frontend, large: bool) {
     let svc = svc_chain(f);
     let p = f.proto.lower();
     let name = f.port_name_string();
+    if f.node_port.is_some() {
+        let ext = ext_chain(f);
+        line(decl, &format!(":{ext} - [0:0]"));
+        line(rules, &format!("-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"));
+        line(rules, &format!("-A {ext} -j {svc}"));
+    }
     line(decl, &format!(":{svc} - [0:0]"));
     line(
         rules,
@@ -130,17 +151,18 @@ pub fn iptables_chunks(set: &ServiceSet, per_chunk: usize) -> Vec<String> {
     let mut start = 0;
     while start < set.count {
         let end = (start + per_chunk.max(1)).min(set.count);
-        let (mut decl, mut svc_rules, mut rules) = (String::new(), String::new(), String::new());
+        let (mut decl, mut svc_rules, mut np_rules, mut rules) = (String::new(), String::new(), String::new(), String::new());
         for i in start..end {
             for f in set.frontends(i) {
                 iptables_services_rule(&mut svc_rules, &f);
+                iptables_nodeports_rule(&mut np_rules, &f);
                 iptables_frontend_chains(&mut decl, &mut rules, &f, large);
             }
         }
         if end == set.count {
             line(&mut svc_rules, NODEPORTS_LAST);
         }
-        out.push(format!("*nat\n{decl}{svc_rules}{rules}COMMIT\n"));
+        out.push(format!("*nat\n{decl}{svc_rules}{np_rules}{rules}COMMIT\n"));
         start = end;
     }
     out

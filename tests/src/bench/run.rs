@@ -1,5 +1,10 @@
 //! Running the cases: a fresh sandbox per (mode, number of Services), the
 //! Services programmed the mode's way, then the load phases, each repeated.
+//!
+//! `ClusterIP` modes use the one-node sandbox ([`crate::sandbox`]: client →
+//! node → pods). `NodePort` modes (`np-*`) use the two-node topology
+//! ([`crate::cluster`]): the client reaches node A's address on a node port
+//! and node A forwards to the pods, which are all on node B.
 use std::{
     fmt,
     path::Path,
@@ -9,10 +14,18 @@ use std::{
 use super::{
     args::Args,
     program::{self, Programmed},
-    services::{BULK_PORT, BULK_TARGET, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_PORT, UDP_TARGET},
+    services::{
+        BULK_NODE_PORT, BULK_PORT, BULK_TARGET, Frontend, HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_NODE_PORT, UDP_PORT,
+        UDP_TARGET,
+    },
     traffic::{Phase, PhaseResult, Target, run_phase, start_servers},
 };
-use crate::{manifests::write_atomic, sandbox::Sandbox};
+use crate::{
+    cluster::{Cluster, NODE_A_IP},
+    manifests::write_atomic,
+    netns::Netns,
+    sandbox::Sandbox,
+};
 
 /// Pods (the real Service's endpoints).
 pub const PODS: usize = 10;
@@ -24,9 +37,34 @@ pub enum Mode {
     Nftables,
     Ipvs,
     Ebpf,
+    /// `NodePort`: the client straight to the pods on node B, routed by node A.
+    NpDirect,
+    /// `NodePort`: kube-proxy's iptables rules on node A (DNAT + MASQUERADE).
+    NpIptables,
+    /// `NodePort`: this project's agent on node A, TC path.
+    NpTc,
+    /// `NodePort`: this project's agent on node A with `--xdp --xdp-mode native`.
+    NpXdp,
 }
 
+/// The `ClusterIP` modes.
 pub const MODES: [Mode; 5] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf];
+/// The `NodePort` (north-south) modes.
+pub const NP_MODES: [Mode; 4] = [Mode::NpDirect, Mode::NpIptables, Mode::NpTc, Mode::NpXdp];
+
+impl Mode {
+    /// Whether this is a north-south (`NodePort`) mode.
+    #[must_use]
+    pub fn is_node_port(self) -> bool {
+        NP_MODES.contains(&self)
+    }
+
+    /// What its figures are divided by: `direct`, or `np-direct`.
+    #[must_use]
+    pub fn baseline(self) -> Self {
+        if self.is_node_port() { Self::NpDirect } else { Self::Direct }
+    }
+}
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -36,6 +74,10 @@ impl fmt::Display for Mode {
             Self::Nftables => "nftables",
             Self::Ipvs => "ipvs",
             Self::Ebpf => "ebpf",
+            Self::NpDirect => "np-direct",
+            Self::NpIptables => "np-iptables",
+            Self::NpTc => "np-tc",
+            Self::NpXdp => "np-xdp",
         })
     }
 }
@@ -70,11 +112,18 @@ pub struct Case {
     pub program: Option<Programmed>,
     pub add_one: Option<Result<Duration, String>>,
     pub reps: Vec<Rep>,
+    /// What else was seen (np-xdp: the packets XDP and TC carried).
+    pub note: Option<String>,
 }
 
 impl Case {
+    #[must_use]
+    pub fn new(mode: Mode, services: usize) -> Self {
+        Self { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new(), note: None }
+    }
+
     fn skipped(mode: Mode, services: usize, why: String) -> Self {
-        Self { mode, services, skipped: Some(why), program: None, add_one: None, reps: Vec::new() }
+        Self { skipped: Some(why), ..Self::new(mode, services) }
     }
 
     /// Median and (min, max) of metric `m` over the runs.
@@ -118,14 +167,29 @@ fn rep_values(conn: &PhaseResult, rr: &PhaseResult, bulk: &PhaseResult, udp: &Ph
     ]
 }
 
+/// Where a case runs: the one-node sandbox or the two-node topology.
+enum Env {
+    Node(Sandbox),
+    Cluster(Cluster),
+}
+
+impl Env {
+    fn client(&self) -> &Netns {
+        match self {
+            Self::Node(sb) => &sb.client,
+            Self::Cluster(c) => &c.client,
+        }
+    }
+}
+
 /// A case being measured: its sandbox (with the Services programmed) and
 /// servers. The cases of one number of Services exist side by side, so their
 /// runs can be interleaved (drift in the machine's speed hits every mode).
 pub struct Live {
     pub case: Case,
-    // Declared before `sb`: the servers stop before the namespaces go.
+    // Declared before `env`: the servers stop before the namespaces go.
     servers: Option<super::traffic::Servers>,
-    sb: Option<Sandbox>,
+    env: Option<Env>,
     set: ServiceSet,
     target: Target,
 }
@@ -133,11 +197,14 @@ pub struct Live {
 /// Builds the sandbox for one case and programs its Services.
 #[must_use]
 pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
+    if mode.is_node_port() {
+        return prepare_node_port(args, mode, services);
+    }
     let set0 = ServiceSet::new(services, Vec::new());
     let mut live = Live {
-        case: Case { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new() },
+        case: Case::new(mode, services),
         servers: None,
-        sb: None,
+        env: None,
         target: Target { addrs: vec![set0.real_vip()], http: HTTP_PORT, bulk: BULK_PORT, udp: UDP_PORT },
         set: set0,
     };
@@ -157,7 +224,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
     }
     progress(&format!("{mode} S={services}: programming {services} Services"));
     let programmed = match mode {
-        Mode::Direct | Mode::Ipvs => None,
+        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => None,
         Mode::Iptables => Some(program::iptables(&sb.node, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
         Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
         Mode::Ebpf => Some(program_agent(args, &mut sb, &live.set)),
@@ -172,31 +239,129 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         }
     }
     live.case.program = programmed;
-    if live.case.skipped.is_none() {
-        // Warm-up, and a check that the target answers at all.
-        let warm = run_phase(&sb.client, &live.target, Phase::Connections, args.clients, Duration::from_millis(300));
-        if warm.ops == 0 {
-            live.case.skipped = Some(format!("no request answered: {}", warm.first_error.unwrap_or_default()));
-            progress(&format!("{mode} S={services}: {}", live.case.skipped.as_deref().unwrap_or_default()));
-        }
-    }
-    live.sb = Some(sb);
+    live.env = Some(Env::Node(sb));
+    live.warm_up(args);
     live
 }
 
+/// Pods of the north-south cases, all on node B.
+pub const NP_PODS: usize = PODS;
+
+/// Builds the two-node topology for one `NodePort` case and programs its
+/// Services on node A.
+fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
+    let mut live = Live {
+        case: Case::new(mode, services),
+        servers: None,
+        env: None,
+        target: Target { addrs: vec![NODE_A_IP], http: HTTP_NODE_PORT, bulk: BULK_NODE_PORT, udp: UDP_NODE_PORT },
+        set: ServiceSet::node_ports(services.min(10_000), Vec::new()),
+    };
+    if services > 10_000 {
+        live.case.skipped = Some("at most 10,000 NodePort Services are generated (node ports 20000-29999)".into());
+        return live;
+    }
+    progress(&format!("{mode} S={services}: building two nodes ({NP_PODS} pods on node B)"));
+    let mut c = Cluster::new("bq", 0, NP_PODS);
+    c.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    c.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    // The same link settings in every NodePort mode (what native XDP on
+    // veth needs; see Cluster::make_wire_like).
+    if let Err(e) = c.make_wire_like() {
+        live.case.skipped = Some(e);
+        live.env = Some(Env::Cluster(c));
+        return live;
+    }
+    let pods: Vec<_> = c.pods_b().iter().map(|p| &p.ns).collect();
+    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, args.clients + 2));
+    live.set = ServiceSet::node_ports(services, c.pods_b().iter().map(|p| p.ip).collect());
+    if mode == Mode::NpDirect {
+        live.target = Target { addrs: live.set.real_endpoints.clone(), http: HTTP_TARGET, bulk: BULK_TARGET, udp: UDP_TARGET };
+    }
+    progress(&format!("{mode} S={services}: programming {services} NodePort Services on node A"));
+    let programmed = match mode {
+        Mode::NpIptables => Some(program::iptables(&c.a.ns, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
+        Mode::NpTc => Some(program_node_port_agent(args, &mut c, &live.set, false)),
+        Mode::NpXdp => Some(program_node_port_agent(args, &mut c, &live.set, true)),
+        _ => None,
+    };
+    if let Some(p) = &programmed {
+        match &p.result {
+            Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
+            Err(e) => {
+                progress(&format!("{mode} S={services}: programming failed: {e}"));
+                live.case.skipped = Some(format!("programming {services} Services failed: {e}"));
+            }
+        }
+    }
+    if mode == Mode::NpXdp && live.case.skipped.is_none() && !c.a.agent_log().contains("XDP fast path attached") {
+        live.case.skipped = Some(format!("native XDP did not attach: {}", last_warning(&c.a.agent_log())));
+    }
+    live.case.program = programmed;
+    live.env = Some(Env::Cluster(c));
+    live.warm_up(args);
+    live
+}
+
+fn last_warning(log: &str) -> String {
+    log.lines().rev().find(|l| l.contains("WARN")).unwrap_or("no warning in the agent log").to_owned()
+}
+
+/// Starts the agent on node A (with `--xdp --xdp-mode native` when `xdp`)
+/// and times it until every frontend, the real Service's node ports
+/// included, is in its maps.
+fn program_node_port_agent(args: &Args, c: &mut Cluster, set: &ServiceSet, xdp: bool) -> Programmed {
+    set.write_manifests(&c.manifests);
+    let start = Instant::now();
+    let bin = args.agent.clone();
+    c.start_agent_a(&bin, if xdp { &["--xdp", "--xdp-mode", "native"] } else { &[] });
+    let mut fronts = set.all_frontends();
+    let node_ports: Vec<Frontend> = set
+        .frontends(set.real)
+        .into_iter()
+        .map(|f| Frontend { vip: NODE_A_IP, port: f.node_port.unwrap_or_default(), ..f })
+        .collect();
+    fronts.extend(node_ports);
+    let result = program::wait_frontends(&c.a.bpffs, &fronts, start, args.program_timeout);
+    Programmed { result, transactions: 1 }
+}
+
+/// The agent's exit-reason counters under `bpffs` (name → packets).
+fn agent_counters(agent: &Path, bpffs: &Path) -> Option<std::collections::BTreeMap<String, u64>> {
+    let out = std::process::Command::new(agent).arg("--bpffs").arg(bpffs).args(["stats", "-o", "json"]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
+            .collect(),
+    )
+}
+
 impl Live {
+    /// Warm-up, and a check that the target answers at all.
+    fn warm_up(&mut self, args: &Args) {
+        let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        let warm = run_phase(env.client(), &self.target, Phase::Connections, args.clients, Duration::from_millis(300));
+        if warm.ops == 0 {
+            self.case.skipped = Some(format!("no request answered: {}", warm.first_error.unwrap_or_default()));
+            progress(&format!("{} S={}: {}", self.case.mode, self.case.services, self.case.skipped.as_deref().unwrap_or_default()));
+        }
+    }
+
     /// One run of every phase.
     pub fn measure(&mut self, args: &Args, rep: usize) {
-        let Some(sb) = self.sb.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        let client = env.client();
         let (mode, services) = (self.case.mode, self.case.services);
         let d = args.duration;
         progress(&format!("{mode} S={services}: run {}/{} ({:.1} s of load)", rep + 1, args.reps, (d * 9 / 2).as_secs_f64()));
         let t = &self.target;
-        let conn = run_phase(&sb.client, t, Phase::Connections, args.clients, d);
-        let rr = run_phase(&sb.client, t, Phase::KeepAlive, args.clients, d);
-        let bulk = run_phase(&sb.client, t, Phase::Bulk, 1, d / 2);
-        let udp = run_phase(&sb.client, t, Phase::Udp, args.clients, d);
-        let mut lat = run_phase(&sb.client, t, Phase::Latency, 1, d);
+        let conn = run_phase(client, t, Phase::Connections, args.clients, d);
+        let rr = run_phase(client, t, Phase::KeepAlive, args.clients, d);
+        let bulk = run_phase(client, t, Phase::Bulk, 1, d / 2);
+        let udp = run_phase(client, t, Phase::Udp, args.clients, d);
+        let mut lat = run_phase(client, t, Phase::Latency, 1, d);
         let errors = conn.errors + rr.errors + bulk.errors + udp.errors + lat.errors;
         let first_error = [&conn, &rr, &bulk, &udp, &lat].iter().find_map(|r| r.first_error.clone());
         let values = rep_values(&conn, &rr, &bulk, &udp, &mut lat);
@@ -207,14 +372,33 @@ impl Live {
     /// tears the sandbox down and returns the case.
     #[must_use]
     pub fn finish(mut self, args: &Args) -> Case {
-        if let Some(sb) = self.sb.as_ref()
+        if let Some(Env::Node(sb)) = self.env.as_ref()
             && self.case.services == args.add_one_at
             && self.case.program.as_ref().is_some_and(|p| p.result.is_ok())
         {
             self.case.add_one = Some(add_one(args, self.case.mode, sb, &self.set));
         }
+        if let Some(Env::Cluster(c)) = self.env.as_ref()
+            && matches!(self.case.mode, Mode::NpTc | Mode::NpXdp)
+            && self.case.skipped.is_none()
+        {
+            self.case.note = agent_counters(&args.agent, &c.a.bpffs).map(|n| {
+                let get = |k: &str| n.get(k).copied().unwrap_or(0);
+                format!(
+                    "node A counters over the runs: xdp_forward {}, xdp_reverse {}, dnat_new_flow {}, dnat_established {}, rev_nat_reply {}, \
+                     drop_snat_ports_exhausted {}, fib_no_route {}",
+                    get("xdp_forward"),
+                    get("xdp_reverse"),
+                    get("dnat_new_flow"),
+                    get("dnat_established"),
+                    get("rev_nat_reply"),
+                    get("drop_snat_ports_exhausted"),
+                    get("fib_no_route"),
+                )
+            });
+        }
         self.servers = None;
-        if self.sb.take().is_some() {
+        if self.env.take().is_some() {
             progress(&format!("{} S={}: torn down", self.case.mode, self.case.services));
         }
         self.case
@@ -264,7 +448,9 @@ fn add_one(args: &Args, mode: Mode, sb: &Sandbox, set: &ServiceSet) -> Result<Du
             write_atomic(&sb.manifests, "added.yaml", &super::services::manifest_of(std::slice::from_ref(&extra)));
             program::wait_frontends(&sb.bpffs, &[extra], start, t)
         }
-        Mode::Direct | Mode::Ipvs => Err("no Services in this mode".into()),
+        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
+            Err("not measured in this mode".into())
+        }
     }
 }
 
@@ -279,12 +465,14 @@ pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
         Mode::Iptables => program::iptables(&sb.node, &set, args.ipt_backend, args.ipt_chunk, args.program_timeout),
         Mode::Nftables => program::nftables(&sb.node, &set, args.nft_chunk, args.program_timeout),
         Mode::Ebpf => program_agent(args, &mut sb, &set),
-        Mode::Direct | Mode::Ipvs => return Case::skipped(mode, services, ipvs_unavailable()),
+        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
+            return Case::skipped(mode, services, ipvs_unavailable());
+        }
     };
     match &program.result {
         Ok(d) => progress(&format!("control plane: {mode}, {services} Services: {:.2} s", d.as_secs_f64())),
         Err(e) => progress(&format!("control plane: {mode}, {services} Services: {e}")),
     }
     let add_one = (services == args.add_one_at && program.result.is_ok()).then(|| add_one(args, mode, &sb, &set));
-    Case { mode, services, skipped: None, program: Some(program), add_one, reps: Vec::new() }
+    Case { program: Some(program), add_one, ..Case::new(mode, services) }
 }

@@ -3,6 +3,13 @@
 //! walk sees half the others before it) points at the real pods and has
 //! three ports (HTTP, a bulk TCP sink, a UDP echo); the others have one port
 //! and endpoints at addresses that are never reached (10.64.0.0/13).
+//!
+//! The north-south cases use the same set with every Service of type
+//! `NodePort` ([`ServiceSet::node_ports`]): the real one on node ports
+//! [`HTTP_NODE_PORT`], [`BULK_NODE_PORT`], [`UDP_NODE_PORT`], the others on
+//! `20000 + i` (a cluster with 10,000 `NodePort`s needs a wider
+//! `--service-node-port-range` than the default 30000–32767), and every
+//! endpoint on node B.
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use crate::manifests::{Port, service_yaml, write_atomic};
@@ -14,6 +21,14 @@ pub const BULK_PORT: u16 = 5201;
 pub const BULK_TARGET: u16 = 5201;
 pub const UDP_PORT: u16 = 5300;
 pub const UDP_TARGET: u16 = 5300;
+/// Node ports of the real Service in the north-south cases.
+pub const HTTP_NODE_PORT: u16 = 30080;
+pub const BULK_NODE_PORT: u16 = 30201;
+pub const UDP_NODE_PORT: u16 = 30300;
+/// Node port of the other Services: this + their index.
+const NODE_PORT_BASE: u16 = 20_000;
+/// The node the endpoints of the north-south cases are on.
+pub const ENDPOINT_NODE: &str = "node-b";
 /// Endpoints per Service (issue 5).
 pub const ENDPOINTS: usize = 10;
 /// The pod CIDR (kube-proxy's `--cluster-cidr`).
@@ -54,6 +69,8 @@ pub struct Frontend {
     pub proto: Proto,
     pub target: u16,
     pub endpoints: Vec<Ipv4Addr>,
+    /// The node port (north-south cases), or `None` (`ClusterIP`).
+    pub node_port: Option<u16>,
 }
 
 impl Frontend {
@@ -71,6 +88,8 @@ pub struct ServiceSet {
     pub count: usize,
     pub real: usize,
     pub real_endpoints: Vec<Ipv4Addr>,
+    /// Every Service is a `NodePort` with its endpoints on [`ENDPOINT_NODE`].
+    pub node_ports: bool,
 }
 
 impl ServiceSet {
@@ -78,7 +97,14 @@ impl ServiceSet {
     pub fn new(count: usize, real_endpoints: Vec<Ipv4Addr>) -> Self {
         assert!(count >= 1, "at least one Service");
         assert!(count <= 52_000, "at most 52,000 Services (address plan)");
-        Self { count, real: count / 2, real_endpoints }
+        Self { count, real: count / 2, real_endpoints, node_ports: false }
+    }
+
+    /// The same Services, each of type `NodePort` (north-south cases).
+    #[must_use]
+    pub fn node_ports(count: usize, real_endpoints: Vec<Ipv4Addr>) -> Self {
+        assert!(count <= 10_000, "at most 10,000 NodePort Services (node ports 20000-29999)");
+        Self { node_ports: true, ..Self::new(count, real_endpoints) }
     }
 
     /// The `ClusterIP` of Service `i`.
@@ -103,17 +129,37 @@ impl ServiceSet {
     pub fn frontends(&self, i: usize) -> Vec<Frontend> {
         let service = Self::name(i);
         let vip = Self::vip(i);
+        let np = |p: u16| self.node_ports.then_some(p);
         if i == self.real {
             let eps = self.real_endpoints.clone();
             vec![
-                Frontend { service: service.clone(), port_name: "http", vip, port: HTTP_PORT, proto: Proto::Tcp, target: HTTP_TARGET, endpoints: eps.clone() },
-                Frontend { service: service.clone(), port_name: "bulk", vip, port: BULK_PORT, proto: Proto::Tcp, target: BULK_TARGET, endpoints: eps.clone() },
-                Frontend { service, port_name: "udp", vip, port: UDP_PORT, proto: Proto::Udp, target: UDP_TARGET, endpoints: eps },
+                Frontend {
+                    service: service.clone(),
+                    port_name: "http",
+                    vip,
+                    port: HTTP_PORT,
+                    proto: Proto::Tcp,
+                    target: HTTP_TARGET,
+                    endpoints: eps.clone(),
+                    node_port: np(HTTP_NODE_PORT),
+                },
+                Frontend {
+                    service: service.clone(),
+                    port_name: "bulk",
+                    vip,
+                    port: BULK_PORT,
+                    proto: Proto::Tcp,
+                    target: BULK_TARGET,
+                    endpoints: eps.clone(),
+                    node_port: np(BULK_NODE_PORT),
+                },
+                Frontend { service, port_name: "udp", vip, port: UDP_PORT, proto: Proto::Udp, target: UDP_TARGET, endpoints: eps, node_port: np(UDP_NODE_PORT) },
             ]
         } else {
             let base = FAKE_EP_BASE + u32::try_from(i * ENDPOINTS).expect("index");
             let endpoints = (0..ENDPOINTS).map(|j| Ipv4Addr::from(base + u32::try_from(j).expect("small"))).collect();
-            vec![Frontend { service, port_name: "http", vip, port: HTTP_PORT, proto: Proto::Tcp, target: HTTP_TARGET, endpoints }]
+            let node_port = np(NODE_PORT_BASE + u16::try_from(i).expect("at most 10,000 NodePort Services"));
+            vec![Frontend { service, port_name: "http", vip, port: HTTP_PORT, proto: Proto::Tcp, target: HTTP_TARGET, endpoints, node_port }]
         }
     }
 
@@ -126,7 +172,7 @@ impl ServiceSet {
     /// A Service that is not in the set (for "apply one added Service").
     #[must_use]
     pub fn extra(&self) -> Frontend {
-        let mut f = Self { count: self.count + 1, real: usize::MAX, real_endpoints: Vec::new() }.frontends(self.count);
+        let mut f = Self { count: self.count + 1, real: usize::MAX, real_endpoints: Vec::new(), node_ports: false }.frontends(self.count);
         f.remove(0)
     }
 
@@ -155,7 +201,18 @@ pub fn manifest_of(fronts: &[Frontend]) -> String {
         .map(|f| Port { name: f.port_name, port: f.port, target: f.target, protocol: f.proto.upper() })
         .collect();
     let eps: Vec<(Ipv4Addr, bool)> = fronts[0].endpoints.iter().map(|ip| (*ip, true)).collect();
-    service_yaml(&fronts[0].service, fronts[0].vip, &ports, &eps)
+    let y = service_yaml(&fronts[0].service, fronts[0].vip, &ports, &eps);
+    if fronts[0].node_port.is_none() {
+        return y;
+    }
+    // NodePort: the type, each port's nodePort, and the endpoints' node.
+    let mut y = y.replacen("  type: ClusterIP\n", "  type: NodePort\n", 1);
+    for f in fronts {
+        let target = format!("    targetPort: {}\n    protocol: {}\n", f.target, f.proto.upper());
+        let with = format!("{target}    nodePort: {}\n", f.node_port.unwrap_or_default());
+        y = y.replacen(&target, &with, 1);
+    }
+    y.replace("  conditions:\n", &format!("  nodeName: {ENDPOINT_NODE}\n  conditions:\n"))
 }
 
 /// kube-proxy's chain-name hash: 16 base32 characters of a hash of the
