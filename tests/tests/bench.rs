@@ -1,5 +1,5 @@
-//! `cargo xtask bench --quick` with tiny sizes: every mode produces numbers
-//! (not that they are fast), the IPVS mode says why it cannot be measured,
+//! `cargo xtask bench --quick` with tiny sizes: every mode (`ClusterIP` and
+//! `NodePort`) produces numbers (not that they are fast), the IPVS mode says why it cannot be measured,
 //! and BENCHMARKS.md, bench.json and bench.svg are written. Runs the bench
 //! binary as a real process, as root, in its own namespaces.
 use std::process::Command;
@@ -22,7 +22,10 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed ({}):\n{stdout}\n{stderr}", run.status);
-    assert!(stdout.contains("## Data path") && stdout.contains("## Control plane"), "no tables on stdout:\n{stdout}");
+    assert!(
+        stdout.contains("## Data path") && stdout.contains("## NodePort (north-south)") && stdout.contains("## Control plane"),
+        "no tables on stdout:\n{stdout}"
+    );
     let md = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
     assert_eq!(md.trim(), stdout.trim(), "stdout and BENCHMARKS.md differ");
     let svg = std::fs::read_to_string(out.join("bench.svg")).expect("bench.svg");
@@ -30,7 +33,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).expect("bench.json")).expect("valid JSON");
     let cases = json["cases"].as_array().expect("cases");
     for s in [1, 100] {
-        for mode in ["direct", "iptables", "nftables", "ebpf"] {
+        for mode in ["direct", "iptables", "nftables", "ebpf", "np-direct", "np-iptables", "np-tc", "np-xdp"] {
             let c = cases
                 .iter()
                 .find(|c| c["mode"] == mode && c["services"] == s)
@@ -40,13 +43,24 @@ fn bench_quick_produces_numbers_for_every_mode() {
                 let median = m["median"].as_f64().unwrap_or_else(|| panic!("{mode} S={s}: no {key}: {m}"));
                 assert!(median > 0.0, "{mode} S={s}: {key} = {median}");
             }
-            if mode != "direct" {
+            if !mode.ends_with("direct") {
                 assert!(c["program"]["seconds"].as_f64().is_some(), "{mode} S={s}: no programming time: {}", c["program"]);
             }
-            if mode != "direct" && s == 100 {
+            if ["iptables", "nftables", "ebpf"].contains(&mode) && s == 100 {
                 assert!(c["add_one"]["seconds"].as_f64().is_some(), "{mode} S={s}: no add-one time: {}", c["add_one"]);
             }
         }
+        // The XDP case went through XDP, the TC case did not.
+        let note = |mode: &str| {
+            let c = cases.iter().find(|c| c["mode"] == mode && c["services"] == s).expect("case");
+            c["note"].as_str().unwrap_or_else(|| panic!("{mode}: no counters note")).to_owned()
+        };
+        let forwarded = |n: &str| -> u64 {
+            let v = n.split("xdp_forward ").nth(1).and_then(|r| r.split(',').next()).expect("xdp_forward in the note");
+            v.parse().expect("a count")
+        };
+        assert!(forwarded(&note("np-xdp")) > 0, "np-xdp: {}", note("np-xdp"));
+        assert_eq!(forwarded(&note("np-tc")), 0, "np-tc: {}", note("np-tc"));
         let ipvs = cases.iter().find(|c| c["mode"] == "ipvs" && c["services"] == s).expect("ipvs case");
         let why = ipvs["skipped"].as_str().expect("ipvs gives a reason, never numbers");
         assert!(why.contains("IPVS"), "{why}");

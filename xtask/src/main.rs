@@ -41,7 +41,8 @@ enum Task {
         requests: u32,
     },
     /// Set up, build in release mode, and run the side-by-side benchmark
-    /// (direct, iptables, nftables, ipvs, ebpf); writes BENCHMARKS.md,
+    /// (ClusterIP: direct, iptables, nftables, ipvs, ebpf; NodePort:
+    /// np-direct, np-iptables, np-tc, np-xdp); writes BENCHMARKS.md,
     /// bench.json and bench.svg to --out.
     Bench {
         /// A smoke check in under 3 minutes (one short run per case).
