@@ -44,6 +44,11 @@ pub mod icmp {
     pub const DEST_UNREACH: u8 = 3;
     pub const PORT_UNREACH: u8 = 3;
     pub const ECHO_REQUEST: u8 = 8;
+    /// Destination unreachable code: fragmentation needed and DF set.
+    pub const FRAG_NEEDED: u8 = 4;
+    pub const TIME_EXCEEDED: u8 = 11;
+    /// Time exceeded code: TTL exceeded in transit.
+    pub const TTL_EXCEEDED: u8 = 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -797,6 +802,80 @@ impl Parsed {
             L4Header::Other(_) => 0,
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// ICMP errors and BPF_PROG_TEST_RUN contexts (north-south packet tests)
+// ---------------------------------------------------------------------------
+
+impl FrameBuilder {
+    /// An ICMP error (destination unreachable, time exceeded, ...) from `src`
+    /// to `dst` whose payload is `quote`: the start of the offending IPv4
+    /// packet (see [`quote_of`]). `rest` is the 4 bytes after the checksum
+    /// (the next-hop MTU of a fragmentation-needed in its last two).
+    #[must_use]
+    pub fn icmp_error(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Self {
+        Self::new(src, dst, L4::Icmp { ty, code, rest }).with_payload(quote)
+    }
+
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+}
+
+/// What an ICMP error quotes of `frame` (an Ethernet + IPv4 frame): the
+/// whole IPv4 header (IHL * 4 bytes) and the first `l4_bytes` bytes after it
+/// (RFC 792 asks for 8), or less when the frame is shorter.
+#[must_use]
+pub fn quote_of(frame: &[u8], l4_bytes: usize) -> Vec<u8> {
+    let ip = &frame[ETH_HLEN..];
+    let hlen = usize::from(ip[0] & 0x0f) * 4;
+    ip[..(hlen + l4_bytes).min(ip.len())].to_vec()
+}
+
+/// Size of the kernel's `struct __sk_buff` (UAPI, `include/uapi/linux/bpf.h`).
+pub const SK_BUFF_LEN: usize = 192;
+/// Offsets of `ingress_ifindex` and `ifindex` in `struct __sk_buff`.
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// A `struct __sk_buff` for `BPF_PROG_TEST_RUN`'s `ctx_in` that puts the
+/// packet on device `ifindex` (in the calling thread's network namespace):
+/// the kernel then sets `skb->dev` to it, so `ctx->ifindex` and
+/// `bpf_fib_lookup` see that device. Every other field is 0, as
+/// `convert___skb_to_skb` requires.
+#[must_use]
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut c = vec![0u8; SK_BUFF_LEN];
+    c[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    c[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// A `struct xdp_md` for `BPF_PROG_TEST_RUN`'s `ctx_in`: no metadata
+/// (`data` 0, `data_end` the frame length, as the kernel requires) and the
+/// frame received on `ingress_ifindex`, queue 0 (in the calling thread's
+/// network namespace).
+#[must_use]
+pub fn xdp_md_ctx(frame_len: usize, ingress_ifindex: u32) -> Vec<u8> {
+    let data_end = u32::try_from(frame_len).expect("frame length fits in u32");
+    let mut c = Vec::with_capacity(24);
+    c.extend_from_slice(&0_u32.to_ne_bytes()); // data
+    c.extend_from_slice(&data_end.to_ne_bytes()); // data_end
+    c.extend_from_slice(&0_u32.to_ne_bytes()); // data_meta
+    c.extend_from_slice(&ingress_ifindex.to_ne_bytes());
+    c.extend_from_slice(&0_u32.to_ne_bytes()); // rx_queue_index
+    c.extend_from_slice(&0_u32.to_ne_bytes()); // egress_ifindex
+    c
 }
 
 #[cfg(test)]
