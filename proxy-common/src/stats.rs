@@ -64,6 +64,14 @@ reasons! {
     XDP_FORWARD = 19, "xdp_forward";
     /// XDP fast path: reply of a SNATed flow translated back, sent out from XDP.
     XDP_REVERSE = 20, "xdp_reverse";
+    /// Too big for the device the FIB redirect would send it out of, DF set:
+    /// answered with ICMP fragmentation needed (the next-hop MTU), from the
+    /// address the sender targeted, quoting the untranslated packet.
+    ICMP_FRAG_NEEDED = 21, "icmp_frag_needed";
+    /// Too big for the device the FIB redirect would send it out of, DF not
+    /// set (translated packets are not fragmented), or the ICMP error could
+    /// not be built (IP options): dropped.
+    DROP_TOO_BIG = 22, "drop_too_big";
 }
 
 /// Number of counter slots (size of the per-CPU array).

@@ -4,11 +4,26 @@
 //! drop as a martian. The egress device and the source address the kernel
 //! would pick (what MASQUERADE picks) come from `bpf_fib_lookup`;
 //! `bpf_redirect_neigh` resolves the next hop's MAC.
+//!
+//! MTU: the stack's forwarding path (which fragments, or answers
+//! "fragmentation needed") is bypassed too, so [`egress`] checks the packet
+//! against the egress device's MTU *before* it is translated, with
+//! `bpf_check_mtu(BPF_MTU_CHK_SEGS)`: a GSO packet (GRO-merged on ingress,
+//! or TSO from a local veth) is checked per segment, as `ip_forward` does,
+//! never by its merged length. The TC lookup itself passes `tot_len = 0`:
+//! with a `tot_len` the helper compares that length with the route MTU and,
+//! when it is exceeded, returns `FRAG_NEEDED` without filling in the egress
+//! device or source address; without one it only checks the skb with
+//! `is_skb_forwardable` (GSO always passes) after the route is complete, so a
+//! `FRAG_NEEDED` result still carries the route.
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibParams},
-    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
 use proxy_common::stats;
@@ -23,6 +38,10 @@ const AF_INET: u8 = 2;
 const LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
 /// BPF_FIB_LOOKUP_SRC: fill in the source address for the route.
 const LOOKUP_SRC: u32 = 1 << 4;
+/// BPF_MTU_CHK_SEGS: check a GSO skb's segments, not its length.
+const MTU_CHK_SEGS: u64 = 1;
+/// BPF_MTU_CHK_RET_SUCCESS (FRAG_NEEDED = 1 and SEGS_TOOBIG = 2 are above).
+const MTU_CHK_RET_SUCCESS: i64 = 0;
 
 /// The egress device, preferred source address and (when resolved) MACs
 /// for `dst`.
@@ -37,6 +56,12 @@ pub struct Route {
 
 /// `bpf_fib_lookup` for a TC or XDP context pointer. `with_neigh`: also
 /// resolve the next hop's MAC (XDP rewrites Ethernet itself).
+///
+/// `tot_len` (the L3 length) makes the helper check it against the route's
+/// MTU; a packet that does not fit gives `None`, like no route (XDP hands
+/// it to TC that way). With `tot_len == 0` (TC) the route is returned even
+/// when the skb does not fit the device: the caller checks the MTU itself
+/// ([`egress`]).
 #[inline(always)]
 pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u16, proto: u8, src_be: u32, dst_be: u32, with_neigh: bool) -> Option<Route> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
@@ -51,7 +76,10 @@ pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u1
     // SAFETY: params lives on our stack for the call.
     let rc = unsafe { bpf_fib_lookup(ctx.cast(), &raw mut params, size_of::<FibParams>() as i32, flags) };
     let neigh = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
-    if !neigh && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    // Why: without tot_len, FRAG_NEEDED is only the skb-vs-device check made
+    // after a complete lookup; the route is valid.
+    let complete = tot_len == 0 && rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED);
+    if !neigh && !complete && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return None;
     }
     Some(Route {
@@ -64,19 +92,56 @@ pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u1
     })
 }
 
+/// The route for `src → dst` from a TC program (no MTU check: see
+/// [`egress`]).
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Option<Route> {
     // SAFETY: reading the ingress ifindex of our skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let tot_len = (ctx.len() as u16).saturating_sub(ETH_HLEN as u16);
-    lookup_raw(ctx.skb.skb.cast(), ifindex, tot_len, proto, src_be, dst_be, false)
+    lookup_raw(ctx.skb.skb.cast(), ifindex, 0, proto, src_be, dst_be, false)
 }
 
-/// Decrements the TTL as a router does and redirects the (already
-/// translated) packet out of the route's device. Returns the verdict.
+/// Where a packet about to be translated to `src → dst` would leave.
+#[derive(Clone, Copy)]
+pub enum Egress {
+    /// Out of this device, and it fits its MTU.
+    Device(u32),
+    /// No usable route: the translated packet is left to the stack (counted
+    /// `fib_no_route`).
+    NoRoute,
+    /// Larger than this MTU of the egress device (a GSO packet: one of its
+    /// segments would be).
+    TooBig(u32),
+}
+
+/// The route and MTU check for the packet as it is now, before translation
+/// (translation does not change its length).
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> i32 {
+pub fn egress(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Egress {
     let Some(route) = lookup(ctx, proto, src_be, dst_be) else {
+        return Egress::NoRoute;
+    };
+    // Why BPF_MTU_CHK_SEGS: a GSO skb is compared by its segments'
+    // network length (skb_gso_validate_network_len), not by skb->len, so
+    // GRO-merged packets never get a false "too big". mtu_len must be 0 with
+    // that flag: the skb's own length is checked.
+    let mut mtu: u32 = 0;
+    // SAFETY: the skb is our context; mtu lives on our stack for the call.
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), route.ifindex, &raw mut mtu, 0, MTU_CHK_SEGS) };
+    // Negative: an error (the device vanished): let the redirect decide.
+    if rc > MTU_CHK_RET_SUCCESS && mtu != 0 {
+        return Egress::TooBig(mtu);
+    }
+    Egress::Device(route.ifindex)
+}
+
+/// Sends the (already translated) packet out as [`egress`] decided:
+/// decrements the TTL as a router does and redirects it out of the device.
+/// `NoRoute` (or `TooBig`, which callers answer before translating) leaves
+/// it to the stack. Returns the verdict.
+#[inline(always)]
+pub fn send(ctx: &TcContext, out: Egress) -> i32 {
+    let Egress::Device(ifindex) = out else {
         count(stats::FIB_NO_ROUTE, ctx.len());
         return TC_ACT_OK as i32;
     };
@@ -96,5 +161,16 @@ pub fn redirect(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> i32 {
         return TC_ACT_OK as i32;
     }
     // SAFETY: NULL params: the helper looks up the next hop itself.
-    unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Route lookup and [`send`] for a packet that is already translated (ICMP
+/// errors, a few hundred bytes at most: no MTU check).
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> i32 {
+    let out = match lookup(ctx, proto, src_be, dst_be) {
+        Some(route) => Egress::Device(route.ifindex),
+        None => Egress::NoRoute,
+    };
+    send(ctx, out)
 }

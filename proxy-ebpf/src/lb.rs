@@ -192,8 +192,20 @@ pub fn handle_egress(ctx: &TcContext) -> i32 {
 
 /// Applies a SERVICE entry: DNAT, SNAT when the flow has it, and the FIB
 /// redirect when the source is now a local address.
+///
+/// Why the MTU check comes first: a redirected packet bypasses the stack's
+/// forwarding (no fragmentation, no "fragmentation needed"), so a packet
+/// too big for the egress device is answered here, while it still is what
+/// the client sent: the error quotes it and comes from the frontend.
 #[inline(always)]
 fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> Result<i32, i32> {
+    let mut out = fib::Egress::NoRoute;
+    if e.flags & CT_F_SNAT != 0 {
+        out = fib::egress(ctx, p.proto, e.snat_addr_be, e.nat_addr_be);
+        if let fib::Egress::TooBig(mtu) = out {
+            return Ok(reject::frag_needed(ctx, p, p.daddr_be, mtu, len));
+        }
+    }
     if nat::dnat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
@@ -206,7 +218,7 @@ fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> R
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    Ok(fib::redirect(ctx, p.proto, e.snat_addr_be, e.nat_addr_be))
+    Ok(fib::send(ctx, out))
 }
 
 /// A packet that is not addressed to a frontend: a reply of a translated
@@ -219,6 +231,19 @@ fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
         count(stats::PASS_NO_SERVICE, len);
         return Ok(TC_NEXT);
     };
+    let snat = e.flags & CT_F_SNAT != 0;
+    let dst = if snat { e.snat_addr_be } else { p.daddr_be };
+    // As in `forward`: checked before translation. The error goes back to
+    // the backend, quoting its packet, from the address it sent to (the
+    // node's SNAT address; the frontend when the client's own address is
+    // the destination).
+    let mut out = fib::Egress::NoRoute;
+    if e.flags & CT_F_REDIRECT != 0 {
+        out = fib::egress(ctx, p.proto, e.nat_addr_be, dst);
+        if let fib::Egress::TooBig(mtu) = out {
+            return Ok(reject::frag_needed(ctx, p, if snat { p.daddr_be } else { e.nat_addr_be }, mtu, len));
+        }
+    }
     if closes(p) {
         ct::close_from_reply(p, &e);
     }
@@ -226,18 +251,13 @@ fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    let dst = if e.flags & CT_F_SNAT != 0 {
-        if nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
-            count(stats::DROP_REWRITE_FAILED, len);
-            return Err(TC_ACT_SHOT as i32);
-        }
-        e.snat_addr_be
-    } else {
-        p.daddr_be
-    };
+    if snat && nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
     count(stats::REV_NAT, len);
     if e.flags & CT_F_REDIRECT != 0 {
-        return Ok(fib::redirect(ctx, p.proto, e.nat_addr_be, dst));
+        return Ok(fib::send(ctx, out));
     }
     Ok(TC_ACT_OK as i32)
 }

@@ -1,8 +1,17 @@
-//! Reject for frontends without backends, as kube-proxy's
-//! `REJECT --reject-with icmp-port-unreachable` does: the packet is turned
-//! into an ICMP destination-unreachable (port) from the frontend address to
-//! the client and sent back out of the device it came in on. The client's
-//! connect() fails at once with ECONNREFUSED instead of timing out.
+//! ICMP errors the datapath answers itself, built in place of the packet
+//! and sent back out of the device it came in on:
+//!
+//! - reject for frontends without backends, as kube-proxy's
+//!   `REJECT --reject-with icmp-port-unreachable` does: destination
+//!   unreachable (port) from the frontend address to the client. The
+//!   client's connect() fails at once with ECONNREFUSED instead of timing
+//!   out.
+//! - fragmentation needed (destination unreachable, code 4, with the
+//!   next-hop MTU) for a packet with DF set that does not fit the device
+//!   the FIB redirect would send it out of — what a Linux router's
+//!   `ip_forward` answers, so the client's path-MTU discovery works. It is
+//!   built before the packet is translated, so it quotes what the sender
+//!   sent and comes from the address the sender targeted.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
@@ -12,7 +21,7 @@ use proxy_common::{proto, stats};
 
 use crate::{
     csum::fold,
-    parse::{ETH_HLEN, Packet},
+    parse::{ETH_HLEN, IP_FRAG_OFF, Packet},
     stats::count,
 };
 
@@ -22,6 +31,9 @@ const QUOTE_LEN: usize = 20 + 8;
 const IP_PKT_LEN: usize = 20 + 8 + QUOTE_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// The DF bit of the IPv4 flags/fragment-offset field, in network order.
+const IP_DF_BE: u16 = 0x4000_u16.to_be();
 /// IPTOS_PREC_INTERNETCONTROL, what Linux's icmp_send uses.
 const TOS_INTERNETCONTROL: u8 = 0xc0;
 
@@ -35,13 +47,10 @@ fn word(b: &[u8], i: usize) -> u16 {
 /// reply cannot be built (IP options in the original header).
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
-    match build(ctx, p) {
+    match build(ctx, p, p.daddr_be, ICMP_PORT_UNREACH, 0) {
         Ok(()) => {
             count(stats::REJECT_NO_BACKEND, len);
-            // SAFETY: reading the ingress ifindex of the skb we were given.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
+            back_out(ctx)
         }
         Err(()) => {
             count(stats::DROP_NO_BACKEND, len);
@@ -50,8 +59,39 @@ pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
     }
 }
 
+/// The (untranslated) packet does not fit the egress device's `mtu`. With
+/// DF set it is rewritten into ICMP fragmentation needed from `from_be`
+/// (the address the sender targeted) and sent back (`icmp_frag_needed`).
+/// Without DF — the kernel would fragment it, but a packet that leaves by
+/// the FIB redirect never reaches `ip_fragment`, and the stack drops it once
+/// translated (local source) — or when the error cannot be built (IP
+/// options), it is dropped (`drop_too_big`).
 #[inline(always)]
-fn build(ctx: &TcContext, p: &Packet) -> Result<(), ()> {
+pub fn frag_needed(ctx: &TcContext, p: &Packet, from_be: u32, mtu: u32, len: u32) -> i32 {
+    let df = ctx.load::<u16>(ETH_HLEN + IP_FRAG_OFF).is_ok_and(|f| f & IP_DF_BE != 0);
+    let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+    if df && build(ctx, p, from_be, ICMP_FRAG_NEEDED, mtu).is_ok() {
+        count(stats::ICMP_FRAG_NEEDED, len);
+        return back_out(ctx);
+    }
+    count(stats::DROP_TOO_BIG, len);
+    TC_ACT_SHOT as i32
+}
+
+/// Redirects the rewritten packet out of the device it came in on.
+#[inline(always)]
+fn back_out(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the ingress ifindex of the skb we were given.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Rewrites the packet into ICMP destination unreachable with `code` (and
+/// `mtu` in the next-hop MTU field, 0 for other codes) from `from_be` to the
+/// packet's source, quoting the packet's IPv4 header and 8 bytes of L4.
+#[inline(always)]
+fn build(ctx: &TcContext, p: &Packet, from_be: u32, code: u8, mtu: u16) -> Result<(), ()> {
     // Why: the quote must hold the whole original header; with options it is
     // longer than our fixed buffer, and such packets are rare enough to drop.
     if p.ihl_len != 20 {
@@ -67,12 +107,14 @@ fn build(ctx: &TcContext, p: &Packet) -> Result<(), ()> {
     pkt[2..4].copy_from_slice(&(IP_PKT_LEN as u16).to_be_bytes());
     pkt[8] = 64;
     pkt[9] = proto::ICMP;
-    // From the frontend the client tried to reach, back to the client.
-    pkt[12..16].copy_from_slice(&p.daddr_be.to_ne_bytes());
+    // From the address the client tried to reach, back to the client.
+    pkt[12..16].copy_from_slice(&from_be.to_ne_bytes());
     pkt[16..20].copy_from_slice(&p.saddr_be.to_ne_bytes());
-    // ICMP header: type, code, checksum, 4 unused bytes; then the quote.
+    // ICMP header: type, code, checksum, 2 unused bytes, the next-hop MTU
+    // (RFC 1191; 0 = unused for other codes); then the quote.
     pkt[20] = ICMP_DEST_UNREACH;
-    pkt[21] = ICMP_PORT_UNREACH;
+    pkt[21] = code;
+    pkt[26..28].copy_from_slice(&mtu.to_be_bytes());
     pkt[28..].copy_from_slice(&quote);
 
     let mut ip_words = [0u16; 10];

@@ -6,8 +6,9 @@
 //! from that node. It shares the service, backend and conntrack maps with
 //! the TC programs, so either path can carry either packet of a flow.
 //! Everything else — and anything this path cannot finish (unknown
-//! neighbour, IP options, fragments, a frontend without backends) — is
-//! `XDP_PASS`ed untouched to the TC programs.
+//! neighbour, IP options, fragments, a frontend without backends, a packet
+//! too big for the egress route's MTU) — is `XDP_PASS`ed untouched to the
+//! TC programs.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
     helpers::bpf_redirect,
@@ -143,11 +144,20 @@ fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u1
     Some(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
 }
 
+/// The route with a resolved neighbour, for a packet that fits it.
+///
+/// Why `None` for a packet too big for the route's MTU: the lookup is given
+/// the IPv4 total length, so it answers `FRAG_NEEDED` for such a packet,
+/// which is then `XDP_PASS`ed untouched (before any rewrite) and TC answers
+/// it with fragmentation needed (DF) or drops it (no DF). XDP cannot build
+/// that reply and send it back from here in a way worth the code.
 #[inline(always)]
 fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route> {
     // SAFETY: reading the ingress ifindex of our context.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let tot_len = (ctx.data_end() - ctx.data()).saturating_sub(ETH_HLEN) as u16;
+    // The L3 length as the header says (not data_end - data, which counts
+    // Ethernet padding; never 0 here, 0 would skip the MTU check).
+    let tot_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).max(20);
     fib::lookup_raw(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true).filter(|r| r.neigh)
 }
 
