@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, Backend},
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SNAT, CtValue},
     proto, stats,
     svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL, SvcKey, SvcValue},
 };
@@ -63,15 +63,25 @@ pub fn select_backend(p: &Packet, svc: &SvcValue) -> Option<(u32, Backend)> {
 
 /// Whether a tracked flow may keep its backend.
 ///
-/// Why: a TCP SYN starts a new connection even when an old entry with the
-/// same tuple exists (port reuse), so it is balanced anew. An established TCP
-/// flow keeps its backend even after the backend left the Service, as
-/// kube-proxy's conntrack does; a UDP flow moves when its backend is gone
-/// (kube-proxy deletes UDP conntrack entries of removed endpoints).
+/// Why: a TCP SYN on a closing entry starts a new connection reusing the
+/// tuple (port reuse), so it is balanced anew; a SYN on an open entry is a
+/// retransmission of the flow's first packet (its SYN-ACK was lost or slow)
+/// and keeps the flow — balancing it anew would leave the first attempt's
+/// entries, and with SNAT its source port, taken until they time out, as
+/// conntrack keeps a SYN_SENT entry for a retransmitted SYN. An established
+/// TCP flow keeps its backend even after the backend left the Service, as
+/// kube-proxy's conntrack does; a UDP flow, or a SYN whose backend is gone,
+/// moves (kube-proxy deletes UDP conntrack entries of removed endpoints).
 #[inline(always)]
 pub fn flow_keeps_backend(p: &Packet, entry: &CtValue) -> bool {
     if p.proto == proto::TCP {
-        return p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+        let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if !syn {
+            return true;
+        }
+        if entry.flags & CT_F_CLOSING != 0 {
+            return false;
+        }
     }
     match lookup_backend(entry.backend_id) {
         Some(b) => b.addr_be == entry.nat_addr_be && b.port_be == entry.nat_port_be,

@@ -273,6 +273,10 @@ pub struct Cluster {
     /// The manifests directory both agents read.
     pub manifests: PathBuf,
     servers: Vec<Server>,
+    /// [`Self::new_wired`]: the XDP wires (client ↔ node A, node A ↔ node B)
+    /// and their namespaces.
+    wires: Vec<crate::xdpwire::WireLink>,
+    wire_ns: Vec<Netns>,
 }
 
 impl Cluster {
@@ -281,6 +285,24 @@ impl Cluster {
     /// between tests. Panics unless root.
     #[must_use]
     pub fn new(prefix: &str, pods_a: usize, pods_b: usize) -> Self {
+        Self::build(prefix, pods_a, pods_b, false)
+    }
+
+    /// [`Self::new`] with node A's two links — to the client (`ext0`) and to
+    /// node B (`nodelink`) — each going through a wire namespace whose native
+    /// XDP hands frames across ([`crate::xdpwire`]), so node A receives
+    /// `xdp_frame`s as from a NIC's receive ring, not skbs from the peer's
+    /// stack. Every device that receives redirected frames runs NAPI (GRO
+    /// on), and the senders compute full checksums
+    /// ([`Self::make_wire_like`]). Panics when the wires cannot be made.
+    #[must_use]
+    pub fn new_wired(prefix: &str, pods_a: usize, pods_b: usize) -> Self {
+        let c = Self::build(prefix, pods_a, pods_b, true);
+        c.make_wire_like().unwrap_or_else(|e| panic!("wire-like links: {e}"));
+        c
+    }
+
+    fn build(prefix: &str, pods_a: usize, pods_b: usize, wired: bool) -> Self {
         crate::netns::require_root();
         let id = unique_name(prefix);
         let workdir = std::env::temp_dir().join(format!("proxy-cluster-{id}"));
@@ -307,10 +329,16 @@ impl Cluster {
             workdir: workdir.clone(),
             manifests,
             servers: Vec::new(),
+            wires: Vec::new(),
+            wire_ns: Vec::new(),
         };
         c.client = Netns::create(&format!("{id}c"));
         c.a.ns = Netns::create(&format!("{id}na"));
         c.b.ns = Netns::create(&format!("{id}nb"));
+        if wired {
+            c.wire_ns.push(Netns::create(&format!("{id}w1")));
+            c.wire_ns.push(Netns::create(&format!("{id}w2")));
+        }
         c.wire();
         for i in 1..=pods_a {
             c.a.add_pod(&id, i);
@@ -321,11 +349,28 @@ impl Cluster {
         c
     }
 
-    fn wire(&self) {
+    /// A veth pair `dev_x` (in `x`) ↔ `dev_y` (in `y`), or, when `wire` is
+    /// given, `dev_x` ↔ `in` … `out` ↔ `dev_y` through the wire namespace.
+    fn link(x: &Netns, dev_x: &str, y: &Netns, dev_y: &str, wire: Option<&Netns>) {
+        match wire {
+            None => {
+                x.ip(&["link", "add", dev_x, "type", "veth", "peer", "name", dev_y, "netns", y.name()]);
+            }
+            Some(w) => {
+                x.ip(&["link", "add", dev_x, "type", "veth", "peer", "name", "in", "netns", w.name()]);
+                w.ip(&["link", "add", "out", "type", "veth", "peer", "name", dev_y, "netns", y.name()]);
+                for d in ["in", "out"] {
+                    w.ip(&["link", "set", d, "up"]);
+                }
+            }
+        }
+    }
+
+    fn wire(&mut self) {
         let (c, a, b) = (&self.client, &self.a.ns, &self.b.ns);
-        // Client legs.
-        for (dev, node, client_ip) in [("eth0", a, CLIENT_IP), ("eth1", b, CLIENT_IP_B)] {
-            c.ip(&["link", "add", dev, "type", "veth", "peer", "name", "ext0", "netns", node.name()]);
+        // Client legs (the one to node A through the first wire, if any).
+        for (dev, node, client_ip, w) in [("eth0", a, CLIENT_IP, self.wire_ns.first()), ("eth1", b, CLIENT_IP_B, None)] {
+            Self::link(c, dev, node, "ext0", w);
             c.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", dev]);
             c.ip(&["link", "set", dev, "up"]);
         }
@@ -337,7 +382,7 @@ impl Cluster {
             c.ip(&["route", "add", cidr, "via", &via_a]);
         }
         // Node link.
-        a.ip(&["link", "add", "nodelink", "type", "veth", "peer", "name", "nodelink", "netns", b.name()]);
+        Self::link(a, "nodelink", b, "nodelink", self.wire_ns.get(1));
         for (n, ns) in [(NodeId::A, a), (NodeId::B, b)] {
             ns.ip(&["addr", "add", &format!("{}/30", n.link_ip()), "dev", "nodelink"]);
             for dev in ["ext0", "nodelink"] {
@@ -353,6 +398,11 @@ impl Cluster {
             }
             ns.sysctl("net.ipv4.ip_forward", "1");
         }
+        let mut links = Vec::new();
+        for w in &self.wire_ns {
+            links.extend(crate::xdpwire::join(w, "in", "out").unwrap_or_else(|e| panic!("XDP wire in {}: {e}", w.name())));
+        }
+        self.wires = links;
     }
 
     #[must_use]
@@ -448,14 +498,22 @@ impl Cluster {
         self.node_mut(n).kill_agent();
     }
 
-    /// Makes the veths behave like wires for native XDP: the client and the
-    /// pods compute full checksums instead of leaving them to an offload a
-    /// veth never performs (on a real wire every packet carries its
-    /// checksum; an XDP program has no skb to finish it in), and the
-    /// devices native XDP redirects into (the client's `eth0`, node B's
-    /// `nodelink`) run NAPI (GRO on), as a NIC driver does. Uses `ethtool`.
+    /// Makes the veths behave like wires for native XDP: the client, the
+    /// pods and the node devices facing node A compute full checksums
+    /// instead of leaving them to an offload a veth never performs (on a
+    /// real wire every packet carries its checksum; an XDP program has no
+    /// skb to finish it in), and the devices native XDP redirects into (the
+    /// client's `eth0`, node B's `nodelink`; behind wires also node A's)
+    /// run NAPI (GRO on), as a NIC driver does. Uses `ethtool`.
     pub fn make_wire_like(&self) -> Result<(), String> {
-        let mut steps: Vec<(&Netns, &str, &[&str])> = vec![(&self.client, "eth0", &["tx", "off", "gro", "on"]), (&self.b.ns, "nodelink", &["gro", "on"])];
+        let both: &[&str] = &["tx", "off", "gro", "on"];
+        let mut steps: Vec<(&Netns, &str, &[&str])> = vec![(&self.client, "eth0", both), (&self.b.ns, "nodelink", both)];
+        if !self.wire_ns.is_empty() {
+            // Behind wires node A's devices receive redirected frames too,
+            // and what they send (segmented GRO packets included) goes into
+            // a wire, so it must carry full checksums.
+            steps.extend([(&self.a.ns, "ext0", both), (&self.a.ns, "nodelink", both)]);
+        }
         steps.extend(self.pods().map(|p| (&p.ns, "eth0", &["tx", "off"][..])));
         for (ns, dev, features) in steps {
             let out = std::process::Command::new("nsenter")
@@ -489,7 +547,8 @@ impl Drop for Cluster {
             let _ = proxy_agent::datapath::cleanup(&Pins::new(&n.bpffs));
         }
         let _ = std::fs::remove_dir_all(&self.workdir);
-        // The namespaces go when the fields drop (pods, then nodes, client).
+        self.wires.clear();
+        // The namespaces go when the fields drop (pods, then nodes, client, wires).
     }
 }
 

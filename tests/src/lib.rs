@@ -11,6 +11,7 @@ pub mod netns;
 pub mod packet;
 pub mod sandbox;
 pub mod servers;
+pub mod xdpwire;
 pub mod bench;
 
 /// `address:port` of the backends programmed for `vip:port`, in slot order.

@@ -38,6 +38,9 @@ enum Path {
     Tc,
     XdpGeneric,
     XdpNative,
+    /// Native XDP with node A behind XDP wires: it receives frames, not
+    /// skbs, as from a NIC ([`Cluster::new_wired`]).
+    XdpNativeWired,
 }
 
 impl Path {
@@ -45,7 +48,7 @@ impl Path {
         match self {
             Self::Tc => &[],
             Self::XdpGeneric => &["--xdp", "--xdp-mode", "generic"],
-            Self::XdpNative => &["--xdp", "--xdp-mode", "native"],
+            Self::XdpNative | Self::XdpNativeWired => &["--xdp", "--xdp-mode", "native"],
         }
     }
 
@@ -119,7 +122,10 @@ endpoints:
 }
 
 fn cluster(prefix: &str, a: usize, b: usize) -> Cluster {
-    let mut c = Cluster::new(prefix, a, b);
+    serve(Cluster::new(prefix, a, b))
+}
+
+fn serve(mut c: Cluster) -> Cluster {
     c.serve_http_peer(8080);
     c.serve_udp_peer(5353);
     c
@@ -173,8 +179,13 @@ fn xdp_native_nodeport_reaches_local_and_remote_backends_and_remote_ones_see_the
     nodeport_local_and_remote(Path::XdpNative);
 }
 
+#[test]
+fn xdp_native_behind_nic_like_wires_nodeport_reaches_local_and_remote_backends() {
+    nodeport_local_and_remote(Path::XdpNativeWired);
+}
+
 fn nodeport_local_and_remote(path: Path) {
-    let mut c = cluster("nsc", 1, 1);
+    let mut c = if path == Path::XdpNativeWired { serve(Cluster::new_wired("nsw", 1, 1)) } else { cluster("nsc", 1, 1) };
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
     start(&mut c, path, &[]);
     frontends_with(&c, 6);

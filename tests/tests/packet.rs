@@ -1124,6 +1124,33 @@ fn established_tcp_flow_keeps_its_backend() {
 }
 
 #[test]
+fn retransmitted_syn_keeps_its_flow_and_a_syn_after_close_is_balanced_anew() {
+    let dp = Datapath::standard();
+    let (id, backend) = open_flow(&dp, &tcp_syn(VIP), &TCP_BACKENDS);
+    // The SYN-ACK was lost: the client sends the same SYN again, and again.
+    for _ in 0..5 {
+        let (_, p) = dp.run_translated(&tcp_syn(VIP).build());
+        assert_eq!(p.dst(), backend, "a retransmitted SYN moved the flow");
+    }
+    assert_eq!(dp.ct().len(), 2, "a retransmitted SYN created conntrack entries");
+    check_ct_flow(&dp, CLIENT, VIP, proto::TCP, TCP_SVC_ID, (id, backend)).unwrap_or_else(|e| panic!("{e}"));
+    dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::DNAT_ESTABLISHED, 5)]).unwrap_or_else(|e| panic!("{e}"));
+    // The connection ends; a new one reusing the client port is a new flow.
+    let _ = dp.run_translated(&FrameBuilder::tcp(CLIENT, VIP, tcp_flags::FIN | tcp_flags::ACK).build());
+    let mut new_flows = 0;
+    for _ in 0..40 {
+        let before = dp.stat(stats::DNAT_NEW).packets;
+        let _ = dp.run_translated(&tcp_syn(VIP).build());
+        let after = dp.stat(stats::DNAT_NEW).packets;
+        assert_eq!(after, before + 1, "a SYN reusing a closed flow's tuple is a new flow");
+        new_flows += 1;
+        // Close it again so the next SYN is a reuse too.
+        let _ = dp.run_translated(&FrameBuilder::tcp(CLIENT, VIP, tcp_flags::RST).build());
+    }
+    assert_eq!(new_flows, 40);
+}
+
+#[test]
 fn udp_flow_keeps_its_backend() {
     let dp = Datapath::standard();
     let (id, backend) = open_flow(&dp, &udp(VIP), &UDP_BACKENDS);
