@@ -1111,12 +1111,14 @@ fn two_clients_with_the_same_source_port_get_distinct_snat_ports() {
 #[test]
 fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
     // Why this shape: the port is drawn with bpf_get_prandom_u32, which a
-    // test cannot steer, so a collision cannot be forced. 2 x 150 flows to
-    // one backend, run at the same time from two threads (two CPUs), draw
-    // about 10 ports that an earlier flow already holds (birthday bound over
-    // 4536 ports); each must be detected by the BPF_NOEXIST insert and
-    // redrawn. The chance that 8 draws all hit taken ports stays below
-    // 1e-9 per flow, so a drop here is a bug, not bad luck.
+    // test cannot steer, so a given collision cannot be forced. Instead a
+    // third of the range is held by live flows of another client, so a
+    // third of all draws hit a taken port, and 2 x 150 new flows to the same
+    // backend run at the same time from two threads (two CPUs), also racing
+    // each other for the rest: each taken port must be detected by the
+    // BPF_NOEXIST insert and redrawn, no flow may get a port another holds.
+    // With at most 40% of the range taken, all of ct.rs' 32 draws fail with
+    // a chance below 1e-12 per flow: a drop here is a bug, not bad luck.
     const PER_THREAD: u16 = 150;
     on_node(|l| {
         let mut dp = Datapath::new();
@@ -1126,6 +1128,12 @@ fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
             SVC_ID,
             cluster(NODE_PORT),
             &[BE_B],
+        );
+        let held = fill_snat_ports(
+            &mut dp,
+            (SNAT_PORT_MIN..=SNAT_PORT_MAX).step_by(3),
+            0,
+            monotonic_ns(),
         );
         let dp = &dp;
         let flows: Vec<(SocketAddrV4, u16)> = std::thread::scope(|s| {
@@ -1154,6 +1162,11 @@ fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
         });
         let ports: HashSet<u16> = flows.iter().map(|(_, p)| *p).collect();
         assert_eq!(ports.len(), flows.len(), "SNAT ports shared between flows");
+        for (k, v) in &held {
+            let mut got = dp.ct_get(k).expect("held entry");
+            got.last_seen_ns = v.last_seen_ns;
+            assert_eq!(got, *v, "a held port was taken over");
+        }
         for (client, port) in &flows {
             assert_snat_ct(
                 dp,
@@ -1164,17 +1177,22 @@ fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
                 SocketAddrV4::new(NODE_INT, *port),
             );
         }
-        dp.assert_ct_len(4 * usize::from(PER_THREAD), "two per flow");
+        dp.assert_ct_len(held.len() + 4 * usize::from(PER_THREAD), "two per flow");
         dp.assert_stats(&[(stats::DNAT_NEW, 2 * u64::from(PER_THREAD))]);
     });
 }
 
-/// Occupies every SNAT port towards `POD_B` (TCP) with a REPLY entry of
-/// another flow; returns the keys and values written.
-fn fill_snat_ports(dp: &mut Datapath, flags: u8, last_seen_ns: u64) -> Vec<(CtKey, CtValue)> {
+/// Occupies `ports` towards `POD_B` (TCP) with REPLY entries of another
+/// flow; returns the keys and values written.
+fn fill_snat_ports(
+    dp: &mut Datapath,
+    ports: impl IntoIterator<Item = u16>,
+    flags: u8,
+    last_seen_ns: u64,
+) -> Vec<(CtKey, CtValue)> {
     let ghost = sa([203, 0, 113, 200], 1);
     let mut written = Vec::new();
-    for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
+    for port in ports {
         let key = ct_key(
             POD_B,
             SocketAddrV4::new(NODE_INT, port),
@@ -1206,7 +1224,7 @@ fn all_snat_ports_taken_drops_and_counts_without_stealing_one() {
             cluster(NODE_PORT),
             &[BE_B],
         );
-        let held = fill_snat_ports(&mut dp, 0, monotonic_ns());
+        let held = fill_snat_ports(&mut dp, SNAT_PORT_MIN..=SNAT_PORT_MAX, 0, monotonic_ns());
         let input = first(proto::TCP, CLIENT, NODE_PORT.addr).build();
         // XDP gives up without touching the packet; TC drops it.
         let (v, out) = dp.xdp(&input, l.ext0);
@@ -1240,7 +1258,12 @@ fn expired_snat_port_is_reused() {
         // after the 10 s closing timeout.
         let now = monotonic_ns();
         assert!(now > 20_000_000_000, "uptime too short for this test");
-        let held = fill_snat_ports(&mut dp, CT_F_CLOSING, now - 11_000_000_000);
+        let held = fill_snat_ports(
+            &mut dp,
+            SNAT_PORT_MIN..=SNAT_PORT_MAX,
+            CT_F_CLOSING,
+            now - 11_000_000_000,
+        );
         let port = open_snat_flow(
             &dp,
             &first(proto::TCP, CLIENT, NODE_PORT.addr),
