@@ -1288,8 +1288,7 @@ fn expired_snat_port_is_reused() {
 }
 
 #[test]
-#[ignore = "bug: a retransmitted SYN of a SNATed flow takes a new SNAT port and leaves the old REPLY entry live for the 6 h TCP timeout (ct.rs create / lb.rs flow_keeps_backend)"]
-fn retransmitted_syn_does_not_leak_a_snat_port() {
+fn retransmitted_syn_keeps_its_snat_port_and_a_syn_after_close_is_a_new_flow() {
     on_node(|l| {
         let mut dp = Datapath::new();
         dp.add_service(
@@ -1300,22 +1299,65 @@ fn retransmitted_syn_does_not_leak_a_snat_port() {
             &[BE_B],
         );
         let syn = first(proto::TCP, CLIENT, NODE_PORT.addr);
-        let p1 = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
-        // The same SYN again (its SYN-ACK was lost or is late).
-        let p2 = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
-        let old = dp.ct_get(&ct_key(
-            POD_B,
-            SocketAddrV4::new(NODE_INT, p1),
-            proto::TCP,
-            CT_DIR_REPLY,
-        ));
-        let leaked = p1 != p2 && old.is_some_and(|v| v.flags & CT_F_CLOSING == 0);
-        assert!(
-            !leaked,
-            "the retransmission moved the flow from SNAT port {p1} to {p2} and port {p1} stays held \
-             for the TCP timeout by a REPLY entry nothing refers to: {old:?}; {} entries",
-            dp.ct().len()
+        let port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
+        let snat = SocketAddrV4::new(NODE_INT, port);
+        // The same SYN again (its SYN-ACK was lost or is late), through TC
+        // and through XDP: the flow, and its SNAT port, stay as they were.
+        for _ in 0..3 {
+            let again = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
+            assert_eq!(
+                again, port,
+                "a retransmitted SYN moved the flow to another SNAT port"
+            );
+        }
+        let (v, out) = dp.xdp(&syn.build(), l.ext0);
+        assert_eq!(v, XDP_REDIRECT, "XDP verdict");
+        let want = syn
+            .clone()
+            .with_src(snat)
+            .with_dst(POD_B)
+            .with_ttl(63)
+            .with_macs(INT0_MAC, NODE_B_MAC);
+        assert_frame("retransmission through XDP", &out, &want.build());
+        assert_snat_ct(&dp, proto::TCP, CLIENT, NODE_PORT.addr, BE_B, snat);
+        dp.assert_ct_len(2, "no entry for a retransmission");
+        dp.assert_stats(&[
+            (stats::DNAT_NEW, 1),
+            (stats::DNAT_ESTABLISHED, 3),
+            (stats::XDP_FORWARD, 1),
+        ]);
+
+        // The connection ends (RST): a SYN on the same tuple is a new flow.
+        let (v, _) = dp.ingress(
+            &FrameBuilder::tcp(CLIENT, NODE_PORT.addr, tcp_flags::RST).build(),
+            l.ext0,
         );
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let new_port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
+        assert_snat_ct(
+            &dp,
+            proto::TCP,
+            CLIENT,
+            NODE_PORT.addr,
+            BE_B,
+            SocketAddrV4::new(NODE_INT, new_port),
+        );
+        if new_port != port {
+            // The old port's entry is left to expire (closing: 10 s).
+            let old = dp
+                .ct_get(&ct_key(POD_B, snat, proto::TCP, CT_DIR_REPLY))
+                .expect("old REPLY entry");
+            assert_ne!(
+                old.flags & CT_F_CLOSING,
+                0,
+                "the old port's entry is not closing: {old:?}"
+            );
+        }
+        dp.assert_stats(&[
+            (stats::DNAT_NEW, 2),
+            (stats::DNAT_ESTABLISHED, 4),
+            (stats::XDP_FORWARD, 1),
+        ]);
     });
 }
 
