@@ -5,13 +5,20 @@
 //! backend); its quote is rewritten to what the client sent (client →
 //! frontend), and with SNAT the error is readdressed to the client.
 //!
+//! The other direction too: an error about a *reply* (frontend → client,
+//! say fragmentation needed from a router near the client for a large
+//! answer) is addressed to the frontend; it is matched to the flow's SERVICE
+//! entry, its quote rewritten to the packet the backend sent (backend →
+//! client, or → the node's SNAT address and port) and it is readdressed to
+//! the backend, so the backend's path-MTU discovery works too.
+//!
 //! Checksums: the quoted IPv4 header's checksum is fixed with each address
 //! change; the quoted header then still sums to 0xffff, so the ICMP checksum
 //! only needs the port changes. The quoted L4 checksum is left alone (no
 //! receiver checks it; the quote may not even hold it).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{
-    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT, CtKey},
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtKey},
     proto, stats,
 };
 
@@ -73,7 +80,9 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let e = ct::lookup_live(&key, ct::now_ns())?;
+    let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
+        return about_reply(ctx, icmp, inner, iproto, isrc, idst, ports);
+    };
     let len = ctx.len();
     let fail = || {
         count(stats::DROP_REWRITE_FAILED, len);
@@ -103,6 +112,52 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
     if e.flags & CT_F_REDIRECT != 0 && !egress {
         let outer_src: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
         return Some(fib::redirect(ctx, proto::ICMP, outer_src, outer_dst));
+    }
+    Some(TC_ACT_OK as i32)
+}
+
+/// An error about a reply (the quote goes frontend → client): found by the
+/// flow's SERVICE entry (client → frontend), the quote becomes what the
+/// backend sent and the error goes to the backend (sent out by FIB redirect
+/// when the flow's packets are, else forwarded by the stack).
+#[inline(always)]
+fn about_reply(ctx: &TcContext, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
+    let key = CtKey {
+        saddr_be: idst,
+        daddr_be: isrc,
+        sport_be: ports[1],
+        dport_be: ports[0],
+        proto: iproto,
+        dir: CT_DIR_SERVICE,
+        _pad: [0; 2],
+    };
+    let e = ct::lookup_live(&key, ct::now_ns())?;
+    let len = ctx.len();
+    let fail = || {
+        count(stats::DROP_REWRITE_FAILED, len);
+        Some(aya_ebpf::bindings::TC_ACT_SHOT as i32)
+    };
+    let outer_dst: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
+    // Quoted source: frontend → backend; the error goes to the backend.
+    if rewrite_quoted_addr(ctx, inner + IP_SADDR, inner, isrc, e.nat_addr_be).is_none()
+        || rewrite_quoted_port(ctx, icmp, inner + 20, ports[0], e.nat_port_be).is_none()
+        || ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(outer_dst), u64::from(e.nat_addr_be), 4).is_err()
+        || ctx.store(ETH_HLEN + IP_DADDR, &e.nat_addr_be, 0).is_err()
+    {
+        return fail();
+    }
+    // Quoted destination, with SNAT: the client → node:allocated port.
+    if e.flags & CT_F_SNAT != 0
+        && (rewrite_quoted_addr(ctx, inner + IP_DADDR, inner, idst, e.snat_addr_be).is_none()
+            || rewrite_quoted_port(ctx, icmp, inner + 22, ports[1], e.snat_port_be).is_none())
+    {
+        return fail();
+    }
+    count(stats::ICMP_ERROR_TRANSLATED, len);
+    // A flow whose packets the datapath sends out itself: so is its error.
+    if e.flags & CT_F_REDIRECT != 0 {
+        let outer_src: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
+        return Some(fib::redirect(ctx, proto::ICMP, outer_src, e.nat_addr_be));
     }
     Some(TC_ACT_OK as i32)
 }

@@ -1741,7 +1741,6 @@ fn icmp_error_about_an_unknown_flow_passes_unchanged() {
 }
 
 #[test]
-#[ignore = "bug: ICMP errors about the reply direction of a translated flow (e.g. fragmentation needed for the backend's large answers) are not translated to the backend: icmp.rs only looks up REPLY entries"]
 fn icmp_error_about_a_reply_is_translated_to_the_backend() {
     on_node(|l| {
         let mut dp = Datapath::new();
