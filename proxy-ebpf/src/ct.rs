@@ -85,17 +85,64 @@ const SNAT_TRIES: u32 = 32;
 /// REPLY entry for the backend's. With SNAT, a source port is allocated such
 /// that the REPLY key is unique (tried a bounded number of times, random in
 /// `SNAT_PORT_MIN..=SNAT_PORT_MAX`; an expired entry's port is reused).
+/// Without SNAT, when the backend already answers this client address and
+/// port for another frontend (one UDP socket talking to a Service's NodePort
+/// and its LoadBalancer IP), the new flow keeps the client's address but gets
+/// its own source port that way, as netfilter resolves such a clash — else
+/// the replies of the first flow would come back from the second frontend.
 /// Returns the SERVICE entry, or `None` when no port was free.
 #[inline(always)]
 pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
-    let snat = f.snat_addr_be != 0;
-    let flags = f.flags | if snat { CT_F_SNAT } else { 0 };
+    if f.snat_addr_be != 0 {
+        return create_snat(p, f, f.snat_addr_be, now);
+    }
+    let fwd = CtValue {
+        nat_addr_be: f.backend_addr_be,
+        nat_port_be: f.backend_port_be,
+        flags: f.flags,
+        _pad: 0,
+        snat_addr_be: 0,
+        snat_port_be: 0,
+        _pad2: [0; 2],
+        backend_id: f.backend_id,
+        svc_id: f.svc_id,
+        last_seen_ns: now,
+    };
+    let rev = CtValue { nat_addr_be: p.daddr_be, nat_port_be: p.dport_be, ..fwd };
+    let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
+    // Reply entry first: once the SERVICE entry exists, replies may follow.
+    if !claim_reply(&rk, &rev, now) {
+        return create_snat(p, f, p.saddr_be, now);
+    }
+    let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
+    Some(fwd)
+}
+
+/// Writes the REPLY entry of a flow without SNAT unless a live entry of
+/// another flow holds its key: one through another frontend, or an SNAT
+/// flow's (whose allocated port happens to be this client's port).
+#[inline(always)]
+fn claim_reply(rk: &CtKey, rev: &CtValue, now: u64) -> bool {
+    if CT.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    let free = match lookup_live(rk, now) {
+        None => true,
+        // The same frontend: a new connection reusing this tuple.
+        Some(old) => old.flags & CT_F_SNAT == 0 && old.nat_addr_be == rev.nat_addr_be && old.nat_port_be == rev.nat_port_be,
+    };
+    free && CT.insert(rk, rev, 0).is_ok()
+}
+
+/// [`create`] with the source translated to `snat_addr_be` and an allocated port.
+#[inline(always)]
+fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<CtValue> {
     let mut fwd = CtValue {
         nat_addr_be: f.backend_addr_be,
         nat_port_be: f.backend_port_be,
-        flags,
+        flags: f.flags | CT_F_SNAT,
         _pad: 0,
-        snat_addr_be: f.snat_addr_be,
+        snat_addr_be,
         snat_port_be: 0,
         _pad2: [0; 2],
         backend_id: f.backend_id,
@@ -105,42 +152,31 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
     let rev = CtValue {
         nat_addr_be: p.daddr_be,
         nat_port_be: p.dport_be,
-        snat_addr_be: if snat { p.saddr_be } else { 0 },
-        snat_port_be: if snat { p.sport_be } else { 0 },
+        snat_addr_be: p.saddr_be,
+        snat_port_be: p.sport_be,
         ..fwd
     };
-    if snat {
-        let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-        let mut found = false;
-        // Why 32: ports stay taken for CT_CLOSING_TIMEOUT after a flow ends,
-        // so under heavy connection churn most of a backend's range can be
-        // in use; 32 random tries still find a free one unless more than
-        // ~80% are taken (failure 0.8^32 < 0.1%), as Cilium's SNAT retries.
-        for _ in 0..SNAT_TRIES {
-            // SAFETY: helper without arguments.
-            let r = unsafe { bpf_get_prandom_u32() };
-            let port = (SNAT_PORT_MIN + (r % span) as u16).to_be();
-            let rk = key(f.backend_addr_be, f.snat_addr_be, f.backend_port_be, port, p.proto, CT_DIR_REPLY);
-            // Why: NOEXIST makes the check-and-claim atomic against another
-            // CPU picking the same port for the same backend.
-            let free = CT.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok()
-                || (lookup_live(&rk, now).is_none() && CT.insert(&rk, &rev, 0).is_ok());
-            if free {
-                fwd.snat_port_be = port;
-                found = true;
-                break;
-            }
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    // Why 32: ports stay taken for CT_CLOSING_TIMEOUT after a flow ends,
+    // so under heavy connection churn most of a backend's range can be
+    // in use; 32 random tries still find a free one unless more than
+    // ~80% are taken (failure 0.8^32 < 0.1%), as Cilium's SNAT retries.
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper without arguments.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port = (SNAT_PORT_MIN + (r % span) as u16).to_be();
+        let rk = key(f.backend_addr_be, snat_addr_be, f.backend_port_be, port, p.proto, CT_DIR_REPLY);
+        // Why: NOEXIST makes the check-and-claim atomic against another
+        // CPU picking the same port for the same backend.
+        let free = CT.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok()
+            || (lookup_live(&rk, now).is_none() && CT.insert(&rk, &rev, 0).is_ok());
+        if free {
+            fwd.snat_port_be = port;
+            let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
+            return Some(fwd);
         }
-        if !found {
-            return None;
-        }
-    } else {
-        let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
-        // Reply entry first: once the SERVICE entry exists, replies may follow.
-        let _ = CT.insert(&rk, &rev, 0);
     }
-    let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
-    Some(fwd)
+    None
 }
 
 #[inline(always)]

@@ -1362,7 +1362,6 @@ fn retransmitted_syn_keeps_its_snat_port_and_a_syn_after_close_is_a_new_flow() {
 }
 
 #[test]
-#[ignore = "bug: the REPLY key of a flow without SNAT does not name the frontend, so two frontends of one local backend reached from the same client address and port share it and the second flow's replies take the first's (ct.rs create, non-SNAT branch)"]
 fn same_client_port_to_two_frontends_of_one_local_backend() {
     on_node(|l| {
         let mut dp = Datapath::new();
@@ -1408,6 +1407,16 @@ fn same_client_port_to_two_frontends_of_one_local_backend() {
             second.dst(),
             ct_key(LOCAL_POD, CLIENT, proto::UDP, CT_DIR_REPLY)
         );
+        // The second flow kept the client's address but got its own port
+        // (netfilter's clash resolution), and its reply comes back from the
+        // LoadBalancer address to the client's real port.
+        assert_eq!(*second.src().ip(), *CLIENT.ip(), "second flow's source address");
+        assert_ne!(second.src().port(), CLIENT.port(), "second flow kept the clashing port");
+        assert_eq!(second.dst(), LOCAL_POD, "second flow's backend");
+        let (v, out) = dp.ingress(&FrameBuilder::udp(LOCAL_POD, second.src()).build(), l.lxc0);
+        assert!(v == TC_ACT_OK || v == TC_ACT_REDIRECT, "second reply: verdict {v}");
+        let back = parsed("second reply", &out);
+        assert_eq!((back.src(), back.dst()), (LOAD_BALANCER.addr, CLIENT), "second flow's reply");
     });
 }
 
