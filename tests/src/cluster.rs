@@ -211,6 +211,20 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Packets counted under exit reason `reason` (`proxy-agent stats`
+    /// names, e.g. `xdp_forward`) in this node's datapath so far, read with
+    /// `proxy-agent stats -o json`.
+    #[must_use]
+    pub fn stat(&self, reason: &str) -> u64 {
+        let bin = crate::agent::agent_bin();
+        let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &self.bpffs.to_string_lossy(), "stats", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+        v.as_array()
+            .and_then(|a| a.iter().find(|s| s["reason"] == reason))
+            .and_then(|s| s["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no {reason} in {out}"))
+    }
+
     /// SIGKILLs the agent; programs and maps stay pinned.
     pub fn kill_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {

@@ -70,7 +70,7 @@ fn start(c: &mut Cluster, path: Path, extra: &[&str]) {
 /// After traffic to node B: XDP forwarded and reverse-translated packets
 /// (on the XDP paths), or did not run at all (TC).
 fn check_xdp_carried(c: &Cluster, path: Path) {
-    let (fwd, rev) = (stat(c, "xdp_forward"), stat(c, "xdp_reverse"));
+    let (fwd, rev) = (c.a.stat("xdp_forward"), c.a.stat("xdp_reverse"));
     if path.xdp() {
         assert!(c.a.agent_log().contains("XDP fast path attached"), "{}", c.a.agent_log());
         assert!(fwd > 0, "no packet forwarded by XDP");
@@ -386,11 +386,3 @@ fn snat_ports(path: Path) {
     check_xdp_carried(&c, path);
 }
 
-fn stat(c: &Cluster, reason: &str) -> u64 {
-    let out = integration_tests::netns::run(&agent_bin().to_string_lossy(), &["--bpffs", &c.a.bpffs.to_string_lossy(), "stats", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
-    v.as_array()
-        .and_then(|a| a.iter().find(|s| s["reason"] == reason))
-        .and_then(|s| s["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no {reason} in {out}"))
-}

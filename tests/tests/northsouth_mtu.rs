@@ -164,14 +164,6 @@ fn wait_node_ports(c: &Cluster) {
     });
 }
 
-fn stat(c: &Cluster, reason: &str) -> u64 {
-    let out = integration_tests::netns::run(&agent_bin().to_string_lossy(), &["--bpffs", &c.a.bpffs.to_string_lossy(), "stats", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
-    v.as_array()
-        .and_then(|a| a.iter().find(|s| s["reason"] == reason))
-        .and_then(|s| s["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no {reason} in {out}"))
-}
 
 /// `size_of::<T>()` as a `socklen_t`.
 fn socklen<T>() -> libc::socklen_t {
@@ -353,8 +345,8 @@ fn df_datagram_too_big_for_the_node_link_gets_fragmentation_needed_from_the_node
     // First without DF, while the client still assumes 1500 (once it has
     // learned 1280 it would fragment the datagram itself).
     assert_eq!(udp_no_df(&c, to, 1400), (None, None), "a non-DF datagram too big for the node link");
-    assert!(stat(&c, "drop_too_big") > 0);
-    assert_eq!(stat(&c, "icmp_frag_needed"), 0);
+    assert!(c.a.stat("drop_too_big") > 0);
+    assert_eq!(c.a.stat("icmp_frag_needed"), 0);
 
     let (err, mtu, again) = udp_too_big(&c, to, 1400);
     let err = err.unwrap_or_else(|| panic!("no ICMP error for a 1400-byte DF datagram\n{}", c.a.agent_log()));
@@ -372,7 +364,7 @@ fn df_datagram_too_big_for_the_node_link_gets_fragmentation_needed_from_the_node
     assert_eq!(mtu, i32::from(LINK_MTU), "the socket's path MTU");
     let again = again.expect_err("a 1400-byte DF datagram after the path MTU is learned");
     assert_eq!(again.raw_os_error(), Some(libc::EMSGSIZE), "{again}");
-    assert!(stat(&c, "icmp_frag_needed") > 0);
+    assert!(c.a.stat("icmp_frag_needed") > 0);
 
     // 1200 bytes fit the node link: through to node B and answered.
     let s = udp_fits(&c, to, 1200).unwrap_or_else(|e| panic!("1200-byte datagram: {e}\n{}", c.a.agent_log()));
@@ -392,8 +384,8 @@ fn tcp_upload_to_a_remote_backend_through_a_node_port_completes_over_a_smaller_n
         .unwrap_or_else(|e| panic!("upload to the remote backend stalled: {e}\n{}", c.a.agent_log()));
     assert_eq!(got, UPLOAD);
     assert_eq!(mtu, i32::from(LINK_MTU), "the connection's path MTU");
-    assert!(stat(&c, "icmp_frag_needed") > 0, "the upload never needed fragmentation-needed");
-    assert_eq!(stat(&c, "drop_too_big"), 0, "TCP sets DF: nothing is dropped");
+    assert!(c.a.stat("icmp_frag_needed") > 0, "the upload never needed fragmentation-needed");
+    assert_eq!(c.a.stat("drop_too_big"), 0, "TCP sets DF: nothing is dropped");
 }
 
 /// The same upload to a backend on node A: the packet is not redirected
@@ -413,8 +405,8 @@ fn tcp_upload_to_a_local_backend_through_a_node_port_completes() {
     c.a.ns.ip(&["link", "set", &veth, "mtu", &LINK_MTU.to_string()]);
     let (got, mtu) = upload(&c, to).unwrap_or_else(|e| panic!("upload over the smaller pod link: {e}\n{}", c.a.agent_log()));
     assert_eq!((got, mtu), (UPLOAD, i32::from(LINK_MTU)));
-    assert!(stat(&c, "icmp_error_translated") > 0);
-    assert_eq!(stat(&c, "icmp_frag_needed"), 0, "the datapath answers only what it redirects");
+    assert!(c.a.stat("icmp_error_translated") > 0);
+    assert_eq!(c.a.stat("icmp_frag_needed"), 0, "the datapath answers only what it redirects");
 }
 
 /// With the XDP fast path (generic mode): a packet too big for the route is
@@ -435,6 +427,6 @@ fn xdp_passes_too_big_packets_to_tc_which_answers_them() {
     assert_eq!(s.pod, "pod-b1");
     let (got, _) = upload(&c, SocketAddrV4::new(NODE_A_IP, REMOTE_TCP)).unwrap_or_else(|e| panic!("upload with XDP stalled: {e}\n{}", c.a.agent_log()));
     assert_eq!(got, UPLOAD);
-    assert!(stat(&c, "xdp_forward") > 0, "nothing went through XDP");
-    assert!(stat(&c, "icmp_frag_needed") > 0);
+    assert!(c.a.stat("xdp_forward") > 0, "nothing went through XDP");
+    assert!(c.a.stat("icmp_frag_needed") > 0);
 }

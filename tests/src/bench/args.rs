@@ -18,7 +18,7 @@ pub struct Args {
     pub clients: usize,
     /// Numbers of Services for the control-plane figures.
     pub cp_services: Vec<usize>,
-    /// Where "apply one added Service" is measured.
+    /// Where "apply one added Service" is measured (0: nowhere).
     pub add_one_at: usize,
     pub ipt_backend: IptBackend,
     /// Services per iptables-restore / nft -f transaction.

@@ -55,7 +55,7 @@ pub fn main(command_line: &[String]) {
         cases.extend(live.into_iter().map(|l| l.finish(&args)));
     }
     let mut program_cases = Vec::new();
-    for &n in &args.cp_services {
+    for &n in args.cp_services.iter().filter(|&&n| n > 0) {
         for mode in [Mode::Iptables, Mode::Nftables, Mode::Ebpf].into_iter().filter(|m| args.wants(&m.to_string())) {
             let covered = cases.iter().any(|c| c.mode == mode && c.services == n && c.program.is_some());
             if !covered {
@@ -66,7 +66,11 @@ pub fn main(command_line: &[String]) {
     let add_measured = |mode| {
         cases.iter().chain(&program_cases).any(|case: &run::Case| case.mode == mode && case.services == args.add_one_at && case.add_one.is_some())
     };
-    let missing: Vec<Mode> = [Mode::Iptables, Mode::Nftables, Mode::Ebpf].into_iter().filter(|m| !add_measured(*m) && args.wants(&m.to_string())).collect();
+    // `--add-one-at 0`: not measured.
+    let missing: Vec<Mode> = [Mode::Iptables, Mode::Nftables, Mode::Ebpf]
+        .into_iter()
+        .filter(|m| args.add_one_at > 0 && !add_measured(*m) && args.wants(&m.to_string()))
+        .collect();
     for mode in missing {
         program_cases.push(run_program_only(&args, mode, args.add_one_at));
     }

@@ -229,15 +229,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
         Mode::Ebpf => Some(program_agent(args, &mut sb, &live.set)),
     };
-    if let Some(p) = &programmed {
-        match &p.result {
-            Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
-            Err(e) => {
-                progress(&format!("{mode} S={services}: programming failed: {e}"));
-                live.case.skipped = Some(format!("programming {services} Services failed: {e}"));
-            }
-        }
-    }
+    live.record_programming(&programmed);
     live.case.program = programmed;
     live.env = Some(Env::Node(sb));
     live.warm_up(args);
@@ -280,15 +272,7 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         Mode::NpXdp => Some(program_node_port_agent(args, &mut c, &live.set, true)),
         _ => None,
     };
-    if let Some(p) = &programmed {
-        match &p.result {
-            Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
-            Err(e) => {
-                progress(&format!("{mode} S={services}: programming failed: {e}"));
-                live.case.skipped = Some(format!("programming {services} Services failed: {e}"));
-            }
-        }
-    }
+    live.record_programming(&programmed);
     if mode == Mode::NpXdp && live.case.skipped.is_none() && !c.a.agent_log().contains("XDP fast path attached") {
         live.case.skipped = Some(format!("native XDP did not attach: {}", last_warning(&c.a.agent_log())));
     }
@@ -334,6 +318,20 @@ fn agent_counters(agent: &Path, bpffs: &Path) -> Option<std::collections::BTreeM
 }
 
 impl Live {
+    /// Reports how programming went; a failure skips the case.
+    fn record_programming(&mut self, programmed: &Option<Programmed>) {
+        let (mode, services) = (self.case.mode, self.case.services);
+        if let Some(p) = programmed {
+            match &p.result {
+                Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
+                Err(e) => {
+                    progress(&format!("{mode} S={services}: programming failed: {e}"));
+                    self.case.skipped = Some(format!("programming {services} Services failed: {e}"));
+                }
+            }
+        }
+    }
+
     /// Warm-up, and a check that the target answers at all.
     fn warm_up(&mut self, args: &Args) {
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
