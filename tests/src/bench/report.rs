@@ -147,19 +147,31 @@ impl Report<'_> {
         let smax = self.args.services.iter().copied().filter(|&n| n <= 10_000).max().unwrap_or(smin);
         if smax != smin {
             for mode in [Mode::NpTc, Mode::NpXdp] {
-                let changes: Vec<(&str, Option<f64>)> = [(0, "conn"), (1, "req")]
+                // (figure, change S=min → S=max, the same relative to np-direct at each S)
+                let changes: Vec<(&str, Option<f64>, Option<f64>)> = [(0, "conn"), (1, "req")]
                     .iter()
-                    .map(|&(m, h)| (h, self.median(mode, smin, m).zip(self.median(mode, smax, m)).map(|(a, b)| b / a)))
+                    .map(|&(m, h)| {
+                        let raw = self.median(mode, smin, m).zip(self.median(mode, smax, m)).map(|(a, b)| b / a);
+                        let norm = self.ratio(mode, smin, m).zip(self.ratio(mode, smax, m)).map(|(a, b)| b / a);
+                        (h, raw, norm)
+                    })
                     .collect();
-                if changes.iter().all(|(_, r)| r.is_none()) {
+                if changes.iter().all(|(_, r, _)| r.is_none()) {
                     continue;
                 }
-                let met = changes.iter().all(|(_, r)| r.is_some_and(|r| r >= 0.95));
+                let met = changes.iter().all(|(_, r, _)| r.is_some_and(|r| r >= 0.95));
                 let note = changes
                     .iter()
-                    .map(|(h, r)| format!("{h} {}", r.map_or_else(|| "–".into(), |r| format!("{r:.3}× its S={} figure", fmt_count(smin)))))
+                    .map(|(h, r, n)| {
+                        format!(
+                            "{h} {} its S={} figure (relative to np-direct at each S: {})",
+                            r.map_or_else(|| "–".into(), |r| format!("{r:.3}×")),
+                            fmt_count(smin),
+                            n.map_or_else(|| "–".into(), |n| format!("{n:.3}×"))
+                        )
+                    })
                     .collect::<Vec<_>>()
-                    .join(", ");
+                    .join("; ");
                 out.push((format!("{mode} at S={} within 5% of its own S={}", fmt_count(smax), fmt_count(smin)), Some(met), note));
             }
         }
