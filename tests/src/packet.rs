@@ -8,10 +8,17 @@
 //! IPv4 header checksum, the TCP/UDP checksum (a UDP checksum of 0 means
 //! "none" and is valid) and the ICMP checksum over the whole ICMP message.
 //!
-//! Plain Rust on byte vectors: nothing here needs root or BPF.
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+//! Plain Rust on byte vectors: nothing here needs root or BPF, but for
+//! [`stats_by_reason`], which reads the counters of a loaded object.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
+};
 
+use aya::{Ebpf, maps::PerCpuArray};
 pub use proxy_common::proto;
+use proxy_common::stats::{REASONS, STATS_MAP, StatCounter};
 
 /// Length of an Ethernet header (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
@@ -876,6 +883,46 @@ pub fn xdp_md_ctx(frame_len: usize, ingress_ifindex: u32) -> Vec<u8> {
     c.extend_from_slice(&0_u32.to_ne_bytes()); // rx_queue_index
     c.extend_from_slice(&0_u32.to_ne_bytes()); // egress_ifindex
     c
+}
+
+// ---------------------------------------------------------------------------
+// Reading results back
+// ---------------------------------------------------------------------------
+
+/// `b` in hex, 16 bytes a line: a frame for a failure message.
+#[must_use]
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::new();
+    for (i, x) in b.iter().enumerate() {
+        if i > 0 && i % 16 == 0 {
+            s.push('\n');
+        }
+        let _ = write!(s, "{x:02x} ");
+    }
+    s
+}
+
+/// Every exit-reason counter of the per-CPU stats map of a loaded object
+/// (`proxy_stats_v1`), summed over CPUs, by reason index.
+#[must_use]
+pub fn stats_by_reason(ebpf: &Ebpf) -> BTreeMap<u32, StatCounter> {
+    let m = PerCpuArray::<_, StatCounter>::try_from(ebpf.map(STATS_MAP).expect("stats map"))
+        .expect("stats map type");
+    REASONS
+        .iter()
+        .map(|(idx, _)| {
+            let per_cpu = m
+                .get(idx, 0)
+                .unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
+            let sum = per_cpu
+                .iter()
+                .fold(StatCounter::default(), |a, c| StatCounter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                });
+            (*idx, sum)
+        })
+        .collect()
 }
 
 #[cfg(test)]

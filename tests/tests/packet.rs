@@ -12,19 +12,18 @@
 //! Needs root (`BPF_PROG_TEST_RUN` on a `sched_cls` program).
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use integration_tests::packet::{
     CLIENT_MAC, ETH_HLEN, ETH_P_ARP, ETH_P_IP, FrameBuilder, IPV4_HLEN, L4, L4Header, NODE_MAC,
-    Parsed, arp_request, ethernet, fold, icmp, ipv6_udp, l4_checksum, parse, pseudo_header_sum,
-    sum_words, tcp_flags,
+    Parsed, arp_request, ethernet, fold, hex, icmp, ipv6_udp, l4_checksum, parse,
+    pseudo_header_sum, stats_by_reason, sum_words, tcp_flags,
 };
 use proxy_agent::{datapath::EBPF_OBJECT, pins::TcHook};
 
@@ -33,7 +32,7 @@ use proxy_common::{
     backend::{BACKEND_MAP, Backend},
     ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_MAP, CtKey, CtValue},
     proto,
-    stats::{self, REASONS, STATS_MAP, StatCounter},
+    stats::{self, REASONS, StatCounter},
     svc::{SVC_FLAG_CLUSTER_IP, SVC_MAP, SvcKey, SvcValue},
 };
 
@@ -88,17 +87,6 @@ fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
         dir,
         _pad: [0; 2],
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    let mut s = String::new();
-    for (i, x) in b.iter().enumerate() {
-        if i > 0 && i % 16 == 0 {
-            s.push('\n');
-        }
-        let _ = write!(s, "{x:02x} ");
-    }
-    s
 }
 
 /// One loaded copy of the datapath with its own maps.
@@ -252,24 +240,7 @@ impl Datapath {
 
     /// Every counter, summed over CPUs, by reason index.
     fn stats(&self) -> BTreeMap<u32, StatCounter> {
-        let m =
-            PerCpuArray::<_, StatCounter>::try_from(self.ebpf.map(STATS_MAP).expect("stats map"))
-                .expect("stats map type");
-        REASONS
-            .iter()
-            .map(|(idx, _)| {
-                let per_cpu = m
-                    .get(idx, 0)
-                    .unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
-                let sum = per_cpu
-                    .iter()
-                    .fold(StatCounter::default(), |a, c| StatCounter {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                    });
-                (*idx, sum)
-            })
-            .collect()
+        stats_by_reason(&self.ebpf)
     }
 
     fn stat(&self, reason: u32) -> StatCounter {

@@ -33,21 +33,20 @@
 use std::{
     collections::{BTreeMap, HashSet},
     ffi::CString,
-    fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     panic::resume_unwind,
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use integration_tests::{
     netns::{Netns, enter, require_root, unique_name},
     packet::{
         CLIENT_MAC, ETH_HLEN, FrameBuilder, IPV4_HLEN, L4, NODE_MAC, Parsed, arp_request, checksum,
-        icmp, parse, quote_of, skb_ctx, tcp_flags, xdp_md_ctx,
+        hex, icmp, parse, quote_of, skb_ctx, stats_by_reason, tcp_flags, xdp_md_ctx,
     },
 };
 use proxy_agent::{
@@ -61,7 +60,7 @@ use proxy_common::{
         CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
     },
     proto,
-    stats::{self, REASONS, STATS_MAP, StatCounter},
+    stats::{self, REASONS, StatCounter},
     svc::{
         SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL_IP,
         SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE,
@@ -320,17 +319,6 @@ struct Datapath {
     ebpf: Ebpf,
 }
 
-fn hex(b: &[u8]) -> String {
-    let mut s = String::new();
-    for (i, x) in b.iter().enumerate() {
-        if i > 0 && i % 16 == 0 {
-            s.push('\n');
-        }
-        let _ = write!(s, "{x:02x} ");
-    }
-    s
-}
-
 fn be(a: SocketAddrV4) -> (u32, u16) {
     (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
 }
@@ -535,24 +523,7 @@ impl Datapath {
     }
 
     fn stats(&self) -> BTreeMap<u32, StatCounter> {
-        let m =
-            PerCpuArray::<_, StatCounter>::try_from(self.ebpf.map(STATS_MAP).expect("stats map"))
-                .expect("stats map type");
-        REASONS
-            .iter()
-            .map(|(idx, _)| {
-                let per_cpu = m
-                    .get(idx, 0)
-                    .unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
-                let sum = per_cpu
-                    .iter()
-                    .fold(StatCounter::default(), |a, c| StatCounter {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                    });
-                (*idx, sum)
-            })
-            .collect()
+        stats_by_reason(&self.ebpf)
     }
 
     /// Exactly these reasons counted these numbers of packets, every other none.
@@ -662,6 +633,16 @@ fn ttl_minus_1(b: &FrameBuilder) -> u8 {
     b.ttl - 1
 }
 
+/// The source port of `frame` (checksums checked), which must be in the SNAT range.
+fn snat_port(what: &str, frame: &[u8]) -> u16 {
+    let port = parsed(what, frame).src().port();
+    assert!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
+        "{what}: SNAT port {port} outside {SNAT_PORT_MIN}..={SNAT_PORT_MAX}"
+    );
+    port
+}
+
 /// Runs the first packet of a flow that must be translated (DNAT and SNAT) to
 /// `backend` from `node` and redirected: checks the frame byte for byte and
 /// returns the SNAT port.
@@ -680,12 +661,7 @@ fn open_snat_flow(
         "{what}: verdict\noutput:\n{}",
         hex(&out)
     );
-    let p = parsed(&what, &out);
-    let port = p.src().port();
-    assert!(
-        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
-        "{what}: SNAT port {port} outside {SNAT_PORT_MIN}..={SNAT_PORT_MAX}"
-    );
+    let port = snat_port(&what, &out);
     let want = first
         .clone()
         .with_src(SocketAddrV4::new(node, port))
@@ -694,6 +670,31 @@ fn open_snat_flow(
         .build();
     assert_frame(&what, &out, &want);
     port
+}
+
+/// The SERVICE and REPLY entries a flow from `client` through `fe` to
+/// backend `b` must have: `snat` the node's address and port towards the
+/// backend (None without SNAT), `flags` the flags of both.
+fn flow_ct(
+    proto: u8,
+    client: SocketAddrV4,
+    fe: SocketAddrV4,
+    b: Be,
+    snat: Option<SocketAddrV4>,
+    flags: u8,
+) -> [(&'static str, CtKey, CtValue); 2] {
+    [
+        (
+            "SERVICE entry",
+            ct_key(client, fe, proto, CT_DIR_SERVICE),
+            ct_value(b.1, flags, snat, b.0, SVC_ID),
+        ),
+        (
+            "REPLY entry",
+            ct_key(b.1, snat.unwrap_or(client), proto, CT_DIR_REPLY),
+            ct_value(fe, flags, snat.map(|_| client), b.0, SVC_ID),
+        ),
+    ]
 }
 
 /// The two conntrack entries of a flow with SNAT.
@@ -706,15 +707,124 @@ fn assert_snat_ct(
     snat: SocketAddrV4,
 ) {
     let flags = CT_F_SNAT | CT_F_REDIRECT;
-    dp.assert_ct(
-        "SERVICE entry",
-        &ct_key(client, fe, proto, CT_DIR_SERVICE),
-        &ct_value(b.1, flags, Some(snat), b.0, SVC_ID),
+    for (entry, k, v) in flow_ct(proto, client, fe, b, Some(snat), flags) {
+        dp.assert_ct(entry, &k, &v);
+    }
+}
+
+/// The two conntrack entries of a flow with DNAT only (client source kept).
+fn assert_dnat_ct(
+    dp: &Datapath,
+    what: &str,
+    proto: u8,
+    client: SocketAddrV4,
+    fe: SocketAddrV4,
+    b: Be,
+) {
+    for (entry, k, v) in flow_ct(proto, client, fe, b, None, CT_F_REDIRECT) {
+        dp.assert_ct(&format!("{what}: {entry}"), &k, &v);
+    }
+}
+
+/// `f` with its destination translated to `backend` and its source to
+/// `snat`, one hop later.
+fn snated(f: &FrameBuilder, snat: SocketAddrV4, backend: SocketAddrV4) -> FrameBuilder {
+    f.clone().with_src(snat).with_dst(backend).with_ttl(63)
+}
+
+/// `r` (a reply) translated back: from frontend `fe` to `client`, one hop later.
+fn rev_nated(r: &FrameBuilder, fe: SocketAddrV4, client: SocketAddrV4) -> FrameBuilder {
+    r.clone().with_src(fe).with_dst(client).with_ttl(63)
+}
+
+/// `f` arriving on `ifindex` has its destination translated to the local
+/// `backend` and nothing else (the stack routes it to the pod: `TC_ACT_OK`, TTL untouched).
+fn assert_dnat_only(
+    dp: &Datapath,
+    what: &str,
+    f: &FrameBuilder,
+    ifindex: u32,
+    backend: SocketAddrV4,
+) {
+    let (v, out) = dp.ingress(&f.build(), ifindex);
+    assert_eq!(v, TC_ACT_OK, "{what}: verdict");
+    assert_frame(what, &out, &f.clone().with_dst(backend).build());
+}
+
+/// Reply `r` arriving on `ifindex` comes back from frontend `fe` to
+/// `client`, sent out by FIB redirect.
+fn assert_reply_translated(
+    dp: &Datapath,
+    what: &str,
+    r: &FrameBuilder,
+    ifindex: u32,
+    fe: SocketAddrV4,
+    client: SocketAddrV4,
+) {
+    let (v, out) = dp.ingress(&r.build(), ifindex);
+    assert_eq!(v, TC_ACT_REDIRECT, "{what}: reply verdict");
+    assert_frame(
+        &format!("{what}: reply"),
+        &out,
+        &rev_nated(r, fe, client).build(),
     );
-    dp.assert_ct(
-        "REPLY entry",
-        &ct_key(b.1, snat, proto, CT_DIR_REPLY),
-        &ct_value(fe, flags, Some(client), b.0, SVC_ID),
+}
+
+/// A later packet of `CLIENT`'s flow to `fe` through TC: same backend, same
+/// SNAT port, and still the flow's two conntrack entries.
+fn assert_later_packet_snated(
+    dp: &Datapath,
+    what: &str,
+    l: &Links,
+    proto: u8,
+    fe: SocketAddrV4,
+    snat: SocketAddrV4,
+    backend: SocketAddrV4,
+) {
+    let n = next(proto, CLIENT, fe);
+    let (v, out) = dp.ingress(&n.build(), l.ext0);
+    assert_eq!(v, TC_ACT_REDIRECT, "{what}: established verdict");
+    assert_frame(what, &out, &snated(&n, snat, backend).build());
+    dp.assert_ct_len(2, what);
+}
+
+/// A fresh datapath with the `NodePort` over `proto` (Cluster policy) to `backends`.
+fn node_port_datapath(proto: u8, backends: &[Be]) -> Datapath {
+    let mut dp = Datapath::new();
+    dp.add_service(NODE_PORT.addr, proto, SVC_ID, cluster(NODE_PORT), backends);
+    dp
+}
+
+/// Opens `client`'s flow through the `NodePort` to `POD_B` (SNAT to int0's
+/// address, checked byte for byte); returns the SNAT port.
+fn open_flow_to_pod_b(dp: &Datapath, l: &Links, proto: u8, client: SocketAddrV4) -> u16 {
+    let syn = first(proto, client, NODE_PORT.addr);
+    open_snat_flow(dp, &syn, l.ext0, NODE_INT, POD_B)
+}
+
+/// The two conntrack entries of `client`'s flow through the `NodePort` to
+/// `POD_B`, with the source translated to int0's address and `port`.
+fn assert_pod_b_ct(dp: &Datapath, proto: u8, client: SocketAddrV4, port: u16) {
+    let snat = SocketAddrV4::new(NODE_INT, port);
+    assert_snat_ct(dp, proto, client, NODE_PORT.addr, BE_B, snat);
+}
+
+/// Each entry of `held` is still there as written (but for `last_seen_ns`).
+fn assert_held_untouched(dp: &Datapath, held: &[(CtKey, CtValue)]) {
+    for (k, v) in held {
+        let mut got = dp.ct_get(k).expect("held entry");
+        got.last_seen_ns = v.last_seen_ns;
+        assert_eq!(got, *v, "a held port was taken over");
+    }
+}
+
+/// Fails with every case's failure, if any of the `cases` failed.
+fn assert_no_failures(failures: &[String], cases: usize) {
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
 }
 
@@ -731,40 +841,20 @@ fn external_frontend_to_a_local_backend_is_dnated_with_the_client_source_kept() 
                 let mut dp = Datapath::new();
                 dp.add_service(fe.addr, proto, SVC_ID, cluster(fe), &[BE_LOCAL]);
 
-                // Client → frontend: destination rewritten, nothing else (the
-                // stack routes it to the pod: TC_ACT_OK, TTL untouched).
+                // Client → frontend: destination rewritten, nothing else.
                 let syn = first(proto, CLIENT, fe.addr);
-                let (v, out) = dp.ingress(&syn.build(), l.ext0);
-                assert_eq!(v, TC_ACT_OK, "{what}: verdict");
-                assert_frame(&what, &out, &syn.clone().with_dst(LOCAL_POD).build());
-                dp.assert_ct(
-                    &what,
-                    &ct_key(CLIENT, fe.addr, proto, CT_DIR_SERVICE),
-                    &ct_value(LOCAL_POD, CT_F_REDIRECT, None, BE_LOCAL.0, SVC_ID),
-                );
-                dp.assert_ct(
-                    &what,
-                    &ct_key(LOCAL_POD, CLIENT, proto, CT_DIR_REPLY),
-                    &ct_value(fe.addr, CT_F_REDIRECT, None, BE_LOCAL.0, SVC_ID),
-                );
+                assert_dnat_only(&dp, &what, &syn, l.ext0, LOCAL_POD);
+                assert_dnat_ct(&dp, &what, proto, CLIENT, fe.addr, BE_LOCAL);
                 dp.assert_ct_len(2, &what);
 
                 // The pod's reply: source back to the frontend, then sent
                 // out by FIB redirect (its source may be a node address).
                 let r = reply(proto, LOCAL_POD, CLIENT).with_macs(POD_MAC, LXC0_MAC);
-                let (v, out) = dp.ingress(&r.build(), l.lxc0);
-                assert_eq!(v, TC_ACT_REDIRECT, "{what}: reply verdict");
-                assert_frame(
-                    &format!("{what} reply"),
-                    &out,
-                    &r.clone().with_src(fe.addr).with_ttl(63).build(),
-                );
+                assert_reply_translated(&dp, &what, &r, l.lxc0, fe.addr, CLIENT);
 
                 // A later packet keeps the backend.
                 let n = next(proto, CLIENT, fe.addr);
-                let (v, out) = dp.ingress(&n.build(), l.ext0);
-                assert_eq!(v, TC_ACT_OK, "{what}: established verdict");
-                assert_frame(&what, &out, &n.clone().with_dst(LOCAL_POD).build());
+                assert_dnat_only(&dp, &format!("{what}: established"), &n, l.ext0, LOCAL_POD);
                 dp.assert_stats(&[
                     (stats::DNAT_NEW, 1),
                     (stats::REV_NAT, 1),
@@ -779,26 +869,11 @@ fn external_frontend_to_a_local_backend_is_dnated_with_the_client_source_kept() 
 #[test]
 fn udp_without_checksum_to_a_local_backend_keeps_checksum_zero() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::UDP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_LOCAL],
-        );
+        let dp = node_port_datapath(proto::UDP, &[BE_LOCAL]);
         let d = FrameBuilder::udp(CLIENT, NODE_PORT.addr).with_udp_zero_checksum();
-        let (v, out) = dp.ingress(&d.build(), l.ext0);
-        assert_eq!(v, TC_ACT_OK);
-        assert_frame("datagram", &out, &d.clone().with_dst(LOCAL_POD).build());
+        assert_dnat_only(&dp, "datagram", &d, l.ext0, LOCAL_POD);
         let r = FrameBuilder::udp(LOCAL_POD, CLIENT).with_udp_zero_checksum();
-        let (v, out) = dp.ingress(&r.build(), l.lxc0);
-        assert_eq!(v, TC_ACT_REDIRECT);
-        assert_frame(
-            "reply",
-            &out,
-            &r.clone().with_src(NODE_PORT.addr).with_ttl(63).build(),
-        );
+        assert_reply_translated(&dp, "datagram", &r, l.lxc0, NODE_PORT.addr, CLIENT);
     });
 }
 
@@ -827,27 +902,10 @@ fn external_frontend_to_a_remote_backend_is_snated_to_the_node_and_replies_trans
                     // The backend answers the node's address and port: back
                     // to frontend → client, sent out by FIB redirect.
                     let r = reply(proto, b.1, snat);
-                    let (v, out) = dp.ingress(&r.build(), back_dev);
-                    assert_eq!(v, TC_ACT_REDIRECT, "{what}: reply verdict");
-                    let want = r
-                        .clone()
-                        .with_src(fe.addr)
-                        .with_dst(CLIENT)
-                        .with_ttl(63)
-                        .build();
-                    assert_frame(&format!("{what}: reply"), &out, &want);
+                    assert_reply_translated(&dp, &what, &r, back_dev, fe.addr, CLIENT);
 
                     // A later packet of the flow: same backend, same port.
-                    let n = next(proto, CLIENT, fe.addr);
-                    let (v, out) = dp.ingress(&n.build(), l.ext0);
-                    assert_eq!(v, TC_ACT_REDIRECT, "{what}: established verdict");
-                    assert_frame(
-                        &what,
-                        &out,
-                        &n.clone().with_src(snat).with_dst(b.1).with_ttl(63).build(),
-                    );
-
-                    dp.assert_ct_len(2, &what);
+                    assert_later_packet_snated(&dp, &what, l, proto, fe.addr, snat, b.1);
                     dp.assert_stats(&[
                         (stats::DNAT_NEW, 1),
                         (stats::REV_NAT, 1),
@@ -868,21 +926,8 @@ fn fin_and_rst_mark_both_entries_of_a_snat_flow_closing() {
             ("backend FIN", false, tcp_flags::FIN | tcp_flags::ACK),
             ("backend RST", false, tcp_flags::RST | tcp_flags::ACK),
         ] {
-            let mut dp = Datapath::new();
-            dp.add_service(
-                NODE_PORT.addr,
-                proto::TCP,
-                SVC_ID,
-                cluster(NODE_PORT),
-                &[BE_B],
-            );
-            let port = open_snat_flow(
-                &dp,
-                &first(proto::TCP, CLIENT, NODE_PORT.addr),
-                l.ext0,
-                NODE_INT,
-                POD_B,
-            );
+            let dp = node_port_datapath(proto::TCP, &[BE_B]);
+            let port = open_flow_to_pod_b(&dp, l, proto::TCP, CLIENT);
             let snat = SocketAddrV4::new(NODE_INT, port);
             let (pkt, dev) = if closer_is_client {
                 (FrameBuilder::tcp(CLIENT, NODE_PORT.addr, flags), l.ext0)
@@ -892,22 +937,16 @@ fn fin_and_rst_mark_both_entries_of_a_snat_flow_closing() {
             let (v, out) = dp.ingress(&pkt.build(), dev);
             assert_eq!(v, TC_ACT_REDIRECT, "{name}: verdict");
             let want = if closer_is_client {
-                pkt.clone().with_src(snat).with_dst(POD_B)
+                snated(&pkt, snat, POD_B)
             } else {
-                pkt.clone().with_src(NODE_PORT.addr).with_dst(CLIENT)
+                rev_nated(&pkt, NODE_PORT.addr, CLIENT)
             };
-            assert_frame(name, &out, &want.with_ttl(63).build());
+            assert_frame(name, &out, &want.build());
             let flags = CT_F_SNAT | CT_F_REDIRECT | CT_F_CLOSING;
-            dp.assert_ct(
-                name,
-                &ct_key(CLIENT, NODE_PORT.addr, proto::TCP, CT_DIR_SERVICE),
-                &ct_value(POD_B, flags, Some(snat), BE_B.0, SVC_ID),
-            );
-            dp.assert_ct(
-                name,
-                &ct_key(POD_B, snat, proto::TCP, CT_DIR_REPLY),
-                &ct_value(NODE_PORT.addr, flags, Some(CLIENT), BE_B.0, SVC_ID),
-            );
+            let entries = flow_ct(proto::TCP, CLIENT, NODE_PORT.addr, BE_B, Some(snat), flags);
+            for (entry, k, v) in entries {
+                dp.assert_ct(&format!("{name}: {entry}"), &k, &v);
+            }
         }
     });
 }
@@ -916,14 +955,7 @@ fn fin_and_rst_mark_both_entries_of_a_snat_flow_closing() {
 fn remote_backend_without_a_route_is_dropped_and_counted() {
     on_node(|l| {
         for (pname, proto) in PROTOS {
-            let mut dp = Datapath::new();
-            dp.add_service(
-                NODE_PORT.addr,
-                proto,
-                SVC_ID,
-                cluster(NODE_PORT),
-                &[BE_UNROUTED],
-            );
+            let dp = node_port_datapath(proto, &[BE_UNROUTED]);
             let input = first(proto, CLIENT, NODE_PORT.addr).build();
             let (v, out) = dp.ingress(&input, l.ext0);
             assert_eq!(v, TC_ACT_SHOT, "{pname}: verdict");
@@ -937,14 +969,7 @@ fn remote_backend_without_a_route_is_dropped_and_counted() {
 #[test]
 fn snat_flow_over_ip_options_is_translated() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_B]);
         // Router Alert (IHL 6) and 40 bytes of NOPs (IHL 15).
         for (i, opts) in [vec![0x94, 0x04, 0, 0], vec![1; 40]]
             .into_iter()
@@ -953,20 +978,10 @@ fn snat_flow_over_ip_options_is_translated() {
             let client = SocketAddrV4::new(*CLIENT.ip(), 41000 + u16::try_from(i).expect("small"));
             let syn = first(proto::TCP, client, NODE_PORT.addr).with_options(&opts);
             let port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
+            assert_pod_b_ct(&dp, proto::TCP, client, port);
             let snat = SocketAddrV4::new(NODE_INT, port);
-            assert_snat_ct(&dp, proto::TCP, client, NODE_PORT.addr, BE_B, snat);
             let r = reply(proto::TCP, POD_B, snat).with_options(&opts);
-            let (v, out) = dp.ingress(&r.build(), l.int0);
-            assert_eq!(v, TC_ACT_REDIRECT);
-            assert_frame(
-                "reply with options",
-                &out,
-                &r.clone()
-                    .with_src(NODE_PORT.addr)
-                    .with_dst(client)
-                    .with_ttl(63)
-                    .build(),
-            );
+            assert_reply_translated(&dp, "with options", &r, l.int0, NODE_PORT.addr, client);
         }
         dp.assert_stats(&[(stats::DNAT_NEW, 2), (stats::REV_NAT, 2)]);
     });
@@ -1032,24 +1047,9 @@ fn policy_local_with_a_local_backend_keeps_the_client_source() {
                     .find(|b| b.1 == p.dst())
                     .unwrap_or_else(|| panic!("{what}: sent to {}, not a local backend", p.dst()));
                 assert_frame(&what, &out, &syn.clone().with_dst(b.1).build());
-                dp.assert_ct(
-                    &what,
-                    &ct_key(CLIENT, fe.addr, proto, CT_DIR_SERVICE),
-                    &ct_value(b.1, CT_F_REDIRECT, None, b.0, SVC_ID),
-                );
-                dp.assert_ct(
-                    &what,
-                    &ct_key(b.1, CLIENT, proto, CT_DIR_REPLY),
-                    &ct_value(fe.addr, CT_F_REDIRECT, None, b.0, SVC_ID),
-                );
+                assert_dnat_ct(&dp, &what, proto, CLIENT, fe.addr, b);
                 let r = reply(proto, b.1, CLIENT);
-                let (v, out) = dp.ingress(&r.build(), l.lxc0);
-                assert_eq!(v, TC_ACT_REDIRECT, "{what}: reply verdict");
-                assert_frame(
-                    &what,
-                    &out,
-                    &r.clone().with_src(fe.addr).with_ttl(63).build(),
-                );
+                assert_reply_translated(&dp, &what, &r, l.lxc0, fe.addr, CLIENT);
                 dp.assert_stats(&[(stats::DNAT_NEW, 1), (stats::REV_NAT, 1)]);
             }
         }
@@ -1064,44 +1064,17 @@ fn policy_local_with_a_local_backend_keeps_the_client_source() {
 fn two_clients_with_the_same_source_port_get_distinct_snat_ports() {
     on_node(|l| {
         for (pname, proto) in PROTOS {
-            let mut dp = Datapath::new();
-            dp.add_service(NODE_PORT.addr, proto, SVC_ID, cluster(NODE_PORT), &[BE_B]);
-            let p1 = open_snat_flow(
-                &dp,
-                &first(proto, CLIENT, NODE_PORT.addr),
-                l.ext0,
-                NODE_INT,
-                POD_B,
-            );
-            let p2 = open_snat_flow(
-                &dp,
-                &first(proto, CLIENT2, NODE_PORT.addr),
-                l.ext0,
-                NODE_INT,
-                POD_B,
-            );
+            let dp = node_port_datapath(proto, &[BE_B]);
+            let p1 = open_flow_to_pod_b(&dp, l, proto, CLIENT);
+            let p2 = open_flow_to_pod_b(&dp, l, proto, CLIENT2);
             assert_ne!(p1, p2, "{pname}: both flows got SNAT port {p1}");
-            let (s1, s2) = (
-                SocketAddrV4::new(NODE_INT, p1),
-                SocketAddrV4::new(NODE_INT, p2),
-            );
-            assert_snat_ct(&dp, proto, CLIENT, NODE_PORT.addr, BE_B, s1);
-            assert_snat_ct(&dp, proto, CLIENT2, NODE_PORT.addr, BE_B, s2);
+            assert_pod_b_ct(&dp, proto, CLIENT, p1);
+            assert_pod_b_ct(&dp, proto, CLIENT2, p2);
             dp.assert_ct_len(4, pname);
             // Each reply reaches its own client.
-            for (snat, client) in [(s2, CLIENT2), (s1, CLIENT)] {
-                let r = reply(proto, POD_B, snat);
-                let (v, out) = dp.ingress(&r.build(), l.int0);
-                assert_eq!(v, TC_ACT_REDIRECT);
-                assert_frame(
-                    pname,
-                    &out,
-                    &r.clone()
-                        .with_src(NODE_PORT.addr)
-                        .with_dst(client)
-                        .with_ttl(63)
-                        .build(),
-                );
+            for (port, client) in [(p2, CLIENT2), (p1, CLIENT)] {
+                let r = reply(proto, POD_B, SocketAddrV4::new(NODE_INT, port));
+                assert_reply_translated(&dp, pname, &r, l.int0, NODE_PORT.addr, client);
             }
             dp.assert_stats(&[(stats::DNAT_NEW, 2), (stats::REV_NAT, 2)]);
         }
@@ -1121,14 +1094,7 @@ fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
     // a chance below 1e-12 per flow: a drop here is a bug, not bad luck.
     const PER_THREAD: u16 = 150;
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let mut dp = node_port_datapath(proto::TCP, &[BE_B]);
         let held = fill_snat_ports(
             &mut dp,
             (SNAT_PORT_MIN..=SNAT_PORT_MAX).step_by(3),
@@ -1162,20 +1128,9 @@ fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
         });
         let ports: HashSet<u16> = flows.iter().map(|(_, p)| *p).collect();
         assert_eq!(ports.len(), flows.len(), "SNAT ports shared between flows");
-        for (k, v) in &held {
-            let mut got = dp.ct_get(k).expect("held entry");
-            got.last_seen_ns = v.last_seen_ns;
-            assert_eq!(got, *v, "a held port was taken over");
-        }
+        assert_held_untouched(dp, &held);
         for (client, port) in &flows {
-            assert_snat_ct(
-                dp,
-                proto::TCP,
-                *client,
-                NODE_PORT.addr,
-                BE_B,
-                SocketAddrV4::new(NODE_INT, *port),
-            );
+            assert_pod_b_ct(dp, proto::TCP, *client, *port);
         }
         dp.assert_ct_len(held.len() + 4 * usize::from(PER_THREAD), "two per flow");
         dp.assert_stats(&[(stats::DNAT_NEW, 2 * u64::from(PER_THREAD))]);
@@ -1216,14 +1171,7 @@ fn fill_snat_ports(
 #[test]
 fn all_snat_ports_taken_drops_and_counts_without_stealing_one() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let mut dp = node_port_datapath(proto::TCP, &[BE_B]);
         let held = fill_snat_ports(&mut dp, SNAT_PORT_MIN..=SNAT_PORT_MAX, 0, monotonic_ns());
         let input = first(proto::TCP, CLIENT, NODE_PORT.addr).build();
         // XDP gives up without touching the packet; TC drops it.
@@ -1235,25 +1183,14 @@ fn all_snat_ports_taken_drops_and_counts_without_stealing_one() {
         assert_frame("TC", &out, &input);
         dp.assert_stats(&[(stats::DROP_SNAT_EXHAUSTED, 1)]);
         dp.assert_ct_len(held.len(), "only the flows that hold the ports");
-        for (k, v) in &held {
-            let mut got = dp.ct_get(k).expect("held entry");
-            got.last_seen_ns = v.last_seen_ns;
-            assert_eq!(got, *v, "a held port was taken over");
-        }
+        assert_held_untouched(&dp, &held);
     });
 }
 
 #[test]
 fn expired_snat_port_is_reused() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let mut dp = node_port_datapath(proto::TCP, &[BE_B]);
         // Every port held by a flow that closed (FIN/RST) 11 s ago: expired
         // after the 10 s closing timeout.
         let now = monotonic_ns();
@@ -1264,21 +1201,8 @@ fn expired_snat_port_is_reused() {
             CT_F_CLOSING,
             now - 11_000_000_000,
         );
-        let port = open_snat_flow(
-            &dp,
-            &first(proto::TCP, CLIENT, NODE_PORT.addr),
-            l.ext0,
-            NODE_INT,
-            POD_B,
-        );
-        assert_snat_ct(
-            &dp,
-            proto::TCP,
-            CLIENT,
-            NODE_PORT.addr,
-            BE_B,
-            SocketAddrV4::new(NODE_INT, port),
-        );
+        let port = open_flow_to_pod_b(&dp, l, proto::TCP, CLIENT);
+        assert_pod_b_ct(&dp, proto::TCP, CLIENT, port);
         dp.assert_ct_len(
             held.len() + 1,
             "the reused REPLY entry and a new SERVICE entry",
@@ -1290,14 +1214,7 @@ fn expired_snat_port_is_reused() {
 #[test]
 fn retransmitted_syn_keeps_its_snat_port_and_a_syn_after_close_is_a_new_flow() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_B]);
         let syn = first(proto::TCP, CLIENT, NODE_PORT.addr);
         let port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
         let snat = SocketAddrV4::new(NODE_INT, port);
@@ -1312,14 +1229,9 @@ fn retransmitted_syn_keeps_its_snat_port_and_a_syn_after_close_is_a_new_flow() {
         }
         let (v, out) = dp.xdp(&syn.build(), l.ext0);
         assert_eq!(v, XDP_REDIRECT, "XDP verdict");
-        let want = syn
-            .clone()
-            .with_src(snat)
-            .with_dst(POD_B)
-            .with_ttl(63)
-            .with_macs(INT0_MAC, NODE_B_MAC);
+        let want = snated(&syn, snat, POD_B).with_macs(INT0_MAC, NODE_B_MAC);
         assert_frame("retransmission through XDP", &out, &want.build());
-        assert_snat_ct(&dp, proto::TCP, CLIENT, NODE_PORT.addr, BE_B, snat);
+        assert_pod_b_ct(&dp, proto::TCP, CLIENT, port);
         dp.assert_ct_len(2, "no entry for a retransmission");
         dp.assert_stats(&[
             (stats::DNAT_NEW, 1),
@@ -1334,14 +1246,7 @@ fn retransmitted_syn_keeps_its_snat_port_and_a_syn_after_close_is_a_new_flow() {
         );
         assert_eq!(v, TC_ACT_REDIRECT);
         let new_port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
-        assert_snat_ct(
-            &dp,
-            proto::TCP,
-            CLIENT,
-            NODE_PORT.addr,
-            BE_B,
-            SocketAddrV4::new(NODE_INT, new_port),
-        );
+        assert_pod_b_ct(&dp, proto::TCP, CLIENT, new_port);
         if new_port != port {
             // The old port's entry is left to expire (closing: 10 s).
             let old = dp
@@ -1446,17 +1351,7 @@ fn hairpin_to_its_own_service_is_masqueraded() {
                 dp.assert_ct_len(2, &what);
                 // Its answer to the node's address goes back to it from the frontend.
                 let r = reply(proto, LOCAL_POD, snat).with_macs(POD_MAC, LXC0_MAC);
-                let (v, out) = dp.ingress(&r.build(), l.lxc0);
-                assert_eq!(v, TC_ACT_REDIRECT, "{what}: reply verdict");
-                assert_frame(
-                    &what,
-                    &out,
-                    &r.clone()
-                        .with_src(fe)
-                        .with_dst(pod_client)
-                        .with_ttl(63)
-                        .build(),
-                );
+                assert_reply_translated(&dp, &what, &r, l.lxc0, fe, pod_client);
                 dp.assert_stats(&[(stats::DNAT_NEW, 1), (stats::REV_NAT, 1)]);
             }
         }
@@ -1467,22 +1362,9 @@ fn hairpin_to_its_own_service_is_masqueraded() {
 fn pod_to_its_service_with_another_local_backend_is_not_masqueraded() {
     on_node(|l| {
         let pod_client = SocketAddrV4::new(*LOCAL_POD.ip(), 50000);
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_LOCAL2],
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_LOCAL2]);
         let syn = first(proto::TCP, pod_client, NODE_PORT.addr);
-        let (v, out) = dp.ingress(&syn.build(), l.lxc0);
-        assert_eq!(v, TC_ACT_OK);
-        assert_frame(
-            "to the other pod",
-            &out,
-            &syn.clone().with_dst(LOCAL_POD2).build(),
-        );
+        assert_dnat_only(&dp, "to the other pod", &syn, l.lxc0, LOCAL_POD2);
         dp.assert_ct(
             "SERVICE",
             &ct_key(pod_client, NODE_PORT.addr, proto::TCP, CT_DIR_SERVICE),
@@ -1517,6 +1399,18 @@ fn requote(quote: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
 
 const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
 
+/// Fragmentation needed (next-hop MTU 1400) from `from` to `to`, quoting `quote`.
+fn frag_needed(from: Ipv4Addr, to: Ipv4Addr, quote: &[u8]) -> FrameBuilder {
+    FrameBuilder::icmp_error(
+        from,
+        to,
+        icmp::DEST_UNREACH,
+        icmp::FRAG_NEEDED,
+        MTU_1400,
+        quote,
+    )
+}
+
 #[test]
 fn icmp_errors_about_a_snat_flow_are_translated_back_to_the_client() {
     on_node(|l| {
@@ -1542,8 +1436,7 @@ fn icmp_errors_about_a_snat_flow_are_translated_back_to_the_client() {
                 ),
             ] {
                 let what = format!("{pname} {ename}");
-                let mut dp = Datapath::new();
-                dp.add_service(NODE_PORT.addr, proto, SVC_ID, cluster(NODE_PORT), &[BE_B]);
+                let dp = node_port_datapath(proto, &[BE_B]);
                 let syn = first(proto, CLIENT, NODE_PORT.addr);
                 let port = open_snat_flow(&dp, &syn, l.ext0, NODE_INT, POD_B);
                 let snat = SocketAddrV4::new(NODE_INT, port);
@@ -1555,11 +1448,7 @@ fn icmp_errors_about_a_snat_flow_are_translated_back_to_the_client() {
                     assert_eq!(v, TC_ACT_REDIRECT, "{what}: TTL 2 packet");
                     out
                 } else {
-                    syn.clone()
-                        .with_src(snat)
-                        .with_dst(POD_B)
-                        .with_ttl(63)
-                        .build()
+                    snated(&syn, snat, POD_B).build()
                 };
                 let from = if code == icmp::PORT_UNREACH {
                     *POD_B.ip()
@@ -1597,40 +1486,26 @@ fn icmp_errors_about_a_snat_flow_are_translated_back_to_the_client() {
 #[test]
 fn icmp_error_about_a_local_backend_flow_is_translated_back() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::UDP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_LOCAL],
-        );
+        let dp = node_port_datapath(proto::UDP, &[BE_LOCAL]);
         let d = FrameBuilder::udp(CLIENT, NODE_PORT.addr);
         let (v, translated) = dp.ingress(&d.build(), l.ext0);
         assert_eq!(v, TC_ACT_OK);
         // The pod has nothing on that port.
         let quote = quote_of(&translated, 8);
-        let err = FrameBuilder::icmp_error(
-            *LOCAL_POD.ip(),
-            *CLIENT.ip(),
-            icmp::DEST_UNREACH,
-            icmp::PORT_UNREACH,
-            [0; 4],
-            &quote,
-        )
-        .with_macs(POD_MAC, LXC0_MAC);
-        let (v, out) = dp.ingress(&err.build(), l.lxc0);
+        let port_unreach = |q: &[u8]| {
+            FrameBuilder::icmp_error(
+                *LOCAL_POD.ip(),
+                *CLIENT.ip(),
+                icmp::DEST_UNREACH,
+                icmp::PORT_UNREACH,
+                [0; 4],
+                q,
+            )
+            .with_macs(POD_MAC, LXC0_MAC)
+        };
+        let (v, out) = dp.ingress(&port_unreach(&quote).build(), l.lxc0);
         assert_eq!(v, TC_ACT_REDIRECT, "verdict\n{}", hex(&out));
-        let want = FrameBuilder::icmp_error(
-            *LOCAL_POD.ip(),
-            *CLIENT.ip(),
-            icmp::DEST_UNREACH,
-            icmp::PORT_UNREACH,
-            [0; 4],
-            &requote(&quote, CLIENT, NODE_PORT.addr),
-        )
-        .with_macs(POD_MAC, LXC0_MAC)
-        .with_ttl(63);
+        let want = port_unreach(&requote(&quote, CLIENT, NODE_PORT.addr)).with_ttl(63);
         assert_frame("port unreachable", &out, &want.build());
         dp.assert_stats(&[(stats::DNAT_NEW, 1), (stats::ICMP_ERROR_TRANSLATED, 1)]);
     });
@@ -1639,39 +1514,17 @@ fn icmp_error_about_a_local_backend_flow_is_translated_back() {
 #[test]
 fn icmp_error_sent_by_the_node_is_translated_at_egress() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_LOCAL],
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_LOCAL]);
         let syn = FrameBuilder::tcp(CLIENT, NODE_PORT.addr, tcp_flags::ACK).with_payload(&[0; 100]);
         let (v, translated) = dp.ingress(&syn.build(), l.ext0);
         assert_eq!(v, TC_ACT_OK);
         // Forwarding it to the pod, the node finds it too big for lxc0.
         let quote = quote_of(&translated, 8);
-        let err = FrameBuilder::icmp_error(
-            NODE_EXT,
-            *CLIENT.ip(),
-            icmp::DEST_UNREACH,
-            icmp::FRAG_NEEDED,
-            MTU_1400,
-            &quote,
-        )
-        .with_macs(EXT0_MAC, ROUTER_MAC);
+        let err = frag_needed(NODE_EXT, *CLIENT.ip(), &quote).with_macs(EXT0_MAC, ROUTER_MAC);
         let (v, out) = dp.run(Prog::Egress, &err.build(), l.ext0);
         assert_eq!(v, TC_ACT_OK, "egress verdict");
-        let want = FrameBuilder::icmp_error(
-            NODE_EXT,
-            *CLIENT.ip(),
-            icmp::DEST_UNREACH,
-            icmp::FRAG_NEEDED,
-            MTU_1400,
-            &requote(&quote, CLIENT, NODE_PORT.addr),
-        )
-        .with_macs(EXT0_MAC, ROUTER_MAC);
+        let q = requote(&quote, CLIENT, NODE_PORT.addr);
+        let want = frag_needed(NODE_EXT, *CLIENT.ip(), &q).with_macs(EXT0_MAC, ROUTER_MAC);
         assert_frame("egress frag needed", &out, &want.build());
         dp.assert_stats(&[(stats::DNAT_NEW, 1), (stats::ICMP_ERROR_TRANSLATED, 1)]);
 
@@ -1692,21 +1545,8 @@ fn icmp_error_sent_by_the_node_is_translated_at_egress() {
 #[test]
 fn icmp_error_about_an_unknown_flow_passes_unchanged() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
-        let port = open_snat_flow(
-            &dp,
-            &first(proto::TCP, CLIENT, NODE_PORT.addr),
-            l.ext0,
-            NODE_INT,
-            POD_B,
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_B]);
+        let port = open_flow_to_pod_b(&dp, l, proto::TCP, CLIENT);
         // Same backend, another SNAT port; another backend; an untranslated packet.
         let other_port = if port == SNAT_PORT_MAX {
             port - 1
@@ -1731,15 +1571,7 @@ fn icmp_error_about_an_unknown_flow_passes_unchanged() {
                 first(proto::UDP, SocketAddrV4::new(NODE_INT, port), POD_B),
             ),
         ] {
-            let err = FrameBuilder::icmp_error(
-                NODE_B,
-                NODE_INT,
-                icmp::DEST_UNREACH,
-                icmp::FRAG_NEEDED,
-                MTU_1400,
-                &quote_of(&offending.build(), 8),
-            );
-            let input = err.build();
+            let input = frag_needed_to_node(&quote_of(&offending.build(), 8)).build();
             let (v, out) = dp.ingress(&input, l.int0);
             assert_eq!(v, TC_NEXT, "{name}: verdict");
             assert_frame(name, &out, &input);
@@ -1752,21 +1584,8 @@ fn icmp_error_about_an_unknown_flow_passes_unchanged() {
 #[test]
 fn icmp_error_about_a_reply_is_translated_to_the_backend() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
-        let port = open_snat_flow(
-            &dp,
-            &first(proto::TCP, CLIENT, NODE_PORT.addr),
-            l.ext0,
-            NODE_INT,
-            POD_B,
-        );
+        let dp = node_port_datapath(proto::TCP, &[BE_B]);
+        let port = open_flow_to_pod_b(&dp, l, proto::TCP, CLIENT);
         let snat = SocketAddrV4::new(NODE_INT, port);
         // The backend's answer as it left the node (from the frontend), too
         // big for a link on the way to the client: the router there answers
@@ -1775,26 +1594,11 @@ fn icmp_error_about_a_reply_is_translated_to_the_backend() {
             .with_payload(&[0; 1400])
             .with_ttl(63);
         let quote = quote_of(&answer.build(), 8);
-        let err = FrameBuilder::icmp_error(
-            ROUTER,
-            NODE_EXT,
-            icmp::DEST_UNREACH,
-            icmp::FRAG_NEEDED,
-            MTU_1400,
-            &quote,
-        );
+        let err = frag_needed(ROUTER, NODE_EXT, &quote);
         let (v, out) = dp.ingress(&err.build(), l.ext0);
         // What netfilter does for kube-proxy: the error goes to the backend,
         // quoting its packet as it sent it (backend → node:SNAT port).
-        let want = FrameBuilder::icmp_error(
-            ROUTER,
-            *POD_B.ip(),
-            icmp::DEST_UNREACH,
-            icmp::FRAG_NEEDED,
-            MTU_1400,
-            &requote(&quote, POD_B, snat),
-        )
-        .with_ttl(63);
+        let want = frag_needed(ROUTER, *POD_B.ip(), &requote(&quote, POD_B, snat)).with_ttl(63);
         assert_eq!(v, TC_ACT_REDIRECT, "verdict; output:\n{}", hex(&out));
         assert_frame("error to the backend", &out, &want.build());
     });
@@ -1857,13 +1661,7 @@ fn run_unchanged_cases(l: &Links, cases: &[Case]) {
             failures.push(format!("--- {}: {e}\ninput:\n{}", c.name, hex(&c.input)));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, cases.len());
 }
 
 #[test]
@@ -1947,18 +1745,11 @@ fn malformed_packets_to_a_node_port_pass_unchanged_and_are_counted() {
 /// A UDP flow from `CLIENT` through the `NodePort` to `POD_B`: the datapath,
 /// the SNAT address and the datagram as it left for the backend.
 fn snat_udp_flow(l: &Links) -> (Datapath, SocketAddrV4, Vec<u8>) {
-    let mut dp = Datapath::new();
-    dp.add_service(
-        NODE_PORT.addr,
-        proto::UDP,
-        SVC_ID,
-        cluster(NODE_PORT),
-        &[BE_B],
-    );
+    let dp = node_port_datapath(proto::UDP, &[BE_B]);
     let d = first(proto::UDP, CLIENT, NODE_PORT.addr).with_payload(&[0x5a; 32]);
     let port = open_snat_flow(&dp, &d, l.ext0, NODE_INT, POD_B);
     let snat = SocketAddrV4::new(NODE_INT, port);
-    let sent = d.with_src(snat).with_dst(POD_B).with_ttl(63).build();
+    let sent = snated(&d, snat, POD_B).build();
     (dp, snat, sent)
 }
 
@@ -1980,29 +1771,14 @@ fn ct_snapshot(dp: &Datapath) -> BTreeMap<(u8, u32, u16, u32, u16, u8), CtValue>
 
 /// Fragmentation needed from node B to the node's SNAT address.
 fn frag_needed_to_node(quote: &[u8]) -> FrameBuilder {
-    FrameBuilder::icmp_error(
-        NODE_B,
-        NODE_INT,
-        icmp::DEST_UNREACH,
-        icmp::FRAG_NEEDED,
-        MTU_1400,
-        quote,
-    )
+    frag_needed(NODE_B, NODE_INT, quote)
 }
 
 /// The same error translated back: to the client, quoting what it sent,
 /// one hop later.
 fn frag_needed_to_client(quote: &[u8]) -> FrameBuilder {
     let q = requote(quote, CLIENT, NODE_PORT.addr);
-    FrameBuilder::icmp_error(
-        NODE_B,
-        *CLIENT.ip(),
-        icmp::DEST_UNREACH,
-        icmp::FRAG_NEEDED,
-        MTU_1400,
-        &q,
-    )
-    .with_ttl(63)
+    frag_needed(NODE_B, *CLIENT.ip(), &q).with_ttl(63)
 }
 
 #[test]
@@ -2110,18 +1886,8 @@ fn xdp_translates_snat_flows_and_their_replies() {
                     let syn = first(proto, CLIENT, fe.addr);
                     let (v, out) = dp.xdp(&syn.build(), l.ext0);
                     assert_eq!(v, fwd_v, "{what}: verdict\n{}", hex(&out));
-                    let port = parsed(&what, &out).src().port();
-                    assert!(
-                        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
-                        "{what}: SNAT port {port}"
-                    );
-                    let snat = SocketAddrV4::new(node, port);
-                    let want = syn
-                        .clone()
-                        .with_src(snat)
-                        .with_dst(b.1)
-                        .with_ttl(63)
-                        .with_macs(out_mac, hop_mac);
+                    let snat = SocketAddrV4::new(node, snat_port(&what, &out));
+                    let want = snated(&syn, snat, b.1).with_macs(out_mac, hop_mac);
                     assert_frame(&what, &out, &want.build());
                     // The same conntrack entries TC writes.
                     assert_snat_ct(&dp, proto, CLIENT, fe.addr, b, snat);
@@ -2130,24 +1896,11 @@ fn xdp_translates_snat_flows_and_their_replies() {
                     let r = reply(proto, b.1, snat).with_macs(hop_mac, out_mac);
                     let (v, out) = dp.xdp(&r.build(), back_dev);
                     assert_eq!(v, rev_v, "{what}: reply verdict\n{}", hex(&out));
-                    let want = r
-                        .clone()
-                        .with_src(fe.addr)
-                        .with_dst(CLIENT)
-                        .with_ttl(63)
-                        .with_macs(EXT0_MAC, ROUTER_MAC);
+                    let want = rev_nated(&r, fe.addr, CLIENT).with_macs(EXT0_MAC, ROUTER_MAC);
                     assert_frame(&format!("{what}: reply"), &out, &want.build());
 
                     // TC carries on with the flow XDP started.
-                    let n = next(proto, CLIENT, fe.addr);
-                    let (v, out) = dp.ingress(&n.build(), l.ext0);
-                    assert_eq!(v, TC_ACT_REDIRECT, "{what}: TC verdict");
-                    assert_frame(
-                        &what,
-                        &out,
-                        &n.clone().with_src(snat).with_dst(b.1).with_ttl(63).build(),
-                    );
-                    dp.assert_ct_len(2, &what);
+                    assert_later_packet_snated(&dp, &what, l, proto, fe.addr, snat, b.1);
                     dp.assert_stats(&[
                         (stats::XDP_FORWARD, 1),
                         (stats::XDP_REVERSE, 1),
@@ -2162,39 +1915,18 @@ fn xdp_translates_snat_flows_and_their_replies() {
 #[test]
 fn xdp_carries_on_a_flow_that_tc_started() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::UDP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
-        let d = first(proto::UDP, CLIENT, NODE_PORT.addr);
-        let port = open_snat_flow(&dp, &d, l.ext0, NODE_INT, POD_B);
+        let dp = node_port_datapath(proto::UDP, &[BE_B]);
+        let port = open_flow_to_pod_b(&dp, l, proto::UDP, CLIENT);
         let snat = SocketAddrV4::new(NODE_INT, port);
         let n = next(proto::UDP, CLIENT, NODE_PORT.addr);
         let (v, out) = dp.xdp(&n.build(), l.ext0);
         assert_eq!(v, XDP_REDIRECT);
-        assert_frame(
-            "XDP forward",
-            &out,
-            &n.clone()
-                .with_src(snat)
-                .with_dst(POD_B)
-                .with_ttl(63)
-                .with_macs(INT0_MAC, NODE_B_MAC)
-                .build(),
-        );
+        let want = snated(&n, snat, POD_B).with_macs(INT0_MAC, NODE_B_MAC);
+        assert_frame("XDP forward", &out, &want.build());
         let r = reply(proto::UDP, POD_B, snat).with_udp_zero_checksum();
         let (v, out) = dp.xdp(&r.build(), l.int0);
         assert_eq!(v, XDP_REDIRECT);
-        let want = r
-            .clone()
-            .with_src(NODE_PORT.addr)
-            .with_dst(CLIENT)
-            .with_ttl(63)
-            .with_macs(EXT0_MAC, ROUTER_MAC);
+        let want = rev_nated(&r, NODE_PORT.addr, CLIENT).with_macs(EXT0_MAC, ROUTER_MAC);
         assert_frame("XDP reply, UDP checksum 0 kept", &out, &want.build());
         dp.assert_ct_len(2, "shared entries");
         dp.assert_stats(&[
@@ -2335,27 +2067,14 @@ fn xdp_passes_untouched_what_tc_must_handle() {
                 ));
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {} cases failed:\n{}",
-            failures.len(),
-            cases.len(),
-            failures.join("\n")
-        );
+        assert_no_failures(&failures, cases.len());
     });
 }
 
 #[test]
 fn xdp_leaves_flow_ends_and_local_replies_to_tc() {
     on_node(|l| {
-        let mut dp = Datapath::new();
-        dp.add_service(
-            NODE_PORT.addr,
-            proto::TCP,
-            SVC_ID,
-            cluster(NODE_PORT),
-            &[BE_B],
-        );
+        let mut dp = node_port_datapath(proto::TCP, &[BE_B]);
         dp.add_service(
             EXTERNAL_IP.addr,
             proto::TCP,
