@@ -71,16 +71,7 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
     let ports: [u16; 2] = ctx.load(inner + 20).ok()?;
     // The quoted packet went from isrc to the backend idst: the flow's
     // REPLY entry is keyed the other way round.
-    let key = CtKey {
-        saddr_be: idst,
-        daddr_be: isrc,
-        sport_be: ports[1],
-        dport_be: ports[0],
-        proto: iproto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
+    let Some(e) = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
         return about_reply(ctx, icmp, inner, iproto, isrc, idst, ports);
     };
     let len = ctx.len();
@@ -122,16 +113,7 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
 /// when the flow's packets are, else forwarded by the stack).
 #[inline(always)]
 fn about_reply(ctx: &TcContext, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
-    let key = CtKey {
-        saddr_be: idst,
-        daddr_be: isrc,
-        sport_be: ports[1],
-        dport_be: ports[0],
-        proto: iproto,
-        dir: CT_DIR_SERVICE,
-        _pad: [0; 2],
-    };
-    let e = ct::lookup_live(&key, ct::now_ns())?;
+    let e = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
     let len = ctx.len();
     let fail = || {
         count(stats::DROP_REWRITE_FAILED, len);
@@ -160,6 +142,13 @@ fn about_reply(ctx: &TcContext, icmp: usize, inner: usize, iproto: u8, isrc: u32
         return Some(fib::redirect(ctx, proto::ICMP, outer_src, e.nat_addr_be));
     }
     Some(TC_ACT_OK as i32)
+}
+
+/// The conntrack key of the packet answering the quoted one (`isrc:ports[0]
+/// → idst:ports[1]` reversed), in direction `dir`.
+#[inline(always)]
+fn reversed_quote_key(isrc: u32, idst: u32, ports: [u16; 2], iproto: u8, dir: u8) -> CtKey {
+    CtKey { saddr_be: idst, daddr_be: isrc, sport_be: ports[1], dport_be: ports[0], proto: iproto, dir, _pad: [0; 2] }
 }
 
 #[inline(always)]
