@@ -62,7 +62,7 @@ reasons! {
     ICMP_ERROR_TRANSLATED = 18, "icmp_error_translated";
     /// XDP fast path: DNAT+SNAT to a remote backend, sent out from XDP.
     XDP_FORWARD = 19, "xdp_forward";
-    /// XDP fast path: reply of a SNATed flow translated back, sent out from XDP.
+    /// XDP fast path: reply of an SNAT flow translated back, sent out from XDP.
     XDP_REVERSE = 20, "xdp_reverse";
     /// Too big for the device the FIB redirect would send it out of, DF set:
     /// answered with ICMP fragmentation needed (the next-hop MTU), from the
