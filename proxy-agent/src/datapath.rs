@@ -300,12 +300,9 @@ impl Datapath {
         // Devices with an IPv4 address: the node's own interfaces, where
         // north-south traffic enters. Pod devices (no address) get no XDP:
         // nothing arriving there is for the fast path, and native XDP on a
-        // veth would take GSO away from the pod's side of it.
-        let addressed: Vec<String> = if self.xdp.is_some() {
-            list_ipv4_addresses()?.into_iter().map(|a| a.device).collect()
-        } else {
-            Vec::new()
-        };
+        // veth would take GSO away from the pod's side of it. Listed once,
+        // and only when a device is being attached (not every second).
+        let mut addressed: Option<Vec<String>> = None;
         for dev in &devices {
             if self.attached.get(&dev.name) == Some(&dev.index) {
                 continue;
@@ -317,7 +314,10 @@ impl Datapath {
                     self.attached.insert(dev.name.clone(), dev.index);
                     new.push(dev.name.clone());
                     if let Some(mode) = self.xdp {
-                        if !addressed.contains(&dev.name) {
+                        if addressed.is_none() {
+                            addressed = Some(list_ipv4_addresses()?.into_iter().map(|a| a.device).collect());
+                        }
+                        if !addressed.as_ref().is_some_and(|a| a.contains(&dev.name)) {
                             info!(device = %dev.name, "no IPv4 address (a pod device): XDP not attached, TC carries its traffic");
                             continue;
                         }

@@ -216,13 +216,21 @@ impl Node {
     /// `proxy-agent stats -o json`.
     #[must_use]
     pub fn stat(&self, reason: &str) -> u64 {
-        let bin = crate::agent::agent_bin();
+        let all = self.counters(&crate::agent::agent_bin());
+        all.get(reason).copied().unwrap_or_else(|| panic!("no {reason} in {all:?}"))
+    }
+
+    /// Every exit-reason counter (name → packets) of this node's datapath,
+    /// read with `bin stats -o json`.
+    #[must_use]
+    pub fn counters(&self, bin: &Path) -> std::collections::BTreeMap<String, u64> {
         let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &self.bpffs.to_string_lossy(), "stats", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats json: {e}: {out}"));
         v.as_array()
-            .and_then(|a| a.iter().find(|s| s["reason"] == reason))
-            .and_then(|s| s["packets"].as_u64())
-            .unwrap_or_else(|| panic!("no {reason} in {out}"))
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
+            .collect()
     }
 
     /// SIGKILLs the agent; programs and maps stay pinned.
@@ -312,7 +320,7 @@ impl Cluster {
     #[must_use]
     pub fn new_wired(prefix: &str, pods_a: usize, pods_b: usize) -> Self {
         let c = Self::build(prefix, pods_a, pods_b, true);
-        c.make_wire_like().unwrap_or_else(|e| panic!("wire-like links: {e}"));
+        c.make_wire_like();
         c
     }
 
@@ -519,7 +527,7 @@ impl Cluster {
     /// skb to finish it in), and the devices native XDP redirects into (the
     /// client's `eth0`, node B's `nodelink`; behind wires also node A's)
     /// run NAPI (GRO on), as a NIC driver does. Uses `ethtool`.
-    pub fn make_wire_like(&self) -> Result<(), String> {
+    pub fn make_wire_like(&self) {
         let both: &[&str] = &["tx", "off", "gro", "on"];
         let mut steps: Vec<(&Netns, &str, &[&str])> = vec![(&self.client, "eth0", both), (&self.b.ns, "nodelink", both)];
         if !self.wire_ns.is_empty() {
@@ -530,17 +538,10 @@ impl Cluster {
         }
         steps.extend(self.pods().map(|p| (&p.ns, "eth0", &["tx", "off"][..])));
         for (ns, dev, features) in steps {
-            let out = std::process::Command::new("nsenter")
-                .arg(format!("--net={}", ns.path()))
-                .args(["ethtool", "-K", dev])
-                .args(features)
-                .output()
-                .map_err(|e| format!("cannot run ethtool (cargo xtask setup installs it): {e}"))?;
-            if !out.status.success() {
-                return Err(format!("ethtool -K {dev} {} in {}: {}", features.join(" "), ns.name(), String::from_utf8_lossy(&out.stderr).trim()));
-            }
+            let mut args = vec!["netns", "exec", ns.name(), "ethtool", "-K", dev];
+            args.extend_from_slice(features);
+            crate::netns::run("ip", &args);
         }
-        Ok(())
     }
 
     /// The names of every namespace of this cluster (client, nodes, pods).

@@ -69,6 +69,10 @@ pub struct Report<'a> {
     pub elapsed: Duration,
 }
 
+/// The counters shown under the NodePort table (all are in `bench.json`).
+const NOTED_COUNTERS: [&str; 7] =
+    ["xdp_forward", "xdp_reverse", "dnat_new_flow", "dnat_established", "rev_nat_reply", "drop_snat_ports_exhausted", "fib_no_route"];
+
 fn fmt_num(v: f64) -> String {
     if v >= 100.0 {
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "display of a positive figure")]
@@ -320,12 +324,14 @@ impl Report<'_> {
                  translation) at the same number of Services in this run.\n"
             );
             self.data_table(&mut s, &NP_MODES);
-            let notes: Vec<&Case> = self.cases.iter().filter(|c| c.note.is_some()).collect();
-            if !notes.is_empty() {
+            let with_counters: Vec<(&Case, &std::collections::BTreeMap<String, u64>)> =
+                self.cases.iter().filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
+            if !with_counters.is_empty() {
                 s.push('\n');
-                for c in notes {
-                    let _ = writeln!(s, "- {} S={}: {}", c.mode, fmt_count(c.services), c.note.as_deref().unwrap_or_default());
-                }
+            }
+            for (c, n) in with_counters {
+                let shown: Vec<String> = NOTED_COUNTERS.iter().map(|k| format!("{k} {}", n.get(*k).copied().unwrap_or(0))).collect();
+                let _ = writeln!(s, "- {} S={}: node A counters over the runs: {}", c.mode, fmt_count(c.services), shown.join(", "));
             }
         }
 
@@ -454,7 +460,7 @@ impl Report<'_> {
                 })
                 .collect();
             json!({
-                "mode": c.mode.to_string(), "baseline": c.mode.baseline().to_string(), "services": c.services, "skipped": c.skipped, "note": c.note,
+                "mode": c.mode.to_string(), "baseline": c.mode.baseline().to_string(), "services": c.services, "skipped": c.skipped, "counters": c.counters,
                 "program": prog, "add_one": add, "metrics": metrics,
                 "errors": c.reps.iter().map(|r| r.errors).collect::<Vec<_>>(),
                 "first_error": c.reps.iter().find_map(|r| r.first_error.clone()),

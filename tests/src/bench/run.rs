@@ -112,14 +112,15 @@ pub struct Case {
     pub program: Option<Programmed>,
     pub add_one: Option<Result<Duration, String>>,
     pub reps: Vec<Rep>,
-    /// What else was seen (np-xdp: the packets XDP and TC carried).
-    pub note: Option<String>,
+    /// np-tc / np-xdp: node A's exit-reason counters (name → packets) after
+    /// the runs, which show what XDP and TC carried.
+    pub counters: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Case {
     #[must_use]
     pub fn new(mode: Mode, services: usize) -> Self {
-        Self { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new(), note: None }
+        Self { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new(), counters: None }
     }
 
     fn skipped(mode: Mode, services: usize, why: String) -> Self {
@@ -236,9 +237,6 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
     live
 }
 
-/// Pods of the north-south cases, all on node B.
-pub const NP_PODS: usize = PODS;
-
 /// Builds the two-node topology for one `NodePort` case and programs its
 /// Services on node A.
 fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
@@ -253,10 +251,10 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         live.case.skipped = Some("at most 10,000 NodePort Services are generated (node ports 20000-29999)".into());
         return live;
     }
-    progress(&format!("{mode} S={services}: building two nodes ({NP_PODS} pods on node B)"));
+    progress(&format!("{mode} S={services}: building two nodes ({PODS} pods on node B)"));
     // Node A's links go through XDP wires, so it receives frames as from a
     // NIC (the same in every NodePort mode; see Cluster::new_wired).
-    let mut c = Cluster::new_wired("bq", 0, NP_PODS);
+    let mut c = Cluster::new_wired("bq", 0, PODS);
     c.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     c.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let pods: Vec<_> = c.pods_b().iter().map(|p| &p.ns).collect();
@@ -303,18 +301,6 @@ fn program_node_port_agent(args: &Args, c: &mut Cluster, set: &ServiceSet, xdp: 
     fronts.extend(node_ports);
     let result = program::wait_frontends(&c.a.bpffs, &fronts, start, args.program_timeout);
     Programmed { result, transactions: 1 }
-}
-
-/// The agent's exit-reason counters under `bpffs` (name → packets).
-fn agent_counters(agent: &Path, bpffs: &Path) -> Option<std::collections::BTreeMap<String, u64>> {
-    let out = std::process::Command::new(agent).arg("--bpffs").arg(bpffs).args(["stats", "-o", "json"]).output().ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        v.as_array()?
-            .iter()
-            .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
-            .collect(),
-    )
 }
 
 impl Live {
@@ -375,20 +361,7 @@ impl Live {
             && matches!(self.case.mode, Mode::NpTc | Mode::NpXdp)
             && self.case.skipped.is_none()
         {
-            self.case.note = agent_counters(&args.agent, &c.a.bpffs).map(|n| {
-                let get = |k: &str| n.get(k).copied().unwrap_or(0);
-                format!(
-                    "node A counters over the runs: xdp_forward {}, xdp_reverse {}, dnat_new_flow {}, dnat_established {}, rev_nat_reply {}, \
-                     drop_snat_ports_exhausted {}, fib_no_route {}",
-                    get("xdp_forward"),
-                    get("xdp_reverse"),
-                    get("dnat_new_flow"),
-                    get("dnat_established"),
-                    get("rev_nat_reply"),
-                    get("drop_snat_ports_exhausted"),
-                    get("fib_no_route"),
-                )
-            });
+            self.case.counters = Some(c.a.counters(&args.agent));
         }
         self.servers = None;
         if self.env.take().is_some() {
