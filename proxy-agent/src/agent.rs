@@ -60,6 +60,10 @@ pub struct RunConfig {
     pub nodeport_addresses: NodePortAddresses,
     /// Attach the XDP fast path too, in this mode.
     pub xdp: Option<datapath::XdpAttachMode>,
+    /// `--socket-lb`.
+    pub socket_lb: datapath::SocketLb,
+    /// `--cgroup` (`None`: the cgroup v2 root).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
@@ -170,7 +174,21 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
-    let mut dp = Datapath::load(&pins)?;
+    // Checked before anything is loaded or attached: a bad --cgroup is one
+    // clear error and nothing half-attached.
+    let cgroup = match cfg.socket_lb {
+        datapath::SocketLb::Off => None,
+        _ => {
+            let dir = match &cfg.cgroup {
+                Some(d) => d.clone(),
+                None => datapath::cgroup2_root()?,
+            };
+            datapath::open_cgroup(&dir)?;
+            Some(dir)
+        }
+    };
+    let mut dp = Datapath::load(&pins, cfg.socket_lb)?;
+    dp.sync_socket_lb(cgroup.as_deref())?;
     if let Some(mode) = cfg.xdp {
         dp.enable_xdp(mode);
     }
@@ -219,7 +237,16 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         }
     };
-    let mut node = NodeInfo { name: cfg.node_name.clone(), nodeport_addresses: node_addrs(), ..NodeInfo::default() };
+    // NodePorts on 127.0.0.1 from the node itself, as kube-proxy's iptables
+    // mode (route_localnet) serves them: only sockets reach that address,
+    // so only the socket path can serve it.
+    let loopback_nodeports = cfg.socket_lb != datapath::SocketLb::Off;
+    let mut node = NodeInfo {
+        name: cfg.node_name.clone(),
+        nodeport_addresses: node_addrs(),
+        loopback_nodeports,
+        ..NodeInfo::default()
+    };
     info!(addresses = ?node.nodeport_addresses, "NodePort addresses");
     // healthCheckNodePort servers listen on the NodePort addresses (as
     // kube-proxy's do with --nodeport-addresses); the proxier's health is
@@ -257,7 +284,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     if node_event {
                         g.health.node_changed(store.node.as_ref());
                         let addrs = std::mem::take(&mut node.nodeport_addresses);
-                        node = NodeInfo { nodeport_addresses: addrs, ..NodeInfo::from_node(&cfg.node_name, store.node.as_ref()) };
+                        node = NodeInfo {
+                            nodeport_addresses: addrs,
+                            loopback_nodeports,
+                            ..NodeInfo::from_node(&cfg.node_name, store.node.as_ref())
+                        };
                     }
                 }
                 if store.synced() && !was_synced {

@@ -2,6 +2,7 @@
 //! links under `--bpffs`, attaches TC programs to devices, and writes the
 //! service maps behind the [`ServiceMaps`] trait (which the reconciler uses,
 //! and which tests replace with [`FakeMaps`]).
+mod cgroup;
 mod fake;
 mod maps;
 
@@ -25,6 +26,7 @@ use aya::{
 use tracing::{info, warn};
 
 pub use self::{
+    cgroup::{SocketLb, cgroup2_root, cgroup2_root_in, kernel_release, netns_cookie, open_cgroup},
     fake::FakeMaps,
     maps::{BpfMaps, MapsDump, ServiceMaps, read_stats},
 };
@@ -67,6 +69,32 @@ pub fn list_devices() -> Result<Vec<Device>> {
         out.sort();
         Ok(out)
     }
+}
+
+/// Whether a device has no link-layer header (IPIP, WireGuard, GRE, TUN:
+/// its packets start with the IP header), from its hardware type
+/// (`SIOCGIFHWADDR`): anything but Ethernet and loopback.
+#[must_use]
+pub fn device_is_l3(name: &str) -> bool {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return false;
+    };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in bounded.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we own.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut ifr) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: the kernel filled the hwaddr member of the union.
+    let family = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_family };
+    family != ARPHRD_ETHER && family != ARPHRD_LOOPBACK
 }
 
 /// An IPv4 address of a device in the current network namespace.
@@ -204,7 +232,7 @@ impl Datapath {
     /// Loads the embedded object. Maps already pinned under `pins` are
     /// reused with their contents (adoption after a restart); missing ones
     /// are created and pinned.
-    pub fn load(pins: &Pins) -> Result<Self> {
+    pub fn load(pins: &Pins, socket_lb: SocketLb) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
         let mut loader = EbpfLoader::new();
@@ -224,11 +252,29 @@ impl Datapath {
             xdp: None,
         };
         for hook in TcHook::ALL {
-            let name = hook.program();
-            dp.program(hook)?.load().map_err(|source| Error::Program { name, source })?;
+            for name in [hook.program(), hook.program_l3()] {
+                dp.program(name)?.load().map_err(|source| Error::Program { name, source })?;
+            }
         }
         dp.xdp_program()?.load().map_err(|source| Error::Program { name: XDP_PROG, source })?;
+        if socket_lb != SocketLb::Off {
+            cgroup::load_programs(&mut dp.ebpf)?;
+        }
+        cgroup::write_config(&mut dp.ebpf, socket_lb)?;
         Ok(dp)
+    }
+
+    /// Attaches the socket-level load balancer to the cgroup v2 directory
+    /// `cgroup` (adopting the links of an earlier run), or, with `None`
+    /// (`--socket-lb off`), detaches any an earlier run left.
+    pub fn sync_socket_lb(&mut self, cgroup: Option<&Path>) -> Result<()> {
+        match cgroup {
+            Some(dir) => cgroup::attach(&mut self.ebpf, &self.pins, dir),
+            None => {
+                cgroup::detach_sock_links(&self.pins, |_| true);
+                Ok(())
+            }
+        }
     }
 
     /// Also attach the XDP fast path to the devices (`--xdp`).
@@ -276,8 +322,7 @@ impl Datapath {
         BpfMaps::take(&mut self.ebpf)
     }
 
-    fn program(&mut self, hook: TcHook) -> Result<&mut SchedClassifier> {
-        let name = hook.program();
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(name)
             .ok_or(Error::MissingMap { name })?
@@ -317,6 +362,10 @@ impl Datapath {
                         if addressed.is_none() {
                             addressed = Some(list_ipv4_addresses()?.into_iter().map(|a| a.device).collect());
                         }
+                        if device_is_l3(&dev.name) {
+                            info!(device = %dev.name, "no Ethernet header (L3 device): XDP not attached, TC carries its traffic");
+                            continue;
+                        }
                         if !addressed.as_ref().is_some_and(|a| a.contains(&dev.name)) {
                             info!(device = %dev.name, "no IPv4 address (a pod device): XDP not attached, TC carries its traffic");
                             continue;
@@ -345,12 +394,14 @@ impl Datapath {
     /// was adopted.
     fn attach(&mut self, dev: &Device, hook: TcHook) -> Result<bool> {
         let pin = self.pins.tc_link(hook, &dev.name, dev.index);
-        let name = hook.program();
+        // Why a variant: on a device without a link-layer header the packet
+        // starts with the IP header, at a different offset.
+        let name = if device_is_l3(&dev.name) { hook.program_l3() } else { hook.program() };
         let link_err = |path: &Path| {
             let path = path.to_owned();
             move |e: Box<dyn std::error::Error + Send + Sync>| Error::Link { path, source: e }
         };
-        let prog = self.program(hook)?;
+        let prog = self.program(name)?;
         if pin.exists() {
             let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err(&pin)(Box::new(e)))?;
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
@@ -390,6 +441,7 @@ impl Datapath {
                 continue;
             }
             let Some(hook) = TcHook::ALL.into_iter().find(|h| file.starts_with(h.link_prefix())) else {
+                // Socket-LB links are managed by `sync_socket_lb`.
                 continue;
             };
             if !present.iter().any(|d| self.pins.tc_link(hook, &d.name, d.index) == path) {

@@ -69,6 +69,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("--cgroup {}: {reason}", path.display())]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("kernel {kernel} lacks {feature}, which {needed_for} needs: {source}")]
+    KernelFeature {
+        feature: &'static str,
+        needed_for: &'static str,
+        kernel: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("fault injected: {0}")]
     Injected(&'static str),
 }

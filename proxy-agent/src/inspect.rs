@@ -34,6 +34,8 @@ pub struct FrontendView {
     pub policy: String,
     /// Remote backends are reached with the source `NATed` to this node.
     pub snat_remote: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
     pub backends: Vec<BackendView>,
 }
 
@@ -79,6 +81,7 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             drop_when_empty: head.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0,
             policy: if head.flags & SVC_FLAG_POLICY_LOCAL != 0 { "Local" } else { "Cluster" }.to_owned(),
             snat_remote: head.flags & SVC_FLAG_SNAT_REMOTE != 0,
+            affinity_timeout_s: head.affinity_timeout_s,
             backends,
         });
     }
@@ -136,13 +139,14 @@ pub fn services_table(view: &[FrontendView]) -> String {
                 format!("{}:{}/{}", f.address, f.port, f.protocol),
                 f.kind.clone(),
                 f.policy.clone(),
+                if f.affinity_timeout_s == 0 { "-".to_owned() } else { format!("ClientIP/{}s", f.affinity_timeout_s) },
                 f.service.clone(),
                 f.svc_id.to_string(),
                 backends,
             ]
         })
         .collect();
-    table(&["FRONTEND", "KIND", "POLICY", "SERVICE", "ID", "BACKENDS"], &rows)
+    table(&["FRONTEND", "KIND", "POLICY", "AFFINITY", "SERVICE", "ID", "BACKENDS"], &rows)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

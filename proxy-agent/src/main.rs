@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
     agent::{self, NodePortAddresses, RunConfig, SourceConfig},
-    datapath::{self, BpfMaps, ServiceMaps as _, XdpAttachMode},
+    datapath::{self, BpfMaps, ServiceMaps as _, SocketLb, XdpAttachMode},
     inspect,
     pins::{DEFAULT_BPFFS, Pins},
 };
@@ -66,6 +66,15 @@ enum Command {
         /// path) or generic.
         #[arg(long, value_enum, default_value = "native", requires = "xdp")]
         xdp_mode: XdpAttachMode,
+        /// Socket-level load balancing: all sockets in --cgroup, only those in
+        /// the host network namespace (host-only), or none (off: the
+        /// per-packet path carries everything).
+        #[arg(long, value_enum, default_value = "all")]
+        socket_lb: SocketLb,
+        /// The cgroup v2 directory the socket programs attach to (default:
+        /// the cgroup v2 root, found in /proc/mounts).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Frontends and their backends, read from the pinned maps.
     Services {
@@ -128,6 +137,8 @@ fn main() -> Result<()> {
             nodeport_addresses,
             xdp,
             xdp_mode,
+            socket_lb,
+            cgroup,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -153,6 +164,8 @@ fn main() -> Result<()> {
                 metrics_bind_address: metrics_bind_address.0,
                 nodeport_addresses,
                 xdp: xdp.then_some(xdp_mode),
+                socket_lb,
+                cgroup,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -24,8 +24,10 @@
 //!   backends: the datapath rejects connections to it (ICMP port
 //!   unreachable), as kube-proxy's REJECT rule does.
 //!
-//! Not yet (later issues): IPv6, SCTP, NodePort/externalIPs/LoadBalancer,
-//! externalTrafficPolicy, session affinity.
+//! - `sessionAffinity: ClientIP`: the timeout (default 10800 s) and the
+//!   Service port's affinity group go into every frontend of the port.
+//!
+//! Not yet (later issues): IPv6, SCTP.
 //! Invalid objects (or ports) are skipped with a [`Rejection`] naming them;
 //! everything else is unaffected.
 use std::{
@@ -150,6 +152,12 @@ pub struct Frontend {
     /// External frontend with externalTrafficPolicy Cluster: remote
     /// backends get the source `NATed` to this node.
     pub snat_remote: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds (0 = none).
+    pub affinity_timeout_s: u32,
+    /// The Service port's affinity group: the same for every frontend of
+    /// one Service port, so a client keeps its backend across them
+    /// ([`affinity_group`]).
+    pub affinity_group: u32,
 }
 
 impl Frontend {
@@ -193,6 +201,9 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// The addresses `NodePorts` are served on (see `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// Also serve `NodePorts` on 127.0.0.1 (the socket path: node-local
+    /// clients, as kube-proxy's iptables mode allows with route_localnet).
+    pub loopback_nodeports: bool,
 }
 
 impl NodeInfo {
@@ -202,6 +213,7 @@ impl NodeInfo {
         Self {
             name: name.to_owned(),
             nodeport_addresses: Vec::new(),
+            loopback_nodeports: false,
             zone: node
                 .and_then(|n| n.metadata.labels.as_ref())
                 .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -392,6 +404,7 @@ fn service_frontends(
     let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
     let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
     let external_ips = external_ipv4s(svc, key, rejections);
+    let affinity_timeout = session_affinity_timeout(spec);
     let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -410,7 +423,9 @@ fn service_frontends(
                 Some(Some(np)) => keys.extend(
                     node.nodeport_addresses
                         .iter()
-                        .map(|a| (FrontendKey { addr: *a, port: np, protocol }, FrontendKind::NodePort)),
+                        .copied()
+                        .chain(node.loopback_nodeports.then_some(Ipv4Addr::LOCALHOST))
+                        .map(|a| (FrontendKey { addr: a, port: np, protocol }, FrontendKind::NodePort)),
                 ),
                 Some(None) => reject(
                     rejections,
@@ -424,6 +439,7 @@ fn service_frontends(
         }
         keys.extend(external_ips.iter().map(|(a, kind)| (FrontendKey { addr: *a, port, protocol }, *kind)));
         let endpoints = endpoints_for_port(&port_name, protocol, slices, rejections);
+        let group = affinity_group(key, &port_name, protocol);
         for (fk, kind) in keys {
             // Why: two ports of one Service on the same frontend (the API
             // server refuses it, a manifest may not) would silently replace
@@ -460,11 +476,46 @@ fn service_frontends(
                     policy_local,
                     // externalTrafficPolicy Cluster: remote backends need SNAT.
                     snat_remote: external && !etp_local,
+                    affinity_timeout_s: affinity_timeout,
+                    affinity_group: group,
                 },
             ));
         }
     }
     desired.frontends.extend(mine);
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// `sessionAffinity: ClientIP` → its timeout in seconds (default 10800,
+/// the API's range 1..=86400 enforced by clamping); anything else → 0.
+fn session_affinity_timeout(spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>) -> u32 {
+    let Some(spec) = spec.filter(|s| s.session_affinity.as_deref() == Some("ClientIP")) else {
+        return 0;
+    };
+    let t = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |t| u32::try_from(t.clamp(1, 86_400)).unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S));
+    t.max(1)
+}
+
+/// The affinity group of a Service port: FNV-1a of `namespace/name:port/PROTO`.
+/// Stable across restarts without any allocation; two ports that happened
+/// to share a group could only share an entry whose backend the datapath
+/// then finds missing from the other's slots, so it never misroutes.
+#[must_use]
+pub fn affinity_group(svc: &ObjectKey, port_name: &str, protocol: Protocol) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in format!("{svc}:{port_name}/{protocol}").bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    // 0 is reserved for "no group".
+    h.max(1)
 }
 
 /// One endpoint of a Service port, as the slices describe it.

@@ -2,21 +2,31 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
-//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1   maps
+//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1
+//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1                 maps
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
+//! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
+//! <bpffs>/links/cgroup_<hook>_<cgroup inode>                                  cgroup links
 //! ```
 //! The map names are public interface (`bpftool map dump pinned <bpffs>/<map>`).
 use std::path::{Path, PathBuf};
 
 pub use proxy_common::{
-    backend::BACKEND_MAP, ct::CT_MAP, names::NAMES_MAP, stats::STATS_MAP, svc::SVC_MAP,
+    affinity::AFFINITY_MAP,
+    backend::BACKEND_MAP,
+    ct::CT_MAP,
+    names::NAMES_MAP,
+    sock::{CONFIG_MAP, SOCK_REV_MAP},
+    stats::STATS_MAP,
+    svc::SVC_MAP,
 };
 
 /// Default pin directory.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
 /// Every map the agent pins.
-pub const ALL_MAPS: [&str; 5] = [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP];
+pub const ALL_MAPS: [&str; 8] =
+    [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP, AFFINITY_MAP, SOCK_REV_MAP, CONFIG_MAP];
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,12 +40,22 @@ pub enum TcHook {
 impl TcHook {
     pub const ALL: [TcHook; 2] = [TcHook::Ingress, TcHook::Egress];
 
-    /// The kernel program for this hook.
+    /// The kernel program for this hook on an Ethernet device.
     #[must_use]
     pub const fn program(self) -> &'static str {
         match self {
             Self::Ingress => "proxy_tc_ingress",
             Self::Egress => "proxy_tc_egress",
+        }
+    }
+
+    /// The variant for devices without a link-layer header (IPIP,
+    /// WireGuard, GRE, TUN), whose packets start with the IP header.
+    #[must_use]
+    pub const fn program_l3(self) -> &'static str {
+        match self {
+            Self::Ingress => "proxy_tc_ingress_l3",
+            Self::Egress => "proxy_tc_egress_l3",
         }
     }
 
@@ -48,6 +68,45 @@ impl TcHook {
         }
     }
 }
+
+/// The cgroup socket-LB hooks the agent attaches to `--cgroup`: one table
+/// that loading, attaching and cleanup walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockHook {
+    Connect4,
+    Sendmsg4,
+    Recvmsg4,
+    Getpeername4,
+}
+
+impl SockHook {
+    pub const ALL: [SockHook; 4] = [Self::Connect4, Self::Sendmsg4, Self::Recvmsg4, Self::Getpeername4];
+
+    /// The kernel program for this hook.
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::Connect4 => "proxy_sock_connect4",
+            Self::Sendmsg4 => "proxy_sock_sendmsg4",
+            Self::Recvmsg4 => "proxy_sock_recvmsg4",
+            Self::Getpeername4 => "proxy_sock_getpeername4",
+        }
+    }
+
+    /// The attach point's name, as in the program's section (`cgroup/<name>`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Recvmsg4 => "recvmsg4",
+            Self::Getpeername4 => "getpeername4",
+        }
+    }
+}
+
+/// File-name prefix of pinned cgroup links.
+pub const SOCK_LINK_PREFIX: &str = "cgroup_";
 
 /// The XDP fast-path program.
 pub const XDP_PROG: &str = "proxy_xdp";
@@ -85,6 +144,14 @@ impl Pins {
     #[must_use]
     pub fn xdp_link(&self, ifname: &str, ifindex: u32) -> PathBuf {
         self.links_dir().join(format!("{XDP_LINK_PREFIX}{ifindex}_{}", ifname.replace('.', "_")))
+    }
+
+    /// The pinned link of a socket-LB hook on the cgroup whose directory
+    /// has inode `cgroup_ino` (the cgroup id), so a changed `--cgroup` is a
+    /// new attachment and the old one is recognised and detached.
+    #[must_use]
+    pub fn sock_link(&self, hook: SockHook, cgroup_ino: u64) -> PathBuf {
+        self.links_dir().join(format!("{SOCK_LINK_PREFIX}{}_{cgroup_ino}", hook.name()))
     }
 
     /// The pinned TC link of one device and hook. The ifindex is part of the

@@ -35,6 +35,9 @@ use crate::{
 struct ProgFrontend {
     svc_id: u32,
     flags: u16,
+    /// Slot 0's affinity group and timeout.
+    affinity_group: u32,
+    affinity_timeout_s: u32,
     /// Backend id of slot i + 1 (0 = slot missing in the map).
     slots: Vec<u32>,
     /// Slot numbers present in the map beyond `slots.len()`.
@@ -122,6 +125,8 @@ impl Programmed {
             let fe = ProgFrontend {
                 svc_id: head.svc_id,
                 flags: head.flags,
+                affinity_group: head.backend_id,
+                affinity_timeout_s: head.affinity_timeout_s,
                 slots: (1..=count).map(|s| slots.get(&s).map_or(0, |v| v.backend_id)).collect(),
                 stale_slots: slots.keys().copied().filter(|&s| s > count).collect(),
                 name: names.get(&head.svc_id).cloned(),
@@ -420,11 +425,21 @@ impl<M: ServiceMaps> Reconciler<M> {
             | if fe.snat_remote { SVC_FLAG_SNAT_REMOTE } else { 0 }
             | if fe.policy_local { SVC_FLAG_POLICY_LOCAL } else { 0 };
         let count = slot_u16(slots.len());
-        let head_same = cur
-            .as_ref()
-            .is_some_and(|c| c.svc_id == svc_id && c.flags == flags && c.slots.len() == slots.len());
+        let head_same = cur.as_ref().is_some_and(|c| {
+            c.svc_id == svc_id
+                && c.flags == flags
+                && c.slots.len() == slots.len()
+                && c.affinity_group == fe.affinity_group
+                && c.affinity_timeout_s == fe.affinity_timeout_s
+        });
         if !head_same {
-            let v = SvcValue { backend_id: 0, count, flags, svc_id, affinity_timeout_s: 0 };
+            let v = SvcValue {
+                backend_id: fe.affinity_group,
+                count,
+                flags,
+                svc_id,
+                affinity_timeout_s: fe.affinity_timeout_s,
+            };
             self.maps.write_svc(svc_key(key, 0), v)?;
             report.writes += 1;
         }
@@ -439,7 +454,15 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_svc(svc_key(key, s))?;
             report.deletes += 1;
         }
-        let prog = ProgFrontend { svc_id, flags, slots, stale_slots: Vec::new(), name: Some(name) };
+        let prog = ProgFrontend {
+            svc_id,
+            flags,
+            affinity_group: fe.affinity_group,
+            affinity_timeout_s: fe.affinity_timeout_s,
+            slots,
+            stale_slots: Vec::new(),
+            name: Some(name),
+        };
         self.state.svc_entries = self.state.svc_entries + prog.entries() - cur.as_ref().map_or(0, ProgFrontend::entries);
         self.state.frontends.insert(key, prog);
         Ok(())

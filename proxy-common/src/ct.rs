@@ -74,8 +74,11 @@ pub struct CtValue {
     /// the destination restored (the client).
     pub snat_addr_be: u32,
     pub snat_port_be: u16,
-    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
-    pub _pad2: [u8; 2],
+    /// SERVICE entry: the frontend slot the backend was chosen from, so a
+    /// UDP flow can check that its backend still is an endpoint of the
+    /// frontend (`svc[frontend, slot].backend_id == backend_id`); 0 = not
+    /// known (REPLY entries, flows from before this field).
+    pub slot: u16,
     pub backend_id: u32,
     pub svc_id: u32,
     /// `bpf_ktime_get_ns` when last refreshed.

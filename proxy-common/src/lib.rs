@@ -9,9 +9,11 @@
 //! never links aya.
 #![no_std]
 
+pub mod affinity;
 pub mod backend;
 pub mod ct;
 pub mod names;
+pub mod sock;
 pub mod stats;
 pub mod svc;
 

@@ -72,6 +72,17 @@ reasons! {
     /// set (translated packets are not fragmented), or the ICMP error could
     /// not be built (IP options): dropped.
     DROP_TOO_BIG = 22, "drop_too_big";
+    /// Socket path: `connect()`/`sendmsg()` to a frontend rewritten to a backend.
+    SOCK_TRANSLATED = 23, "sock_translated";
+    /// Socket path: frontend without backends; the call fails with
+    /// ECONNREFUSED (EHOSTUNREACH when it has endpoints, none usable here).
+    SOCK_REJECTED = 24, "sock_rejected";
+    /// Socket path: `recvmsg()`/`getpeername()` shown the frontend again.
+    SOCK_REV_TRANSLATED = 25, "sock_rev_translated";
+    /// A new flow given its backend by session affinity.
+    AFFINITY_HIT = 26, "affinity_hit";
+    /// A UDP flow whose backend left the frontend, moved to another backend.
+    UDP_FLOW_MOVED = 27, "udp_flow_moved";
 }
 
 /// Number of counter slots (size of the per-CPU array).

@@ -54,7 +54,11 @@ const _: () = assert!(size_of::<SvcKey>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SvcValue {
-    /// In a slot entry: the backend id ([`crate::backend`]). 0 in slot 0.
+    /// In a slot entry: the backend id ([`crate::backend`]). In slot 0: the
+    /// Service port's affinity group (a hash of `namespace/name:port/PROTO`,
+    /// the same for all its frontends), which keys `sessionAffinity:
+    /// ClientIP` so a client keeps its backend across the ClusterIP, node
+    /// ports and external addresses of one Service port, as kube-proxy.
     pub backend_id: u32,
     /// In slot 0: how many backend slots follow. 0 = reject (no endpoints).
     pub count: u16,
@@ -62,7 +66,8 @@ pub struct SvcValue {
     pub flags: u16,
     /// Service id (one per frontend); names it in [`crate::names`] and in conntrack.
     pub svc_id: u32,
-    /// Session affinity timeout in seconds; 0 = no affinity (reserved).
+    /// In slot 0: `sessionAffinity: ClientIP` timeout in seconds
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`); 0 = no affinity.
     pub affinity_timeout_s: u32,
 }
 const _: () = assert!(size_of::<SvcValue>() == 16);

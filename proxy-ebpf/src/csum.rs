@@ -7,7 +7,7 @@ use aya_ebpf::{
 use aya_ebpf::cty::c_long;
 use proxy_common::proto;
 
-use crate::parse::{ETH_HLEN, IP_CSUM, Packet};
+use crate::parse::{IP_CSUM, Packet};
 
 /// Flags for an L4 checksum update of a field of `size` bytes.
 #[inline(always)]
@@ -28,7 +28,7 @@ fn l4_flags(p: &Packet, size: u64, pseudo: bool) -> u64 {
 #[inline(always)]
 pub fn rewrite_addr(ctx: &TcContext, p: &Packet, addr_off: usize, old: u32, new: u32) -> Result<(), c_long> {
     ctx.l4_csum_replace(p.l4_csum_off(), u64::from(old), u64::from(new), l4_flags(p, 4, true))?;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(old), u64::from(new), 4)?;
+    ctx.l3_csum_replace(p.l3_off + IP_CSUM, u64::from(old), u64::from(new), 4)?;
     ctx.store(addr_off, &new, 0)
 }
 

@@ -56,7 +56,9 @@ pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
     // writer can at worst make us read a torn last_seen, which only affects
     // when the entry is refreshed.
     let v = unsafe { &mut *ptr };
-    let age = now.wrapping_sub(v.last_seen_ns);
+    // Why saturating: another CPU may refresh the entry after `now` was
+    // read; a wrapped difference would make that live entry look expired.
+    let age = now.saturating_sub(v.last_seen_ns);
     if age > timeout_ns(v, key.proto) {
         return None;
     }
@@ -71,6 +73,8 @@ pub struct NewFlow {
     pub backend_addr_be: u32,
     pub backend_port_be: u16,
     pub backend_id: u32,
+    /// The frontend slot the backend was chosen from.
+    pub slot: u16,
     pub svc_id: u32,
     /// `CT_F_*` for both entries (without `CT_F_SNAT`, set by `snat_addr_be`).
     pub flags: u8,
@@ -103,12 +107,12 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
         _pad: 0,
         snat_addr_be: 0,
         snat_port_be: 0,
-        _pad2: [0; 2],
+        slot: f.slot,
         backend_id: f.backend_id,
         svc_id: f.svc_id,
         last_seen_ns: now,
     };
-    let rev = CtValue { nat_addr_be: p.daddr_be, nat_port_be: p.dport_be, ..fwd };
+    let rev = CtValue { nat_addr_be: p.daddr_be, nat_port_be: p.dport_be, slot: 0, ..fwd };
     let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
     // Reply entry first: once the SERVICE entry exists, replies may follow.
     if !claim_reply(&rk, &rev, now) {
@@ -144,7 +148,7 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
         _pad: 0,
         snat_addr_be,
         snat_port_be: 0,
-        _pad2: [0; 2],
+        slot: f.slot,
         backend_id: f.backend_id,
         svc_id: f.svc_id,
         last_seen_ns: now,
@@ -154,6 +158,7 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
         nat_port_be: p.dport_be,
         snat_addr_be: p.saddr_be,
         snat_port_be: p.sport_be,
+        slot: 0,
         ..fwd
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;

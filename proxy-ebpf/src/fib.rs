@@ -29,7 +29,7 @@ use aya_ebpf::{
 use proxy_common::stats;
 
 use crate::{
-    parse::{ETH_HLEN, IP_CSUM},
+    parse::IP_CSUM,
     stats::count,
 };
 
@@ -140,12 +140,12 @@ pub fn egress(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Egress {
 /// `NoRoute` (or `TooBig`, which callers answer before translating) leaves
 /// it to the stack. Returns the verdict.
 #[inline(always)]
-pub fn send(ctx: &TcContext, out: Egress) -> i32 {
+pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
     let Egress::Device(ifindex) = out else {
         count(stats::FIB_NO_ROUTE, ctx.len());
         return TC_ACT_OK as i32;
     };
-    let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
+    let Ok(word) = ctx.load::<[u8; 2]>(l3 + 8) else {
         return TC_ACT_OK as i32;
     };
     if word[0] <= 1 {
@@ -155,8 +155,8 @@ pub fn send(ctx: &TcContext, out: Egress) -> i32 {
     let new = [word[0] - 1, word[1]];
     let old16 = u16::from_ne_bytes(word);
     let new16 = u16::from_ne_bytes(new);
-    if ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(old16), u64::from(new16), 2).is_err()
-        || ctx.store(ETH_HLEN + 8, &new, 0).is_err()
+    if ctx.l3_csum_replace(l3 + IP_CSUM, u64::from(old16), u64::from(new16), 2).is_err()
+        || ctx.store(l3 + 8, &new, 0).is_err()
     {
         return TC_ACT_OK as i32;
     }
@@ -167,10 +167,10 @@ pub fn send(ctx: &TcContext, out: Egress) -> i32 {
 /// Route lookup and [`send`] for a packet that is already translated (ICMP
 /// errors, a few hundred bytes at most: no MTU check).
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> i32 {
+pub fn redirect(ctx: &TcContext, l3: usize, proto: u8, src_be: u32, dst_be: u32) -> i32 {
     let out = match lookup(ctx, proto, src_be, dst_be) {
         Some(route) => Egress::Device(route.ifindex),
         None => Egress::NoRoute,
     };
-    send(ctx, out)
+    send(ctx, l3, out)
 }

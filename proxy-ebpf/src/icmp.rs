@@ -24,7 +24,7 @@ use proxy_common::{
 
 use crate::{
     TC_NEXT, ct, fib,
-    parse::{ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR},
+    parse::{IP_CSUM, IP_DADDR, IP_SADDR},
     stats::count,
 };
 
@@ -38,9 +38,9 @@ const ICMP_CSUM: usize = 2;
 /// Returns the verdict; anything that is not an error about a tracked flow
 /// passes untouched (counted as `pass_other_proto`).
 #[inline(always)]
-pub fn handle(ctx: &TcContext, ihl_len: usize, egress: bool) -> i32 {
+pub fn handle(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> i32 {
     let len = ctx.len();
-    match translate(ctx, ihl_len, egress) {
+    match translate(ctx, l3, ihl_len, egress) {
         Some(v) => v,
         None => {
             count(stats::PASS_OTHER_PROTO, len);
@@ -50,8 +50,8 @@ pub fn handle(ctx: &TcContext, ihl_len: usize, egress: bool) -> i32 {
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
-    let icmp = ETH_HLEN + ihl_len;
+fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option<i32> {
+    let icmp = l3 + ihl_len;
     let ty: u8 = ctx.load(icmp).ok()?;
     if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
         return None;
@@ -72,7 +72,7 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
     // The quoted packet went from isrc to the backend idst: the flow's
     // REPLY entry is keyed the other way round.
     let Some(e) = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
-        return about_reply(ctx, icmp, inner, iproto, isrc, idst, ports);
+        return about_reply(ctx, l3, icmp, inner, iproto, isrc, idst, ports);
     };
     let len = ctx.len();
     let fail = || {
@@ -85,14 +85,14 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
     {
         return fail();
     }
-    let mut outer_dst: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
+    let mut outer_dst: u32 = ctx.load(l3 + IP_DADDR).ok()?;
     if e.flags & CT_F_SNAT != 0 {
         // Quoted source: node:allocated port → the client; and the error
         // goes to the client instead of the node.
         if rewrite_quoted_addr(ctx, inner + IP_SADDR, inner, isrc, e.snat_addr_be).is_none()
             || rewrite_quoted_port(ctx, icmp, inner + 20, ports[0], e.snat_port_be).is_none()
-            || ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(outer_dst), u64::from(e.snat_addr_be), 4).is_err()
-            || ctx.store(ETH_HLEN + IP_DADDR, &e.snat_addr_be, 0).is_err()
+            || ctx.l3_csum_replace(l3 + IP_CSUM, u64::from(outer_dst), u64::from(e.snat_addr_be), 4).is_err()
+            || ctx.store(l3 + IP_DADDR, &e.snat_addr_be, 0).is_err()
         {
             return fail();
         }
@@ -101,8 +101,8 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
     count(stats::ICMP_ERROR_TRANSLATED, len);
     // On egress the packet already leaves by its route.
     if e.flags & CT_F_REDIRECT != 0 && !egress {
-        let outer_src: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
-        return Some(fib::redirect(ctx, proto::ICMP, outer_src, outer_dst));
+        let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;
+        return Some(fib::redirect(ctx, l3, proto::ICMP, outer_src, outer_dst));
     }
     Some(TC_ACT_OK as i32)
 }
@@ -112,19 +112,19 @@ fn translate(ctx: &TcContext, ihl_len: usize, egress: bool) -> Option<i32> {
 /// backend sent and the error goes to the backend (sent out by FIB redirect
 /// when the flow's packets are, else forwarded by the stack).
 #[inline(always)]
-fn about_reply(ctx: &TcContext, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
+fn about_reply(ctx: &TcContext, l3: usize, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
     let e = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
     let len = ctx.len();
     let fail = || {
         count(stats::DROP_REWRITE_FAILED, len);
         Some(aya_ebpf::bindings::TC_ACT_SHOT as i32)
     };
-    let outer_dst: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
+    let outer_dst: u32 = ctx.load(l3 + IP_DADDR).ok()?;
     // Quoted source: frontend → backend; the error goes to the backend.
     if rewrite_quoted_addr(ctx, inner + IP_SADDR, inner, isrc, e.nat_addr_be).is_none()
         || rewrite_quoted_port(ctx, icmp, inner + 20, ports[0], e.nat_port_be).is_none()
-        || ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(outer_dst), u64::from(e.nat_addr_be), 4).is_err()
-        || ctx.store(ETH_HLEN + IP_DADDR, &e.nat_addr_be, 0).is_err()
+        || ctx.l3_csum_replace(l3 + IP_CSUM, u64::from(outer_dst), u64::from(e.nat_addr_be), 4).is_err()
+        || ctx.store(l3 + IP_DADDR, &e.nat_addr_be, 0).is_err()
     {
         return fail();
     }
@@ -138,8 +138,8 @@ fn about_reply(ctx: &TcContext, icmp: usize, inner: usize, iproto: u8, isrc: u32
     count(stats::ICMP_ERROR_TRANSLATED, len);
     // A flow whose packets the datapath sends out itself: so is its error.
     if e.flags & CT_F_REDIRECT != 0 {
-        let outer_src: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
-        return Some(fib::redirect(ctx, proto::ICMP, outer_src, e.nat_addr_be));
+        let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;
+        return Some(fib::redirect(ctx, l3, proto::ICMP, outer_src, e.nat_addr_be));
     }
     Some(TC_ACT_OK as i32)
 }

@@ -1,5 +1,6 @@
-//! Kernel side of the proxy: TC programs that translate Service traffic by
-//! map lookups. See `../README.md` for the hook diagram and the public maps.
+//! Kernel side of the proxy: TC, XDP and cgroup socket programs that
+//! translate Service traffic by map lookups, all deciding through one
+//! load-balancing library (`lb`). See `../README.md` for the hook diagram and the public maps.
 #![no_std]
 #![no_main]
 
@@ -12,14 +13,17 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod stats;
+mod tc;
 mod xdp;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use parse::ETH_HLEN;
 
 /// TC ingress on every device named by `--devices`: DNAT of packets to a
 /// frontend, reverse NAT of replies from a backend.
@@ -29,17 +33,58 @@ use aya_ebpf::{
 /// out of the same device, `TC_ACT_SHOT` for a counted drop.
 #[classifier]
 pub fn proxy_tc_ingress(ctx: TcContext) -> i32 {
-    match lb::handle_ingress(&ctx) {
+    match tc::handle_ingress(&ctx, ETH_HLEN) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// `proxy_tc_ingress` for devices without a link-layer header (IPIP,
+/// WireGuard, GRE, TUN: the packet starts with the IPv4 header).
+#[classifier]
+pub fn proxy_tc_ingress_l3(ctx: TcContext) -> i32 {
+    match tc::handle_ingress(&ctx, 0) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
 /// TC egress on the same devices: ICMP errors the node itself sends about a
 /// translated flow (fragmentation needed while forwarding) are translated
-/// back. Every other packet: `TC_ACT_UNSPEC` (next), uncounted.
+/// back, and so are replies the node sends from a frontend's local backend
+/// (hostNetwork endpoints). Every other packet: `TC_ACT_UNSPEC` (next),
+/// uncounted.
 #[classifier]
 pub fn proxy_tc_egress(ctx: TcContext) -> i32 {
-    lb::handle_egress(&ctx)
+    tc::handle_egress(&ctx, ETH_HLEN)
+}
+
+/// `proxy_tc_egress` for devices without a link-layer header.
+#[classifier]
+pub fn proxy_tc_egress_l3(ctx: TcContext) -> i32 {
+    tc::handle_egress(&ctx, 0)
+}
+
+/// Socket LB: `connect()` to a frontend (TCP and UDP) goes to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn proxy_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, false)
+}
+
+/// Socket LB: `sendmsg()`/`sendto()` with a frontend address (UDP).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn proxy_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, true)
+}
+
+/// Socket LB: the sender of a datagram from a backend is shown as the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn proxy_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// Socket LB: the peer of a socket connected to a backend is shown as the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn proxy_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 /// XDP fast path on the `--devices` (with `--xdp`): north-south flows to

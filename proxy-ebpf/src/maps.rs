@@ -4,10 +4,12 @@
 //! checks at load time that every constant names a map of the object).
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
+    affinity::{AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
+    sock::{Config, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
     backend::{BACKEND_MAX_ENTRIES, Backend},
     ct::{CT_MAX_ENTRIES, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
@@ -36,3 +38,12 @@ pub static STATS: PerCpuArray<StatCounter, { STATS_MAX_ENTRIES as usize }> =
 #[btf_map(name = "proxy_names_v1")]
 pub static NAMES: HashMap<u32, SvcName, { NAMES_MAX_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
+
+#[btf_map(name = "proxy_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map(name = "proxy_sock_rev_v1")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map(name = "proxy_config_v1")]
+pub static CONFIG: Array<Config, 1> = Array::new();

@@ -19,6 +19,9 @@ const IP_MF_OFFSET_MASK_BE: u16 = 0x3fff_u16.to_be();
 
 /// The IPv4 and L4 fields the load balancer decides on.
 pub struct Packet {
+    /// Offset of the IPv4 header: `ETH_HLEN` on Ethernet devices, 0 on L3
+    /// devices (IPIP, WireGuard, GRE, TUN), which have no link-layer header.
+    pub l3_off: usize,
     /// Offset of the L4 header (14 + IHL * 4).
     pub l4_off: usize,
     pub ihl_len: usize,
@@ -42,33 +45,48 @@ impl Packet {
 /// Why a packet is not parsed into a [`Packet`]: the stats reason to count.
 pub type Skip = u32;
 
-/// Parses Ethernet + IPv4 + TCP/UDP ports. `Err(reason)` = not for us.
+/// Whether the packet is IPv4: by the Ethertype on an Ethernet device
+/// (`l3 == ETH_HLEN`), by `skb->protocol` on an L3 device (`l3 == 0`).
 #[inline(always)]
-pub fn parse_ipv4_l4(ctx: &TcContext) -> Result<Packet, Skip> {
-    let eth_proto: u16 = ctx.load(12).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    if eth_proto != ETH_P_IP_BE {
+pub fn is_ipv4(ctx: &TcContext, l3: usize) -> bool {
+    if l3 == 0 {
+        // SAFETY: reading a field of our own context.
+        let proto = unsafe { (*ctx.skb.skb).protocol };
+        return proto == u32::from(ETH_P_IP_BE);
+    }
+    ctx.load::<u16>(12).is_ok_and(|t| t == ETH_P_IP_BE)
+}
+
+/// Parses [Ethernet +] IPv4 + TCP/UDP ports; the IPv4 header starts at
+/// `l3` (see [`Packet::l3_off`]). `Err(reason)` = not for us.
+#[inline(always)]
+pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
+    if l3 == ETH_HLEN && ctx.load::<u16>(12).is_err() {
+        return Err(stats::MALFORMED_TRUNCATED);
+    }
+    if !is_ipv4(ctx, l3) {
         return Err(stats::PASS_NOT_IPV4);
     }
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let vihl: u8 = ctx.load(l3).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let ihl_len = usize::from(vihl & 0x0f) * 4;
     // Why: version must be 4 and IHL >= 5 (RFC 791); the kernel's ip_rcv drops
     // such packets too, we only count them and let it.
     if vihl >> 4 != 4 || ihl_len < 20 {
         return Err(stats::MALFORMED_BAD_IHL);
     }
-    let proto: u8 = ctx.load(ETH_HLEN + IP_PROTO).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let proto: u8 = ctx.load(l3 + IP_PROTO).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     if proto != proto::TCP && proto != proto::UDP {
         return Err(stats::PASS_OTHER_PROTO);
     }
-    let frag: u16 = ctx.load(ETH_HLEN + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let frag: u16 = ctx.load(l3 + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     // Why: only the first fragment carries ports, and we do not track
     // fragments yet; translating the first alone would split the datagram.
     if frag & IP_MF_OFFSET_MASK_BE != 0 {
         return Err(stats::PASS_FRAGMENT);
     }
-    let saddr_be: u32 = ctx.load(ETH_HLEN + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    let daddr_be: u32 = ctx.load(ETH_HLEN + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    let l4_off = ETH_HLEN + ihl_len;
+    let saddr_be: u32 = ctx.load(l3 + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let daddr_be: u32 = ctx.load(l3 + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let l4_off = l3 + ihl_len;
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let (l4_min, tcp_flags) = if proto == proto::TCP {
         // Why: the checksum we rewrite sits at offset 16 of a 20-byte header;
@@ -82,6 +100,7 @@ pub fn parse_ipv4_l4(ctx: &TcContext) -> Result<Packet, Skip> {
         return Err(stats::MALFORMED_TRUNCATED);
     }
     Ok(Packet {
+        l3_off: l3,
         l4_off,
         ihl_len,
         proto,

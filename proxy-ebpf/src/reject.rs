@@ -68,7 +68,7 @@ pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
 /// options), it is dropped (`drop_too_big`).
 #[inline(always)]
 pub fn frag_needed(ctx: &TcContext, p: &Packet, from_be: u32, mtu: u32, len: u32) -> i32 {
-    let df = ctx.load::<u16>(ETH_HLEN + IP_FRAG_OFF).is_ok_and(|f| f & IP_DF_BE != 0);
+    let df = ctx.load::<u16>(p.l3_off + IP_FRAG_OFF).is_ok_and(|f| f & IP_DF_BE != 0);
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
     if df && build(ctx, p, from_be, ICMP_FRAG_NEEDED, mtu).is_ok() {
         count(stats::ICMP_FRAG_NEEDED, len);
@@ -97,8 +97,8 @@ fn build(ctx: &TcContext, p: &Packet, from_be: u32, code: u8, mtu: u16) -> Resul
     if p.ihl_len != 20 {
         return Err(());
     }
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let l3 = p.l3_off;
+    let quote: [u8; QUOTE_LEN] = ctx.load(l3).map_err(|_| ())?;
 
     let mut pkt = [0u8; IP_PKT_LEN];
     // IPv4 header: 0x45, TOS, total length, id 0, no fragment, TTL 64, ICMP.
@@ -128,18 +128,29 @@ fn build(ctx: &TcContext, p: &Packet, from_be: u32, code: u8, mtu: u16) -> Resul
     }
     pkt[22..24].copy_from_slice(&fold(&icmp_words).to_ne_bytes());
 
-    let mut eth = [0u8; ETH_HLEN];
-    eth[0..6].copy_from_slice(&macs[6..12]);
-    eth[6..12].copy_from_slice(&macs[0..6]);
-    eth[12] = 0x08;
-
-    // SAFETY: resizing the skb we own; later accesses go through helpers
-    // that check bounds again.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_PKT_LEN) as u32, 0) };
-    if rc != 0 {
-        return Err(());
+    // Why: on an L3 device (IPIP, WireGuard, TUN) there is no Ethernet
+    // header to turn around; the packet starts with the IPv4 header.
+    if l3 == ETH_HLEN {
+        let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+        let mut eth = [0u8; ETH_HLEN];
+        eth[0..6].copy_from_slice(&macs[6..12]);
+        eth[6..12].copy_from_slice(&macs[0..6]);
+        eth[12] = 0x08;
+        // SAFETY: resizing the skb we own; later accesses go through helpers
+        // that check bounds again.
+        let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_PKT_LEN) as u32, 0) };
+        if rc != 0 {
+            return Err(());
+        }
+        ctx.store(0, &eth, 0).map_err(|_| ())?;
+        ctx.store(ETH_HLEN, &pkt, 0).map_err(|_| ())?;
+    } else {
+        // SAFETY: as above.
+        let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, IP_PKT_LEN as u32, 0) };
+        if rc != 0 {
+            return Err(());
+        }
+        ctx.store(0, &pkt, 0).map_err(|_| ())?;
     }
-    ctx.store(0, &eth, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN, &pkt, 0).map_err(|_| ())?;
     Ok(())
 }

@@ -21,7 +21,12 @@ use proxy_common::{
     svc::{SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL},
 };
 
-use crate::{ct, fib, lb, parse::Packet, stats::count};
+use crate::{
+    ct, fib,
+    lb::{self, Client, Frontend},
+    parse::Packet,
+    stats::count,
+};
 
 const ETH_HLEN: usize = 14;
 
@@ -89,6 +94,7 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
     };
     let ports: [u16; 2] = read(ctx, l4)?;
     Some(Packet {
+        l3_off: ETH_HLEN,
         l4_off: l4,
         ihl_len: 20,
         proto,
@@ -174,7 +180,8 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
     let p = parse(ctx)?;
     let len = (ctx.data_end() - ctx.data()) as u32;
     let now = ct::now_ns();
-    let Some(svc) = lb::lookup_service(&p) else {
+    let fe = Frontend::of(&p);
+    let Some(svc) = lb::lookup_service(&fe) else {
         // A reply from a remote backend of a SNATed flow.
         let e = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), now)?;
         if e.flags & CT_F_SNAT == 0 || lb::closes(&p) {
@@ -189,9 +196,10 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let e: CtValue = match ct::lookup_live(&ct::key_of(&p, CT_DIR_SERVICE), now) {
-        Some(e) if lb::flow_keeps_backend(&p, &e) => e,
+        Some(e) if lb::flow_keeps_backend(&p, &svc, &e, len) => e,
         _ => {
-            let (backend_id, backend) = lb::select_backend(&p, &svc)?;
+            let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;
+            let backend = chosen.backend;
             if backend.flags & BACKEND_F_LOCAL != 0 || backend.addr_be == p.saddr_be {
                 // Local backends and hairpins: the TC path (no SNAT needed).
                 return None;
@@ -200,7 +208,8 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
             let flow = ct::NewFlow {
                 backend_addr_be: backend.addr_be,
                 backend_port_be: backend.port_be,
-                backend_id,
+                backend_id: chosen.id,
+                slot: chosen.slot,
                 svc_id: svc.svc_id,
                 flags: CT_F_REDIRECT,
                 snat_addr_be: r.src_be,

@@ -58,6 +58,9 @@ pub struct AgentArgs<'a> {
     pub devices: &'a str,
     /// `--node-name` (default: the agent's own default).
     pub node_name: Option<&'a str>,
+    /// `--cgroup` for the socket programs: a cgroup the test made. `None`:
+    /// `--socket-lb off` (never the machine's root cgroup).
+    pub cgroup: Option<&'a Path>,
     /// More `run` flags.
     pub extra: &'a [&'a str],
     pub log: &'a Path,
@@ -78,6 +81,10 @@ impl Agent {
         if let Some(name) = a.node_name {
             cmd.arg("--node-name").arg(name);
         }
+        match a.cgroup {
+            Some(dir) => cmd.arg("--cgroup").arg(dir),
+            None => cmd.arg("--socket-lb").arg("off"),
+        };
         cmd.args(a.extra);
         let child = cmd
             .arg("--devices")

@@ -32,6 +32,7 @@ use proxy_agent::pins::Pins;
 
 use crate::{
     agent::{Agent, AgentArgs, AgentSource},
+    cgroup::TestCgroup,
     netns::{Netns, unique_name},
     servers::Server,
 };
@@ -179,6 +180,9 @@ pub struct Node {
     pub pods: Vec<Pod>,
     /// Where this node's agent pins (`/sys/fs/bpf/proxy-cluster-<id>-a|b`).
     pub bpffs: PathBuf,
+    /// This node's cgroup for the socket programs (`--cgroup`): node-local
+    /// client processes started in it are this node's.
+    pub cgroup: TestCgroup,
     pub agent: Option<Agent>,
     log: PathBuf,
 }
@@ -251,6 +255,7 @@ impl Node {
             source: AgentSource::Manifests(manifests),
             devices: DEVICES,
             node_name: Some(self.name()),
+            cgroup: Some(self.cgroup.path()),
             extra,
             log: &self.log,
         }));
@@ -337,6 +342,7 @@ impl Cluster {
                 ns: Netns::detached(),
                 pods: Vec::new(),
                 bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-cluster-{id}-{l}")),
+                cgroup: TestCgroup::create(&format!("{id}{l}")),
                 agent: None,
                 log: workdir.join(format!("agent-{}.log", n.name())),
             }

@@ -4,6 +4,7 @@
 //! packet builder for `BPF_PROG_TEST_RUN` tests.
 pub mod agent;
 pub mod apiserver;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod manifests;

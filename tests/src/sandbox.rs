@@ -18,6 +18,7 @@ use proxy_agent::pins::Pins;
 
 use crate::{
     agent::{Agent, AgentArgs, AgentSource},
+    cgroup::TestCgroup,
     netns::{Netns, unique_name},
     servers::Server,
 };
@@ -47,6 +48,9 @@ pub struct Sandbox {
     pub bpffs: PathBuf,
     pub workdir: PathBuf,
     pub manifests: PathBuf,
+    /// The node's cgroup for the socket programs (`--cgroup`): node-local
+    /// clients ([`Self::node_client`]) run in it.
+    pub cgroup: TestCgroup,
     keep: bool,
 }
 
@@ -78,6 +82,7 @@ impl Sandbox {
             pods: Vec::new(),
             workdir,
             manifests,
+            cgroup: TestCgroup::create(&id),
             keep: false,
         };
         let (c, n) = (&sb.client, &sb.node);
@@ -171,6 +176,7 @@ impl Sandbox {
             source,
             devices: DEVICES,
             node_name,
+            cgroup: Some(self.cgroup.path()),
             extra: &[],
             log: &log,
         }));
@@ -210,6 +216,9 @@ impl Drop for Sandbox {
             let node = std::mem::replace(&mut self.node, Netns::detached());
             std::mem::forget(client);
             std::mem::forget(node);
+            // The agent's socket programs stay attached to it.
+            let cgroup = std::mem::replace(&mut self.cgroup, TestCgroup::detached());
+            std::mem::forget(cgroup);
             return;
         }
         self.kill_agent();

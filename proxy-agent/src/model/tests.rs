@@ -64,7 +64,7 @@ fn check_on(node: &NodeInfo, yaml: &str, expected: &str) {
 }
 
 fn node(name: &str, zone: Option<&str>) -> NodeInfo {
-    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned), nodeport_addresses: Vec::new() }
+    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned), nodeport_addresses: Vec::new(), loopback_nodeports: false }
 }
 
 fn render(desired: &Desired, rejections: &[Rejection]) -> String {
@@ -1651,6 +1651,7 @@ fn node_a() -> NodeInfo {
         name: "node-a".into(),
         zone: None,
         nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "198.51.100.1".parse().unwrap()],
+        loopback_nodeports: false,
     }
 }
 

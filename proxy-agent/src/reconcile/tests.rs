@@ -70,6 +70,8 @@ fn fe(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Fe {
             drop_when_empty: false,
             policy_local: false,
             snat_remote: false,
+            affinity_timeout_s: 0,
+            affinity_group: 0,
         },
     )
 }

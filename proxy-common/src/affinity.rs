@@ -1,0 +1,49 @@
+//! Session affinity (`sessionAffinity: ClientIP`): client → backend, per
+//! Service port (the affinity group in slot 0 of each of its frontends).
+//!
+//! An LRU hash, so stale entries of gone clients age out by themselves. An
+//! entry is used only while it is younger than the frontend's timeout
+//! (idle time since the client's last new flow, as kube-proxy's `recent`
+//! match) *and* the frontend's slot it names still holds its backend: a
+//! backend that left the Service is never chosen from an affinity entry.
+//!
+//! The client is its IPv4 address on the per-packet paths (TC, XDP); on the
+//! socket path, where the source address is not chosen yet at `connect()`,
+//! it is the socket's network-namespace cookie (one per pod, one for the
+//! host), as Cilium's socket LB does.
+
+pub const AFFINITY_MAP: &str = "proxy_affinity_v1";
+pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
+
+/// [`AffinityKey::client`] is an IPv4 address (network order, low 32 bits).
+pub const AFFINITY_CLIENT_ADDR: u8 = 0;
+/// [`AffinityKey::client`] is a network-namespace cookie.
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: u64,
+    /// The Service port's affinity group (slot 0's `backend_id`).
+    pub group: u32,
+    /// `AFFINITY_CLIENT_*`.
+    pub client_kind: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// The frontend slot the backend was last chosen from.
+    pub slot: u16,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns` of the client's last new flow to this group.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+crate::pod!(AffinityKey, AffinityValue);

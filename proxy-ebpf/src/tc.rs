@@ -1,0 +1,220 @@
+//! The per-packet path (TC ingress and egress on every `--devices` match):
+//! DNAT of packets to a frontend, reverse NAT of replies, rejects, SNAT for
+//! external frontends, ICMP errors. The decisions come from [`crate::lb`].
+//!
+//! `l3` is where the IPv4 header starts: `ETH_HLEN` on Ethernet devices
+//! (pod veths, uplinks, VXLAN), 0 on L3 devices without a link-layer header
+//! (IPIP, WireGuard, GRE, TUN), which get their own program variant.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use proxy_common::{
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    proto, stats,
+    svc::SVC_FLAGS_EXTERNAL,
+};
+
+use crate::{
+    TC_NEXT, ct, fib,
+    lb::{self, Client, Empty, Frontend},
+    nat,
+    parse::{IP_PROTO, Packet, is_ipv4, parse_ipv4_l4},
+    reject,
+    stats::count,
+};
+
+#[inline(always)]
+pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
+    let len = ctx.len();
+    let p = match parse_ipv4_l4(ctx, l3) {
+        Ok(p) => p,
+        Err(stats::PASS_OTHER_PROTO) => return Ok(other_proto(ctx, l3, len)),
+        Err(reason) => {
+            count(reason, len);
+            return Ok(TC_NEXT);
+        }
+    };
+
+    let fe = Frontend::of(&p);
+    let Some(svc) = lb::lookup_service(&fe) else {
+        return handle_reply(ctx, &p, len);
+    };
+    if svc.count == 0 {
+        if lb::when_empty(&svc) == Empty::Drop {
+            count(stats::DROP_NO_LOCAL_BACKEND, len);
+            return Err(TC_ACT_SHOT as i32);
+        }
+        return Ok(reject::port_unreachable(ctx, &p, len));
+    }
+
+    let now = ct::now_ns();
+    let fwd_key = ct::key_of(&p, CT_DIR_SERVICE);
+    if let Some(entry) = ct::lookup_live(&fwd_key, now)
+        && lb::flow_keeps_backend(&p, &svc, &entry, len)
+    {
+        if lb::closes(&p) {
+            ct::close_from_service(&p, &entry);
+        }
+        return forward(ctx, &p, &entry, len, stats::DNAT_ESTABLISHED);
+    }
+
+    let Some(chosen) = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len) else {
+        count(stats::DROP_BACKEND_MISSING, len);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    let backend = chosen.backend;
+    let external = svc.flags & SVC_FLAGS_EXTERNAL != 0;
+    let mut flow = ct::NewFlow {
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        backend_id: chosen.id,
+        slot: chosen.slot,
+        svc_id: svc.svc_id,
+        // Why: the reply of an external frontend may carry a node address
+        // as source once translated back (NodePort): send it out directly.
+        flags: if external { CT_F_REDIRECT } else { 0 },
+        snat_addr_be: 0,
+    };
+    if lb::needs_snat(p.saddr_be, &svc, &backend) {
+        // The address the kernel would masquerade to for this route.
+        let Some(route) = fib::lookup(ctx, p.proto, p.saddr_be, backend.addr_be) else {
+            count(stats::FIB_NO_ROUTE, len);
+            return Err(TC_ACT_SHOT as i32);
+        };
+        flow.snat_addr_be = route.src_be;
+        flow.flags |= CT_F_REDIRECT;
+    }
+    let Some(entry) = ct::create(&p, &flow, now) else {
+        count(stats::DROP_SNAT_EXHAUSTED, len);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    forward(ctx, &p, &entry, len, stats::DNAT_NEW)
+}
+
+/// The IPv4 header length, when the packet is IPv4 with protocol `want`.
+#[inline(always)]
+fn ipv4_ihl_if(ctx: &TcContext, l3: usize, want: u8) -> Option<usize> {
+    let is = ctx.load::<u8>(l3 + IP_PROTO).is_ok_and(|p| p == want);
+    let ihl = ctx.load::<u8>(l3).map_or(0, |v| usize::from(v & 0x0f) * 4);
+    (is && ihl >= 20).then_some(ihl)
+}
+
+/// Not TCP/UDP: an ICMP error about a translated flow is translated back;
+/// anything else passes.
+#[inline(always)]
+fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
+    if let Some(ihl) = ipv4_ihl_if(ctx, l3, proto::ICMP) {
+        return crate::icmp::handle(ctx, l3, ihl, false);
+    }
+    count(stats::PASS_OTHER_PROTO, len);
+    TC_NEXT
+}
+
+/// TC egress: ICMP errors the node sends about translated flows, and
+/// replies the node itself sends for a flow that was translated to one of
+/// its own addresses (a hostNetwork endpoint on this node: `kubernetes.default`
+/// on a control-plane node, an ingress controller on hostNetwork). Such a
+/// reply never enters through a device, so ingress cannot restore its
+/// source; it is restored here, on its way out. Packets of no tracked flow
+/// pass uncounted (egress sees everything the node sends).
+#[inline(always)]
+pub fn handle_egress(ctx: &TcContext, l3: usize) -> i32 {
+    if !is_ipv4(ctx, l3) {
+        return TC_NEXT;
+    }
+    if let Some(ihl) = ipv4_ihl_if(ctx, l3, proto::ICMP) {
+        return crate::icmp::handle(ctx, l3, ihl, true);
+    }
+    let Ok(p) = parse_ipv4_l4(ctx, l3) else {
+        return TC_NEXT;
+    };
+    let Some(e) = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), ct::now_ns()) else {
+        return TC_NEXT;
+    };
+    let len = ctx.len();
+    if lb::closes(&p) {
+        ct::close_from_reply(&p, &e);
+    }
+    if nat::snat(ctx, &p, e.nat_addr_be, e.nat_port_be).is_err()
+        || (e.flags & CT_F_SNAT != 0 && nat::dnat(ctx, &p, e.snat_addr_be, e.snat_port_be).is_err())
+    {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return TC_ACT_SHOT as i32;
+    }
+    count(stats::REV_NAT, len);
+    // Already routed: it leaves by this device as it is.
+    TC_ACT_OK as i32
+}
+
+/// Applies a SERVICE entry: DNAT, SNAT when the flow has it, and the FIB
+/// redirect when the source is now a local address.
+///
+/// Why the MTU check comes first: a redirected packet bypasses the stack's
+/// forwarding (no fragmentation, no "fragmentation needed"), so a packet
+/// too big for the egress device is answered here, while it still is what
+/// the client sent: the error quotes it and comes from the frontend.
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> Result<i32, i32> {
+    let mut out = fib::Egress::NoRoute;
+    if e.flags & CT_F_SNAT != 0 {
+        out = fib::egress(ctx, p.proto, e.snat_addr_be, e.nat_addr_be);
+        if let fib::Egress::TooBig(mtu) = out {
+            return Ok(reject::frag_needed(ctx, p, p.daddr_be, mtu, len));
+        }
+    }
+    if nat::dnat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    count(reason, len);
+    if e.flags & CT_F_SNAT == 0 {
+        return Ok(TC_ACT_OK as i32);
+    }
+    if nat::snat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    Ok(fib::send(ctx, p.l3_off, out))
+}
+
+/// A packet that is not addressed to a frontend: a reply of a translated
+/// flow gets its source (and with SNAT its destination) restored; anything
+/// else passes untouched.
+#[inline(always)]
+fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
+    let key = ct::key_of(p, CT_DIR_REPLY);
+    let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
+        count(stats::PASS_NO_SERVICE, len);
+        return Ok(TC_NEXT);
+    };
+    let snat = e.flags & CT_F_SNAT != 0;
+    let dst = if snat { e.snat_addr_be } else { p.daddr_be };
+    // As in `forward`: checked before translation. The error goes back to
+    // the backend, quoting its packet, from the address it sent to (the
+    // node's SNAT address; the frontend when the client's own address is
+    // the destination).
+    let mut out = fib::Egress::NoRoute;
+    if e.flags & CT_F_REDIRECT != 0 {
+        out = fib::egress(ctx, p.proto, e.nat_addr_be, dst);
+        if let fib::Egress::TooBig(mtu) = out {
+            return Ok(reject::frag_needed(ctx, p, if snat { p.daddr_be } else { e.nat_addr_be }, mtu, len));
+        }
+    }
+    if lb::closes(p) {
+        ct::close_from_reply(p, &e);
+    }
+    if nat::snat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    if snat && nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+        count(stats::DROP_REWRITE_FAILED, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    count(stats::REV_NAT, len);
+    if e.flags & CT_F_REDIRECT != 0 {
+        return Ok(fib::send(ctx, p.l3_off, out));
+    }
+    Ok(TC_ACT_OK as i32)
+}
