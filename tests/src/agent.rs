@@ -152,3 +152,16 @@ pub fn wait_programmed(bpffs: &Path, timeout: Duration, what: &str, pred: impl F
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Every exit-reason counter (name → packets) of the datapath pinned under
+/// `bpffs`, read with `bin stats -o json` as an operator would.
+#[must_use]
+pub fn counters(bin: &Path, bpffs: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &bpffs.to_string_lossy(), "stats", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats json: {e}: {out}"));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
+        .collect()
+}

@@ -8,11 +8,18 @@ use std::{
 
 /// One request on a new connection; returns the body (trimmed).
 pub fn http_get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    http_get_with_peer(addr, timeout).map(|(body, _)| body)
+}
+
+/// [`http_get`], also returning the peer as the socket reports it
+/// (`getpeername`: with socket-level balancing, the Service address).
+pub fn http_get_with_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let peer = s.peer_addr()?;
     s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    read_response(&mut s)
+    Ok((read_response(&mut s)?, peer))
 }
 
 /// Reads one HTTP response with a Content-Length body.

@@ -228,13 +228,7 @@ impl Node {
     /// read with `bin stats -o json`.
     #[must_use]
     pub fn counters(&self, bin: &Path) -> std::collections::BTreeMap<String, u64> {
-        let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &self.bpffs.to_string_lossy(), "stats", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats json: {e}: {out}"));
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
-            .collect()
+        crate::agent::counters(bin, &self.bpffs)
     }
 
     /// SIGKILLs the agent; programs and maps stay pinned.

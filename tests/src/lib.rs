@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod manifests;
 pub mod netns;
+pub mod overlay;
 pub mod packet;
 pub mod sandbox;
 pub mod servers;

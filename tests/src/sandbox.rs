@@ -167,6 +167,16 @@ impl Sandbox {
     /// Starts the agent (`bin`) in the node namespace with `source`, as
     /// node `node_name` when given.
     pub fn start_agent_from(&mut self, bin: &Path, source: AgentSource<'_>, node_name: Option<&str>) {
+        self.start_agent_full(bin, source, node_name, &[]);
+    }
+
+    /// [`Self::start_agent`] with more `run` flags.
+    pub fn start_agent_with(&mut self, bin: &Path, extra: &[&str]) {
+        let manifests = self.manifests.clone();
+        self.start_agent_full(bin, AgentSource::Manifests(&manifests), None, extra);
+    }
+
+    fn start_agent_full(&mut self, bin: &Path, source: AgentSource<'_>, node_name: Option<&str>, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = self.agent_log_path();
         self.agent = Some(Agent::start(&AgentArgs {
@@ -177,9 +187,25 @@ impl Sandbox {
             devices: DEVICES,
             node_name,
             cgroup: Some(self.cgroup.path()),
-            extra: &[],
+            extra,
             log: &log,
         }));
+    }
+
+    /// Runs a node-local client process (`bin args...`) in `ns` inside the
+    /// node's cgroup (so the socket programs see it) and returns its
+    /// stdout lines; bounded by the client's own timeouts.
+    #[must_use]
+    pub fn cgroup_client(&self, ns: &Netns, bin: &Path, args: &[&str]) -> Vec<String> {
+        let out = self.cgroup.command(ns, bin, args).output().expect("run a client in the cgroup");
+        assert!(out.status.success(), "{} {args:?} failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    }
+
+    /// The datapath counters (`proxy-agent stats -o json`) by reason.
+    #[must_use]
+    pub fn counters(&self, bin: &Path) -> std::collections::BTreeMap<String, u64> {
+        crate::agent::counters(bin, &self.bpffs)
     }
 
     /// SIGKILLs the agent; programs and maps stay pinned.

@@ -15,21 +15,15 @@
 //! ```
 //! Errors are printed as `ERR <error>` lines; the exit status is 0.
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    io::Write as _,
+    net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn http(addr: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    let peer = s.peer_addr()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+    let (body, peer) = integration_tests::client::http_get_with_peer(addr, TIMEOUT)?;
     Ok(format!("{body} {peer}"))
 }
 
