@@ -308,8 +308,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
             }
             () = tokio::time::sleep(wait), if next.is_some() => {
-                let ok = sync_once(&store, &node, &mut rec, &mut reported, &shared, &mut triggers);
+                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut reported, &shared, &mut triggers);
                 runner.ran(Instant::now(), ok);
+                // After the maps no longer hold them: a socket that
+                // reconnects gets a backend that is there.
+                if !removed_udp.is_empty() {
+                    let backends: Vec<_> = removed_udp.into_iter().collect();
+                    dp.destroy_udp_sockets(&backends);
+                }
                 // After the datapath, as kube-proxy's syncProxyRules does.
                 let (hc_ports, local_ready) = crate::model::health_checks(&store, &node);
                 let _ = svc_health.sync_services(hc_ports).await;
@@ -380,7 +386,7 @@ fn sync_once(
     reported: &mut BTreeSet<Rejection>,
     shared: &SharedState,
     triggers: &mut Vec<SystemTime>,
-) -> bool {
+) -> (bool, BTreeSet<(std::net::Ipv4Addr, u16)>) {
     let started = Instant::now();
     let (desired, rejections) = desired_state(store, node);
     let now: BTreeSet<Rejection> = rejections.into_iter().collect();
@@ -388,7 +394,8 @@ fn sync_once(
         warn!("skipping {r}");
     }
     *reported = now;
-    let report = rec.sync(&desired);
+    let mut report = rec.sync(&desired);
+    let removed_udp = std::mem::take(&mut report.removed_udp_backends);
     for (key, e) in &report.errors {
         error!(frontend = %key, error = %e, "frontend not programmed");
     }
@@ -426,7 +433,7 @@ fn sync_once(
         }
         g.health.updated(wall);
     }
-    !retriable
+    (!retriable, removed_udp)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! and which tests replace with [`FakeMaps`]).
 mod cgroup;
 mod fake;
+mod kfunc;
 mod maps;
 
 use std::{
@@ -35,8 +36,18 @@ use crate::{
     pins::{ALL_MAPS, Pins, TcHook, XDP_LINK_PREFIX, XDP_PROG},
 };
 
-/// The eBPF object this agent was built with (see build.rs).
+/// The eBPF object this agent was built with (see build.rs), as built.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// [`EBPF_OBJECT`] ready to load on this kernel (its kfunc calls patched,
+/// see `kfunc`): what the agent and the packet tests load.
+#[must_use]
+pub fn ebpf_object() -> &'static [u8] {
+    kfunc::patched_object(EBPF_OBJECT).0
+}
+
+/// The iterator program that destroys translated UDP sockets.
+const SOCK_DESTROY_PROG: &str = "proxy_sock_destroy_udp";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -226,6 +237,8 @@ pub struct Datapath {
     pins: Pins,
     attached: BTreeMap<String, u32>,
     xdp: Option<XdpAttachMode>,
+    /// The `iter/udp` socket-destroy program loaded (kernel ≥ 6.5).
+    sock_destroy: bool,
 }
 
 impl Datapath {
@@ -239,7 +252,7 @@ impl Datapath {
         for name in ALL_MAPS {
             loader.map_pin_path(name, pins.map(name));
         }
-        let ebpf = loader.load(EBPF_OBJECT)?;
+        let ebpf = loader.load(ebpf_object())?;
         for name in ALL_MAPS {
             if ebpf.map(name).is_none() {
                 return Err(Error::MissingMap { name });
@@ -250,6 +263,7 @@ impl Datapath {
             pins: pins.clone(),
             attached: BTreeMap::new(),
             xdp: None,
+            sock_destroy: false,
         };
         for hook in TcHook::ALL {
             for name in [hook.program(), hook.program_l3()] {
@@ -259,9 +273,117 @@ impl Datapath {
         dp.xdp_program()?.load().map_err(|source| Error::Program { name: XDP_PROG, source })?;
         if socket_lb != SocketLb::Off {
             cgroup::load_programs(&mut dp.ebpf)?;
+            dp.sock_destroy = dp.load_sock_destroy();
         }
         cgroup::write_config(&mut dp.ebpf, socket_lb)?;
         Ok(dp)
+    }
+
+    /// Loads the socket-destroy iterator; optional (a warning and connected
+    /// UDP sockets keep a removed backend until they reconnect).
+    fn load_sock_destroy(&mut self) -> bool {
+        let missing = kfunc::patched_object(EBPF_OBJECT).1;
+        let res = (|| -> std::result::Result<(), String> {
+            if !missing.is_empty() {
+                return Err(format!("kfunc(s) {missing:?} not in the kernel's BTF"));
+            }
+            let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+            let prog: &mut aya::programs::Iter = self
+                .ebpf
+                .program_mut(SOCK_DESTROY_PROG)
+                .ok_or("program missing from the object")?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            prog.load("udp", &btf).map_err(|e| e.to_string())
+        })();
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(
+                    kernel = %kernel_release(),
+                    error = %e,
+                    "bpf_sock_destroy over a UDP socket iterator (Linux 6.5) is not available: a connected UDP socket keeps a removed backend until the application reconnects"
+                );
+                false
+            }
+        }
+    }
+
+    /// Destroys the connected UDP sockets the socket path translated to one
+    /// of `backends` (endpoints that left their Service port), in every
+    /// network namespace the agent can enter: its own, `/run/netns/*` and
+    /// those of `/proc/*/ns/net` (the host's processes with `hostPID`).
+    /// Returns how many namespaces were walked.
+    pub fn destroy_udp_sockets(&mut self, backends: &[(std::net::Ipv4Addr, u16)]) -> usize {
+        use std::io::Read as _;
+        if !self.sock_destroy || backends.is_empty() {
+            tracing::debug!(enabled = self.sock_destroy, ?backends, "no UDP sockets to destroy");
+            return 0;
+        }
+        let keys: Vec<proxy_common::backend::Backend> = backends
+            .iter()
+            .map(|(a, p)| proxy_common::backend::Backend {
+                addr_be: u32::from(*a).to_be(),
+                port_be: p.to_be(),
+                proto: proxy_common::proto::UDP,
+                flags: 0,
+            })
+            .collect();
+        let name = proxy_common::sock::SOCK_DESTROY_MAP;
+        let Some(map) = self.ebpf.map_mut(name) else {
+            warn!(map = name, "map missing: connected UDP sockets are not destroyed");
+            return 0;
+        };
+        let mut targets = match aya::maps::HashMap::<_, proxy_common::backend::Backend, u32>::try_from(map) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(map = name, error = %e, "connected UDP sockets are not destroyed");
+                return 0;
+            }
+        };
+        for k in &keys {
+            if let Err(e) = targets.insert(*k, 0, 0) {
+                warn!(map = name, error = %e, "cannot list a backend for socket destruction");
+            }
+        }
+        let mut walked = 0;
+        if let Some(prog) = self.ebpf.program_mut(SOCK_DESTROY_PROG)
+            && let Ok(prog) = <&mut aya::programs::Iter>::try_from(prog)
+        {
+            for ns in network_namespaces() {
+                let link = match prog.attach().and_then(|id| prog.take_link(id)) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(error = %e, "cannot create a socket iterator");
+                        break;
+                    }
+                };
+                // The iterator walks the namespace of the thread that
+                // creates it: a thread of its own enters `ns` first.
+                let ok = std::thread::spawn(move || -> bool {
+                    let Ok(f) = fs::File::open(&ns) else { return false };
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: setns on an fd we own, for this thread only.
+                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return false;
+                    }
+                    let Ok(mut file) = link.into_file() else { return false };
+                    file.read_to_end(&mut Vec::new()).is_ok()
+                })
+                .join()
+                .unwrap_or(false);
+                walked += usize::from(ok);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut(name)
+            && let Ok(mut targets) = aya::maps::HashMap::<_, proxy_common::backend::Backend, u32>::try_from(map)
+        {
+            for k in &keys {
+                let _ = targets.remove(k);
+            }
+        }
+        info!(backends = ?backends, namespaces = walked, "destroyed connected UDP sockets of removed endpoints");
+        walked
     }
 
     /// Attaches the socket-level load balancer to the cgroup v2 directory
@@ -474,6 +596,36 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     // SAFETY: closing the fd BPF_OBJ_GET gave us.
     unsafe { libc::close(fd) };
     if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+/// Every network namespace the agent can see, once each (by device and
+/// inode): its own first, then `/run/netns/*`, then `/proc/<pid>/ns/net`.
+fn network_namespaces() -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    let mut add = |p: std::path::PathBuf| {
+        if let Ok(m) = fs::metadata(&p)
+            && seen.insert((m.dev(), m.ino()))
+        {
+            out.push(p);
+        }
+    };
+    add("/proc/thread-self/ns/net".into());
+    for dir in ["/run/netns", "/proc"] {
+        let Ok(entries) = fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if dir == "/proc" {
+                if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                    add(e.path().join("ns/net"));
+                }
+            } else {
+                add(e.path());
+            }
+        }
+    }
+    out
 }
 
 /// Detaches everything and removes every pin under the directory: what

@@ -3,7 +3,7 @@
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1
-//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1                 maps
+//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1   maps
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
 //! <bpffs>/links/cgroup_<hook>_<cgroup inode>                                  cgroup links
@@ -16,7 +16,7 @@ pub use proxy_common::{
     backend::BACKEND_MAP,
     ct::CT_MAP,
     names::NAMES_MAP,
-    sock::{CONFIG_MAP, SOCK_REV_MAP},
+    sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_REV_MAP},
     stats::STATS_MAP,
     svc::SVC_MAP,
 };
@@ -25,8 +25,8 @@ pub use proxy_common::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
 /// Every map the agent pins.
-pub const ALL_MAPS: [&str; 8] =
-    [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP, AFFINITY_MAP, SOCK_REV_MAP, CONFIG_MAP];
+pub const ALL_MAPS: [&str; 9] =
+    [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP, AFFINITY_MAP, SOCK_REV_MAP, CONFIG_MAP, SOCK_DESTROY_MAP];
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -160,6 +160,9 @@ pub struct SyncReport {
     pub errors: Vec<(FrontendKey, Error)>,
     /// Errors outside any one frontend (cleanup of stale entries).
     pub other_errors: Vec<Error>,
+    /// UDP backends (address, port) that left a frontend in this sync:
+    /// connected UDP sockets translated to them are to be destroyed.
+    pub removed_udp_backends: BTreeSet<(Ipv4Addr, u16)>,
 }
 
 impl SyncReport {
@@ -267,6 +270,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             .collect();
         for key in gone {
             let fe = self.state.frontends[&key].clone();
+            if key.protocol == Protocol::Udp {
+                self.note_removed(&fe.slots, &[], report);
+            }
             let res = (|| -> Result<()> {
                 self.maps.delete_svc(svc_key(key, 0))?;
                 report.deletes += 1;
@@ -400,6 +406,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let wanted: Vec<u32> = fe.backends.iter().map(|b| self.state.backend_ids[&(*b, proto)]).collect();
         let cur_slots = cur.as_ref().map_or(&[][..], |c| c.slots.as_slice());
+        if proto == Protocol::Udp {
+            self.note_removed(cur_slots, &wanted, report);
+        }
         let slots = Self::plan_slots(cur_slots, &wanted);
         let svc_id = if let Some(c) = &cur { c.svc_id } else {
             let id = self.state.next_svc_id;
@@ -466,6 +475,15 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.state.svc_entries = self.state.svc_entries + prog.entries() - cur.as_ref().map_or(0, ProgFrontend::entries);
         self.state.frontends.insert(key, prog);
         Ok(())
+    }
+
+    /// Records the backends of `before` that are not in `after`.
+    fn note_removed(&self, before: &[u32], after: &[u32], report: &mut SyncReport) {
+        for id in before.iter().filter(|id| !after.contains(id)) {
+            if let Some((b, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
+                report.removed_udp_backends.insert((b.addr, b.port));
+            }
+        }
     }
 
     fn remove_unreferenced_backends(&mut self, report: &mut SyncReport) {

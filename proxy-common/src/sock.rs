@@ -58,3 +58,11 @@ pub struct Config {
 const _: () = assert!(size_of::<Config>() == 16);
 
 crate::pod!(SockRevKey, SockRevValue, Config);
+
+/// Backends whose translated connected UDP sockets are to be destroyed
+/// (the endpoint left its Service port): key `crate::backend::Backend`
+/// with `flags` 0 (address, port, protocol), value unused. Filled by the
+/// agent around one run of the `iter/udp` program in each network
+/// namespace, then emptied.
+pub const SOCK_DESTROY_MAP: &str = "proxy_sock_destroy_v1";
+pub const SOCK_DESTROY_MAX_ENTRIES: u32 = 4096;

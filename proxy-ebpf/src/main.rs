@@ -6,6 +6,7 @@
 
 mod csum;
 mod ct;
+mod destroy;
 mod fib;
 mod icmp;
 mod lb;
@@ -92,6 +93,14 @@ pub fn proxy_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
     xdp::handle(&ctx)
+}
+
+/// Destroys connected UDP sockets translated to a backend that left its
+/// Service port (run by the agent per network namespace; see `destroy`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/udp")]
+pub extern "C" fn proxy_sock_destroy_udp(ctx: *mut destroy::BpfIterUdp) -> i32 {
+    destroy::destroy_udp(ctx)
 }
 
 #[cfg(not(test))]

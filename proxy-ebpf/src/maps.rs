@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
-    sock::{Config, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
+    sock::{Config, SOCK_DESTROY_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
     backend::{BACKEND_MAX_ENTRIES, Backend},
     ct::{CT_MAX_ENTRIES, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
@@ -47,3 +47,6 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX_ENTRIES
 
 #[btf_map(name = "proxy_config_v1")]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "proxy_sock_destroy_v1")]
+pub static SOCK_DESTROY: HashMap<Backend, u32, { SOCK_DESTROY_MAX_ENTRIES as usize }> = HashMap::new();

@@ -25,7 +25,7 @@ use integration_tests::packet::{
     Parsed, arp_request, ethernet, fold, hex, icmp, ipv6_udp, l4_checksum, parse,
     pseudo_header_sum, stats_by_reason, sum_words, tcp_flags,
 };
-use proxy_agent::{datapath::EBPF_OBJECT, pins::TcHook};
+use proxy_agent::{datapath::ebpf_object, pins::TcHook};
 
 const TC_INGRESS_PROG: &str = TcHook::Ingress.program();
 use proxy_common::{
@@ -103,7 +103,7 @@ impl Datapath {
             euid == 0,
             "the packet tests load eBPF programs and use BPF_PROG_TEST_RUN: run them as root (euid is {euid})"
         );
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)
+        let mut ebpf = Ebpf::load(ebpf_object())
             .unwrap_or_else(|e| panic!("loading the embedded eBPF object: {e:?}"));
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TC_INGRESS_PROG)

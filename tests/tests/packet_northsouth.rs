@@ -50,7 +50,7 @@ use integration_tests::{
     },
 };
 use proxy_agent::{
-    datapath::EBPF_OBJECT,
+    datapath::ebpf_object,
     pins::{TcHook, XDP_PROG},
 };
 use proxy_common::{
@@ -372,7 +372,7 @@ fn monotonic_ns() -> u64 {
 
 impl Datapath {
     fn new() -> Self {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)
+        let mut ebpf = Ebpf::load(ebpf_object())
             .unwrap_or_else(|e| panic!("loading the embedded eBPF object: {e:?}"));
         for name in [TcHook::Ingress.program(), TcHook::Egress.program()] {
             let p: &mut SchedClassifier = ebpf

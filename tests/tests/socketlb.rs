@@ -250,10 +250,22 @@ fn session_affinity_client_ip_holds_on_both_paths_survives_a_restart_and_drops_a
 /// kube-proxy deletes the UDP conntrack entries of an endpoint that leaves
 /// a Service port, even while the same pod stays an endpoint of another
 /// Service: a connected UDP client sending every 100 ms is answered by
-/// another endpoint within 1 s, on its same socket (TC path).
+/// another endpoint within 1 s, on its same socket. TC path: the next
+/// datagram moves. Socket path: the agent destroys the socket
+/// (`bpf_sock_destroy`), the client sees ECONNABORTED and connects the same
+/// socket again.
 #[test]
 fn udp_flow_moves_within_a_second_when_its_endpoint_leaves_the_service() {
-    let mut sb = sandbox_with_pods("stale");
+    udp_flow_moves(false);
+}
+
+#[test]
+fn connected_udp_socket_is_destroyed_and_reconnects_within_a_second_when_its_endpoint_leaves() {
+    udp_flow_moves(true);
+}
+
+fn udp_flow_moves(socket_path: bool) {
+    let mut sb = sandbox_with_pods(if socket_path { "stalesk" } else { "stale" });
     let pods: Vec<Ipv4Addr> = (1..=3).map(pod_ip).collect();
     write_atomic(&sb.manifests, "web.yaml", &service("web", VIP, "ClusterIP", "", &pods));
     // The same pods behind another Service: their backends stay in the map.
@@ -263,17 +275,17 @@ fn udp_flow_moves_within_a_second_when_its_endpoint_leaves_the_service() {
     wait_frontend(&sb, EMPTY_VIP, 53, 3);
     let target = format!("{VIP}:53");
     // 40 datagrams at 100 ms: 4 s; the endpoint is removed after ~1 s.
-    let client_ns = sb.client.path();
+    let mut cmd = if socket_path {
+        sb.cgroup.command(&sb.node, sockclient(), &["udp-stream", &target, "100", "40"])
+    } else {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net={}", sb.client.path())).arg(sockclient()).args(["udp-stream", &target, "100", "40"]);
+        c
+    };
     let t0 = Instant::now();
     let stream = std::thread::spawn({
-        let t = target.clone();
         move || {
-            let out = std::process::Command::new("nsenter")
-                .arg(format!("--net={client_ns}"))
-                .arg(sockclient())
-                .args(["udp-stream", &t, "100", "40"])
-                .output()
-                .expect("udp-stream");
+            let out = cmd.output().expect("udp-stream");
             String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<String>>()
         }
     });
@@ -304,12 +316,18 @@ fn udp_flow_moves_within_a_second_when_its_endpoint_leaves_the_service() {
     assert!(!late.is_empty(), "the stream outlived the removal by a second: {lines:?}");
     assert!(
         late.iter().all(|(_, n)| n.starts_with("pod") && *n != gone_name),
-        "a second after the removal ({programmed_ms} ms) only other endpoints answer, on the same socket: {lines:?}"
+        "a second after the removal ({programmed_ms} ms) only other endpoints answer, on the same socket: {lines:?}\n{}",
+        sb.agent_log()
     );
     let errs = parsed.iter().filter(|(_, n)| n == "ERR").count();
     assert!(errs <= 2, "at most a datagram lost around the move, got {errs}: {lines:?}");
-    let moved = sb.counters(&agent_bin()).get("udp_flow_moved").copied().unwrap_or(0);
-    assert!(moved >= 1, "udp_flow_moved must count the move");
+    let c = sb.counters(&agent_bin());
+    if socket_path {
+        assert!(sb.agent_log().contains("destroyed connected UDP sockets"), "agent log: {}", sb.agent_log());
+        assert_eq!(c.get("dnat_new_flow").copied().unwrap_or(0), 0, "socket path: no per-packet NAT: {c:?}");
+    } else {
+        assert!(c.get("udp_flow_moved").copied().unwrap_or(0) >= 1, "udp_flow_moved must count the move: {c:?}");
+    }
 }
 
 #[test]

@@ -1,0 +1,78 @@
+//! Destroying connected UDP sockets whose backend left its Service port
+//! (kube-proxy deletes such UDP conntrack entries; Cilium destroys the
+//! sockets): an `iter/udp` program, run by the agent in each network
+//! namespace, calls the `bpf_sock_destroy` kfunc (Linux 6.5) on every UDP
+//! socket that the socket path connected to a backend listed in
+//! `proxy_sock_destroy_v1` (its peer is that backend and `proxy_sock_rev_v1`
+//! holds the socket's translation, so sockets the application connected to
+//! a pod directly are left alone). The application sees ECONNABORTED and
+//! connects again, to a backend that is there.
+use aya_ebpf::helpers::bpf_get_socket_cookie;
+use proxy_common::{backend::Backend, proto, sock::SockRevKey};
+
+use crate::maps::{SOCK_DESTROY, SOCK_REV};
+
+/// Opaque kernel types, only ever handled by pointer.
+#[repr(C)]
+pub struct SockCommon {
+    _p: [u8; 0],
+}
+
+#[repr(C)]
+pub struct BpfIterMeta {
+    _p: [u8; 0],
+}
+
+/// The context of `iter/udp` programs (`struct bpf_iter__udp`).
+#[repr(C)]
+pub struct BpfIterUdp {
+    pub meta: *mut BpfIterMeta,
+    /// `struct udp_sock *`, which starts with `struct sock_common`.
+    pub udp_sk: *mut SockCommon,
+    pub uid: u32,
+    pub bucket: i32,
+}
+
+unsafe extern "C" {
+    /// The kernel's kfunc; the agent patches this call into a kfunc call
+    /// with the function's BTF id before loading (aya 0.14 cannot).
+    fn bpf_sock_destroy(sk: *mut SockCommon) -> i32;
+}
+
+/// Offsets in `struct sock_common` (stable since 2.6): `skc_daddr` at 0,
+/// `skc_dport` at 12 (network order).
+const SKC_DADDR: usize = 0;
+const SKC_DPORT: usize = 12;
+
+#[inline(always)]
+pub fn destroy_udp(ctx: *mut BpfIterUdp) -> i32 {
+    // SAFETY: the context pointer is the kernel's; the socket pointer may be
+    // NULL (end of iteration) and is checked.
+    let sk = unsafe { (*ctx).udp_sk };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: the verifier knows `sk` as a trusted `struct udp_sock *`;
+    // these loads are within `sock_common`.
+    let (daddr, dport) = unsafe {
+        (
+            core::ptr::read_volatile(sk.cast::<u8>().add(SKC_DADDR).cast::<u32>()),
+            core::ptr::read_volatile(sk.cast::<u8>().add(SKC_DPORT).cast::<u16>()),
+        )
+    };
+    let key = Backend { addr_be: daddr, port_be: dport, proto: proto::UDP, flags: 0 };
+    // SAFETY: presence check only.
+    if unsafe { SOCK_DESTROY.get(&key) }.is_none() {
+        return 0;
+    }
+    // SAFETY: helper on the iterated socket.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let rk = SockRevKey { cookie, addr_be: daddr, port_be: dport, _pad: [0; 2] };
+    // SAFETY: presence check only.
+    if unsafe { SOCK_REV.get(&rk) }.is_none() {
+        return 0;
+    }
+    // SAFETY: kfunc on the iterated socket, as the kernel allows for iter/udp.
+    unsafe { bpf_sock_destroy(sk) };
+    0
+}
