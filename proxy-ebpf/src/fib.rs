@@ -20,16 +20,16 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 use proxy_common::stats;
 
 use crate::{
-    parse::IP_CSUM,
+    parse::{ETH_HLEN, IP_CSUM},
     stats::count,
 };
 
@@ -159,6 +159,24 @@ pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
         || ctx.store(l3 + 8, &new, 0).is_err()
     {
         return TC_ACT_OK as i32;
+    }
+    // Why: `bpf_redirect_neigh` needs a link-layer header in front of the
+    // network header (it drops the packet when `mac_header >=
+    // network_header`, as on an L3 device: IPIP, WireGuard, TUN) and pulls
+    // it before building the real one for the egress device. Give a packet
+    // that came in on an L3 device a placeholder Ethernet header, as
+    // Cilium does for its L3 devices.
+    if l3 == 0 {
+        // SAFETY: growing the headroom of our own skb; later accesses go
+        // through bounds-checked helpers.
+        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
+            return TC_ACT_OK as i32;
+        }
+        let mut eth = [0u8; ETH_HLEN];
+        eth[12] = 0x08;
+        if ctx.store(0, &eth, 0).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
     }
     // SAFETY: NULL params: the helper looks up the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }

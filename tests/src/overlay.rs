@@ -1,7 +1,7 @@
 //! Two nodes joined by an overlay, as CNIs lay it out, built on the real
 //! kernel. [`OverlayKind::Vxlan`] is flannel's VXLAN backend;
 //! [`OverlayKind::Tun`] is an L3 device without an Ethernet header
-//! (`ARPHRD_NONE`), which is what WireGuard or IPIP look like to the
+//! (`ARPHRD_NONE`), which is what `WireGuard` or IPIP look like to the
 //! datapath:
 //!
 //! ```text
@@ -149,14 +149,7 @@ impl OverlayNode {
     /// read with `proxy-agent stats -o json`.
     #[must_use]
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        let bin = crate::agent::agent_bin();
-        let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &self.bpffs.to_string_lossy(), "stats", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats json: {e}: {out}"));
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| Some((s["reason"].as_str()?.to_owned(), s["packets"].as_u64()?)))
-            .collect()
+        crate::agent::counters(&crate::agent::agent_bin(), &self.bpffs)
     }
 
     /// Pod `i` (1-based): namespace, veth `lxcI`, /32 route and static
@@ -252,7 +245,7 @@ fn open_tun(name: &str) -> OwnedFd {
     // SAFETY: an all-zero ifreq is valid; the name is copied in bounded.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
+        *d = s.cast_signed();
     }
     ifr.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TUN | libc::IFF_NO_PI).expect("flags fit");
     // SAFETY: TUNSETIFF reads the ifreq we own.
@@ -272,20 +265,20 @@ pub struct TunRelay {
 }
 
 impl TunRelay {
-    /// Relays between `a` and `b` until dropped.
+    /// Relays between node A's and node B's tun fds until dropped.
     #[must_use]
-    pub fn start(a: OwnedFd, b: OwnedFd) -> Self {
+    pub fn start(fd_a: OwnedFd, fd_b: OwnedFd) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let relayed = Arc::new(AtomicU64::new(0));
-        let (s, r) = (stop.clone(), relayed.clone());
+        let (stopping, count) = (stop.clone(), relayed.clone());
         let thread = std::thread::spawn(move || {
-            let fds = [a, b];
+            let fds = [fd_a, fd_b];
             let mut buf = vec![0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
+            while !stopping.load(Ordering::Relaxed) {
                 let mut pfd = fds.each_ref().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 });
                 // SAFETY: two pollfds on our stack, fds open for the call.
-                let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
-                if n <= 0 {
+                let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
+                if ready <= 0 {
                     continue;
                 }
                 for (from, to) in [(0, 1), (1, 0)] {
@@ -298,7 +291,7 @@ impl TunRelay {
                     // SAFETY: writing `len` bytes of our buffer to an open fd.
                     // A failed write is a lost packet, as on a wire.
                     if unsafe { libc::write(fds[to].as_raw_fd(), buf.as_ptr().cast(), len) } > 0 {
-                        r.fetch_add(1, Ordering::Relaxed);
+                        count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

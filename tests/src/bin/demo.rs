@@ -39,6 +39,19 @@ fn parse_args() -> Args {
                 let port = args.next().and_then(|p| p.parse().ok()).expect("--serve-http NAME PORT");
                 http_server_forever(port, &name);
             }
+            "--node-client" => {
+                // A node-local client process (run inside the node's cgroup):
+                // one line per request, the answering pod or `ERR ...`.
+                let to: SocketAddr = args.next().and_then(|a| a.parse().ok()).expect("--node-client ADDR N");
+                let n: u32 = args.next().and_then(|a| a.parse().ok()).expect("--node-client ADDR N");
+                for _ in 0..n {
+                    match http_get(to, Duration::from_secs(2)) {
+                        Ok(body) => println!("{body}"),
+                        Err(e) => println!("ERR {e}"),
+                    }
+                }
+                std::process::exit(0);
+            }
             "--agent" => out.agent = PathBuf::from(args.next().expect("--agent PATH")),
             "--keep" => out.keep = true,
             "--requests" => out.requests = args.next().and_then(|n| n.parse().ok()).expect("--requests N"),
@@ -71,25 +84,56 @@ fn main() {
 
     say(3, &format!("starting proxy-agent in the node (--devices '{DEVICES}', --bpffs {})", sb.bpffs.display()));
     sb.start_agent(&args.agent);
-    wait_programmed(&sb.bpffs, Duration::from_secs(20), "the demo Services", |v| v.len() == 3);
+    // ClusterIP, NodePort on the node's address and on 127.0.0.1, the empty Service.
+    wait_programmed(&sb.bpffs, Duration::from_secs(20), "the demo Services", |v| v.len() == 4);
 
-    say(4, &format!("sending {} HTTP requests from the client namespace to http://{VIP}:80 and to http://{NODE_IP}:{NODE_PORT}", args.requests));
+    say(
+        4,
+        &format!(
+            "sending {} HTTP requests each from the client namespace (per-packet TC path) and from a process on the node itself (socket-level balancing, in the node's cgroup) to http://{VIP}:80 and the NodePort",
+            args.requests
+        ),
+    );
     let n = args.requests;
     let cip = run_load(&sb, SocketAddr::from((VIP, 80)), n);
     let np = run_load(&sb, SocketAddr::from((NODE_IP, NODE_PORT)), n);
+    let node_cip = node_load(&sb, &me, SocketAddr::from((VIP, 80)), n);
+    let node_np = node_load(&sb, &me, SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_PORT)), n);
     let refused = sb.client.run(|| http_get(SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(2)).err().map(|e| e.to_string()));
 
     say(5, "results");
     println!();
-    println!("  {:<6}  {:<13}  {:>20}  {:>24}", "POD", "IP", format!("ClusterIP {VIP}:80"), format!("NodePort {NODE_IP}:{NODE_PORT}"));
+    println!("  {:<6}  {:<13}  {:>22}  {:>22}  {:>22}  {:>22}", "", "", "from the client:", "", "from the node itself:", "");
+    println!(
+        "  {:<6}  {:<13}  {:>22}  {:>22}  {:>22}  {:>22}",
+        "POD",
+        "IP",
+        format!("ClusterIP {VIP}:80"),
+        format!("NodePort {NODE_IP}:{NODE_PORT}"),
+        format!("ClusterIP {VIP}:80"),
+        format!("NodePort 127.0.0.1:{NODE_PORT}")
+    );
     for p in &sb.pods {
         let cell = |l: &Load| {
             let c = l.answers.get(&p.name).copied().unwrap_or(0);
             format!("{c} ({:.0}%)", f64::from(c) * 100.0 / f64::from(n.max(1)))
         };
-        println!("  {:<6}  {:<13}  {:>20}  {:>24}", p.name, p.ip.to_string(), cell(&cip), cell(&np));
+        println!(
+            "  {:<6}  {:<13}  {:>22}  {:>22}  {:>22}  {:>22}",
+            p.name,
+            p.ip.to_string(),
+            cell(&cip),
+            cell(&np),
+            cell(&node_cip),
+            cell(&node_np)
+        );
     }
-    for (what, l) in [("ClusterIP", &cip), ("NodePort", &np)] {
+    for (what, l) in [
+        ("client → ClusterIP", &cip),
+        ("client → NodePort", &np),
+        ("node → ClusterIP", &node_cip),
+        ("node → NodePort on 127.0.0.1", &node_np),
+    ] {
         println!(
             "  {what}: {n} requests in {:.2} s, {} failed{}",
             l.elapsed.as_secs_f64(),
@@ -101,7 +145,7 @@ fn main() {
         "  http://{EMPTY_VIP}:80 (no endpoints): {}",
         refused.unwrap_or_else(|| "answered?! (expected a reject)".to_owned())
     );
-    let ok = [&cip, &np].iter().all(|l| l.failures.is_empty() && l.answers.len() == PODS);
+    let ok = [&cip, &np, &node_cip, &node_np].iter().all(|l| l.failures.is_empty() && l.answers.len() == PODS);
     report(&args, &mut sb);
     // Tear down (unless kept) before exiting with the verdict.
     drop(sb);
@@ -136,6 +180,27 @@ fn run_load(sb: &Sandbox, to: SocketAddr, n: u32) -> Load {
         }
         Load { answers, failures, elapsed: start.elapsed() }
     })
+}
+
+/// `n` requests from a process in the node's network namespace and cgroup
+/// (this binary with `--node-client`): a hostNetwork pod or node process,
+/// whose connect() the socket programs translate.
+fn node_load(sb: &Sandbox, me: &std::path::Path, to: SocketAddr, n: u32) -> Load {
+    let start = Instant::now();
+    let mut answers: BTreeMap<String, u32> = BTreeMap::new();
+    let mut failures = Vec::new();
+    match sb.cgroup.command(&sb.node, me, &["--node-client", &to.to_string(), &n.to_string()]).output() {
+        Ok(out) => {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                match line.strip_prefix("ERR ") {
+                    Some(e) => failures.push(e.to_owned()),
+                    None => *answers.entry(line.to_owned()).or_default() += 1,
+                }
+            }
+        }
+        Err(e) => failures.push(format!("cannot start the node-local client: {e}")),
+    }
+    Load { answers, failures, elapsed: start.elapsed() }
 }
 
 fn report(args: &Args, sb: &mut Sandbox) {
