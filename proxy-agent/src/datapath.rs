@@ -360,12 +360,17 @@ impl Datapath {
                 };
                 // The iterator walks the namespace of the thread that
                 // creates it: a thread of its own enters `ns` first.
+                let own = ns == Path::new(OWN_NETNS);
                 let ok = std::thread::spawn(move || -> bool {
-                    let Ok(f) = fs::File::open(&ns) else { return false };
-                    use std::os::fd::AsRawFd as _;
-                    // SAFETY: setns on an fd we own, for this thread only.
-                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return false;
+                    // The agent's own namespace needs no setns (which would
+                    // need CAP_SYS_ADMIN); others do.
+                    if !own {
+                        let Ok(f) = fs::File::open(&ns) else { return false };
+                        use std::os::fd::AsRawFd as _;
+                        // SAFETY: setns on an fd we own, for this thread only.
+                        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return false;
+                        }
                     }
                     let Ok(mut file) = link.into_file() else { return false };
                     file.read_to_end(&mut Vec::new()).is_ok()
@@ -598,6 +603,9 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     if rc < 0 { Err(err) } else { Ok(()) }
 }
 
+/// The agent's own network namespace.
+const OWN_NETNS: &str = "/proc/thread-self/ns/net";
+
 /// Every network namespace the agent can see, once each (by device and
 /// inode): its own first, then `/run/netns/*`, then `/proc/<pid>/ns/net`.
 fn network_namespaces() -> Vec<std::path::PathBuf> {
@@ -611,7 +619,7 @@ fn network_namespaces() -> Vec<std::path::PathBuf> {
             out.push(p);
         }
     };
-    add("/proc/thread-self/ns/net".into());
+    add(OWN_NETNS.into());
     for dir in ["/run/netns", "/proc"] {
         let Ok(entries) = fs::read_dir(dir) else { continue };
         for e in entries.flatten() {
