@@ -1700,3 +1700,39 @@ fn the_same_node_port_in_two_services_is_rejected_for_the_second() {
     let got = render_external(&node_a(), &two);
     assert!(got.contains("rejected: Service default/web2 (from test.yaml): frontend 10.0.0.1:30080/TCP is already used by Service default/web"), "{got}");
 }
+
+#[test]
+fn node_ports_are_also_served_on_loopback_for_the_socket_path() {
+    let node = NodeInfo { loopback_nodeports: true, ..node_a() };
+    let got = render_external(&node, &LB_SVC.replace("ETP", "Cluster"));
+    assert!(got.contains("127.0.0.1:30080/TCP NodePort policy=Cluster snat=true drop=false -> "), "{got}");
+    let got = render_external(&node_a(), &LB_SVC.replace("ETP", "Cluster"));
+    assert!(!got.contains("127.0.0.1"), "no loopback NodePorts without the socket path: {got}");
+}
+
+#[test]
+fn session_affinity_client_ip_sets_the_timeout_and_one_group_per_service_port() {
+    let with = |extra: &str| {
+        let yaml = LB_SVC.replace("ETP", "Cluster").replace("  ports: [{name: http, port: 80, nodePort: 30080}]", &format!("{extra}  ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}]"));
+        let (desired, rejections) = desired_state(&store_from(&yaml), &node_a());
+        assert!(rejections.is_empty(), "{rejections:?}");
+        desired
+    };
+    let d = with("  sessionAffinity: ClientIP\n");
+    let http: Vec<_> = d.frontends.iter().filter(|(k, _)| k.protocol == super::Protocol::Tcp).map(|(_, f)| f).collect();
+    assert!(http.len() >= 4, "ClusterIP, node ports, externalIP, LB IP");
+    // kube-proxy's default timeout, and every frontend of the port shares the group.
+    assert!(http.iter().all(|f| f.affinity_timeout_s == 10_800), "{http:?}");
+    assert!(http.iter().all(|f| f.affinity_group == http[0].affinity_group && f.affinity_group != 0));
+    let dns = d.frontends.values().find(|f| f.port_name == "dns").expect("dns frontend");
+    assert_ne!(dns.affinity_group, http[0].affinity_group, "another Service port, another group");
+    let d = with("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n");
+    assert!(d.frontends.values().all(|f| f.affinity_timeout_s == 60));
+    let d = with("  sessionAffinity: None\n");
+    assert!(d.frontends.values().all(|f| f.affinity_timeout_s == 0));
+    // Stable across runs (restarts): a pure function of the Service port.
+    assert_eq!(
+        super::affinity_group(&crate::store::ObjectKey::new("default", "web"), "http", super::Protocol::Tcp),
+        http[0].affinity_group
+    );
+}

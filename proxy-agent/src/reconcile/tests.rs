@@ -338,7 +338,9 @@ fn assert_consistent(maps: &FakeMaps, ctx: &str) {
         let head = slots
             .get(&0)
             .unwrap_or_else(|| panic!("{ctx}: {fk}: slots without a slot 0: {slots:?}"));
-        assert_eq!(head.backend_id, 0, "{ctx}: {fk}: slot 0 has a backend id");
+        // Slot 0's `backend_id` is the affinity group (0 in these tests
+        // unless the frontend has session affinity), never a backend.
+        assert!(head.backend_id == 0 || head.affinity_timeout_s != 0, "{ctx}: {fk}: slot 0 has a backend id without affinity");
         assert_eq!(head.flags, SVC_FLAG_CLUSTER_IP, "{ctx}: {fk}: slot 0 flags");
         assert!(
             svc_ids.insert(head.svc_id),
@@ -1310,4 +1312,37 @@ fn shared_backend_gets_one_id_and_lives_until_its_last_user_is_gone() {
         m.svc.is_empty() && m.backends.is_empty() && m.names.is_empty(),
         "maps not empty: {m:#?}"
     );
+}
+
+#[test]
+fn session_affinity_goes_into_slot_zero_and_a_change_rewrites_only_it() {
+    let (k, mut f) = fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.11:8080", "10.244.0.12:8080"]);
+    f.affinity_timeout_s = 10_800;
+    f.affinity_group = 0xabcd;
+    let mut r = programmed(&desired([&(k, f.clone())]));
+    let head = r.maps().svc[&super::svc_key(k, 0)];
+    assert_eq!((head.backend_id, head.affinity_timeout_s, head.count), (0xabcd, 10_800, 2));
+    assert_no_writes(&mut r, &desired([&(k, f.clone())]), "unchanged affinity");
+    f.affinity_timeout_s = 60;
+    let (_, log) = sync_ok(&mut r, &desired([&(k, f.clone())]));
+    assert_eq!(log.len(), 1, "a new timeout rewrites slot 0 only: {log:#?}");
+    assert_eq!(r.maps().svc[&super::svc_key(k, 0)].affinity_timeout_s, 60);
+    // Adopted after a restart: the same fields read back, nothing rewritten.
+    let mut again = reconciler(r.maps().clone());
+    assert_no_writes(&mut again, &desired([&(k, f)]), "after a restart");
+}
+
+#[test]
+fn udp_backends_leaving_a_frontend_are_reported_for_socket_destruction() {
+    let (k, f) = fe("10.96.0.10", 53, Protocol::Udp, &["10.244.0.11:5353", "10.244.0.12:5353"]);
+    let (kt, ft) = fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.11:8080", "10.244.0.12:8080"]);
+    let mut r = programmed(&desired([&(k, f), &(kt, ft)]));
+    let (_, f1) = fe("10.96.0.10", 53, Protocol::Udp, &["10.244.0.12:5353"]);
+    let (_, ft1) = fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.12:8080"]);
+    let (rep, _) = sync_ok(&mut r, &desired([&(k, f1), &(kt, ft1)]));
+    let want: std::collections::BTreeSet<(std::net::Ipv4Addr, u16)> = [("10.244.0.11".parse().unwrap(), 5353)].into();
+    assert_eq!(rep.removed_udp_backends, want, "only the UDP backend that left, not the TCP one");
+    let (rep, _) = sync_ok(&mut r, &desired([&(kt, fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.12:8080"]).1)]));
+    let want: std::collections::BTreeSet<(std::net::Ipv4Addr, u16)> = [("10.244.0.12".parse().unwrap(), 5353)].into();
+    assert_eq!(rep.removed_udp_backends, want, "a removed UDP frontend reports its backends");
 }
