@@ -174,19 +174,7 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
-    // Checked before anything is loaded or attached: a bad --cgroup is one
-    // clear error and nothing half-attached.
-    let cgroup = match cfg.socket_lb {
-        datapath::SocketLb::Off => None,
-        _ => {
-            let dir = match &cfg.cgroup {
-                Some(d) => d.clone(),
-                None => datapath::cgroup2_root()?,
-            };
-            datapath::open_cgroup(&dir)?;
-            Some(dir)
-        }
-    };
+    let cgroup = socket_lb_cgroup(&cfg)?;
     let mut dp = Datapath::load(&pins, cfg.socket_lb)?;
     dp.sync_socket_lb(cgroup.as_deref())?;
     if let Some(mode) = cfg.xdp {
@@ -327,6 +315,21 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     info!("exiting; programs and maps stay pinned and keep forwarding");
     Ok(())
+}
+
+/// The cgroup the socket programs attach to (`None` with `--socket-lb
+/// off`), checked before anything is loaded or attached: a bad `--cgroup`
+/// is one clear error and nothing half-attached.
+fn socket_lb_cgroup(cfg: &RunConfig) -> Result<Option<PathBuf>> {
+    if cfg.socket_lb == datapath::SocketLb::Off {
+        return Ok(None);
+    }
+    let dir = match &cfg.cgroup {
+        Some(d) => d.clone(),
+        None => datapath::cgroup2_root()?,
+    };
+    datapath::open_cgroup(&dir)?;
+    Ok(Some(dir))
 }
 
 /// SNAT source ports (`proxy_common::ct::SNAT_PORT_MIN..=MAX`) must not be

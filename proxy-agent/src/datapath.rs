@@ -82,11 +82,12 @@ pub fn list_devices() -> Result<Vec<Device>> {
     }
 }
 
-/// Whether a device has no link-layer header (IPIP, WireGuard, GRE, TUN:
+/// Whether a device has no link-layer header (IPIP, `WireGuard`, GRE, TUN:
 /// its packets start with the IP header), from its hardware type
 /// (`SIOCGIFHWADDR`): anything but Ethernet and loopback.
 #[must_use]
 pub fn device_is_l3(name: &str) -> bool {
+    use std::os::fd::AsRawFd as _;
     const ARPHRD_ETHER: u16 = 1;
     const ARPHRD_LOOPBACK: u16 = 772;
     let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
@@ -95,9 +96,8 @@ pub fn device_is_l3(name: &str) -> bool {
     // SAFETY: an all-zero ifreq is valid; the name is copied in bounded.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([s]);
     }
-    use std::os::fd::AsRawFd as _;
     // SAFETY: SIOCGIFHWADDR fills the ifreq we own.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut ifr) };
     if rc != 0 {
@@ -362,11 +362,11 @@ impl Datapath {
                 // creates it: a thread of its own enters `ns` first.
                 let own = ns == Path::new(OWN_NETNS);
                 let ok = std::thread::spawn(move || -> bool {
+                    use std::os::fd::AsRawFd as _;
                     // The agent's own namespace needs no setns (which would
                     // need CAP_SYS_ADMIN); others do.
                     if !own {
                         let Ok(f) = fs::File::open(&ns) else { return false };
-                        use std::os::fd::AsRawFd as _;
                         // SAFETY: setns on an fd we own, for this thread only.
                         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                             return false;
@@ -395,13 +395,11 @@ impl Datapath {
     /// `cgroup` (adopting the links of an earlier run), or, with `None`
     /// (`--socket-lb off`), detaches any an earlier run left.
     pub fn sync_socket_lb(&mut self, cgroup: Option<&Path>) -> Result<()> {
-        match cgroup {
-            Some(dir) => cgroup::attach(&mut self.ebpf, &self.pins, dir),
-            None => {
-                cgroup::detach_sock_links(&self.pins, |_| true);
-                Ok(())
-            }
+        if let Some(dir) = cgroup {
+            return cgroup::attach(&mut self.ebpf, &self.pins, dir);
         }
+        cgroup::detach_sock_links(&self.pins, |_| true);
+        Ok(())
     }
 
     /// Also attach the XDP fast path to the devices (`--xdp`).

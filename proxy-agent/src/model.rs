@@ -202,7 +202,7 @@ pub struct NodeInfo {
     /// The addresses `NodePorts` are served on (see `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
     /// Also serve `NodePorts` on 127.0.0.1 (the socket path: node-local
-    /// clients, as kube-proxy's iptables mode allows with route_localnet).
+    /// clients, as kube-proxy's iptables mode allows with `route_localnet`).
     pub loopback_nodeports: bool,
 }
 

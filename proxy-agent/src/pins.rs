@@ -50,7 +50,7 @@ impl TcHook {
     }
 
     /// The variant for devices without a link-layer header (IPIP,
-    /// WireGuard, GRE, TUN), whose packets start with the IP header.
+    /// `WireGuard`, GRE, TUN), whose packets start with the IP header.
     #[must_use]
     pub const fn program_l3(self) -> &'static str {
         match self {

@@ -359,6 +359,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         out.into_iter().flatten().collect()
     }
 
+    #[expect(clippy::too_many_lines, reason = "one ordered sequence of writes; split up, the order would be harder to see")]
     fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
         let cur = self.state.frontends.get(&key).cloned();

@@ -56,9 +56,9 @@ const _: () = assert!(size_of::<SvcKey>() == 12);
 pub struct SvcValue {
     /// In a slot entry: the backend id ([`crate::backend`]). In slot 0: the
     /// Service port's affinity group (a hash of `namespace/name:port/PROTO`,
-    /// the same for all its frontends), which keys `sessionAffinity:
-    /// ClientIP` so a client keeps its backend across the ClusterIP, node
-    /// ports and external addresses of one Service port, as kube-proxy.
+    /// the same for all its frontends), which keys
+    /// `sessionAffinity: ClientIP` so a client keeps its backend across the `ClusterIP`, node
+    /// ports and external addresses of one Service port, as `kube-proxy`.
     pub backend_id: u32,
     /// In slot 0: how many backend slots follow. 0 = reject (no endpoints).
     pub count: u16,

@@ -105,7 +105,7 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
     let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits");
     // SAFETY: getsockopt into a u64 we own, with its size.
     let rc = unsafe {
         libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &raw mut len)
@@ -141,7 +141,7 @@ pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "?".to_owned(), |s| s.trim().to_owned())
 }
 
-fn sock_program<'a>(ebpf: &'a mut Ebpf, hook: SockHook) -> Result<&'a mut CgroupSockAddr> {
+fn sock_program(ebpf: &mut Ebpf, hook: SockHook) -> Result<&mut CgroupSockAddr> {
     let name = hook.program();
     ebpf.program_mut(name)
         .ok_or(Error::MissingMap { name })?

@@ -9,7 +9,7 @@
 //! (the function is in vmlinux BTF), `imm` = its BTF id on this kernel.
 //! aya then leaves the instruction alone. A kfunc this kernel lacks gets id
 //! 0: only its program fails to load, and the agent runs without it.
-use std::{collections::BTreeMap, sync::OnceLock};
+use std::{collections::BTreeSet, sync::OnceLock};
 
 use aya::Btf;
 use aya_obj::btf::BtfKind;
@@ -43,7 +43,7 @@ pub fn patched_object(raw: &[u8]) -> (&'static [u8], &'static [String]) {
 /// Patches `elf` in place; returns the kfuncs not found in `btf`.
 fn patch(elf: &mut [u8], btf: Option<&Btf>) -> Vec<String> {
     let mut patches: Vec<(usize, u32)> = Vec::new();
-    let mut missing: BTreeMap<String, ()> = BTreeMap::new();
+    let mut missing: BTreeSet<String> = BTreeSet::new();
     if let Ok(obj) = object::File::parse(&*elf) {
         for section in obj.sections() {
             let Some((sec_off, _)) = section.file_range() else { continue };
@@ -56,7 +56,7 @@ fn patch(elf: &mut [u8], btf: Option<&Btf>) -> Vec<String> {
                 let Ok(name) = sym.name() else { continue };
                 let id = btf.and_then(|b| b.id_by_type_name_kind(name, BtfKind::Func).ok());
                 if id.is_none() {
-                    missing.insert(name.to_owned(), ());
+                    missing.insert(name.to_owned());
                 }
                 let Ok(off) = usize::try_from(sec_off + rel_off) else { continue };
                 patches.push((off, id.unwrap_or(0)));
@@ -72,5 +72,5 @@ fn patch(elf: &mut [u8], btf: Option<&Btf>) -> Vec<String> {
         ins[2..4].copy_from_slice(&0i16.to_le_bytes());
         ins[4..8].copy_from_slice(&id.to_le_bytes());
     }
-    missing.into_keys().collect()
+    missing.into_iter().collect()
 }

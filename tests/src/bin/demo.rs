@@ -184,7 +184,7 @@ fn run_load(sb: &Sandbox, to: SocketAddr, n: u32) -> Load {
 
 /// `n` requests from a process in the node's network namespace and cgroup
 /// (this binary with `--node-client`): a hostNetwork pod or node process,
-/// whose connect() the socket programs translate.
+/// whose `connect()` the socket programs translate.
 fn node_load(sb: &Sandbox, me: &std::path::Path, to: SocketAddr, n: u32) -> Load {
     let start = Instant::now();
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
