@@ -64,6 +64,10 @@ pub struct RunConfig {
     pub socket_lb: datapath::SocketLb,
     /// `--cgroup` (`None`: the cgroup v2 root).
     pub cgroup: Option<PathBuf>,
+    /// `--conntrack-max`, `--conntrack-min`, `--conntrack-max-per-core`.
+    pub conntrack: crate::conntrack::Sizing,
+    /// How often expired conntrack entries are deleted.
+    pub conntrack_gc_interval: Duration,
 }
 
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
@@ -89,6 +93,12 @@ impl NodePortAddresses {
             cidrs.push((ip, len));
         }
         Ok(Self { cidrs: Some(cidrs) })
+    }
+
+    /// Unset (or `primary`): no CIDR list.
+    #[must_use]
+    pub fn is_default(&self) -> bool {
+        self.cidrs.is_none()
     }
 
     /// The `NodePort` addresses among the node's `addrs`.
@@ -175,7 +185,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
     let cgroup = socket_lb_cgroup(&cfg)?;
-    let mut dp = Datapath::load(&pins, cfg.socket_lb)?;
+    let cpus = crate::conntrack::possible_cpus();
+    let ct_entries = cfg.conntrack.map_entries(cpus);
+    info!(flows = cfg.conntrack.flows(cpus), entries = ct_entries, cpus, "conntrack size");
+    let mut dp = Datapath::load(&pins, cfg.socket_lb, ct_entries)?;
     dp.sync_socket_lb(cgroup.as_deref())?;
     if let Some(mode) = cfg.xdp {
         dp.enable_xdp(mode);
@@ -226,9 +239,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
     // NodePorts on 127.0.0.1 from the node itself, as kube-proxy's iptables
-    // mode (route_localnet) serves them: only sockets reach that address,
-    // so only the socket path can serve it.
-    let loopback_nodeports = cfg.socket_lb != datapath::SocketLb::Off;
+    // mode (route_localnet) serves them when --nodeport-addresses is unset
+    // (a list serves loopback only if it holds 127.0.0.1): only sockets
+    // reach that address, so only the socket path can serve it.
+    let loopback_nodeports = cfg.socket_lb != datapath::SocketLb::Off && cfg.nodeport_addresses.is_default();
     let mut node = NodeInfo {
         name: cfg.node_name.clone(),
         nodeport_addresses: node_addrs(),
@@ -250,6 +264,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
     let mut triggers: Vec<SystemTime> = Vec::new();
     let mut devices_tick = tokio::time::interval(cfg.device_interval);
+    let mut gc_tick = tokio::time::interval(cfg.conntrack_gc_interval);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .map_err(Error::io("install SIGTERM handler", ""))?;
     let mut was_synced = false;
@@ -308,6 +323,23 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 let (hc_ports, local_ready) = crate::model::health_checks(&store, &node);
                 let _ = svc_health.sync_services(hc_ports).await;
                 svc_health.sync_endpoints(&local_ready);
+            }
+            _ = gc_tick.tick() => {
+                let p = pins.clone();
+                match tokio::task::spawn_blocking(move || crate::conntrack::gc(&p)).await {
+                    Ok(Ok(r)) => {
+                        let mut g = shared.lock().expect("lock");
+                        g.metrics.ct_gc_runs_total += 1;
+                        g.metrics.ct_gc_deleted_total += r.deleted;
+                        g.metrics.ct_gc_duration_seconds = r.elapsed.as_secs_f64();
+                        g.metrics.map_entries.insert(crate::pins::CT_MAP, (r.entries - r.deleted, r.capacity));
+                        if r.deleted > 0 {
+                            tracing::debug!(deleted = r.deleted, entries = r.entries, "conntrack GC");
+                        }
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "conntrack GC failed"),
+                    Err(e) => warn!(error = %e, "conntrack GC task failed"),
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -424,7 +456,7 @@ fn sync_once(
     m.invalid_objects = reported.len() as u64;
     m.frontends_not_programmed = report.errors.len() as u64;
     m.frontends_programmed = rec.programmed_frontends() as u64;
-    m.map_entries = rec.occupancy();
+    m.map_entries.extend(rec.occupancy());
     if retriable {
         m.sync_errors_total += 1;
     } else {

@@ -245,12 +245,22 @@ impl Datapath {
     /// Loads the embedded object. Maps already pinned under `pins` are
     /// reused with their contents (adoption after a restart); missing ones
     /// are created and pinned.
-    pub fn load(pins: &Pins, socket_lb: SocketLb) -> Result<Self> {
+    pub fn load(pins: &Pins, socket_lb: SocketLb, ct_entries: u32) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
         let mut loader = EbpfLoader::new();
         for name in ALL_MAPS {
             loader.map_pin_path(name, pins.map(name));
+        }
+        // The conntrack capacity from the conntrack flags. A map pinned by
+        // an earlier run keeps its size (resizing would drop its flows).
+        loader.map_max_entries(crate::pins::CT_MAP, ct_entries);
+        if let Some(cap) = crate::conntrack::pinned_capacity(pins).filter(|c| *c != ct_entries) {
+            warn!(
+                pinned = cap,
+                wanted = ct_entries,
+                "the pinned conntrack map keeps its size; to resize it (dropping tracked flows) run `proxy-agent cleanup` before starting"
+            );
         }
         let ebpf = loader.load(ebpf_object())?;
         for name in ALL_MAPS {

@@ -149,6 +149,28 @@ pub fn services_table(view: &[FrontendView]) -> String {
     table(&["FRONTEND", "KIND", "POLICY", "AFFINITY", "SERVICE", "ID", "BACKENDS"], &rows)
 }
 
+/// `proxy-agent conntrack` as a table.
+#[must_use]
+pub fn conntrack_table(flows: &[crate::conntrack::FlowView]) -> String {
+    let rows: Vec<Vec<String>> = flows
+        .iter()
+        .map(|f| {
+            vec![
+                f.protocol.clone(),
+                f.client.clone(),
+                f.frontend.clone(),
+                f.backend.clone(),
+                f.snat.clone().unwrap_or_else(|| "-".to_owned()),
+                f.state.clone(),
+                format!("{:.0}s", f.age_seconds),
+                format!("{:.0}s", f.expires_in_seconds),
+                f.service.clone(),
+            ]
+        })
+        .collect();
+    table(&["PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "STATE", "IDLE", "EXPIRES", "SERVICE"], &rows)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StatView {
     pub reason: &'static str,

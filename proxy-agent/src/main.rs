@@ -75,6 +75,23 @@ enum Command {
         /// the cgroup v2 root, found in /proc/mounts).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Flows the conntrack holds (two map entries each); 0 or unset:
+        /// max(--conntrack-min, --conntrack-max-per-core × CPUs), as kube-proxy.
+        #[arg(long)]
+        conntrack_max: Option<u32>,
+        /// Least flows the conntrack holds (kube-proxy's default).
+        #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MIN_DEFAULT)]
+        conntrack_min: u32,
+        /// Flows per CPU (kube-proxy's default).
+        #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MAX_PER_CORE_DEFAULT)]
+        conntrack_max_per_core: u32,
+    },
+    /// Tracked flows (list, the default) or remove them (flush), from the pinned map.
+    Conntrack {
+        #[command(subcommand)]
+        action: Option<CtAction>,
+        #[arg(short, long, value_enum, default_value = "table", global = true)]
+        output: Output,
     },
     /// Frontends and their backends, read from the pinned maps.
     Services {
@@ -88,6 +105,18 @@ enum Command {
     },
     /// Detach everything and remove the pins.
     Cleanup,
+}
+
+#[derive(Subcommand)]
+enum CtAction {
+    /// Flows: client, frontend, backend, SNAT, state, age.
+    List,
+    /// Remove flows (both directions): all, or those to one frontend.
+    Flush {
+        /// Only flows to this frontend: ADDR:PORT[/TCP|UDP].
+        #[arg(long)]
+        frontend: Option<proxy_agent::conntrack::FrontendFilter>,
+    },
 }
 
 /// A bind address, or none ("" disables the server).
@@ -139,6 +168,9 @@ fn main() -> Result<()> {
             xdp_mode,
             socket_lb,
             cgroup,
+            conntrack_max,
+            conntrack_min,
+            conntrack_max_per_core,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -166,6 +198,8 @@ fn main() -> Result<()> {
                 xdp: xdp.then_some(xdp_mode),
                 socket_lb,
                 cgroup,
+                conntrack: proxy_agent::conntrack::Sizing { max: conntrack_max, min: conntrack_min, max_per_core: conntrack_max_per_core },
+                conntrack_gc_interval: Duration::from_secs(10),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -192,6 +226,24 @@ fn main() -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
             }
         }
+        Command::Conntrack { action, output } => match action.unwrap_or(CtAction::List) {
+            CtAction::List => {
+                let flows = proxy_agent::conntrack::list(&pins)
+                    .with_context(|| format!("reading the conntrack map pinned under {}", pins.root().display()))?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
+                    Output::Table => print!("{}", inspect::conntrack_table(&flows)),
+                }
+            }
+            CtAction::Flush { frontend } => {
+                let n = proxy_agent::conntrack::flush(&pins, frontend)
+                    .with_context(|| format!("flushing the conntrack map pinned under {}", pins.root().display()))?;
+                match output {
+                    Output::Json => println!("{}", serde_json::json!({ "flows_removed": n })),
+                    Output::Table => println!("removed {n} flow(s)"),
+                }
+            }
+        },
         Command::Cleanup => {
             let removed = datapath::cleanup(&pins)?;
             if removed.is_empty() {

@@ -81,6 +81,10 @@ pub struct Metrics {
     pub frontends_programmed: u64,
     /// map name → (entries, capacity)
     pub map_entries: BTreeMap<&'static str, (u64, u64)>,
+    /// Conntrack garbage collection: passes, entries deleted, last duration.
+    pub ct_gc_runs_total: u64,
+    pub ct_gc_deleted_total: u64,
+    pub ct_gc_duration_seconds: f64,
 }
 
 impl Default for Metrics {
@@ -98,6 +102,9 @@ impl Default for Metrics {
             frontends_not_programmed: 0,
             frontends_programmed: 0,
             map_entries: BTreeMap::new(),
+            ct_gc_runs_total: 0,
+            ct_gc_deleted_total: 0,
+            ct_gc_duration_seconds: 0.0,
         }
     }
 }
@@ -126,6 +133,9 @@ impl Metrics {
         simple(&mut o, "gauge", "proxy_invalid_objects", "Objects or ports skipped as invalid in the last sync", self.invalid_objects);
         simple(&mut o, "gauge", "proxy_frontends_programmed", "Frontends programmed in the maps", self.frontends_programmed);
         simple(&mut o, "gauge", "proxy_frontends_not_programmed", "Frontends that could not be programmed (map full or write error)", self.frontends_not_programmed);
+        simple(&mut o, "counter", "proxy_conntrack_gc_runs_total", "Conntrack garbage-collection passes", self.ct_gc_runs_total);
+        simple(&mut o, "counter", "proxy_conntrack_gc_deleted_total", "Expired conntrack entries deleted by the garbage collector", self.ct_gc_deleted_total);
+        simple(&mut o, "gauge", "proxy_conntrack_gc_duration_seconds", "Duration of the last conntrack garbage-collection pass", self.ct_gc_duration_seconds);
         let _ = writeln!(o, "# HELP proxy_map_entries Entries in a BPF map\n# TYPE proxy_map_entries gauge");
         for (map, (n, _)) in &self.map_entries {
             let _ = writeln!(o, "proxy_map_entries{{map=\"{map}\"}} {n}");

@@ -424,7 +424,7 @@ fn service_frontends(
                     node.nodeport_addresses
                         .iter()
                         .copied()
-                        .chain(node.loopback_nodeports.then_some(Ipv4Addr::LOCALHOST))
+                        .chain((node.loopback_nodeports && !node.nodeport_addresses.contains(&Ipv4Addr::LOCALHOST)).then_some(Ipv4Addr::LOCALHOST))
                         .map(|a| (FrontendKey { addr: a, port: np, protocol }, FrontendKind::NodePort)),
                 ),
                 Some(None) => reject(

@@ -14,15 +14,30 @@
 //! a flow.
 
 pub const CT_MAP: &str = "proxy_ct_v2";
+/// Capacity compiled into the object; the agent sets the real one at load
+/// from `--conntrack-max` (two entries per flow).
 pub const CT_MAX_ENTRIES: u32 = 262_144;
+/// kube-proxy's `--conntrack-min` default (flows).
+pub const CONNTRACK_MIN_DEFAULT: u32 = 131_072;
+/// kube-proxy's `--conntrack-max-per-core` default (flows).
+pub const CONNTRACK_MAX_PER_CORE_DEFAULT: u32 = 32_768;
 
 pub const CT_DIR_SERVICE: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// A TCP flow not seen for this long is forgotten (new backend selection).
+/// An established TCP flow (a reply was seen) not seen for this long is
+/// forgotten (new backend selection). netfilter's established timeout
+/// is 5 days; kube-proxy keeps it; 6 h bounds what a silent peer holds.
 pub const CT_TCP_TIMEOUT_NS: u64 = 6 * 3600 * 1_000_000_000;
-/// A UDP flow not seen for this long is forgotten.
+/// A UDP flow that has seen a reply, not seen for this long, is forgotten
+/// (netfilter's `udp_timeout_stream`).
 pub const CT_UDP_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
+/// A TCP flow that has only seen its SYN (no reply yet): netfilter's
+/// `tcp_timeout_syn_sent` is 120 s; 60 s here so spoofed SYNs free their
+/// entries and SNAT ports quickly.
+pub const CT_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+/// A UDP flow without a reply yet (netfilter's `udp_timeout`: 30 s).
+pub const CT_UDP_UNREPLIED_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
 /// A TCP flow that saw a FIN or RST is forgotten after this long idle; its
 /// SNAT port is then free again.
 pub const CT_CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
@@ -52,6 +67,24 @@ pub const CT_F_SNAT: u8 = 1 << 0;
 pub const CT_F_REDIRECT: u8 = 1 << 1;
 /// A FIN or RST was seen: short timeout.
 pub const CT_F_CLOSING: u8 = 1 << 2;
+/// A packet of the reply direction was seen: the flow is confirmed and gets
+/// the long timeout (before that: `CT_SYN_TIMEOUT_NS` /
+/// `CT_UDP_UNREPLIED_TIMEOUT_NS`). Set on both entries.
+pub const CT_F_SEEN_REPLY: u8 = 1 << 3;
+
+/// The idle timeout of an entry with `flags` for `proto`, in ns.
+#[must_use]
+pub const fn timeout_ns(flags: u8, proto: u8) -> u64 {
+    if flags & CT_F_CLOSING != 0 {
+        CT_CLOSING_TIMEOUT_NS
+    } else if proto == crate::proto::TCP {
+        if flags & CT_F_SEEN_REPLY != 0 { CT_TCP_TIMEOUT_NS } else { CT_SYN_TIMEOUT_NS }
+    } else if flags & CT_F_SEEN_REPLY != 0 {
+        CT_UDP_TIMEOUT_NS
+    } else {
+        CT_UDP_UNREPLIED_TIMEOUT_NS
+    }
+}
 
 /// SNAT source ports are allocated in this range: above Linux's default
 /// `ip_local_port_range` (32768-60999), so they never collide with the

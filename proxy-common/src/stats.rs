@@ -83,6 +83,10 @@ reasons! {
     AFFINITY_HIT = 26, "affinity_hit";
     /// A UDP flow whose backend left the frontend, moved to another backend.
     UDP_FLOW_MOVED = 27, "udp_flow_moved";
+    /// A TCP packet other than a SYN to a frontend, of no tracked flow:
+    /// dropped without creating state (kube-proxy drops conntrack INVALID),
+    /// so spoofed ACK/FIN/RST floods cannot fill the table.
+    DROP_NO_FLOW = 28, "drop_tcp_no_flow";
 }
 
 /// Number of counter slots (size of the per-CPU array).

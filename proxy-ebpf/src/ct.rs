@@ -3,10 +3,9 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns}};
 use proxy_common::{
     ct::{
-        CT_CLOSING_TIMEOUT_NS, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SNAT, CT_REFRESH_NS, CT_TCP_TIMEOUT_NS,
-        CT_UDP_TIMEOUT_NS, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
+        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, CtKey, CtValue,
+        SNAT_PORT_MAX, SNAT_PORT_MIN, timeout_ns,
     },
-    proto,
 };
 
 use crate::{maps::CT, parse::Packet};
@@ -17,16 +16,6 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-#[inline(always)]
-fn timeout_ns(v: &CtValue, proto: u8) -> u64 {
-    if v.flags & CT_F_CLOSING != 0 {
-        CT_CLOSING_TIMEOUT_NS
-    } else if proto == proto::TCP {
-        CT_TCP_TIMEOUT_NS
-    } else {
-        CT_UDP_TIMEOUT_NS
-    }
-}
 
 /// The key of the packet as it is on the wire, in direction `dir`.
 #[inline(always)]
@@ -59,7 +48,7 @@ pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
     // Why saturating: another CPU may refresh the entry after `now` was
     // read; a wrapped difference would make that live entry look expired.
     let age = now.saturating_sub(v.last_seen_ns);
-    if age > timeout_ns(v, key.proto) {
+    if age > timeout_ns(v.flags, key.proto) {
         return None;
     }
     if age > CT_REFRESH_NS {
@@ -118,6 +107,8 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
     if !claim_reply(&rk, &rev, now) {
         return create_snat(p, f, p.saddr_be, now);
     }
+    // Why: a retransmitted SYN or a new flow reusing the tuple overwrites
+    // the SERVICE entry; no other flow has this key.
     let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
     Some(fwd)
 }
@@ -130,12 +121,28 @@ fn claim_reply(rk: &CtKey, rev: &CtValue, now: u64) -> bool {
     if CT.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    let free = match lookup_live(rk, now) {
-        None => true,
+    match lookup_live(rk, now) {
+        // Expired: taken over atomically (see `claim_expired`).
+        None => claim_expired(rk, rev),
         // The same frontend: a new connection reusing this tuple.
-        Some(old) => old.flags & CT_F_SNAT == 0 && old.nat_addr_be == rev.nat_addr_be && old.nat_port_be == rev.nat_port_be,
-    };
-    free && CT.insert(rk, rev, 0).is_ok()
+        Some(old) => {
+            old.flags & CT_F_SNAT == 0
+                && old.nat_addr_be == rev.nat_addr_be
+                && old.nat_port_be == rev.nat_port_be
+                && CT.insert(rk, rev, 0).is_ok()
+        }
+    }
+}
+
+/// Takes over a key whose entry has expired. Why delete-then-NOEXIST and
+/// not an overwrite: two CPUs that both found it expired would both
+/// overwrite it and both believe they own it (two flows sharing one SNAT
+/// port, each getting the other's replies); with the delete, only one
+/// NOEXIST insert succeeds.
+#[inline(always)]
+fn claim_expired(rk: &CtKey, v: &CtValue) -> bool {
+    let _ = CT.remove(rk);
+    CT.insert(rk, v, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// [`create`] with the source translated to `snat_addr_be` and an allocated port.
@@ -162,19 +169,30 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
         ..fwd
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    // Why the client's own port first: netfilter keeps the source port when
+    // the translated tuple is free, so a client's port survives NAT. Only a
+    // port inside the SNAT range is kept: one outside it may be the node's
+    // own connection's port to that backend, which this map cannot see.
+    let client_port = u16::from_be(p.sport_be);
+    let keep = (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&client_port);
     // Why 32: ports stay taken for CT_CLOSING_TIMEOUT after a flow ends,
     // so under heavy connection churn most of a backend's range can be
     // in use; 32 random tries still find a free one unless more than
     // ~80% are taken (failure 0.8^32 < 0.1%), as Cilium's SNAT retries.
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: helper without arguments.
-        let r = unsafe { bpf_get_prandom_u32() };
-        let port = (SNAT_PORT_MIN + (r % span) as u16).to_be();
+    for i in 0..SNAT_TRIES {
+        let port = if i == 0 && keep {
+            p.sport_be
+        } else {
+            // SAFETY: helper without arguments.
+            let r = unsafe { bpf_get_prandom_u32() };
+            (SNAT_PORT_MIN + (r % span) as u16).to_be()
+        };
         let rk = key(f.backend_addr_be, snat_addr_be, f.backend_port_be, port, p.proto, CT_DIR_REPLY);
         // Why: NOEXIST makes the check-and-claim atomic against another
-        // CPU picking the same port for the same backend.
+        // CPU picking the same port for the same backend; an expired
+        // holder is removed first, then claimed the same way.
         let free = CT.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok()
-            || (lookup_live(&rk, now).is_none() && CT.insert(&rk, &rev, 0).is_ok());
+            || (lookup_live(&rk, now).is_none() && claim_expired(&rk, &rev));
         if free {
             fwd.snat_port_be = port;
             let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
@@ -185,11 +203,33 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
 }
 
 #[inline(always)]
-fn mark_closing(k: &CtKey) {
+fn set_flag(k: &CtKey, flag: u8) {
     if let Some(ptr) = CT.get_ptr_mut(k) {
         // SAFETY: pointer from a successful lookup; a flag bit set twice is harmless.
-        unsafe { (*ptr).flags |= CT_F_CLOSING };
+        unsafe {
+            if (*ptr).flags & flag == 0 {
+                (*ptr).flags |= flag;
+            }
+        }
     }
+}
+
+#[inline(always)]
+fn mark_closing(k: &CtKey) {
+    set_flag(k, CT_F_CLOSING);
+}
+
+/// A reply-direction packet of the flow with REPLY entry `e` (key as the
+/// packet has it): both entries are confirmed and get the long timeout.
+/// Written once per flow.
+#[inline(always)]
+pub fn confirm_from_reply(p: &Packet, e: &CtValue) {
+    if e.flags & CT_F_SEEN_REPLY != 0 {
+        return;
+    }
+    set_flag(&key_of(p, CT_DIR_REPLY), CT_F_SEEN_REPLY);
+    let (client, cport) = if e.flags & CT_F_SNAT != 0 { (e.snat_addr_be, e.snat_port_be) } else { (p.daddr_be, p.dport_be) };
+    set_flag(&key(client, e.nat_addr_be, cport, e.nat_port_be, p.proto, CT_DIR_SERVICE), CT_F_SEEN_REPLY);
 }
 
 /// A FIN or RST on a SERVICE-direction packet with entry `e`: both entries

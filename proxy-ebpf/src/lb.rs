@@ -200,6 +200,14 @@ pub fn flow_keeps_backend(p: &Packet, svc: &SvcValue, entry: &CtValue, len: u32)
     present
 }
 
+/// Whether this packet may create a flow: any UDP datagram, and for TCP
+/// only a SYN (without ACK). Other TCP packets of no tracked flow create
+/// nothing (see `stats::DROP_NO_FLOW`).
+#[inline(always)]
+pub fn may_create_flow(p: &Packet) -> bool {
+    p.proto != proto::TCP || p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
 #[inline(always)]
 pub fn closes(p: &Packet) -> bool {
     p.proto == proto::TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0

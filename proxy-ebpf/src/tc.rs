@@ -59,6 +59,10 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
         return forward(ctx, &p, &entry, len, stats::DNAT_ESTABLISHED);
     }
 
+    if !lb::may_create_flow(&p) {
+        count(stats::DROP_NO_FLOW, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
     let Some(chosen) = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len) else {
         count(stats::DROP_BACKEND_MISSING, len);
         return Err(TC_ACT_SHOT as i32);
@@ -133,6 +137,7 @@ pub fn handle_egress(ctx: &TcContext, l3: usize) -> i32 {
         return TC_NEXT;
     };
     let len = ctx.len();
+    ct::confirm_from_reply(&p, &e);
     if lb::closes(&p) {
         ct::close_from_reply(&p, &e);
     }
@@ -201,6 +206,7 @@ fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
             return Ok(reject::frag_needed(ctx, p, if snat { p.daddr_be } else { e.nat_addr_be }, mtu, len));
         }
     }
+    ct::confirm_from_reply(p, &e);
     if lb::closes(p) {
         ct::close_from_reply(p, &e);
     }

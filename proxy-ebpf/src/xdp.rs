@@ -187,6 +187,7 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
         if e.flags & CT_F_SNAT == 0 || lb::closes(&p) {
             return None;
         }
+        ct::confirm_from_reply(&p, &e);
         let r = route(ctx, &p, e.nat_addr_be, e.snat_addr_be)?;
         let v = rewrite_and_send(ctx, &p, (e.nat_addr_be, e.nat_port_be), (e.snat_addr_be, e.snat_port_be), &r)?;
         count(stats::XDP_REVERSE, len);
@@ -198,6 +199,10 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
     let e: CtValue = match ct::lookup_live(&ct::key_of(&p, CT_DIR_SERVICE), now) {
         Some(e) if lb::flow_keeps_backend(&p, &svc, &e, len) => e,
         _ => {
+            // Not a flow start: TC decides (it drops it without state).
+            if !lb::may_create_flow(&p) {
+                return None;
+            }
             let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;
             let backend = chosen.backend;
             if backend.flags & BACKEND_F_LOCAL != 0 || backend.addr_be == p.saddr_be {

@@ -947,7 +947,9 @@ fn fin_and_rst_mark_both_entries_of_a_snat_flow_closing() {
                 rev_nated(&pkt, NODE_PORT.addr, CLIENT)
             };
             assert_frame(name, &out, &want.build());
-            let flags = CT_F_SNAT | CT_F_REDIRECT | CT_F_CLOSING;
+            // A closing packet from the backend is a reply: it confirms the flow too.
+            let seen = if closer_is_client { 0 } else { proxy_common::ct::CT_F_SEEN_REPLY };
+            let flags = CT_F_SNAT | CT_F_REDIRECT | CT_F_CLOSING | seen;
             let entries = flow_ct(proto::TCP, CLIENT, NODE_PORT.addr, BE_B, Some(snat), flags);
             for (entry, k, v) in entries {
                 dp.assert_ct(&format!("{name}: {entry}"), &k, &v);
@@ -1520,7 +1522,7 @@ fn icmp_error_about_a_local_backend_flow_is_translated_back() {
 fn icmp_error_sent_by_the_node_is_translated_at_egress() {
     on_node(|l| {
         let dp = node_port_datapath(proto::TCP, &[BE_LOCAL]);
-        let syn = FrameBuilder::tcp(CLIENT, NODE_PORT.addr, tcp_flags::ACK).with_payload(&[0; 100]);
+        let syn = FrameBuilder::tcp(CLIENT, NODE_PORT.addr, tcp_flags::SYN).with_payload(&[0; 100]);
         let (v, translated) = dp.ingress(&syn.build(), l.ext0);
         assert_eq!(v, TC_ACT_OK);
         // Forwarding it to the pod, the node finds it too big for lxc0.
