@@ -1,7 +1,8 @@
 //! `cargo xtask bench --quick` with tiny sizes: every mode (`ClusterIP` and
 //! `NodePort`) produces numbers (not that they are fast), the IPVS mode says why it cannot be measured,
-//! and BENCHMARKS.md, bench.json and bench.svg are written. Runs the bench
-//! binary as a real process, as root, in its own namespaces.
+//! the socket-path mode went through the socket programs and the TC-path
+//! mode did not, and BENCHMARKS.md, bench.json and bench.svg are written.
+//! Runs the bench binary as a real process, as root, in its own namespaces.
 use std::process::Command;
 
 use integration_tests::{agent::agent_bin, netns::require_root};
@@ -33,7 +34,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).expect("bench.json")).expect("valid JSON");
     let cases = json["cases"].as_array().expect("cases");
     for s in [1, 100] {
-        for mode in ["direct", "iptables", "nftables", "ebpf", "np-direct", "np-iptables", "np-tc", "np-xdp"] {
+        for mode in ["direct", "iptables", "nftables", "ebpf", "ebpf-sock", "np-direct", "np-iptables", "np-tc", "np-xdp"] {
             let c = cases
                 .iter()
                 .find(|c| c["mode"] == mode && c["services"] == s)
@@ -55,9 +56,17 @@ fn bench_quick_produces_numbers_for_every_mode() {
             let c = cases.iter().find(|c| c["mode"] == mode && c["services"] == s).expect("case");
             c["counters"].clone()
         };
-        let forwarded = |mode: &str| counters(mode)["xdp_forward"].as_u64().unwrap_or_else(|| panic!("{mode}: no xdp_forward in {}", counters(mode)));
+        let counter = |mode: &str, key: &str| counters(mode)[key].as_u64().unwrap_or_else(|| panic!("{mode}: no {key} in {}", counters(mode)));
+        let forwarded = |mode: &str| counter(mode, "xdp_forward");
         assert!(forwarded("np-xdp") > 0, "np-xdp: {}", counters("np-xdp"));
         assert_eq!(forwarded("np-tc"), 0, "np-tc: {}", counters("np-tc"));
+        // The socket-path case was translated at connect()/sendto() (no
+        // per-packet NAT); the TC-path case was DNATed per flow and never
+        // reached the socket programs.
+        assert!(counter("ebpf-sock", "sock_translated") > 0, "ebpf-sock: {}", counters("ebpf-sock"));
+        assert_eq!(counter("ebpf-sock", "dnat_new_flow"), 0, "ebpf-sock: {}", counters("ebpf-sock"));
+        assert!(counter("ebpf", "dnat_new_flow") > 0, "ebpf: {}", counters("ebpf"));
+        assert_eq!(counter("ebpf", "sock_translated"), 0, "ebpf: {}", counters("ebpf"));
         let ipvs = cases.iter().find(|c| c["mode"] == "ipvs" && c["services"] == s).expect("ipvs case");
         let why = ipvs["skipped"].as_str().expect("ipvs gives a reason, never numbers");
         assert!(why.contains("IPVS"), "{why}");

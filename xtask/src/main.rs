@@ -41,7 +41,7 @@ enum Task {
         requests: u32,
     },
     /// Set up, build in release mode, and run the side-by-side benchmark
-    /// (`ClusterIP`: direct, iptables, nftables, ipvs, ebpf; `NodePort`:
+    /// (`ClusterIP`: direct, iptables, nftables, ipvs, ebpf, ebpf-sock; `NodePort`:
     /// np-direct, np-iptables, np-tc, np-xdp); writes BENCHMARKS.md,
     /// bench.json and bench.svg to --out.
     Bench {

@@ -28,13 +28,37 @@ pub struct Args {
     pub program_timeout: Duration,
     /// Modes to run (default: all).
     pub modes: Vec<String>,
+    /// How the load generator of every mode but `ebpf-sock` runs
+    /// (`ebpf-sock`'s always runs as a process in the agent's cgroup).
+    pub generator: Generator,
     /// The command line, for the report.
     pub command_line: String,
 }
 
+/// Where the load generator runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generator {
+    /// A process per phase (the bench binary re-executed), in a cgroup of
+    /// its own: the same as `ebpf-sock`'s, so the ratios compare datapaths.
+    Process,
+    /// Threads of the bench process (`ebpf-sock` still uses a process).
+    Thread,
+}
+
+impl Generator {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Thread => "thread",
+        }
+    }
+}
+
 pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S] [--out DIR] [--agent PATH] \
 [--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
-[--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--modes direct,iptables,nftables,ipvs,ebpf,np-direct,np-iptables,np-tc,np-xdp]";
+[--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--generator process|thread] \
+[--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp]";
 
 fn list(v: &str) -> Vec<usize> {
     v.split(',')
@@ -71,6 +95,7 @@ impl Args {
             nft_chunk: 500,
             program_timeout: Duration::from_secs(if quick { 60 } else { 100 }),
             modes: Vec::new(),
+            generator: Generator::Process,
             command_line: argv.join(" "),
         };
         let mut cp_given = false;
@@ -108,6 +133,13 @@ impl Args {
                 "--ipt-chunk" => a.ipt_chunk = list(v)[0].max(1),
                 "--nft-chunk" => a.nft_chunk = list(v)[0].max(1),
                 "--program-timeout" => a.program_timeout = secs(v),
+                "--generator" => {
+                    a.generator = match v.as_str() {
+                        "process" => Generator::Process,
+                        "thread" => Generator::Thread,
+                        _ => panic!("--generator process or thread\n{USAGE}"),
+                    }
+                }
                 "--modes" => a.modes = v.split(',').map(str::to_owned).collect(),
                 other => panic!("unknown argument {other:?}\n{USAGE}"),
             }

@@ -29,6 +29,11 @@ use self::{
 
 /// Runs the benchmark for `command_line` (the program name included).
 pub fn main(command_line: &[String]) {
+    // A load generator process (see `traffic::run_phase_process`).
+    if command_line.get(1).map(String::as_str) == Some(traffic::PHASE_SUBCOMMAND) {
+        traffic::phase_main(&command_line[2..]);
+        return;
+    }
     let args = Args::parse(command_line);
     crate::netns::require_root();
     assert!(

@@ -5,7 +5,7 @@ use plotters::prelude::*;
 use serde_json::{Value, json};
 
 use super::{
-    args::Args,
+    args::{Args, Generator},
     run::{Case, METRICS, MODES, Mode, NP_MODES},
 };
 
@@ -72,6 +72,11 @@ pub struct Report<'a> {
 /// The counters shown under the NodePort table (all are in `bench.json`).
 const NOTED_COUNTERS: [&str; 7] =
     ["xdp_forward", "xdp_reverse", "dnat_new_flow", "dnat_established", "rev_nat_reply", "drop_snat_ports_exhausted", "fib_no_route"];
+/// The counters shown under the `ClusterIP` table (ebpf and ebpf-sock).
+const NOTED_COUNTERS_CLUSTER_IP: [&str; 6] =
+    ["sock_translated", "sock_rev_translated", "dnat_new_flow", "dnat_established", "rev_nat_reply", "pass_no_service"];
+/// The throughput figures (higher is better) the ratio targets cover.
+const THROUGHPUT: [(usize, &str); 4] = [(0, "conn"), (1, "req"), (2, "bulk"), (3, "udp")];
 
 fn fmt_num(v: f64) -> String {
     if v >= 100.0 {
@@ -126,12 +131,57 @@ impl Report<'_> {
         (d > 0.0).then(|| v / d)
     }
 
+    /// `mode`'s figure over its baseline's run by run (run i of every case
+    /// of one S is measured in the same round, back to back).
+    fn run_ratios(&self, mode: Mode, s: usize, m: usize) -> Vec<f64> {
+        let (Some(c), Some(b)) = (self.case(mode, s), self.case(mode.baseline(), s)) else { return Vec::new() };
+        c.reps
+            .iter()
+            .zip(&b.reps)
+            .filter_map(|(x, y)| x.values.get(m).copied().flatten().zip(y.values.get(m).copied().flatten()))
+            .filter(|&(_, y)| y > 0.0)
+            .map(|(x, y)| x / y)
+            .collect()
+    }
+
+    /// The ratio of the medians and, with more than one run, the range of
+    /// the run-by-run ratios: "0.98× (0.95–1.01)".
+    fn ratio_with_spread(&self, mode: Mode, s: usize, m: usize) -> String {
+        let Some(r) = self.ratio(mode, s, m) else { return "–".into() };
+        let runs = self.run_ratios(mode, s, m);
+        if runs.len() < 2 {
+            return format!("{r:.2}×");
+        }
+        let (lo, hi) = runs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{r:.2}× ({lo:.2}–{hi:.2})")
+    }
+
+    /// The socket-path target: `ebpf-sock` (and, for comparison, the TC
+    /// path `ebpf`) at least 0.97 × direct on every throughput figure at
+    /// every S.
+    fn socket_targets(&self, out: &mut Vec<(String, Option<bool>, String)>) {
+        for &n in &self.args.services {
+            for mode in [Mode::EbpfSock, Mode::Ebpf] {
+                if self.case(mode, n).is_none_or(|c| c.reps.is_empty()) {
+                    continue;
+                }
+                let ratios: Vec<Option<f64>> = THROUGHPUT.iter().map(|&(m, _)| self.ratio(mode, n, m)).collect();
+                let met = ratios.iter().all(|r| r.is_some_and(|r| r >= 0.97));
+                let note = THROUGHPUT
+                    .iter()
+                    .map(|&(m, h)| format!("{h} {}", self.ratio_with_spread(mode, n, m)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push((format!("{mode} ≥ 0.97 × direct on conn, req, bulk and UDP at S={}", fmt_count(n)), Some(met), note));
+            }
+        }
+    }
+
     /// The north-south targets of issue 4: the TC path at least the iptables
     /// shape on every figure, the XDP path clearly (≥ 1.2×) above it, and
     /// neither depending on the number of Services.
     fn node_port_targets(&self, out: &mut Vec<(String, Option<bool>, String)>) {
-        // The throughput figures (higher is better): conn, keep-alive, bulk, UDP.
-        let figures = [(0, "conn"), (1, "req"), (2, "bulk"), (3, "udp")];
+        let figures = THROUGHPUT;
         for &n in &self.args.services {
             for (mode, floor, what) in [(Mode::NpTc, 1.0, "≥"), (Mode::NpXdp, 1.2, "≥ 1.2 ×")] {
                 let ratios: Vec<(&str, Option<f64>)> = figures.iter().map(|&(m, h)| (h, self.ratio_to(mode, Mode::NpIptables, n, m))).collect();
@@ -271,6 +321,7 @@ impl Report<'_> {
                 out.push((format!("programming {s} Services faster than {tool}"), met, note));
             }
         }
+        self.socket_targets(&mut out);
         self.node_port_targets(&mut out);
         out
     }
@@ -288,7 +339,9 @@ impl Report<'_> {
              kube-proxy's iptables, nftables and IPVS rule shapes (issue 5), and its NodePort datapath, TC and XDP paths (`np-tc`, \
              `np-xdp`), side by side with kube-proxy's iptables NodePort rules and a direct route to the pods (issue 4), measured \
              in one run on one machine by `cargo xtask bench`. Everything runs in network namespaces the bench creates (client → \
-             node → 10 pods; for NodePort client → node A → node B → 10 pods, the test topologies).\n"
+             node → 10 pods; for NodePort client → node A → node B → 10 pods, the test topologies). `ebpf-sock` is the same \
+             agent and Services as `ebpf` with the load generator inside the agent's `--cgroup`, so its sockets take the \
+             socket path (translated once at `connect()`/`sendto()`) instead of the per-packet TC path.\n"
         );
         let _ = writeln!(s, "- machine: {} ({} cores), kernel {}", mach.cpu, mach.cores, mach.kernel);
         let _ = writeln!(s, "- date: {}; whole run {:.0} s; load average at start / end: {} / {}", mach.date, self.elapsed.as_secs_f64(), mach.load_start, loadavg());
@@ -310,11 +363,32 @@ impl Report<'_> {
             mach.nft,
             a.nft_chunk
         );
-        let _ = writeln!(s, "- ebpf: `{}` (release), TC ingress on `ext0,lxc*`\n", a.agent.display());
+        let _ = writeln!(
+            s,
+            "- ebpf: `{}` (release), TC ingress on `ext0,lxc*`, socket programs on a cgroup of the bench's (`--cgroup`; only ebpf-sock's generator is in it)",
+            a.agent.display()
+        );
+        let _ = writeln!(
+            s,
+            "- load generator: {}\n",
+            match a.generator {
+                Generator::Process => "a process per phase in every mode (`--generator process`)",
+                Generator::Thread => "threads of the bench process, but a process in ebpf-sock (`--generator thread`)",
+            }
+        );
 
         let _ = writeln!(s, "## Data path\n");
         let _ = writeln!(s, "ClusterIP: client → node → pod. Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
         self.data_table(&mut s, &MODES);
+        let cluster_ip_counters: Vec<(&Case, &std::collections::BTreeMap<String, u64>)> =
+            self.cases.iter().filter(|c| !c.mode.is_node_port()).filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
+        if !cluster_ip_counters.is_empty() {
+            s.push('\n');
+        }
+        for (c, n) in cluster_ip_counters {
+            let shown: Vec<String> = NOTED_COUNTERS_CLUSTER_IP.iter().map(|k| format!("{k} {}", n.get(*k).copied().unwrap_or(0))).collect();
+            let _ = writeln!(s, "- {} S={}: node counters over the runs: {}", c.mode, fmt_count(c.services), shown.join(", "));
+        }
         if self.cases.iter().any(|c| c.mode.is_node_port()) {
             let _ = writeln!(s, "\n## NodePort (north-south)\n");
             let _ = writeln!(
@@ -325,7 +399,7 @@ impl Report<'_> {
             );
             self.data_table(&mut s, &NP_MODES);
             let with_counters: Vec<(&Case, &std::collections::BTreeMap<String, u64>)> =
-                self.cases.iter().filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
+                self.cases.iter().filter(|c| c.mode.is_node_port()).filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
             if !with_counters.is_empty() {
                 s.push('\n');
             }
@@ -403,9 +477,12 @@ impl Report<'_> {
             "- Topology: client namespace (no default route) → node namespace (veth `ext0`; `ip_forward=1`) → 10 pod namespaces (veth `lxcN`, /32 routes). A fresh sandbox for every case; rules live only in its node namespace and go with it. The bench refuses to run iptables/nft in the root namespace.",
             "- Services: S ClusterIP Services with 10 endpoints each. The one in the middle of the list is the real one (ports 80/TCP HTTP, 5201/TCP bulk, 5300/UDP echo → the 10 pods); the others point at 10.64.0.0/13, never reached. A linear rule walk (iptables' `KUBE-SERVICES`) sees half the Services before the real one.",
             "- `direct`: the client connects to the pod IPs in turn (no translation). Other modes connect to the real Service's ClusterIP.",
+            "- `ebpf` and `ebpf-sock`: the same agent (socket load balancing on, the default) with the same Services. In `ebpf` the load generator is outside the agent's `--cgroup`: every packet takes the TC path (DNAT on the node, reverse NAT of the replies). In `ebpf-sock` it is a process inside that cgroup: `connect()` (TCP, connected UDP) is rewritten to a backend once by the cgroup `connect4` program, and the packets go client → node → pod untranslated (the TC programs still look at each one and pass it). The node's counters below the table show which path carried the traffic.",
+            "- Load generator: every phase of every mode is a separate process (the bench binary re-executed, `nsenter` into the client namespace, moved into a cgroup before exec), which times its own phase and reports it as JSON; `ebpf-sock`'s runs in the agent's `--cgroup`, every other mode's in an empty cgroup of its own, so the ratios compare datapaths, not generators (`--generator thread` runs every mode but `ebpf-sock` as threads of the bench instead). The generator code is the same either way.",
             "- new conn/s: each client thread opens a connection, sends one HTTP/1.1 request, reads the reply, closes (client `tcp_tw_reuse=1`, port range 1024–65535). keep-alive req/s: one connection per client thread, requests back to back. bulk: one TCP stream writing 128 KiB buffers to a sink for half the phase time. UDP rr/s: one connected UDP socket per client thread, 64-byte request, echo reply. p50/p99: one client alone, a new connection per request (connect + request + reply).",
             "- CPU µs/conn and µs/req: system + softirq time of the whole machine from /proc/stat during the new-connection and keep-alive phases, divided by the operations. Client, node and pods share the same CPUs, so this is total kernel cost per operation; the differences between modes are the datapath's. Resolution is 10 ms per phase.",
-            "- kube-proxy masquerades ClusterIP traffic from outside the cluster CIDR; the client (192.0.2.2) is outside 10.244.0.0/16, so the iptables and nftables modes also SNAT (as kube-proxy would). The ebpf mode does not SNAT (replies come back through the node, where TC reverses the DNAT).",
+            "- kube-proxy masquerades ClusterIP traffic from outside the cluster CIDR; the client (192.0.2.2) is outside 10.244.0.0/16, so the iptables and nftables modes also SNAT (as kube-proxy would). The ebpf mode does not SNAT (replies come back through the node, where TC reverses the DNAT); ebpf-sock needs neither.",
+            "- Targets with a spread: the ratio of the medians, then in brackets the lowest and highest run-by-run ratio (run i of every case of one S is measured in the same round, the cases back to back).",
             "- Servers: in each pod, worker threads sharing one listener (no thread spawned per connection), the same in every mode.",
             "- NodePort modes (`np-*`): the two-node topology of the north-south tests — client (198.51.100.2, no default route) → node A (`ext0` 198.51.100.1; `nodelink` 10.0.0.1/30) → node B (10.0.0.2) → 10 pods on node B (10.244.2.0/24). Every one of the S Services is of type NodePort (the real one on node ports 30080/TCP HTTP, 30201/TCP bulk, 30300/UDP echo; the others on 20000 + i, endpoints never reached); externalTrafficPolicy Cluster, so node A SNATs to its own address and the reply comes back through it. Rules and agents only on node A.",
             "- `np-direct`: the client connects to the pod IPs in turn, routed by node A (no translation). `np-iptables`: kube-proxy's iptables rules on node A — the ClusterIP chains above plus `KUBE-NODEPORTS` (one rule per node port, reached through the last `KUBE-SERVICES` rule, `-m addrtype --dst-type LOCAL`) → `KUBE-EXT-*` (`KUBE-MARK-MASQ`, then `KUBE-SVC-*`), MASQUERADE `--random-fully` in `POSTROUTING`. `np-tc`: the agent on node A (`--devices ext0,nodelink,lxc*`), TC path. `np-xdp`: the same with `--xdp --xdp-mode native` (XDP on node A's `ext0` and `nodelink`).",
@@ -456,6 +533,7 @@ impl Report<'_> {
                     ((*key).to_owned(), json!({"unit": unit, "higher_is_better": higher, "runs": runs,
                         "median": stat.map(|s| s.0), "min": stat.map(|s| s.1), "max": stat.map(|s| s.2),
                         "ratio_to_direct": self.ratio(c.mode, c.services, k),
+                        "ratio_to_direct_runs": (c.mode != c.mode.baseline()).then(|| self.run_ratios(c.mode, c.services, k)),
                         "ratio_to_iptables": c.mode.is_node_port().then(|| self.ratio_to(c.mode, Mode::NpIptables, c.services, k)).flatten()}))
                 })
                 .collect();
@@ -474,7 +552,8 @@ impl Report<'_> {
             "command_line": a.command_line,
             "settings": {"quick": a.quick, "services": a.services, "duration_s": a.duration.as_secs_f64(), "reps": a.reps,
                 "clients": a.clients, "cp_services": a.cp_services, "add_one_at": a.add_one_at,
-                "iptables_backend": a.ipt_backend.name(), "ipt_chunk": a.ipt_chunk, "nft_chunk": a.nft_chunk},
+                "iptables_backend": a.ipt_backend.name(), "ipt_chunk": a.ipt_chunk, "nft_chunk": a.nft_chunk,
+                "generator": a.generator.name()},
             "elapsed_s": self.elapsed.as_secs_f64(),
             "cases": self.cases.iter().map(case).collect::<Vec<_>>(),
             "program_cases": self.program_cases.iter().map(case).collect::<Vec<_>>(),
@@ -492,6 +571,7 @@ impl Report<'_> {
             (Mode::Iptables, RED),
             (Mode::Nftables, BLUE),
             (Mode::Ebpf, GREEN),
+            (Mode::EbpfSock, RGBColor(0, 110, 40)),
             (Mode::NpDirect, RGBColor(128, 128, 128)),
             (Mode::NpIptables, RGBColor(230, 120, 0)),
             (Mode::NpTc, RGBColor(0, 160, 160)),

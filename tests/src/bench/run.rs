@@ -12,15 +12,16 @@ use std::{
 };
 
 use super::{
-    args::Args,
+    args::{Args, Generator},
     program::{self, Programmed},
     services::{
         BULK_NODE_PORT, BULK_PORT, BULK_TARGET, Frontend, HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_NODE_PORT, UDP_PORT,
         UDP_TARGET,
     },
-    traffic::{Phase, PhaseResult, Target, run_phase, start_servers},
+    traffic::{Phase, PhaseResult, Target, run_phase, run_phase_process, start_servers},
 };
 use crate::{
+    cgroup::TestCgroup,
     cluster::{Cluster, NODE_A_IP},
     manifests::write_atomic,
     netns::Netns,
@@ -36,7 +37,13 @@ pub enum Mode {
     Iptables,
     Nftables,
     Ipvs,
+    /// The agent's per-packet TC path (its socket programs are attached, but
+    /// the load generator is not in their cgroup).
     Ebpf,
+    /// The same agent and Services, the load generator a process in the
+    /// agent's `--cgroup`: its sockets are translated at `connect()` /
+    /// `sendto()` (socket-level load balancing), no per-packet NAT.
+    EbpfSock,
     /// `NodePort`: the client straight to the pods on node B, routed by node A.
     NpDirect,
     /// `NodePort`: kube-proxy's iptables rules on node A (DNAT + MASQUERADE).
@@ -48,7 +55,7 @@ pub enum Mode {
 }
 
 /// The `ClusterIP` modes.
-pub const MODES: [Mode; 5] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf];
+pub const MODES: [Mode; 6] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf, Mode::EbpfSock];
 /// The `NodePort` (north-south) modes.
 pub const NP_MODES: [Mode; 4] = [Mode::NpDirect, Mode::NpIptables, Mode::NpTc, Mode::NpXdp];
 
@@ -74,6 +81,7 @@ impl fmt::Display for Mode {
             Self::Nftables => "nftables",
             Self::Ipvs => "ipvs",
             Self::Ebpf => "ebpf",
+            Self::EbpfSock => "ebpf-sock",
             Self::NpDirect => "np-direct",
             Self::NpIptables => "np-iptables",
             Self::NpTc => "np-tc",
@@ -112,8 +120,9 @@ pub struct Case {
     pub program: Option<Programmed>,
     pub add_one: Option<Result<Duration, String>>,
     pub reps: Vec<Rep>,
-    /// np-tc / np-xdp: node A's exit-reason counters (name → packets) after
-    /// the runs, which show what XDP and TC carried.
+    /// ebpf / ebpf-sock: the node's, np-tc / np-xdp: node A's exit-reason
+    /// counters (name → packets) after the runs, which show what the socket
+    /// programs, TC and XDP carried.
     pub counters: Option<std::collections::BTreeMap<String, u64>>,
 }
 
@@ -193,6 +202,15 @@ pub struct Live {
     env: Option<Env>,
     set: ServiceSet,
     target: Target,
+    /// `--generator process`, every mode but `ebpf-sock`: the empty cgroup
+    /// the generator process runs in (`ebpf-sock`'s is the agent's).
+    gen_cgroup: Option<TestCgroup>,
+}
+
+/// A cgroup of its own for the generator process of a mode other than
+/// `ebpf-sock` (so none of them is in the agent's `--cgroup`).
+fn gen_cgroup(args: &Args, mode: Mode) -> Option<TestCgroup> {
+    (args.generator == Generator::Process && mode != Mode::EbpfSock).then(|| TestCgroup::create("bg"))
 }
 
 /// Builds the sandbox for one case and programs its Services.
@@ -208,6 +226,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         env: None,
         target: Target { addrs: vec![set0.real_vip()], http: HTTP_PORT, bulk: BULK_PORT, udp: UDP_PORT },
         set: set0,
+        gen_cgroup: None,
     };
     if mode == Mode::Ipvs {
         live.case.skipped = Some(ipvs_unavailable());
@@ -215,6 +234,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
     }
     progress(&format!("{mode} S={services}: building the sandbox ({PODS} pods)"));
     let mut sb = Sandbox::new("bn", PODS);
+    live.gen_cgroup = gen_cgroup(args, mode);
     sb.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     sb.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let pods: Vec<_> = sb.pods.iter().map(|p| &p.ns).collect();
@@ -228,7 +248,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => None,
         Mode::Iptables => Some(program::iptables(&sb.node, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
         Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
-        Mode::Ebpf => Some(program_agent(args, &mut sb, &live.set)),
+        Mode::Ebpf | Mode::EbpfSock => Some(program_agent(args, &mut sb, &live.set)),
     };
     live.record_programming(&programmed);
     live.case.program = programmed;
@@ -246,6 +266,7 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         env: None,
         target: Target { addrs: vec![NODE_A_IP], http: HTTP_NODE_PORT, bulk: BULK_NODE_PORT, udp: UDP_NODE_PORT },
         set: ServiceSet::node_ports(services.min(10_000), Vec::new()),
+        gen_cgroup: None,
     };
     if services > 10_000 {
         live.case.skipped = Some("at most 10,000 NodePort Services are generated (node ports 20000-29999)".into());
@@ -255,6 +276,7 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
     // Node A's links go through XDP wires, so it receives frames as from a
     // NIC (the same in every NodePort mode; see Cluster::new_wired).
     let mut c = Cluster::new_wired("bq", 0, PODS);
+    live.gen_cgroup = gen_cgroup(args, mode);
     c.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     c.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let pods: Vec<_> = c.pods_b().iter().map(|p| &p.ns).collect();
@@ -318,10 +340,28 @@ impl Live {
         }
     }
 
+    /// One load phase from the client namespace with this case's generator:
+    /// `ebpf-sock`'s a process in the agent's cgroup; the others' a process
+    /// in a cgroup of their own (`--generator process`) or threads of the
+    /// bench (`--generator thread`).
+    fn load(&self, env: &Env, phase: Phase, clients: usize, dur: Duration) -> PhaseResult {
+        let cgroup = match (env, self.case.mode) {
+            (Env::Node(sb), Mode::EbpfSock) => Some(&sb.cgroup),
+            _ => self.gen_cgroup.as_ref(),
+        };
+        match cgroup {
+            Some(cg) => {
+                let exe = std::env::current_exe().expect("the bench binary (current_exe)");
+                run_phase_process(&exe, cg, env.client(), &self.target, phase, clients, dur)
+            }
+            None => run_phase(env.client(), &self.target, phase, clients, dur),
+        }
+    }
+
     /// Warm-up, and a check that the target answers at all.
     fn warm_up(&mut self, args: &Args) {
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
-        let warm = run_phase(env.client(), &self.target, Phase::Connections, args.clients, Duration::from_millis(300));
+        let warm = self.load(env, Phase::Connections, args.clients, Duration::from_millis(300));
         if warm.ops == 0 {
             self.case.skipped = Some(format!("no request answered: {}", warm.first_error.unwrap_or_default()));
             progress(&format!("{} S={}: {}", self.case.mode, self.case.services, self.case.skipped.as_deref().unwrap_or_default()));
@@ -331,16 +371,14 @@ impl Live {
     /// One run of every phase.
     pub fn measure(&mut self, args: &Args, rep: usize) {
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
-        let client = env.client();
         let (mode, services) = (self.case.mode, self.case.services);
         let d = args.duration;
         progress(&format!("{mode} S={services}: run {}/{} ({:.1} s of load)", rep + 1, args.reps, (d * 9 / 2).as_secs_f64()));
-        let t = &self.target;
-        let conn = run_phase(client, t, Phase::Connections, args.clients, d);
-        let rr = run_phase(client, t, Phase::KeepAlive, args.clients, d);
-        let bulk = run_phase(client, t, Phase::Bulk, 1, d / 2);
-        let udp = run_phase(client, t, Phase::Udp, args.clients, d);
-        let mut lat = run_phase(client, t, Phase::Latency, 1, d);
+        let conn = self.load(env, Phase::Connections, args.clients, d);
+        let rr = self.load(env, Phase::KeepAlive, args.clients, d);
+        let bulk = self.load(env, Phase::Bulk, 1, d / 2);
+        let udp = self.load(env, Phase::Udp, args.clients, d);
+        let mut lat = self.load(env, Phase::Latency, 1, d);
         let errors = conn.errors + rr.errors + bulk.errors + udp.errors + lat.errors;
         let first_error = [&conn, &rr, &bulk, &udp, &lat].iter().find_map(|r| r.first_error.clone());
         let values = rep_values(&conn, &rr, &bulk, &udp, &mut lat);
@@ -351,11 +389,19 @@ impl Live {
     /// tears the sandbox down and returns the case.
     #[must_use]
     pub fn finish(mut self, args: &Args) -> Case {
+        // ebpf-sock programs the agent exactly as ebpf does: measured there.
         if let Some(Env::Node(sb)) = self.env.as_ref()
             && self.case.services == args.add_one_at
+            && self.case.mode != Mode::EbpfSock
             && self.case.program.as_ref().is_some_and(|p| p.result.is_ok())
         {
             self.case.add_one = Some(add_one(args, self.case.mode, sb, &self.set));
+        }
+        if let Some(Env::Node(sb)) = self.env.as_ref()
+            && matches!(self.case.mode, Mode::Ebpf | Mode::EbpfSock)
+            && self.case.skipped.is_none()
+        {
+            self.case.counters = Some(sb.counters(&args.agent));
         }
         if let Some(Env::Cluster(c)) = self.env.as_ref()
             && matches!(self.case.mode, Mode::NpTc | Mode::NpXdp)
@@ -414,7 +460,7 @@ fn add_one(args: &Args, mode: Mode, sb: &Sandbox, set: &ServiceSet) -> Result<Du
             write_atomic(&sb.manifests, "added.yaml", &super::services::manifest_of(std::slice::from_ref(&extra)));
             program::wait_frontends(&sb.bpffs, &[extra], start, t)
         }
-        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
+        Mode::Direct | Mode::Ipvs | Mode::EbpfSock | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
             Err("not measured in this mode".into())
         }
     }
@@ -431,7 +477,7 @@ pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
         Mode::Iptables => program::iptables(&sb.node, &set, args.ipt_backend, args.ipt_chunk, args.program_timeout),
         Mode::Nftables => program::nftables(&sb.node, &set, args.nft_chunk, args.program_timeout),
         Mode::Ebpf => program_agent(args, &mut sb, &set),
-        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
+        Mode::Direct | Mode::Ipvs | Mode::EbpfSock | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
             return Case::skipped(mode, services, ipvs_unavailable());
         }
     };

@@ -1,10 +1,20 @@
 //! Load generators and the servers they talk to: lean std-socket threads in
 //! the bench's own namespaces (clients in the client namespace, servers in
 //! the pods). Every loop is bounded in time (a deadline) and in count.
+//!
+//! A load phase runs either as threads of the bench process ([`run_phase`])
+//! or in a process of its own ([`run_phase_process`]: the bench binary
+//! re-executed with [`PHASE_SUBCOMMAND`], in the client namespace and in a
+//! cgroup, printing its [`PhaseResult`] as JSON) — the same generator code
+//! either way. The socket path needs the latter: only sockets of processes
+//! in the agent's `--cgroup` are translated at `connect()`/`sendto()`, and
+//! the bench process itself must stay out of it.
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
+    path::Path,
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,7 +23,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::Netns;
+use serde_json::{Value, json};
+
+use crate::{cgroup::TestCgroup, netns::Netns};
+
+/// The hidden first argument of the bench binary that runs one load phase
+/// ([`phase_main`]).
+pub const PHASE_SUBCOMMAND: &str = "__load-phase";
 
 /// At most this many latency samples per client thread.
 const MAX_SAMPLES: usize = 2_000_000;
@@ -212,9 +228,33 @@ pub enum Phase {
     Latency,
 }
 
-/// Runs `phase` from the client namespace for `dur` with `clients` threads.
+const PHASES: [(Phase, &str); 5] =
+    [(Phase::Connections, "conn"), (Phase::KeepAlive, "keep-alive"), (Phase::Bulk, "bulk"), (Phase::Udp, "udp"), (Phase::Latency, "latency")];
+
+impl Phase {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        PHASES.iter().find(|(p, _)| *p == self).map_or("conn", |(_, n)| n)
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        PHASES.iter().find(|(_, n)| *n == s).map(|(p, _)| *p)
+    }
+}
+
+/// Runs `phase` from the client namespace for `dur` with `clients` threads
+/// of this process.
 #[must_use]
 pub fn run_phase(client: &Netns, target: &Target, phase: Phase, clients: usize, dur: Duration) -> PhaseResult {
+    run_threads(target, phase, clients, dur, |f| client.spawn(f))
+}
+
+type Job = Box<dyn FnOnce() -> PhaseResult + Send>;
+
+/// The generator: `clients` threads (one for bulk and latency) started by
+/// `spawn`, until `dur` is over.
+fn run_threads(target: &Target, phase: Phase, clients: usize, dur: Duration, spawn: impl Fn(Job) -> JoinHandle<PhaseResult>) -> PhaseResult {
     let threads = match phase {
         Phase::Bulk | Phase::Latency => 1,
         _ => clients.max(1),
@@ -225,12 +265,12 @@ pub fn run_phase(client: &Netns, target: &Target, phase: Phase, clients: usize, 
     let handles: Vec<_> = (0..threads)
         .map(|k| {
             let t = target.clone();
-            client.spawn(move || match phase {
+            spawn(Box::new(move || match phase {
                 Phase::Connections | Phase::Latency => connections(&t, k, deadline),
                 Phase::KeepAlive => keep_alive(&t, k, deadline),
                 Phase::Bulk => bulk(&t, k, deadline),
                 Phase::Udp => udp(&t, k, deadline),
-            })
+            }))
         })
         .collect();
     let mut out = PhaseResult::default();
@@ -247,6 +287,111 @@ pub fn run_phase(client: &Netns, target: &Target, phase: Phase, clients: usize, 
     out.elapsed = start.elapsed();
     out.cpu = sys_softirq().saturating_sub(cpu0);
     out
+}
+
+/// Runs `phase` in a process of its own: `exe` (the bench binary) with
+/// [`PHASE_SUBCOMMAND`], in `client`'s namespace and in `cgroup` (it moves
+/// itself in before exec, so every socket it opens is in that cgroup).
+/// Elapsed time and CPU are measured inside it, around its threads only,
+/// exactly as [`run_phase`] does; starting the process is not counted.
+#[must_use]
+pub fn run_phase_process(exe: &Path, cgroup: &TestCgroup, client: &Netns, target: &Target, phase: Phase, clients: usize, dur: Duration) -> PhaseResult {
+    let addrs: Vec<String> = target.addrs.iter().map(ToString::to_string).collect();
+    let args = [
+        PHASE_SUBCOMMAND.to_owned(),
+        phase.name().to_owned(),
+        clients.to_string(),
+        dur.as_secs_f64().to_string(),
+        addrs.join(","),
+        target.http.to_string(),
+        target.bulk.to_string(),
+        target.udp.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let failed = |why: String| PhaseResult { errors: 1, first_error: Some(format!("generator process: {why}")), ..PhaseResult::default() };
+    let mut child = match cgroup.command(client, exe, &args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("spawn: {e}")),
+    };
+    // Read both pipes while it runs (the samples can exceed a pipe buffer).
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = String::new();
+        let _ = stderr.read_to_string(&mut v);
+        v
+    });
+    // Every loop of the generator stops at its deadline; I/O waits at most
+    // IO_TIMEOUT. Anything beyond this bound is a hang.
+    let limit = Instant::now() + dur + Duration::from_secs(30);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if Instant::now() < limit => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err("did not finish in time (killed)".to_owned());
+            }
+            Err(e) => break Err(format!("wait: {e}")),
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    match status {
+        Ok(st) if st.success() => match serde_json::from_slice::<Value>(&out) {
+            Ok(v) => from_json(&v),
+            Err(e) => failed(format!("bad output ({e}): {}", String::from_utf8_lossy(&out).chars().take(200).collect::<String>())),
+        },
+        Ok(st) => failed(format!("{st}: {}", err.trim())),
+        Err(why) => failed(why),
+    }
+}
+
+fn to_json(r: &PhaseResult) -> Value {
+    json!({
+        "ops": r.ops, "errors": r.errors, "first_error": r.first_error, "bytes": r.bytes,
+        "elapsed_s": r.elapsed.as_secs_f64(), "cpu_s": r.cpu.as_secs_f64(), "samples_us": r.samples_us,
+    })
+}
+
+fn from_json(v: &Value) -> PhaseResult {
+    let secs = |k: &str| Duration::from_secs_f64(v[k].as_f64().unwrap_or(0.0).max(0.0));
+    PhaseResult {
+        ops: v["ops"].as_u64().unwrap_or(0),
+        errors: v["errors"].as_u64().unwrap_or(0),
+        first_error: v["first_error"].as_str().map(str::to_owned),
+        bytes: v["bytes"].as_u64().unwrap_or(0),
+        elapsed: secs("elapsed_s"),
+        samples_us: v["samples_us"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect())
+            .unwrap_or_default(),
+        cpu: secs("cpu_s"),
+    }
+}
+
+/// The generator process ([`run_phase_process`]): `PHASE CLIENTS SECONDS
+/// ADDR,... HTTP BULK UDP` (the arguments after [`PHASE_SUBCOMMAND`]). It
+/// already runs in the client namespace (nsenter), so its threads stay where
+/// they start. Prints the result as JSON on stdout.
+pub fn phase_main(args: &[String]) {
+    let usage = "bench __load-phase PHASE CLIENTS SECONDS ADDR,... HTTP BULK UDP";
+    assert!(args.len() == 7, "{usage}");
+    let phase = Phase::parse(&args[0]).unwrap_or_else(|| panic!("unknown phase {:?}\n{usage}", args[0]));
+    let num = |s: &str| -> u64 { s.parse().unwrap_or_else(|_| panic!("not a number: {s:?}\n{usage}")) };
+    let clients = usize::try_from(num(&args[1])).expect("clients");
+    let dur = Duration::from_secs_f64(args[2].parse().unwrap_or_else(|_| panic!("not seconds: {:?}\n{usage}", args[2])));
+    let addrs = args[3].split(',').map(|a| a.parse().unwrap_or_else(|_| panic!("not an address: {a:?}\n{usage}"))).collect();
+    let port = |s: &str| u16::try_from(num(s)).expect("port");
+    let target = Target { addrs, http: port(&args[4]), bulk: port(&args[5]), udp: port(&args[6]) };
+    let r = run_threads(&target, phase, clients, dur, std::thread::spawn);
+    println!("{}", to_json(&r));
 }
 
 fn micros(d: Duration) -> u32 {
