@@ -187,8 +187,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let cgroup = socket_lb_cgroup(&cfg)?;
     let cpus = crate::conntrack::possible_cpus();
     let ct_entries = cfg.conntrack.map_entries(cpus);
-    info!(flows = cfg.conntrack.flows(cpus), entries = ct_entries, cpus, "conntrack size");
-    let mut dp = Datapath::load(&pins, cfg.socket_lb, ct_entries)?;
+    let ct_new_entries = cfg.conntrack.new_map_entries(cpus);
+    info!(flows = cfg.conntrack.flows(cpus), entries = ct_entries, unconfirmed_entries = ct_new_entries, cpus, "conntrack size");
+    let mut dp = Datapath::load(&pins, cfg.socket_lb, ct_entries, ct_new_entries)?;
     dp.sync_socket_lb(cgroup.as_deref())?;
     if let Some(mode) = cfg.xdp {
         dp.enable_xdp(mode);
@@ -327,14 +328,17 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             _ = gc_tick.tick() => {
                 let p = pins.clone();
                 match tokio::task::spawn_blocking(move || crate::conntrack::gc(&p)).await {
-                    Ok(Ok(r)) => {
+                    Ok(Ok(tables)) => {
                         let mut g = shared.lock().expect("lock");
                         g.metrics.ct_gc_runs_total += 1;
-                        g.metrics.ct_gc_deleted_total += r.deleted;
-                        g.metrics.ct_gc_duration_seconds = r.elapsed.as_secs_f64();
-                        g.metrics.map_entries.insert(crate::pins::CT_MAP, (r.entries - r.deleted, r.capacity));
-                        if r.deleted > 0 {
-                            tracing::debug!(deleted = r.deleted, entries = r.entries, "conntrack GC");
+                        g.metrics.ct_gc_duration_seconds = 0.0;
+                        for (name, r) in tables {
+                            g.metrics.ct_gc_deleted_total += r.deleted;
+                            g.metrics.ct_gc_duration_seconds += r.elapsed.as_secs_f64();
+                            g.metrics.map_entries.insert(name, (r.entries - r.deleted, r.capacity));
+                            if r.deleted > 0 {
+                                tracing::debug!(map = name, deleted = r.deleted, entries = r.entries, "conntrack GC");
+                            }
                         }
                     }
                     Ok(Err(e)) => warn!(error = %e, "conntrack GC failed"),

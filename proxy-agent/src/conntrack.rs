@@ -14,7 +14,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::ct::{
     CONNTRACK_MAX_PER_CORE_DEFAULT, CONNTRACK_MIN_DEFAULT, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SEEN_REPLY,
-    CT_F_SNAT, CT_MAP, CtKey, CtValue, timeout_ns,
+    CT_F_SNAT, CT_MAP, CT_NEW_MAP, CtKey, CtValue, timeout_ns,
 };
 use serde::Serialize;
 
@@ -58,6 +58,14 @@ impl Sizing {
     pub fn map_entries(&self, cpus: u32) -> u32 {
         self.flows(cpus).saturating_mul(2)
     }
+
+    /// Entries of the unconfirmed flows' table: a quarter of the
+    /// conntrack's (at least 1,024). Flows wait there for a round trip;
+    /// a flood churns this table alone.
+    #[must_use]
+    pub fn new_map_entries(&self, cpus: u32) -> u32 {
+        (self.map_entries(cpus) / 4).max(1024)
+    }
 }
 
 /// CPUs the kernel may run programs on.
@@ -75,20 +83,23 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name: CT_MAP, op, source }
+/// The two tables: (map name, holds confirmed flows).
+const TABLES: [(&str, bool); 2] = [(CT_MAP, true), (CT_NEW_MAP, false)];
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, op, source }
 }
 
-/// The pinned conntrack map.
-pub fn open(pins: &Pins) -> Result<HashMap<MapData, CtKey, CtValue>> {
-    let data = MapData::from_pin(pins.map(CT_MAP)).map_err(map_err("open pinned map"))?;
-    HashMap::try_from(Map::LruHashMap(data)).map_err(map_err("open"))
+/// A pinned conntrack table.
+fn open(pins: &Pins, name: &'static str) -> Result<HashMap<MapData, CtKey, CtValue>> {
+    let data = MapData::from_pin(pins.map(name)).map_err(map_err(name, "open pinned map"))?;
+    HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name, "open"))
 }
 
-/// Capacity (`max_entries`) of the pinned conntrack map, if pinned.
+/// Capacity (`max_entries`) of a pinned conntrack table, if pinned.
 #[must_use]
-pub fn pinned_capacity(pins: &Pins) -> Option<u32> {
-    let data = MapData::from_pin(pins.map(CT_MAP)).ok()?;
+pub fn pinned_capacity(pins: &Pins, name: &str) -> Option<u32> {
+    let data = MapData::from_pin(pins.map(name)).ok()?;
     data.info().ok().map(|i| i.max_entries())
 }
 
@@ -97,8 +108,8 @@ fn all(map: &HashMap<MapData, CtKey, CtValue>) -> Vec<(CtKey, CtValue)> {
     map.iter().filter_map(std::result::Result::ok).collect()
 }
 
-fn expired(k: &CtKey, v: &CtValue, now: u64) -> bool {
-    now.saturating_sub(v.last_seen_ns) > timeout_ns(v.flags, k.proto)
+fn expired(k: &CtKey, v: &CtValue, now: u64, confirmed: bool) -> bool {
+    now.saturating_sub(v.last_seen_ns) > timeout_ns(v.flags, k.proto, confirmed)
 }
 
 /// What one garbage-collection pass did.
@@ -114,21 +125,25 @@ pub struct GcReport {
 /// Deletes expired entries, so the LRU's room goes to live flows rather
 /// than to the oldest still-valid ones (and a spoofed SYN's entry, 60 s
 /// old, is gone before it could push out an idle established flow).
-pub fn gc(pins: &Pins) -> Result<GcReport> {
-    let start = Instant::now();
-    let mut map = open(pins)?;
-    let capacity = pinned_capacity(pins).map_or(0, u64::from);
-    let now = monotonic_ns();
-    let entries = all(&map);
-    let mut deleted = 0;
-    for (k, _) in &entries {
-        // Re-read: a packet may have refreshed it since the listing.
-        let Ok(cur) = map.get(k, 0) else { continue };
-        if expired(k, &cur, now) && map.remove(k).is_ok() {
-            deleted += 1;
+pub fn gc(pins: &Pins) -> Result<Vec<(&'static str, GcReport)>> {
+    let mut out = Vec::new();
+    for (name, confirmed) in TABLES {
+        let start = Instant::now();
+        let mut map = open(pins, name)?;
+        let capacity = pinned_capacity(pins, name).map_or(0, u64::from);
+        let now = monotonic_ns();
+        let entries = all(&map);
+        let mut deleted = 0;
+        for (k, _) in &entries {
+            // Re-read: a packet may have refreshed it since the listing.
+            let Ok(cur) = map.get(k, 0) else { continue };
+            if expired(k, &cur, now, confirmed) && map.remove(k).is_ok() {
+                deleted += 1;
+            }
         }
+        out.push((name, GcReport { entries: entries.len() as u64, deleted, capacity, elapsed: start.elapsed() }));
     }
-    Ok(GcReport { entries: entries.len() as u64, deleted, capacity, elapsed: start.elapsed() })
+    Ok(out)
 }
 
 /// One tracked flow, as `proxy-agent conntrack` shows it.
@@ -140,8 +155,12 @@ pub struct FlowView {
     pub backend: String,
     /// The source the backend sees when it is NATed (node address:port).
     pub snat: Option<String>,
-    /// `SYN_SENT`, `ESTABLISHED`, `CLOSING` (TCP); `UNREPLIED`, `REPLIED` (UDP).
+    /// TCP: `SYN_SENT` (no reply yet), `SYN_RECV` (replied, not confirmed),
+    /// `ESTABLISHED` (confirmed), `CLOSING`; UDP: `UNREPLIED`, `REPLIED`,
+    /// `ASSURED` (confirmed).
     pub state: String,
+    /// In the confirmed table (where floods cannot evict it).
+    pub confirmed: bool,
     pub age_seconds: f64,
     pub expires_in_seconds: f64,
     pub backend_id: u32,
@@ -152,13 +171,16 @@ fn addr(a: u32, p: u16) -> String {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_be(p)).to_string()
 }
 
-fn state(k: &CtKey, v: &CtValue) -> &'static str {
-    match (k.proto == proxy_common::proto::TCP, v.flags & CT_F_CLOSING != 0, v.flags & CT_F_SEEN_REPLY != 0) {
-        (true, true, _) => "CLOSING",
-        (true, false, true) => "ESTABLISHED",
-        (true, false, false) => "SYN_SENT",
-        (false, _, true) => "REPLIED",
-        (false, _, false) => "UNREPLIED",
+fn state(k: &CtKey, v: &CtValue, confirmed: bool) -> &'static str {
+    let tcp = k.proto == proxy_common::proto::TCP;
+    match (tcp, v.flags & CT_F_CLOSING != 0, confirmed, v.flags & CT_F_SEEN_REPLY != 0) {
+        (true, true, _, _) => "CLOSING",
+        (true, false, true, _) => "ESTABLISHED",
+        (true, false, false, true) => "SYN_RECV",
+        (true, false, false, false) => "SYN_SENT",
+        (false, _, true, _) => "ASSURED",
+        (false, _, false, true) => "REPLIED",
+        (false, _, false, false) => "UNREPLIED",
     }
 }
 
@@ -172,13 +194,16 @@ fn names(pins: &Pins) -> BTreeMap<u32, String> {
 
 /// The live flows (one per SERVICE entry), oldest first.
 pub fn list(pins: &Pins) -> Result<Vec<FlowView>> {
-    let map = open(pins)?;
     let names = names(pins);
     let now = monotonic_ns();
-    let mut out: Vec<FlowView> = all(&map)
+    let mut rows = Vec::new();
+    for (name, confirmed) in TABLES {
+        rows.extend(all(&open(pins, name)?).into_iter().map(|(k, v)| (k, v, confirmed)));
+    }
+    let mut out: Vec<FlowView> = rows
         .into_iter()
-        .filter(|(k, v)| k.dir == CT_DIR_SERVICE && !expired(k, v, now))
-        .map(|(k, v)| {
+        .filter(|(k, v, confirmed)| k.dir == CT_DIR_SERVICE && !expired(k, v, now, *confirmed))
+        .map(|(k, v, confirmed)| {
             let age = now.saturating_sub(v.last_seen_ns);
             FlowView {
                 protocol: Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.as_str().to_owned()),
@@ -186,9 +211,10 @@ pub fn list(pins: &Pins) -> Result<Vec<FlowView>> {
                 frontend: addr(k.daddr_be, k.dport_be),
                 backend: addr(v.nat_addr_be, v.nat_port_be),
                 snat: (v.flags & CT_F_SNAT != 0).then(|| addr(v.snat_addr_be, v.snat_port_be)),
-                state: state(&k, &v).to_owned(),
+                state: state(&k, &v, confirmed).to_owned(),
+                confirmed,
                 age_seconds: age as f64 / 1e9,
-                expires_in_seconds: timeout_ns(v.flags, k.proto).saturating_sub(age) as f64 / 1e9,
+                expires_in_seconds: timeout_ns(v.flags, k.proto, confirmed).saturating_sub(age) as f64 / 1e9,
                 backend_id: v.backend_id,
                 service: names.get(&v.svc_id).cloned().unwrap_or_default(),
             }
@@ -230,8 +256,15 @@ impl std::str::FromStr for FrontendFilter {
 /// are balanced anew by their next SYN; their other packets are dropped
 /// (`drop_tcp_no_flow`), as after a conntrack flush with kube-proxy.
 pub fn flush(pins: &Pins, frontend: Option<FrontendFilter>) -> Result<usize> {
-    let mut map = open(pins)?;
-    let entries = all(&map);
+    let mut flows = 0;
+    for (name, _) in TABLES {
+        flows += flush_table(&mut open(pins, name)?, frontend);
+    }
+    Ok(flows)
+}
+
+fn flush_table(map: &mut HashMap<MapData, CtKey, CtValue>, frontend: Option<FrontendFilter>) -> usize {
+    let entries = all(map);
     let matches = |k: &CtKey| {
         frontend.is_none_or(|f| {
             u32::from_be(k.daddr_be) == u32::from(f.addr)
@@ -250,11 +283,11 @@ pub fn flush(pins: &Pins, frontend: Option<FrontendFilter>) -> Result<usize> {
     }
     if frontend.is_none() {
         // Leftover halves (a REPLY whose SERVICE entry the LRU evicted).
-        for (k, _) in all(&map) {
+        for (k, _) in all(map) {
             let _ = map.remove(&k);
         }
     }
-    Ok(flows)
+    flows
 }
 
 #[cfg(test)]

@@ -245,7 +245,7 @@ impl Datapath {
     /// Loads the embedded object. Maps already pinned under `pins` are
     /// reused with their contents (adoption after a restart); missing ones
     /// are created and pinned.
-    pub fn load(pins: &Pins, socket_lb: SocketLb, ct_entries: u32) -> Result<Self> {
+    pub fn load(pins: &Pins, socket_lb: SocketLb, ct_entries: u32, ct_new_entries: u32) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
         let mut loader = EbpfLoader::new();
@@ -254,13 +254,16 @@ impl Datapath {
         }
         // The conntrack capacity from the conntrack flags. A map pinned by
         // an earlier run keeps its size (resizing would drop its flows).
-        loader.map_max_entries(crate::pins::CT_MAP, ct_entries);
-        if let Some(cap) = crate::conntrack::pinned_capacity(pins).filter(|c| *c != ct_entries) {
-            warn!(
-                pinned = cap,
-                wanted = ct_entries,
-                "the pinned conntrack map keeps its size; to resize it (dropping tracked flows) run `proxy-agent cleanup` before starting"
-            );
+        for (name, entries) in [(crate::pins::CT_MAP, ct_entries), (crate::pins::CT_NEW_MAP, ct_new_entries)] {
+            loader.map_max_entries(name, entries);
+            if let Some(cap) = crate::conntrack::pinned_capacity(pins, name).filter(|c| *c != entries) {
+                warn!(
+                    map = name,
+                    pinned = cap,
+                    wanted = entries,
+                    "the pinned conntrack map keeps its size; to resize it (dropping tracked flows) run `proxy-agent cleanup` before starting"
+                );
+            }
         }
         let ebpf = loader.load(ebpf_object())?;
         for name in ALL_MAPS {

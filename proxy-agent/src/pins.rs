@@ -2,7 +2,7 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
-//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_stats_v1 proxy_names_v1
+//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v1 proxy_names_v1
 //!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1   maps
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub use proxy_common::{
     affinity::AFFINITY_MAP,
     backend::BACKEND_MAP,
-    ct::CT_MAP,
+    ct::{CT_MAP, CT_NEW_MAP},
     names::NAMES_MAP,
     sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_REV_MAP},
     stats::STATS_MAP,
@@ -25,8 +25,18 @@ pub use proxy_common::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
 /// Every map the agent pins.
-pub const ALL_MAPS: [&str; 9] =
-    [SVC_MAP, BACKEND_MAP, CT_MAP, STATS_MAP, NAMES_MAP, AFFINITY_MAP, SOCK_REV_MAP, CONFIG_MAP, SOCK_DESTROY_MAP];
+pub const ALL_MAPS: [&str; 10] = [
+    SVC_MAP,
+    BACKEND_MAP,
+    CT_MAP,
+    CT_NEW_MAP,
+    STATS_MAP,
+    NAMES_MAP,
+    AFFINITY_MAP,
+    SOCK_REV_MAP,
+    CONFIG_MAP,
+    SOCK_DESTROY_MAP,
+];
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

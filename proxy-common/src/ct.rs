@@ -12,11 +12,27 @@
 //!
 //! Both carry the backend id, never a slot, so reshuffling slots does not move
 //! a flow.
+//!
+//! Two tables, so that no flood can push an established flow out: a new
+//! flow's entries go to `proxy_ct_new_v1` (unconfirmed, short timeouts,
+//! its own LRU), and move to `proxy_ct_v2` once the flow is confirmed — a
+//! reply was seen and then another packet from the client (for TCP: the
+//! handshake's ACK). A spoofed source never answers, so spoofed SYNs and
+//! datagrams only ever churn the unconfirmed table.
 
 pub const CT_MAP: &str = "proxy_ct_v2";
 /// Capacity compiled into the object; the agent sets the real one at load
 /// from `--conntrack-max` (two entries per flow).
 pub const CT_MAX_ENTRIES: u32 = 262_144;
+/// The unconfirmed flows' table (LRU, same key and value).
+pub const CT_NEW_MAP: &str = "proxy_ct_new_v1";
+/// Compiled-in capacity; the agent sets a quarter of the conntrack's.
+pub const CT_NEW_MAX_ENTRIES: u32 = 65_536;
+/// An unconfirmed TCP flow that has had no reply for this long may lose
+/// its SNAT port to a new flow when the backend's range runs short: a
+/// SYN-ACK comes within a round trip, so a SYN still unanswered after 2 s
+/// (past its first retransmission) is most likely spoofed.
+pub const CT_SYN_RECLAIM_NS: u64 = 2 * 1_000_000_000;
 /// kube-proxy's `--conntrack-min` default (flows).
 pub const CONNTRACK_MIN_DEFAULT: u32 = 131_072;
 /// kube-proxy's `--conntrack-max-per-core` default (flows).
@@ -67,19 +83,20 @@ pub const CT_F_SNAT: u8 = 1 << 0;
 pub const CT_F_REDIRECT: u8 = 1 << 1;
 /// A FIN or RST was seen: short timeout.
 pub const CT_F_CLOSING: u8 = 1 << 2;
-/// A packet of the reply direction was seen: the flow is confirmed and gets
-/// the long timeout (before that: `CT_SYN_TIMEOUT_NS` /
-/// `CT_UDP_UNREPLIED_TIMEOUT_NS`). Set on both entries.
+/// A packet of the reply direction was seen (set on both entries); the
+/// next packet from the client then confirms the flow (moves it to the
+/// confirmed table, long timeouts).
 pub const CT_F_SEEN_REPLY: u8 = 1 << 3;
 
-/// The idle timeout of an entry with `flags` for `proto`, in ns.
+/// The idle timeout of an entry with `flags` for `proto`, in ns:
+/// `confirmed` = the entry is in the confirmed table (`CT_MAP`).
 #[must_use]
-pub const fn timeout_ns(flags: u8, proto: u8) -> u64 {
+pub const fn timeout_ns(flags: u8, proto: u8, confirmed: bool) -> u64 {
     if flags & CT_F_CLOSING != 0 {
         CT_CLOSING_TIMEOUT_NS
     } else if proto == crate::proto::TCP {
-        if flags & CT_F_SEEN_REPLY != 0 { CT_TCP_TIMEOUT_NS } else { CT_SYN_TIMEOUT_NS }
-    } else if flags & CT_F_SEEN_REPLY != 0 {
+        if confirmed { CT_TCP_TIMEOUT_NS } else { CT_SYN_TIMEOUT_NS }
+    } else if confirmed {
         CT_UDP_TIMEOUT_NS
     } else {
         CT_UDP_UNREPLIED_TIMEOUT_NS

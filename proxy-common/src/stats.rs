@@ -87,6 +87,12 @@ reasons! {
     /// dropped without creating state (kube-proxy drops conntrack INVALID),
     /// so spoofed ACK/FIN/RST floods cannot fill the table.
     DROP_NO_FLOW = 28, "drop_tcp_no_flow";
+    /// An SNAT port held by an unconfirmed TCP flow without a reply for
+    /// `CT_SYN_RECLAIM_NS` (a likely spoofed SYN) given to a new flow.
+    SNAT_PORT_RECLAIMED = 29, "snat_port_reclaimed";
+    /// A flow confirmed (reply seen, then the client again): moved to the
+    /// confirmed table, where floods cannot evict it.
+    CT_CONFIRMED = 30, "ct_flow_confirmed";
 }
 
 /// Number of counter slots (size of the per-CPU array).

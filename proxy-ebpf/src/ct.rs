@@ -1,14 +1,20 @@
-//! Conntrack: look up, refresh, create and close the two entries of a flow,
-//! and allocate SNAT source ports.
+//! Conntrack: look up, refresh, create, confirm and close the two entries
+//! of a flow across the unconfirmed and confirmed tables (see
+//! `proxy_common::ct`), and allocate SNAT source ports.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns}};
 use proxy_common::{
     ct::{
-        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, CtKey, CtValue,
-        SNAT_PORT_MAX, SNAT_PORT_MIN, timeout_ns,
+        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, CT_SYN_RECLAIM_NS, CtKey,
+        CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN, timeout_ns,
     },
+    proto, stats,
 };
 
-use crate::{maps::CT, parse::Packet};
+use crate::{
+    maps::{CT, CT_NEW},
+    parse::Packet,
+    stats::count,
+};
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -36,11 +42,24 @@ fn key(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8, di
     CtKey { saddr_be, daddr_be, sport_be, dport_be, proto, dir, _pad: [0; 2] }
 }
 
-/// Looks up a live entry; refreshes its `last_seen_ns` at most once per
-/// `CT_REFRESH_NS`. An expired entry counts as absent.
+/// The entry of `key` in the confirmed (`true`) or unconfirmed table.
 #[inline(always)]
-pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
-    let ptr = CT.get_ptr_mut(key)?;
+fn ptr(confirmed: bool, key: &CtKey) -> Option<*mut CtValue> {
+    if confirmed { CT.get_ptr_mut(key) } else { CT_NEW.get_ptr_mut(key) }
+}
+
+/// A live entry and the table it is in.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub v: CtValue,
+    pub confirmed: bool,
+}
+
+/// Looks up a live entry in `confirmed`'s table; refreshes `last_seen_ns`
+/// at most once per `CT_REFRESH_NS`. An expired entry counts as absent.
+#[inline(always)]
+fn live_in(confirmed: bool, key: &CtKey, now: u64) -> Option<CtValue> {
+    let ptr = ptr(confirmed, key)?;
     // SAFETY: the pointer comes from a successful lookup; a concurrent
     // writer can at worst make us read a torn last_seen, which only affects
     // when the entry is refreshed.
@@ -48,13 +67,81 @@ pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
     // Why saturating: another CPU may refresh the entry after `now` was
     // read; a wrapped difference would make that live entry look expired.
     let age = now.saturating_sub(v.last_seen_ns);
-    if age > timeout_ns(v.flags, key.proto) {
+    if age > timeout_ns(v.flags, key.proto, confirmed) {
         return None;
     }
     if age > CT_REFRESH_NS {
         v.last_seen_ns = now;
     }
     Some(*v)
+}
+
+/// The live entry of `key`: confirmed table first.
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u64) -> Option<Found> {
+    if let Some(v) = live_in(true, key, now) {
+        return Some(Found { v, confirmed: true });
+    }
+    live_in(false, key, now).map(|v| Found { v, confirmed: false })
+}
+
+/// [`lookup`] without the table.
+#[inline(always)]
+pub fn lookup_live(key: &CtKey, now: u64) -> Option<CtValue> {
+    lookup(key, now).map(|f| f.v)
+}
+
+/// The REPLY key of the flow whose SERVICE entry is `e`, for a packet `p`
+/// of the client's direction.
+#[inline(always)]
+fn reply_key(p: &Packet, e: &CtValue) -> CtKey {
+    let (src, sport) = if e.flags & CT_F_SNAT != 0 { (e.snat_addr_be, e.snat_port_be) } else { (p.saddr_be, p.sport_be) };
+    key(e.nat_addr_be, src, e.nat_port_be, sport, p.proto, CT_DIR_REPLY)
+}
+
+/// The SERVICE entry for a client-direction packet `p`, if its flow is
+/// live and still its own: an unconfirmed SNAT flow whose port was
+/// reclaimed (see `CT_SYN_RECLAIM_NS`) is gone. A packet that confirms the
+/// flow (a reply was seen; for TCP anything but a SYN) moves it to the
+/// confirmed table.
+#[inline(always)]
+pub fn service_entry(p: &Packet, now: u64, len: u32) -> Option<CtValue> {
+    let f = lookup(&key_of(p, CT_DIR_SERVICE), now)?;
+    if f.confirmed {
+        return Some(f.v);
+    }
+    let e = f.v;
+    let rk = reply_key(p, &e);
+    if e.flags & CT_F_SNAT != 0 {
+        // SAFETY: the value is read at once.
+        let owner = unsafe { CT_NEW.get(&rk) }?;
+        if owner.snat_addr_be != p.saddr_be || owner.snat_port_be != p.sport_be {
+            return None;
+        }
+    }
+    let syn = p.proto == proto::TCP && p.tcp_flags & 0x02 != 0;
+    if e.flags & CT_F_SEEN_REPLY != 0 && e.flags & CT_F_CLOSING == 0 && !syn {
+        promote(&key_of(p, CT_DIR_SERVICE), &rk, &e, len);
+    }
+    Some(e)
+}
+
+/// Moves a flow's two entries to the confirmed table: confirmed entries
+/// first (readers look there first, and find the same values), then the
+/// unconfirmed ones removed.
+#[inline(always)]
+fn promote(sk: &CtKey, rk: &CtKey, e: &CtValue, len: u32) {
+    // SAFETY: the value is copied out at once.
+    let Some(rv) = (unsafe { CT_NEW.get(rk).copied() }) else {
+        return;
+    };
+    if CT.insert(rk, &rv, 0).is_err() || CT.insert(sk, e, 0).is_err() {
+        count(stats::CT_INSERT_FAILED, len);
+        return;
+    }
+    let _ = CT_NEW.remove(sk);
+    let _ = CT_NEW.remove(rk);
+    count(stats::CT_CONFIRMED, len);
 }
 
 /// How a new flow is translated.
@@ -85,9 +172,9 @@ const SNAT_TRIES: u32 = 32;
 /// the replies of the first flow would come back from the second frontend.
 /// Returns the SERVICE entry, or `None` when no port was free.
 #[inline(always)]
-pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
+pub fn create(p: &Packet, f: &NewFlow, now: u64, len: u32) -> Option<CtValue> {
     if f.snat_addr_be != 0 {
-        return create_snat(p, f, f.snat_addr_be, now);
+        return create_snat(p, f, f.snat_addr_be, now, len);
     }
     let fwd = CtValue {
         nat_addr_be: f.backend_addr_be,
@@ -105,12 +192,26 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
     let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
     // Reply entry first: once the SERVICE entry exists, replies may follow.
     if !claim_reply(&rk, &rev, now) {
-        return create_snat(p, f, p.saddr_be, now);
+        return create_snat(p, f, p.saddr_be, now, len);
     }
-    // Why: a retransmitted SYN or a new flow reusing the tuple overwrites
-    // the SERVICE entry; no other flow has this key.
-    let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
+    set_service(p, &fwd);
     Some(fwd)
+}
+
+/// Writes a new flow's SERVICE entry. Why the confirmed table is cleared
+/// first: a new connection reusing the tuple of a closing confirmed flow
+/// would otherwise keep finding the old entry, which is looked up first.
+/// A retransmitted SYN or such a reuse overwrites the unconfirmed entry; no
+/// other flow has this key.
+#[inline(always)]
+fn set_service(p: &Packet, fwd: &CtValue) {
+    let sk = key_of(p, CT_DIR_SERVICE);
+    // SAFETY: the value is copied out at once.
+    if let Some(old) = unsafe { CT.get(&sk).copied() } {
+        let _ = CT.remove(&reply_key(p, &old));
+        let _ = CT.remove(&sk);
+    }
+    let _ = CT_NEW.insert(&sk, fwd, 0);
 }
 
 /// Writes the REPLY entry of a flow without SNAT unless a live entry of
@@ -118,36 +219,74 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64) -> Option<CtValue> {
 /// flow's (whose allocated port happens to be this client's port).
 #[inline(always)]
 fn claim_reply(rk: &CtKey, rev: &CtValue, now: u64) -> bool {
-    if CT.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok() {
+    // The same frontend: a new connection reusing this tuple (its
+    // translation is the same, so either entry answers it right).
+    let reuse = |old: &CtValue| old.flags & CT_F_SNAT == 0 && old.nat_addr_be == rev.nat_addr_be && old.nat_port_be == rev.nat_port_be;
+    if let Some(old) = live_in(true, rk, now) {
+        return reuse(&old) && CT_NEW.insert(rk, rev, 0).is_ok();
+    }
+    if CT_NEW.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    match lookup_live(rk, now) {
+    match live_in(false, rk, now) {
         // Expired: taken over atomically (see `claim_expired`).
         None => claim_expired(rk, rev),
-        // The same frontend: a new connection reusing this tuple.
-        Some(old) => {
-            old.flags & CT_F_SNAT == 0
-                && old.nat_addr_be == rev.nat_addr_be
-                && old.nat_port_be == rev.nat_port_be
-                && CT.insert(rk, rev, 0).is_ok()
-        }
+        Some(old) => reuse(&old) && CT_NEW.insert(rk, rev, 0).is_ok(),
     }
 }
 
-/// Takes over a key whose entry has expired. Why delete-then-NOEXIST and
-/// not an overwrite: two CPUs that both found it expired would both
-/// overwrite it and both believe they own it (two flows sharing one SNAT
-/// port, each getting the other's replies); with the delete, only one
-/// NOEXIST insert succeeds.
+/// Claims REPLY key `rk` (an SNAT port) for a new flow: atomically in the
+/// unconfirmed table, then given back if a confirmed flow holds it (the
+/// key is in at least one table throughout a flow's move between them, so
+/// the check after the claim cannot miss a live holder). An expired holder
+/// is replaced; so is an unconfirmed TCP flow with no reply for
+/// `CT_SYN_RECLAIM_NS` (a spoofed SYN), counted `snat_port_reclaimed`.
+#[inline(always)]
+fn claim_port(rk: &CtKey, rev: &CtValue, now: u64, len: u32) -> bool {
+    let mut ok = CT_NEW.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok();
+    if !ok {
+        match live_in(false, rk, now) {
+            None => ok = claim_expired(rk, rev),
+            Some(old) => {
+                let stale_syn = rk.proto == proto::TCP
+                    && old.flags & CT_F_SEEN_REPLY == 0
+                    && now.saturating_sub(old.last_seen_ns) > CT_SYN_RECLAIM_NS;
+                if stale_syn {
+                    ok = claim_expired(rk, rev);
+                    if ok {
+                        count(stats::SNAT_PORT_RECLAIMED, len);
+                    }
+                }
+            }
+        }
+    }
+    if !ok {
+        return false;
+    }
+    if live_in(true, rk, now).is_some() {
+        let _ = CT_NEW.remove(rk);
+        return false;
+    }
+    // An expired confirmed holder: gone for good (it would only shadow ours
+    // for readers of the maps).
+    let _ = CT.remove(rk);
+    true
+}
+
+/// Takes over a key whose entry has expired (or may be reclaimed). Why
+/// delete-then-NOEXIST and not an overwrite: two CPUs that both found it
+/// free would both overwrite it and both believe they own it (two flows
+/// sharing one SNAT port, each getting the other's replies); with the
+/// delete, only one NOEXIST insert succeeds.
 #[inline(always)]
 fn claim_expired(rk: &CtKey, v: &CtValue) -> bool {
-    let _ = CT.remove(rk);
-    CT.insert(rk, v, u64::from(BPF_NOEXIST)).is_ok()
+    let _ = CT_NEW.remove(rk);
+    CT_NEW.insert(rk, v, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// [`create`] with the source translated to `snat_addr_be` and an allocated port.
 #[inline(always)]
-fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<CtValue> {
+fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64, len: u32) -> Option<CtValue> {
     let mut fwd = CtValue {
         nat_addr_be: f.backend_addr_be,
         nat_port_be: f.backend_port_be,
@@ -191,11 +330,9 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
         // Why: NOEXIST makes the check-and-claim atomic against another
         // CPU picking the same port for the same backend; an expired
         // holder is removed first, then claimed the same way.
-        let free = CT.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok()
-            || (lookup_live(&rk, now).is_none() && claim_expired(&rk, &rev));
-        if free {
+        if claim_port(&rk, &rev, now, len) {
             fwd.snat_port_be = port;
-            let _ = CT.insert(&key_of(p, CT_DIR_SERVICE), &fwd, 0);
+            set_service(p, &fwd);
             return Some(fwd);
         }
     }
@@ -204,11 +341,13 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64) -> Option<C
 
 #[inline(always)]
 fn set_flag(k: &CtKey, flag: u8) {
-    if let Some(ptr) = CT.get_ptr_mut(k) {
-        // SAFETY: pointer from a successful lookup; a flag bit set twice is harmless.
-        unsafe {
-            if (*ptr).flags & flag == 0 {
-                (*ptr).flags |= flag;
+    for confirmed in [true, false] {
+        if let Some(ptr) = ptr(confirmed, k) {
+            // SAFETY: pointer from a successful lookup; a flag bit set twice is harmless.
+            unsafe {
+                if (*ptr).flags & flag == 0 {
+                    (*ptr).flags |= flag;
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use proxy_common::{
     affinity::{AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
     sock::{Config, SOCK_DESTROY_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
     backend::{BACKEND_MAX_ENTRIES, Backend},
-    ct::{CT_MAX_ENTRIES, CtKey, CtValue},
+    ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
     stats::{STATS_MAX_ENTRIES, StatCounter},
     svc::{SVC_MAX_ENTRIES, SvcKey, SvcValue},
@@ -27,8 +27,13 @@ pub static SVC: HashMap<SvcKey, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREAL
 pub static BACKEND: HashMap<u32, Backend, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
+/// Confirmed flows.
 #[btf_map(name = "proxy_ct_v2")]
 pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Unconfirmed flows (see `proxy_common::ct`).
+#[btf_map(name = "proxy_ct_new_v1")]
+pub static CT_NEW: LruHashMap<CtKey, CtValue, { CT_NEW_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map(name = "proxy_stats_v1")]
 pub static STATS: PerCpuArray<StatCounter, { STATS_MAX_ENTRIES as usize }> =

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT, CtValue},
     proto, stats,
     svc::SVC_FLAGS_EXTERNAL,
 };
@@ -49,8 +49,7 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
     }
 
     let now = ct::now_ns();
-    let fwd_key = ct::key_of(&p, CT_DIR_SERVICE);
-    if let Some(entry) = ct::lookup_live(&fwd_key, now)
+    if let Some(entry) = ct::service_entry(&p, now, len)
         && lb::flow_keeps_backend(&p, &svc, &entry, len)
     {
         if lb::closes(&p) {
@@ -89,7 +88,7 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
         flow.snat_addr_be = route.src_be;
         flow.flags |= CT_F_REDIRECT;
     }
-    let Some(entry) = ct::create(&p, &flow, now) else {
+    let Some(entry) = ct::create(&p, &flow, now, len) else {
         count(stats::DROP_SNAT_EXHAUSTED, len);
         return Err(TC_ACT_SHOT as i32);
     };

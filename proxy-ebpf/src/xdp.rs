@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     backend::BACKEND_F_LOCAL,
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT, CtValue},
     proto, stats,
     svc::{SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL},
 };
@@ -196,7 +196,7 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
     if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(&p) {
         return None;
     }
-    let e: CtValue = match ct::lookup_live(&ct::key_of(&p, CT_DIR_SERVICE), now) {
+    let e: CtValue = match ct::service_entry(&p, now, len) {
         Some(e) if lb::flow_keeps_backend(&p, &svc, &e, len) => e,
         _ => {
             // Not a flow start: TC decides (it drops it without state).
@@ -219,7 +219,7 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
                 flags: CT_F_REDIRECT,
                 snat_addr_be: r.src_be,
             };
-            ct::create(&p, &flow, now)?
+            ct::create(&p, &flow, now, len)?
         }
     };
     if e.flags & CT_F_SNAT == 0 {

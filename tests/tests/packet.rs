@@ -30,7 +30,7 @@ use proxy_agent::{datapath::ebpf_object, pins::TcHook};
 const TC_INGRESS_PROG: &str = TcHook::Ingress.program();
 use proxy_common::{
     backend::{BACKEND_MAP, Backend},
-    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_MAP, CtKey, CtValue},
+    ct::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_MAP, CT_NEW_MAP, CtKey, CtValue},
     proto,
     stats::{self, REASONS, StatCounter},
     svc::{SVC_FLAG_CLUSTER_IP, SVC_MAP, SvcKey, SvcValue},
@@ -271,10 +271,15 @@ impl Datapath {
         }
     }
 
+    /// Both conntrack tables (confirmed and unconfirmed flows).
     fn ct(&self) -> BTreeMap<(u8, u32, u16, u32, u16, u8), CtValue> {
-        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map"))
-            .expect("ct map type");
-        m.iter()
+        [CT_MAP, CT_NEW_MAP]
+            .into_iter()
+            .flat_map(|name| {
+                let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(name).expect("ct map"))
+                    .expect("ct map type");
+                m.iter().collect::<Vec<_>>()
+            })
             .map(|r| {
                 let (k, v) = r.unwrap_or_else(|e| panic!("read ct: {e:?}"));
                 (
@@ -287,10 +292,13 @@ impl Datapath {
             .collect()
     }
 
+    /// The entry of `key`, confirmed table first (as the datapath looks).
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
-        let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(CT_MAP).expect("ct map"))
-            .expect("ct map type");
-        m.get(key, 0).ok()
+        [CT_MAP, CT_NEW_MAP].into_iter().find_map(|name| {
+            let m = HashMap::<_, CtKey, CtValue>::try_from(self.ebpf.map(name).expect("ct map"))
+                .expect("ct map type");
+            m.get(key, 0).ok()
+        })
     }
 }
 

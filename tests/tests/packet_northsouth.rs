@@ -56,7 +56,7 @@ use proxy_agent::{
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_MAP, Backend},
     ct::{
-        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SNAT, CT_MAP, CtKey,
+        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SNAT, CT_MAP, CT_NEW_MAP, CtKey,
         CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
     },
     proto,
@@ -552,19 +552,22 @@ impl Datapath {
         self.check_stats(expected).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    fn ct_map(&self) -> HashMap<&aya::maps::MapData, CtKey, CtValue> {
-        HashMap::try_from(self.ebpf.map(CT_MAP).expect("ct map")).expect("ct map type")
+    fn ct_map(&self, name: &str) -> HashMap<&aya::maps::MapData, CtKey, CtValue> {
+        HashMap::try_from(self.ebpf.map(name).expect("ct map")).expect("ct map type")
     }
 
+    /// Both conntrack tables (confirmed and unconfirmed flows).
     fn ct(&self) -> Vec<(CtKey, CtValue)> {
-        self.ct_map()
-            .iter()
+        [CT_MAP, CT_NEW_MAP]
+            .into_iter()
+            .flat_map(|name| self.ct_map(name).iter().collect::<Vec<_>>())
             .map(|r| r.unwrap_or_else(|e| panic!("read ct: {e:?}")))
             .collect()
     }
 
+    /// The entry of `key`, confirmed table first (as the datapath looks).
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
-        self.ct_map().get(key, 0).ok()
+        [CT_MAP, CT_NEW_MAP].into_iter().find_map(|name| self.ct_map(name).get(key, 0).ok())
     }
 
     fn ct_put(&mut self, key: CtKey, value: CtValue) {
@@ -864,6 +867,8 @@ fn external_frontend_to_a_local_backend_is_dnated_with_the_client_source_kept() 
                     (stats::DNAT_NEW, 1),
                     (stats::REV_NAT, 1),
                     (stats::DNAT_ESTABLISHED, 1),
+                    // Reply seen, then the client again: confirmed.
+                    (stats::CT_CONFIRMED, 1),
                 ]);
                 dp.assert_ct_len(2, &what);
             }
@@ -915,6 +920,8 @@ fn external_frontend_to_a_remote_backend_is_snated_to_the_node_and_replies_trans
                         (stats::DNAT_NEW, 1),
                         (stats::REV_NAT, 1),
                         (stats::DNAT_ESTABLISHED, 1),
+                        // Reply seen, then the client again: confirmed.
+                        (stats::CT_CONFIRMED, 1),
                     ]);
                 }
             }
@@ -1912,6 +1919,8 @@ fn xdp_translates_snat_flows_and_their_replies() {
                         (stats::XDP_FORWARD, 1),
                         (stats::XDP_REVERSE, 1),
                         (stats::DNAT_ESTABLISHED, 1),
+                        // Reply seen, then the client again: confirmed.
+                        (stats::CT_CONFIRMED, 1),
                     ]);
                 }
             }
