@@ -28,10 +28,12 @@ pub const CT_MAX_ENTRIES: u32 = 262_144;
 pub const CT_NEW_MAP: &str = "proxy_ct_new_v1";
 /// Compiled-in capacity; the agent sets a quarter of the conntrack's.
 pub const CT_NEW_MAX_ENTRIES: u32 = 65_536;
-/// An unconfirmed TCP flow that has had no reply for this long may lose
-/// its SNAT port to a new flow when the backend's range runs short: a
-/// SYN-ACK comes within a round trip, so a SYN still unanswered after 2 s
-/// (past its first retransmission) is most likely spoofed.
+/// An unconfirmed TCP flow whose SNAT port was claimed this long ago may
+/// lose it to a new flow when the backend's range runs short: a handshake
+/// completes within a round trip, so a SYN still unconfirmed after 2 s
+/// (past its first retransmission) is most likely spoofed (its source
+/// never sends the ACK). A real client that was that slow retries with a
+/// new port.
 pub const CT_SYN_RECLAIM_NS: u64 = 2 * 1_000_000_000;
 /// kube-proxy's `--conntrack-min` default (flows).
 pub const CONNTRACK_MIN_DEFAULT: u32 = 131_072;

@@ -70,7 +70,10 @@ fn live_in(confirmed: bool, key: &CtKey, now: u64) -> Option<CtValue> {
     if age > timeout_ns(v.flags, key.proto, confirmed) {
         return None;
     }
-    if age > CT_REFRESH_NS {
+    // Why not for an unconfirmed flow's replies: only its client keeps it
+    // alive until it is confirmed. A spoofed SYN's backend retransmits its
+    // SYN-ACK for a minute; that must not keep the SNAT port it holds.
+    if age > CT_REFRESH_NS && (confirmed || key.dir == CT_DIR_SERVICE) {
         v.last_seen_ns = now;
     }
     Some(*v)
@@ -239,8 +242,9 @@ fn claim_reply(rk: &CtKey, rev: &CtValue, now: u64) -> bool {
 /// unconfirmed table, then given back if a confirmed flow holds it (the
 /// key is in at least one table throughout a flow's move between them, so
 /// the check after the claim cannot miss a live holder). An expired holder
-/// is replaced; so is an unconfirmed TCP flow with no reply for
-/// `CT_SYN_RECLAIM_NS` (a spoofed SYN), counted `snat_port_reclaimed`.
+/// is replaced; so is an unconfirmed TCP flow whose client has not been
+/// heard of for `CT_SYN_RECLAIM_NS` (a spoofed SYN: its source never
+/// completes the handshake), counted `snat_port_reclaimed`.
 #[inline(always)]
 fn claim_port(rk: &CtKey, rev: &CtValue, now: u64, len: u32) -> bool {
     let mut ok = CT_NEW.insert(rk, rev, u64::from(BPF_NOEXIST)).is_ok();
@@ -248,9 +252,9 @@ fn claim_port(rk: &CtKey, rev: &CtValue, now: u64, len: u32) -> bool {
         match live_in(false, rk, now) {
             None => ok = claim_expired(rk, rev),
             Some(old) => {
-                let stale_syn = rk.proto == proto::TCP
-                    && old.flags & CT_F_SEEN_REPLY == 0
-                    && now.saturating_sub(old.last_seen_ns) > CT_SYN_RECLAIM_NS;
+                // REPLY entries of unconfirmed flows are not refreshed by
+                // replies (see `live_in`): this is the age of the SYN.
+                let stale_syn = rk.proto == proto::TCP && now.saturating_sub(old.last_seen_ns) > CT_SYN_RECLAIM_NS;
                 if stale_syn {
                     ok = claim_expired(rk, rev);
                     if ok {

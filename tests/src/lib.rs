@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
+pub mod flood;
 pub mod manifests;
 pub mod netns;
 pub mod overlay;
