@@ -108,6 +108,35 @@ pub fn device_is_l3(name: &str) -> bool {
     family != ARPHRD_ETHER && family != ARPHRD_LOOPBACK
 }
 
+/// The driver of a device (`ETHTOOL_GDRVINFO`), e.g. `veth`, `virtio_net`.
+#[must_use]
+pub fn device_driver(name: &str) -> Option<String> {
+    use std::os::fd::AsRawFd as _;
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    // struct ethtool_drvinfo: cmd, then driver[32], version[32], ...
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 164],
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 164] };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in bounded.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: SIOCETHTOOL fills the drvinfo we own, pointed to by the ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// An IPv4 address of a device in the current network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DeviceAddr {
@@ -225,6 +254,11 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
 /// `--xdp-mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpAttachMode {
+    /// Native where the driver carries translated frames correctly, generic
+    /// on veth (its peer hands over skbs whose checksum is left to offload,
+    /// which native XDP cannot finish, and it takes redirected frames only
+    /// with NAPI on): chosen per device, logged.
+    Auto,
     /// In the driver; falls back to the TC path where the driver lacks it.
     Native,
     /// Generic (skb) XDP: works on any device, slower than native.
@@ -248,6 +282,15 @@ impl Datapath {
     pub fn load(pins: &Pins, socket_lb: SocketLb, ct_entries: u32, ct_new_entries: u32) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
+        for name in crate::pins::RETIRED_MAPS {
+            let path = pins.map(name);
+            if path.exists() {
+                match fs::remove_file(&path) {
+                    Ok(()) => info!(map = name, "unpinned a map of a retired layout"),
+                    Err(e) => warn!(map = name, error = %e, "cannot unpin a map of a retired layout"),
+                }
+            }
+        }
         let mut loader = EbpfLoader::new();
         for name in ALL_MAPS {
             loader.map_pin_path(name, pins.map(name));
@@ -447,6 +490,15 @@ impl Datapath {
         let flags = match mode {
             XdpAttachMode::Native => XdpMode::Driver,
             XdpAttachMode::Generic => XdpMode::Skb,
+            XdpAttachMode::Auto => {
+                let driver = device_driver(&dev.name);
+                if driver.as_deref() == Some("veth") {
+                    info!(device = %dev.name, "veth: XDP in generic mode (native XDP cannot finish a veth peer's offloaded checksums; --xdp-mode native forces it)");
+                    XdpMode::Skb
+                } else {
+                    XdpMode::Driver
+                }
+            }
         };
         let id = prog.attach(&dev.name, flags).map_err(|source| Error::Program { name: XDP_PROG, source })?;
         let link = prog.take_link(id).map_err(|source| Error::Program { name: XDP_PROG, source })?;
@@ -670,11 +722,11 @@ pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
         }
     }
     let _ = fs::remove_dir(pins.links_dir());
-    for name in ALL_MAPS {
+    for name in ALL_MAPS.iter().chain(crate::pins::RETIRED_MAPS) {
         let path = pins.map(name);
         if path.exists() {
             fs::remove_file(&path).map_err(Error::io("unlink", &path))?;
-            removed.push(name.to_owned());
+            removed.push((*name).to_owned());
         }
     }
     // Only remove the directory when it is ours and empty (not a mount point).

@@ -62,9 +62,10 @@ enum Command {
         /// Also attach the XDP fast path for north-south traffic to remote backends.
         #[arg(long)]
         xdp: bool,
-        /// XDP mode: native (in the driver; devices without it keep the TC
-        /// path) or generic.
-        #[arg(long, value_enum, default_value = "native", requires = "xdp")]
+        /// XDP mode: auto (native, but generic on veth, whose frames native
+        /// XDP cannot translate correctly), native (forced; devices without it
+        /// keep the TC path) or generic.
+        #[arg(long, value_enum, default_value = "auto", requires = "xdp")]
         xdp_mode: XdpAttachMode,
         /// Socket-level load balancing: all sockets in --cgroup, only those in
         /// the host network namespace (host-only), or none (off: the

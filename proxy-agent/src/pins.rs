@@ -2,7 +2,7 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
-//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v1 proxy_names_v1
+//! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v2 proxy_names_v1 proxy_icmp_rl_v1 proxy_frag_v1
 //!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1   maps
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
@@ -25,7 +25,9 @@ pub use proxy_common::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
 /// Every map the agent pins.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
+    proxy_common::stats::ICMP_RL_MAP,
+    proxy_common::frag::FRAG_MAP,
     SVC_MAP,
     BACKEND_MAP,
     CT_MAP,
@@ -37,6 +39,10 @@ pub const ALL_MAPS: [&str; 10] = [
     CONFIG_MAP,
     SOCK_DESTROY_MAP,
 ];
+
+/// Map names of earlier layouts: unpinned on start (their contents are
+/// not carried over: counters start again) and by `cleanup`.
+pub const RETIRED_MAPS: &[&str] = proxy_common::stats::STATS_MAP_RETIRED;
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

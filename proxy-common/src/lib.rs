@@ -12,6 +12,7 @@
 pub mod affinity;
 pub mod backend;
 pub mod ct;
+pub mod frag;
 pub mod names;
 pub mod sock;
 pub mod stats;

@@ -1,6 +1,8 @@
 //! Per-CPU datapath counters: one slot per exit reason.
 
-pub const STATS_MAP: &str = "proxy_stats_v1";
+pub const STATS_MAP: &str = "proxy_stats_v2";
+/// Earlier layouts of the stats map (v1: 32 slots), unpinned on start.
+pub const STATS_MAP_RETIRED: &[&str] = &["proxy_stats_v1"];
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,7 +43,8 @@ reasons! {
     MALFORMED_TRUNCATED = 8, "malformed_truncated";
     /// IPv4 header with version other than 4 or IHL below 5: passed to the kernel, which drops it.
     MALFORMED_BAD_IHL = 9, "malformed_bad_ihl";
-    /// IPv4 fragment: not translated (no fragment tracking yet), passed untouched.
+    /// A later IPv4 fragment whose first fragment was not seen (or of no
+    /// tracked flow): passed untouched.
     PASS_FRAGMENT = 10, "pass_fragment";
     /// A slot points at a backend id that is not in the backend map: dropped.
     DROP_BACKEND_MISSING = 11, "drop_backend_missing";
@@ -93,8 +96,37 @@ reasons! {
     /// A flow confirmed (reply seen, then the client again): moved to the
     /// confirmed table, where floods cannot evict it.
     CT_CONFIRMED = 30, "ct_flow_confirmed";
+    /// XDP fast path: a new flow given a local backend, recorded and passed
+    /// to TC, which translates it to that backend (XDP's choice is kept).
+    XDP_LOCAL_FLOW = 31, "xdp_local_flow";
+    /// An ICMP error the datapath would send (reject, fragmentation
+    /// needed) suppressed by its per-CPU rate limit; the packet is dropped.
+    ICMP_RATE_LIMITED = 32, "icmp_rate_limited";
+    /// A later IPv4 fragment translated like its datagram's first fragment
+    /// (ports remembered in `proxy_frag_v1`).
+    FRAGMENT_TRANSLATED = 33, "fragment_translated";
 }
 
+/// ICMP errors the datapath sends, per CPU: this many per second on
+/// average (Linux's `icmp_msgs_per_sec`, per CPU here), bursts of up to
+/// `ICMP_BURST` (`icmp_msgs_burst`).
+pub const ICMP_PER_SEC: u64 = 1000;
+pub const ICMP_BURST: u64 = 50;
+
+/// The per-CPU token bucket of the ICMP rate limit (`proxy_icmp_rl_v1`):
+/// credit in ns of time; a message costs `1e9 / ICMP_PER_SEC`.
+pub const ICMP_RL_MAP: &str = "proxy_icmp_rl_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<IcmpBucket>() == 16);
+
+crate::pod!(IcmpBucket);
+
 /// Number of counter slots (size of the per-CPU array).
-pub const STATS_MAX_ENTRIES: u32 = 32;
+pub const STATS_MAX_ENTRIES: u32 = 64;
 const _: () = assert!(REASONS.len() <= STATS_MAX_ENTRIES as usize);

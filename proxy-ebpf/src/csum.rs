@@ -27,7 +27,11 @@ fn l4_flags(p: &Packet, size: u64, pseudo: bool) -> u64 {
 /// Rewrites an IPv4 address at `addr_off`, fixing the IP and L4 checksums.
 #[inline(always)]
 pub fn rewrite_addr(ctx: &TcContext, p: &Packet, addr_off: usize, old: u32, new: u32) -> Result<(), c_long> {
-    ctx.l4_csum_replace(p.l4_csum_off(), u64::from(old), u64::from(new), l4_flags(p, 4, true))?;
+    // A later fragment has no L4 header; the first fragment's L4 checksum
+    // (over the whole datagram) already took the address change.
+    if p.has_l4() {
+        ctx.l4_csum_replace(p.l4_csum_off(), u64::from(old), u64::from(new), l4_flags(p, 4, true))?;
+    }
     ctx.l3_csum_replace(p.l3_off + IP_CSUM, u64::from(old), u64::from(new), 4)?;
     ctx.store(addr_off, &new, 0)
 }

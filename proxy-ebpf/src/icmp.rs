@@ -52,6 +52,18 @@ pub fn handle(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> i32 {
 #[inline(always)]
 fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option<i32> {
     let icmp = l3 + ihl_len;
+    // The quote (IPv4 header and the ports) must lie within the outer
+    // packet's total length, not in link-layer padding.
+    let tot_len: u16 = ctx.load(l3 + 2).ok()?;
+    if usize::from(u16::from_be(tot_len)) < ihl_len + 8 + 20 + 4 {
+        return None;
+    }
+    // A later fragment of the outer packet holds no ICMP header (found by
+    // the fuzzer): only offset 0 is an ICMP message.
+    let frag: u16 = ctx.load(l3 + 6).ok()?;
+    if u16::from_be(frag) & 0x1fff != 0 {
+        return None;
+    }
     let ty: u8 = ctx.load(icmp).ok()?;
     if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
         return None;

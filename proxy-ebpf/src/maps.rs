@@ -13,7 +13,8 @@ use proxy_common::{
     backend::{BACKEND_MAX_ENTRIES, Backend},
     ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
-    stats::{STATS_MAX_ENTRIES, StatCounter},
+    frag::{FRAG_MAX_ENTRIES, FragKey, FragValue},
+    stats::{IcmpBucket, STATS_MAX_ENTRIES, StatCounter},
     svc::{SVC_MAX_ENTRIES, SvcKey, SvcValue},
 };
 
@@ -35,7 +36,7 @@ pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHash
 #[btf_map(name = "proxy_ct_new_v1")]
 pub static CT_NEW: LruHashMap<CtKey, CtValue, { CT_NEW_MAX_ENTRIES as usize }> = LruHashMap::new();
 
-#[btf_map(name = "proxy_stats_v1")]
+#[btf_map(name = "proxy_stats_v2")]
 pub static STATS: PerCpuArray<StatCounter, { STATS_MAX_ENTRIES as usize }> =
     PerCpuArray::new();
 
@@ -55,3 +56,11 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "proxy_sock_destroy_v1")]
 pub static SOCK_DESTROY: HashMap<Backend, u32, { SOCK_DESTROY_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Per-CPU token bucket of the ICMP errors the datapath sends.
+#[btf_map(name = "proxy_icmp_rl_v1")]
+pub static ICMP_RL: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
+
+/// First fragments' ports, for the later fragments of their datagram.
+#[btf_map(name = "proxy_frag_v1")]
+pub static FRAG: LruHashMap<FragKey, FragValue, { FRAG_MAX_ENTRIES as usize }> = LruHashMap::new();

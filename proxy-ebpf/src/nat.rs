@@ -12,7 +12,7 @@ pub fn dnat(ctx: &TcContext, p: &Packet, addr_be: u32, port_be: u16) -> Result<(
     if p.daddr_be != addr_be {
         rewrite_addr(ctx, p, p.l3_off + IP_DADDR, p.daddr_be, addr_be)?;
     }
-    if p.dport_be != port_be {
+    if p.dport_be != port_be && p.has_l4() {
         rewrite_port(ctx, p, p.l4_off + 2, p.dport_be, port_be)?;
     }
     Ok(())
@@ -24,7 +24,7 @@ pub fn snat(ctx: &TcContext, p: &Packet, addr_be: u32, port_be: u16) -> Result<(
     if p.saddr_be != addr_be {
         rewrite_addr(ctx, p, p.l3_off + IP_SADDR, p.saddr_be, addr_be)?;
     }
-    if p.sport_be != port_be {
+    if p.sport_be != port_be && p.has_l4() {
         rewrite_port(ctx, p, p.l4_off, p.sport_be, port_be)?;
     }
     Ok(())

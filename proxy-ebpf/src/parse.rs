@@ -2,7 +2,12 @@
 //! checked against the packet length by the helper and never trips the
 //! verifier on a short packet.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{proto, stats};
+use proxy_common::{
+    frag::{FRAG_TIMEOUT_NS, FragKey, FragValue},
+    proto, stats,
+};
+
+use crate::maps::FRAG;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
@@ -15,7 +20,10 @@ pub const IP_DADDR: usize = 16;
 /// Checksum offset inside the L4 header.
 pub const TCP_CSUM: usize = 16;
 pub const UDP_CSUM: usize = 6;
-const IP_MF_OFFSET_MASK_BE: u16 = 0x3fff_u16.to_be();
+/// Host-order masks of the flags/fragment-offset field.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+pub const IP_ID: usize = 4;
 
 /// The IPv4 and L4 fields the load balancer decides on.
 pub struct Packet {
@@ -30,8 +38,23 @@ pub struct Packet {
     pub daddr_be: u32,
     pub sport_be: u16,
     pub dport_be: u16,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte (0 for UDP and later fragments).
     pub tcp_flags: u8,
+    /// `FRAG_NONE`, `FRAG_FIRST`, or `FRAG_LATER` (no L4 header: the ports
+    /// are the first fragment's, from `proxy_frag_v1`).
+    pub frag: u8,
+}
+
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
+
+impl Packet {
+    /// Whether the packet holds its L4 header (not a later fragment).
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.frag != FRAG_LATER
+    }
 }
 
 impl Packet {
@@ -78,15 +101,40 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     if proto != proto::TCP && proto != proto::UDP {
         return Err(stats::PASS_OTHER_PROTO);
     }
-    let frag: u16 = ctx.load(l3 + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    // Why: only the first fragment carries ports, and we do not track
-    // fragments yet; translating the first alone would split the datagram.
-    if frag & IP_MF_OFFSET_MASK_BE != 0 {
-        return Err(stats::PASS_FRAGMENT);
-    }
+    let frag_word = u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?);
     let saddr_be: u32 = ctx.load(l3 + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let daddr_be: u32 = ctx.load(l3 + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let l4_off = l3 + ihl_len;
+    let id_be: u16 = ctx.load(l3 + IP_ID).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let fkey = FragKey { saddr_be, daddr_be, id_be, proto, _pad: 0 };
+    if frag_word & IP_OFFSET_MASK != 0 {
+        // A later fragment: no L4 header; translated with its first
+        // fragment's ports, or passed when that was not seen. Its IPv4
+        // header must be all there (found by the fuzzer).
+        let tot_len: u16 = ctx.load(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        if (ctx.len() as usize) < l4_off || usize::from(u16::from_be(tot_len)) < ihl_len {
+            return Err(stats::MALFORMED_TRUNCATED);
+        }
+        // SAFETY: the value is copied out at once.
+        let Some(f) = (unsafe { FRAG.get(&fkey).copied() }) else {
+            return Err(stats::PASS_FRAGMENT);
+        };
+        if crate::ct::now_ns().saturating_sub(f.seen_ns) > FRAG_TIMEOUT_NS {
+            return Err(stats::PASS_FRAGMENT);
+        }
+        return Ok(Packet {
+            l3_off: l3,
+            l4_off,
+            ihl_len,
+            proto,
+            saddr_be,
+            daddr_be,
+            sport_be: f.sport_be,
+            dport_be: f.dport_be,
+            tcp_flags: 0,
+            frag: FRAG_LATER,
+        });
+    }
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let (l4_min, tcp_flags) = if proto == proto::TCP {
         // Why: the checksum we rewrite sits at offset 16 of a 20-byte header;
@@ -99,6 +147,21 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     if (ctx.len() as usize) < l4_off + l4_min {
         return Err(stats::MALFORMED_TRUNCATED);
     }
+    // Why the IPv4 total length too: bytes past it are link-layer padding,
+    // not headers; a packet whose L4 header lies beyond its total length is
+    // dropped by the stack as truncated, and must not be translated from
+    // whatever padding holds (found by the fuzzer).
+    let tot_len: u16 = ctx.load(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    if usize::from(u16::from_be(tot_len)) < ihl_len + l4_min {
+        return Err(stats::MALFORMED_TRUNCATED);
+    }
+    let mut frag = FRAG_NONE;
+    if frag_word & IP_MF != 0 {
+        // The first fragment: its ports are the datagram's.
+        let v = FragValue { sport_be: ports[0], dport_be: ports[1], _pad: 0, seen_ns: crate::ct::now_ns() };
+        let _ = FRAG.insert(&fkey, &v, 0);
+        frag = FRAG_FIRST;
+    }
     Ok(Packet {
         l3_off: l3,
         l4_off,
@@ -109,5 +172,6 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         sport_be: ports[0],
         dport_be: ports[1],
         tcp_flags,
+        frag,
     })
 }

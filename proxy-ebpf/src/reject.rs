@@ -17,10 +17,14 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use proxy_common::{proto, stats};
+use proxy_common::{
+    proto,
+    stats::{self, ICMP_BURST, ICMP_PER_SEC},
+};
 
 use crate::{
     csum::fold,
+    maps::ICMP_RL,
     parse::{ETH_HLEN, IP_FRAG_OFF, Packet},
     stats::count,
 };
@@ -47,6 +51,10 @@ fn word(b: &[u8], i: usize) -> u16 {
 /// reply cannot be built (IP options in the original header).
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
+    if !icmp_allowed() {
+        count(stats::ICMP_RATE_LIMITED, len);
+        return TC_ACT_SHOT as i32;
+    }
     match build(ctx, p, p.daddr_be, ICMP_PORT_UNREACH, 0) {
         Ok(()) => {
             count(stats::REJECT_NO_BACKEND, len);
@@ -70,12 +78,39 @@ pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
 pub fn frag_needed(ctx: &TcContext, p: &Packet, from_be: u32, mtu: u32, len: u32) -> i32 {
     let df = ctx.load::<u16>(p.l3_off + IP_FRAG_OFF).is_ok_and(|f| f & IP_DF_BE != 0);
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+    if df && !icmp_allowed() {
+        count(stats::ICMP_RATE_LIMITED, len);
+        return TC_ACT_SHOT as i32;
+    }
     if df && build(ctx, p, from_be, ICMP_FRAG_NEEDED, mtu).is_ok() {
         count(stats::ICMP_FRAG_NEEDED, len);
         return back_out(ctx);
     }
     count(stats::DROP_TOO_BIG, len);
     TC_ACT_SHOT as i32
+}
+
+/// The per-CPU rate limit of the errors built here (a reflector must not be
+/// made of a Service without endpoints): a token bucket refilled with the
+/// time that passes, `ICMP_PER_SEC` per second, `ICMP_BURST` deep. The
+/// bucket is this CPU's alone while the program runs.
+#[inline(always)]
+fn icmp_allowed() -> bool {
+    const COST_NS: u64 = 1_000_000_000 / ICMP_PER_SEC;
+    let Some(b) = ICMP_RL.get_ptr_mut(0) else {
+        return true;
+    };
+    let now = crate::ct::now_ns();
+    // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+    let b = unsafe { &mut *b };
+    let credit = (b.credit_ns + now.saturating_sub(b.last_ns)).min(ICMP_BURST * COST_NS);
+    b.last_ns = now;
+    if credit < COST_NS {
+        b.credit_ns = credit;
+        return false;
+    }
+    b.credit_ns = credit - COST_NS;
+    true
 }
 
 /// Redirects the rewritten packet out of the device it came in on.

@@ -40,6 +40,15 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
     let Some(svc) = lb::lookup_service(&fe) else {
         return handle_reply(ctx, &p, len);
     };
+    if !p.has_l4() {
+        // A later fragment follows its first fragment's flow; it never
+        // starts one (nor is it rejected: the first fragment was).
+        let Some(entry) = ct::service_entry(&p, ct::now_ns(), len) else {
+            count(stats::PASS_FRAGMENT, len);
+            return Ok(TC_NEXT);
+        };
+        return forward(ctx, &p, &entry, len, stats::FRAGMENT_TRANSLATED);
+    }
     if svc.count == 0 {
         if lb::when_empty(&svc) == Empty::Drop {
             count(stats::DROP_NO_LOCAL_BACKEND, len);
@@ -99,8 +108,11 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
 #[inline(always)]
 fn ipv4_ihl_if(ctx: &TcContext, l3: usize, want: u8) -> Option<usize> {
     let is = ctx.load::<u8>(l3 + IP_PROTO).is_ok_and(|p| p == want);
-    let ihl = ctx.load::<u8>(l3).map_or(0, |v| usize::from(v & 0x0f) * 4);
-    (is && ihl >= 20).then_some(ihl)
+    let vihl = ctx.load::<u8>(l3).unwrap_or(0);
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    // Why the version too: the Ethertype (or skb->protocol) can say IPv4
+    // over a header that is not (found by the fuzzer on egress).
+    (is && vihl >> 4 == 4 && ihl >= 20).then_some(ihl)
 }
 
 /// Not TCP/UDP: an ICMP error about a translated flow is translated back;
@@ -189,7 +201,7 @@ fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> R
 fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
     let key = ct::key_of(p, CT_DIR_REPLY);
     let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
-        count(stats::PASS_NO_SERVICE, len);
+        count(if p.has_l4() { stats::PASS_NO_SERVICE } else { stats::PASS_FRAGMENT }, len);
         return Ok(TC_NEXT);
     };
     let snat = e.flags & CT_F_SNAT != 0;
@@ -217,7 +229,7 @@ fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    count(stats::REV_NAT, len);
+    count(if p.has_l4() { stats::REV_NAT } else { stats::FRAGMENT_TRANSLATED }, len);
     if e.flags & CT_F_REDIRECT != 0 {
         return Ok(fib::send(ctx, p.l3_off, out));
     }

@@ -93,6 +93,11 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
         return None;
     };
     let ports: [u16; 2] = read(ctx, l4)?;
+    // The L4 header must lie within the IPv4 total length (not padding).
+    let l4_min = if proto == proto::TCP { 20 } else { 8 };
+    if usize::from(u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?)) < 20 + l4_min {
+        return None;
+    }
     Some(Packet {
         l3_off: ETH_HLEN,
         l4_off: l4,
@@ -103,6 +108,7 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
         sport_be: ports[0],
         dport_be: ports[1],
         tcp_flags,
+        frag: crate::parse::FRAG_NONE,
     })
 }
 
@@ -205,8 +211,27 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
             }
             let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;
             let backend = chosen.backend;
-            if backend.flags & BACKEND_F_LOCAL != 0 || backend.addr_be == p.saddr_be {
-                // Local backends and hairpins: the TC path (no SNAT needed).
+            if backend.addr_be == p.saddr_be {
+                // A hairpin: the TC path (it needs the stack's route).
+                return None;
+            }
+            if backend.flags & BACKEND_F_LOCAL != 0 {
+                // A local backend: the stack delivers it, so TC translates
+                // it. Why the flow is recorded here all the same: the choice
+                // made here is the one used — TC finds this entry and keeps
+                // it. Choosing again in TC would give a local backend
+                // (L/N)² of the new flows instead of L/N.
+                let flow = ct::NewFlow {
+                    backend_addr_be: backend.addr_be,
+                    backend_port_be: backend.port_be,
+                    backend_id: chosen.id,
+                    slot: chosen.slot,
+                    svc_id: svc.svc_id,
+                    flags: CT_F_REDIRECT,
+                    snat_addr_be: 0,
+                };
+                let _ = ct::create(&p, &flow, now, len);
+                count(stats::XDP_LOCAL_FLOW, len);
                 return None;
             }
             let r = route(ctx, &p, p.saddr_be, backend.addr_be)?;

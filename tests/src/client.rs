@@ -75,7 +75,8 @@ pub fn udp_request(addr: SocketAddr, payload: &str, timeout: Duration) -> std::i
     sock.set_read_timeout(Some(timeout))?;
     sock.connect(addr)?;
     sock.send(payload.as_bytes())?;
-    let mut buf = [0u8; 2048];
+    // Room for a reply as large as a fragmented datagram gets.
+    let mut buf = vec![0u8; 65_536];
     let n = sock.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }

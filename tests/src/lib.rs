@@ -6,6 +6,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod client;
+pub mod fuzz;
 pub mod cluster;
 pub mod flood;
 pub mod manifests;

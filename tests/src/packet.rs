@@ -903,7 +903,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Every exit-reason counter of the per-CPU stats map of a loaded object
-/// (`proxy_stats_v1`), summed over CPUs, by reason index.
+/// (`proxy_stats_v2`), summed over CPUs, by reason index.
 #[must_use]
 pub fn stats_by_reason(ebpf: &Ebpf) -> BTreeMap<u32, StatCounter> {
     let m = PerCpuArray::<_, StatCounter>::try_from(ebpf.map(STATS_MAP).expect("stats map"))

@@ -124,7 +124,7 @@ pub fn udp_echo_with(ns: &Netns, bind: SocketAddr, reply: impl Fn(SocketAddr, &[
         let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp echo {bind}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
         ready_tx.send(()).expect("ready");
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         while !s.load(Ordering::Relaxed) {
             if let Ok((n, peer)) = sock.recv_from(&mut buf)
                 && sock.send_to(&reply(peer, &buf[..n]), peer).is_ok()

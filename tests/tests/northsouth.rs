@@ -386,3 +386,49 @@ fn snat_ports(path: Path) {
     check_xdp_carried(&c, path);
 }
 
+
+/// The backend XDP chooses is the one used, local ones included: with one
+/// local and three remote backends, the local one gets about a quarter of
+/// new flows (choosing again in TC would give it (1/4)² = 6%). Also: plain
+/// `--xdp` (mode auto) on veths picks generic mode by itself and works.
+#[test]
+fn xdp_keeps_its_choice_of_a_local_backend_and_auto_mode_works_on_veth() {
+    let mut c = cluster("xdpbal", 1, 3);
+    let eps = [(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b"), (pod_ip_b(2), "node-b"), (pod_ip_b(3), "node-b")];
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &eps));
+    c.start_agent_a(&agent_bin(), &["--xdp"]);
+    frontends_with(&c, 5);
+    assert!(c.a.agent_log().contains("XDP in generic mode"), "auto mode on a veth: {}", c.a.agent_log());
+    const N: usize = 400;
+    let answers: Vec<String> = c.client.run(|| {
+        (0..N)
+            .map(|_| http_get(SocketAddr::from((NODE_A_IP, NODE_PORT)), T).map_or_else(|e| format!("error: {e}"), |b| Seen::parse(&b).map(|s| s.pod).unwrap_or(b)))
+            .collect()
+    });
+    assert!(answers.iter().all(|a| a.starts_with("pod-")), "every request answered: {answers:?}");
+    let local = answers.iter().filter(|a| *a == "pod-a1").count();
+    let share = local as f64 / N as f64;
+    println!("local backend share: {local}/{N} = {:.1}% (L/N = 25%)", share * 100.0);
+    // 25% ± 8 points: over 4 standard deviations of a 400-draw binomial.
+    assert!((0.17..=0.33).contains(&share), "local share {share:.3}, expected about 0.25 (counters: {:?})", c.a.counters(&agent_bin()));
+    assert!(c.a.stat("xdp_local_flow") > 0 && c.a.stat("xdp_forward") > 0, "XDP chose both kinds of backend");
+}
+
+/// A 4,000-byte UDP datagram to a NodePort whose backend is on node B: its
+/// fragments are DNATed and SNATed alike and sent by the FIB redirect, and
+/// so are the reply's on the way back.
+#[test]
+fn a_fragmented_udp_datagram_to_a_node_port_reaches_a_remote_backend_and_back() {
+    let mut c = cluster("npfrag", 0, 1);
+    write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_b(1), "node-b")]));
+    start(&mut c, Path::Tc, &[]);
+    frontends_with(&c, 4);
+    let payload = "g".repeat(4000);
+    let sent = payload.clone();
+    let got = c.client.run(move || udp_request(SocketAddr::from((NODE_A_IP, UDP_NODE_PORT)), &sent, T));
+    let got = got.unwrap_or_else(|e| panic!("no answer to a fragmented datagram: {e}\n{}", c.a.agent_log()));
+    let s = Seen::parse(&got).unwrap_or_else(|| panic!("bad answer {:?}", &got[..got.len().min(80)]));
+    assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-b1", NODE_A_LINK_IP), "SNAT to node A as for any NodePort flow");
+    assert!(s.payload == payload, "the whole datagram, both ways: {} of {} bytes", s.payload.len(), payload.len());
+    assert!(c.a.stat("fragment_translated") >= 4, "{:?}", c.a.counters(&agent_bin()));
+}

@@ -456,9 +456,6 @@ impl Case {
         }
     }
 
-    fn with_setup(self, setup: fn(&mut Datapath)) -> Self {
-        Self { setup, ..self }
-    }
 }
 
 fn no_setup(_: &mut Datapath) {}
@@ -897,7 +894,7 @@ fn truncated_packets_pass_unchanged_and_are_counted() {
 }
 
 #[test]
-fn bad_ip_headers_and_fragments_pass_unchanged_and_are_counted() {
+fn bad_ip_headers_pass_unchanged_and_first_fragments_are_translated() {
     let bad_ihl = stats::MALFORMED_BAD_IHL;
     let frag = stats::PASS_FRAGMENT;
     let syn = tcp_syn(VIP);
@@ -915,33 +912,55 @@ fn bad_ip_headers_and_fragments_pass_unchanged_and_are_counted() {
             syn.clone().with_version(0),
             bad_ihl,
         ),
-        Case::passes(
+        // A first fragment carries the ports: translated like a whole
+        // packet (and its ports remembered for the rest of the datagram).
+        Case::dnat(
             "TCP first fragment (MF) to the VIP",
             syn.clone().with_payload(&[1; 64]).with_more_fragments(),
-            frag,
+            &TCP_BACKENDS,
+            TCP_SVC_ID,
         ),
+        Case::dnat("UDP first fragment (MF) to the VIP", udp(VIP).with_more_fragments(), &UDP_BACKENDS, UDP_SVC_ID),
+        // A later fragment whose first fragment was not seen: nothing to
+        // translate it with.
         Case::passes(
-            "UDP first fragment (MF) to the VIP",
-            udp(VIP).with_more_fragments(),
-            frag,
-        ),
-        Case::passes(
-            "UDP last fragment (offset 185) to the VIP",
+            "UDP last fragment (offset 185) to the VIP, first not seen",
             udp(VIP).with_frag_offset(185),
             frag,
         ),
         Case::passes(
-            "UDP middle fragment (MF, offset 1) to the VIP",
+            "UDP middle fragment (MF, offset 1) to the VIP, first not seen",
             udp(VIP).with_more_fragments().with_frag_offset(1),
             frag,
         ),
-        Case::passes(
-            "fragment to a frontend without backends: no reject",
-            udp(EMPTY_VIP).with_more_fragments(),
-            frag,
-        )
-        .with_setup(empty_frontends),
+        // As kube-proxy's REJECT of the reassembled datagram.
+        Case::rejects("first fragment to a frontend without backends", udp(EMPTY_VIP).with_more_fragments()),
     ]);
+}
+
+/// The later fragments of a datagram follow its first: same backend, only
+/// the addresses rewritten (they hold no L4 header), IPv4 checksum valid.
+#[test]
+fn later_fragments_follow_their_first_fragment() {
+    let dp = Datapath::standard();
+    let first = udp(VIP).with_payload(&[9; 64]).with_more_fragments();
+    let (_, p) = dp.run_translated(&first.build());
+    let backend = p.dst();
+    for (what, later) in [
+        ("middle", udp(VIP).with_more_fragments().with_frag_offset(9)),
+        ("last", udp(VIP).with_frag_offset(18)),
+    ] {
+        let input = later.build();
+        let (verdict, out) = dp.run(&input);
+        assert_eq!(verdict, TC_ACT_OK, "{what} fragment verdict\n{}", hex(&out));
+        let o = parse(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(o.ip_checksum_ok(), "{what}: IPv4 checksum");
+        assert_eq!(*o.dst().ip(), *backend.ip(), "{what} fragment goes to the first fragment's backend");
+        // Past the IPv4 header nothing changed (no L4 header to rewrite).
+        assert_eq!(out[ETH_HLEN + 20..], input[ETH_HLEN + 20..], "{what}: payload untouched");
+    }
+    let s = dp.stats();
+    assert_eq!(s.get(&stats::FRAGMENT_TRANSLATED).map_or(0, |c| c.packets), 2);
 }
 
 #[test]
@@ -1314,4 +1333,32 @@ fn fragmentation_needed_about_a_translated_flow_is_translated_back() {
     let (verdict, out) = dp.run(&err);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(out, err);
+}
+
+/// Rejects are rate-limited per CPU like the kernel's own ICMP errors
+/// (1,000/s, bursts of 50): 400 SYNs to a frontend without endpoints in a
+/// tight loop on one CPU get about 50 rejects (plus what the elapsed time
+/// refills); the rest are dropped and counted, so the node is no reflector.
+#[test]
+fn rejects_are_rate_limited_per_cpu() {
+    let mut dp = Datapath::empty();
+    empty_frontends(&mut dp);
+    let input = tcp_syn(EMPTY_VIP).build();
+    let start = std::time::Instant::now();
+    let mut answered = 0u64;
+    for _ in 0..400 {
+        if dp.run(&input).0 == TC_ACT_REDIRECT {
+            answered += 1;
+        }
+    }
+    let elapsed_ms = u64::try_from(start.elapsed().as_millis()).expect("ms");
+    let s = dp.stats();
+    let limited = s.get(&stats::ICMP_RATE_LIMITED).map_or(0, |c| c.packets);
+    let rejected = s.get(&stats::REJECT_NO_BACKEND).map_or(0, |c| c.packets);
+    assert_eq!(answered, rejected, "every answered SYN is a counted reject");
+    assert_eq!(rejected + limited, 400, "each SYN is rejected or rate-limited");
+    // The burst, plus at most one per elapsed millisecond (test runs may
+    // land on both CPUs: twice that).
+    assert!(rejected >= 50 && rejected <= 2 * (50 + elapsed_ms), "{rejected} rejects in {elapsed_ms} ms, {limited} limited");
+    assert!(limited > 0, "the limit must bite: {rejected} rejects in {elapsed_ms} ms");
 }

@@ -61,6 +61,18 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, build in release mode, and fuzz the packet programs through
+    /// BPF_PROG_TEST_RUN (tests/src/fuzz.rs): random and mutated packets,
+    /// every invariant checked; progress every ~10 s, then the rate and the
+    /// verdicts per program. Needs root.
+    Fuzz {
+        /// How many packets.
+        #[arg(long, default_value_t = 10_000_000)]
+        packets: u64,
+        /// PRNG seed (default: the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -205,6 +217,21 @@ fn main() -> Result<()> {
                 cmd.arg("--duration").arg(d.to_string());
             }
             run(cmd.args(&args).current_dir(root()))
+        }
+        Task::Fuzz { packets, seed } => {
+            step("setup");
+            setup::setup()?;
+            step("build the fuzzer (release; proxy-agent's build.rs builds and embeds the eBPF object)");
+            run(cargo().args(["test", "--release", "-p", "integration-tests", "--test", "fuzz", "--no-run"]).current_dir(root()))?;
+            step(&format!("fuzz {packets} packets"));
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "-p", "integration-tests", "--test", "fuzz", "--", "--ignored", "--exact", "fuzz_full_run", "--nocapture"])
+                .current_dir(root())
+                .env("FUZZ_PACKETS", packets.to_string());
+            if let Some(s) = seed {
+                cmd.env("FUZZ_SEED", s.to_string());
+            }
+            run(&mut cmd)
         }
     }
 }

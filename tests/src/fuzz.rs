@@ -1,0 +1,1894 @@
+//! A packet fuzzer for the datapath's packet programs, through
+//! `BPF_PROG_TEST_RUN`.
+//!
+//! One copy of the embedded object is loaded, a fixed set of frontends and
+//! backends ([`Model::standard`]) is programmed into its maps, and packets
+//! are run one at a time (`repeat: 1`) through the five packet programs:
+//! `proxy_tc_ingress`, `proxy_tc_egress`, their `_l3` variants (the frame
+//! with its Ethernet header stripped) and `proxy_xdp`. The cgroup socket
+//! programs and the UDP iterator take no packets and are not fuzzed.
+//!
+//! Packets come from a corpus of valid frames built with [`crate::packet`]
+//! (TCP SYN/ACK/FIN/RST and UDP to every frontend from every kind of client,
+//! replies from every backend, ICMP errors quoting translated and
+//! untranslated flows, ARP, IPv6, ICMP echo, other protocols), from frames
+//! derived from the datapath's own outputs (the reply to a translated packet,
+//! an ICMP error quoting it, the next segment of the flow: this is what
+//! reaches the reverse-NAT and ICMP-translation paths), and from mutations of
+//! both ([`Mutator`]: truncation at any offset, bit flips, random bytes,
+//! random IPv4 total length / IHL / UDP length / TCP data offset, IP
+//! options, fragment bits and offsets, random protocols and ethertypes, TTL
+//! 0/1, ICMP errors quoting garbage, oversize and tiny frames, addresses and
+//! ports swapped for other programmed ones). After a mutation the checksums
+//! are recomputed with probability 2/3, so malformed packets with valid
+//! checksums are common.
+//!
+//! The stream of inputs is a function of the seed and of the datapath's
+//! answers; the datapath picks backends and SNAT ports with
+//! `bpf_get_prandom_u32`, so a run is not bit-for-bit reproducible: a failure
+//! prints the offending input and output in full, which is what matters.
+//!
+//! # Invariants
+//!
+//! Checked on every packet ([`check_packet`]):
+//!
+//! - **(d) test_run never fails.** The only accepted error is `EINVAL` for an
+//!   input shorter than an Ethernet header (14 bytes), which the syscall
+//!   rejects before running anything (`bpf_test_init`), and for TC an
+//!   IPv4/IPv6 ethertype without room for its network header ([`syscall_rejects`]). Inputs are kept at
+//!   most [`MAX_FRAME`] bytes, under the one-page limit of the syscall.
+//! - **(a) Verdicts.** TC programs (all four): `TC_ACT_UNSPEC` (-1, "next"),
+//!   `TC_ACT_OK`, `TC_ACT_SHOT`, `TC_ACT_REDIRECT`. XDP: `XDP_PASS`,
+//!   `XDP_TX`, `XDP_REDIRECT` (it never drops nor aborts).
+//! - **Pass-through is untouched.** `TC_ACT_UNSPEC` and `XDP_PASS` leave the
+//!   frame byte for byte as it came.
+//! - **(b) Translations** (`TC_ACT_OK`, `TC_ACT_REDIRECT`, `XDP_TX`,
+//!   `XDP_REDIRECT` with an output as long as the input; on an `_l3` variant
+//!   a redirected packet gets a 14-byte placeholder Ethernet header from
+//!   `bpf_skb_change_head`, all zero but for ethertype 0x0800, stripped before
+//!   comparing):
+//!   - only these bytes may change: the MACs (XDP), the TTL, the IPv4
+//!     checksum and addresses, the TCP/UDP ports and checksum; for an ICMP
+//!     error: the outer destination, TTL and checksum, the ICMP checksum, the
+//!     quoted addresses, checksum and ports; never the outer source.
+//!   - the TTL is kept or decremented by one (by exactly one on XDP), never
+//!     from 0 or 1.
+//!   - checksums: the IPv4 header checksum, the TCP/UDP checksum (over the
+//!     pseudo-header and the bytes from the L4 header to the end of the
+//!     frame), the ICMP checksum and the quoted IPv4 header checksum keep
+//!     their one's-complement residual: a valid checksum stays valid and an
+//!     invalid one stays invalid by the same amount (incremental updates; the
+//!     kernel does not fix what it did not break). `BPF_PROG_TEST_RUN` skbs
+//!     are not `CHECKSUM_PARTIAL`, so these are the full checksums. A UDP
+//!     checksum of 0 (none) stays 0, and a non-zero one never becomes 0. When
+//!     the input parses and all its checksums are valid, the output must
+//!     parse and verify ([`crate::packet::Parsed::verify_checksums`]).
+//!   - addresses, TCP/UDP (`s → d` becomes `s' → d'`):
+//!     - DNAT: `d` is a frontend with backends and `d'` one of *its*
+//!       backends (address and port); `s' == s`, or SNAT: `s'` port in
+//!       `SNAT_PORT_MIN..=SNAT_PORT_MAX` and address a node address or `s`'s
+//!       own (the port-clash case of `ct::create`).
+//!     - reverse NAT: `s` is a backend and `s'` a frontend that has it;
+//!       `d' == d`, or (SNAT flow) `d` port in the SNAT range, address a node
+//!       address or `d'`'s, and `d'` is the client the flow's REPLY entry
+//!       records.
+//!   - ICMP errors (type 3 or 11, quoting an IPv4 header without options and
+//!     TCP/UDP ports): about a forward packet, the quoted destination goes
+//!     from a backend to a frontend that has it, and with SNAT the quoted
+//!     source from a node/SNAT-range source to the client, which becomes the
+//!     outer destination; about a reply, the quoted source goes from a
+//!     frontend to one of its backends, which becomes the outer destination,
+//!     and with SNAT the quoted destination goes to a node/SNAT-range
+//!     address. A `TC_ACT_OK` output must differ from its input.
+//!   - XDP translates only TCP/UDP without IP options.
+//! - **(b) Errors the datapath answers** (TC ingress, `TC_ACT_REDIRECT`,
+//!   TCP/UDP in, ICMP out): destination unreachable, 56 bytes of IPv4 (TTL 64,
+//!   valid checksums), quoting the first 28 bytes of the input's IPv4 packet,
+//!   to the input's source; the MACs swapped on Ethernet. Code 3 (port
+//!   unreachable) only from a frontend without backends that rejects (the
+//!   input's destination); code 4 (fragmentation needed) only for an input
+//!   with DF set, larger than the route's MTU, from the input's destination or
+//!   (error about a reply) from a frontend address.
+//! - **(c) State** ([`check_state`], every `state_check_every` packets and at
+//!   the end): each conntrack table (`proxy_ct_v2`, and `proxy_ct_new_v1`
+//!   when the object has it) and the affinity map hold at most their
+//!   `max_entries`; every conntrack entry is TCP or UDP, direction SERVICE or REPLY,
+//!   zero padding, known flags, a programmed backend id and service id of
+//!   the same protocol with that backend among the frontend's; a SERVICE
+//!   entry is keyed to its frontend, translates to its backend, names a slot
+//!   of the frontend that holds it, and its SNAT source is in the range; a
+//!   REPLY entry is keyed from its backend and restores its frontend; every
+//!   affinity entry is an address client, names an affinity group of a
+//!   programmed frontend and a slot of it that holds the backend.
+//!
+//! # Findings
+//!
+//! Two defects the fuzzer found, now fixed in the kernel code, keep their
+//! own named checks so a regression is reported by name; like any other
+//! violation they fail the run (`FUZZ_STRICT=0` only counts them, for
+//! investigating an old object):
+//!
+//! **[`EGRESS_ICMP_NOT_V4`].** TC egress translated a frame with Ethertype
+//! 0x0800, an IPv4 version other than 4 and protocol byte 1 as an ICMP
+//! error (it checked the IHL, not the version).
+//!
+//! **[`BEYOND_TOTAL_LEN`].** The TC parser bounded its reads by the skb
+//! length, not by the IPv4 total length, so a packet whose L4 header (or an
+//! ICMP error whose quoted ports) lay past its total length was translated
+//! from padding bytes and left with a checksum its receiver rejects.
+//!
+//! # The `_l3` variants under `BPF_PROG_TEST_RUN`
+//!
+//! The syscall always runs `eth_type_trans` over the first 14 bytes of a
+//! `sched_cls` input, so for a stripped frame `skb->protocol` is read from
+//! bytes 12-13 of the IPv4 header: the first two bytes of the source
+//! address. The `_l3` programs decide "IPv4" by `skb->protocol`, so they see
+//! a stripped packet as IPv4 only when its source starts with `8.0.`. The
+//! fixture therefore has a client network (8.0.113.0/24) and a backend
+//! (8.0.5.11) there; every other stripped packet exercises the "not IPv4"
+//! path of the `_l3` programs.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    panic::resume_unwind,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use proxy_agent::{
+    datapath::ebpf_object,
+    pins::{TcHook, XDP_PROG},
+};
+use proxy_common::{
+    affinity::{AFFINITY_CLIENT_ADDR, AFFINITY_MAP, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
+    backend::{BACKEND_F_LOCAL, BACKEND_MAP, Backend},
+    ct::{
+        CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SEEN_REPLY, CT_F_SNAT, CT_MAP,
+        CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    },
+    proto,
+    stats::REASONS,
+    svc::{
+        SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+        SVC_FLAG_NODE_PORT, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL, SVC_MAP,
+        SvcKey, SvcValue,
+    },
+};
+
+use crate::{
+    netns::{Netns, enter, require_root, unique_name},
+    packet::{
+        CLIENT_MAC, ETH_HLEN, ETH_P_IP, FrameBuilder, NODE_MAC, arp_request, checksum, fold, hex, icmp,
+        ipv6_udp, parse, pseudo_header_sum, skb_ctx, stats_by_reason, sum_words, tcp_flags, xdp_md_ctx,
+    },
+};
+
+// ---------------------------------------------------------------------------
+// Verdicts
+// ---------------------------------------------------------------------------
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+/// `TC_ACT_UNSPEC` (-1) as `BPF_PROG_TEST_RUN` reports it.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Largest frame the fuzzer sends: under both syscall limits (one page
+/// minus skb / XDP head- and tailroom: about 3.7 KiB for TC, 3.5 KiB for XDP).
+pub const MAX_FRAME: usize = 3400;
+
+/// The packet programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Prog {
+    Ingress,
+    Egress,
+    IngressL3,
+    EgressL3,
+    Xdp,
+}
+
+pub const PROGS: [Prog; 5] = [Prog::Ingress, Prog::Egress, Prog::IngressL3, Prog::EgressL3, Prog::Xdp];
+
+impl Prog {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Prog::Ingress => TcHook::Ingress.program(),
+            Prog::Egress => TcHook::Egress.program(),
+            Prog::IngressL3 => TcHook::Ingress.program_l3(),
+            Prog::EgressL3 => TcHook::Egress.program_l3(),
+            Prog::Xdp => XDP_PROG,
+        }
+    }
+
+    /// Where the IPv4 header starts in this program's input.
+    #[must_use]
+    pub fn l3(self) -> usize {
+        match self {
+            Prog::IngressL3 | Prog::EgressL3 => 0,
+            _ => ETH_HLEN,
+        }
+    }
+
+    #[must_use]
+    pub fn is_xdp(self) -> bool {
+        self == Prog::Xdp
+    }
+
+    #[must_use]
+    pub fn is_ingress(self) -> bool {
+        matches!(self, Prog::Ingress | Prog::IngressL3)
+    }
+
+    /// The verdicts this program may return.
+    #[must_use]
+    pub fn allowed(self) -> &'static [u32] {
+        if self.is_xdp() {
+            &[XDP_PASS, XDP_TX, XDP_REDIRECT]
+        } else {
+            &[TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT]
+        }
+    }
+}
+
+#[must_use]
+pub fn verdict_name(prog: Prog, v: u32) -> String {
+    let s = if prog.is_xdp() {
+        match v {
+            XDP_ABORTED => "XDP_ABORTED",
+            XDP_DROP => "XDP_DROP",
+            XDP_PASS => "XDP_PASS",
+            XDP_TX => "XDP_TX",
+            XDP_REDIRECT => "XDP_REDIRECT",
+            _ => return format!("XDP_{v}?"),
+        }
+    } else {
+        match v {
+            TC_ACT_UNSPEC => "TC_ACT_UNSPEC",
+            TC_ACT_OK => "TC_ACT_OK",
+            TC_ACT_SHOT => "TC_ACT_SHOT",
+            TC_ACT_REDIRECT => "TC_ACT_REDIRECT",
+            _ => return format!("TC_{}?", v.cast_signed()),
+        }
+    };
+    s.to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// PRNG
+// ---------------------------------------------------------------------------
+
+/// `SplitMix64`: small, fast, deterministic for a seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5851_f42d_4c95_7f2d)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        // Slight modulo bias is irrelevant here.
+        usize::try_from(self.next_u64() % (n as u64)).expect("fits")
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.next_u64() % den < num
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.next_u64().to_le_bytes()[0]
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.byte(), self.byte()])
+    }
+
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The model: what is programmed
+// ---------------------------------------------------------------------------
+
+const fn ip4(a: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::new(a[0], a[1], a[2], a[3])
+}
+
+const fn sa(a: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip4(a), port)
+}
+
+fn be_addr(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn from_be_addr(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn from_be(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(from_be_addr(addr), u16::from_be(port))
+}
+
+/// The node's devices, as the fuzzer puts packets on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dev {
+    /// Uplink 192.0.2.1/24: external clients, node C.
+    Ext,
+    /// 172.18.0.1/24: node B.
+    Int,
+    /// 10.244.0.1/24: local pods.
+    Lxc,
+    /// A TUN device (no link-layer header): the `_l3` programs' device.
+    Tun,
+}
+
+pub const NODE_EXT: Ipv4Addr = ip4([192, 0, 2, 1]);
+pub const NODE_INT: Ipv4Addr = ip4([172, 18, 0, 1]);
+pub const NODE_POD_GW: Ipv4Addr = ip4([10, 244, 0, 1]);
+pub const ROUTER: Ipv4Addr = ip4([192, 0, 2, 254]);
+pub const ROUTER_L3: Ipv4Addr = ip4([8, 0, 113, 1]);
+pub const NODE_B: Ipv4Addr = ip4([172, 18, 0, 2]);
+
+/// Clients and the device their packets arrive on.
+pub const CLIENTS: [(SocketAddrV4, Dev); 7] = [
+    (sa([203, 0, 113, 7], 40000), Dev::Ext),
+    (sa([203, 0, 113, 8], 40000), Dev::Ext),
+    (sa([8, 0, 113, 7], 40001), Dev::Ext),
+    // A local pod that is also backend 1: hairpins.
+    (sa([10, 244, 0, 11], 40002), Dev::Lxc),
+    (sa([10, 244, 0, 50], 40003), Dev::Lxc),
+    (sa([10, 244, 1, 50], 40004), Dev::Int),
+    (sa([8, 0, 5, 50], 40005), Dev::Int),
+];
+
+/// A programmed backend.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendDef {
+    pub id: u32,
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+    pub local: bool,
+    pub dev: Dev,
+}
+
+/// A programmed frontend.
+#[derive(Clone, Debug)]
+pub struct FrontendDef {
+    pub name: &'static str,
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+    pub svc_id: u32,
+    pub flags: u16,
+    /// Backend ids, slot 1 first.
+    pub backends: Vec<u32>,
+    pub affinity_s: u32,
+    /// The affinity group (slot 0's `backend_id`).
+    pub group: u32,
+}
+
+/// Everything the fixture programs, and what the checker knows.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub backends: BTreeMap<u32, BackendDef>,
+    pub frontends: Vec<FrontendDef>,
+    /// Addresses of the node: SNAT sources.
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+/// `(base id, address, local, device)`; TCP ids are these, UDP ids + 100.
+const BACKENDS: [(u32, SocketAddrV4, bool, Dev); 8] = [
+    (1, sa([10, 244, 0, 11], 8080), true, Dev::Lxc),
+    (2, sa([10, 244, 0, 12], 8080), true, Dev::Lxc),
+    (3, sa([10, 244, 1, 11], 8080), false, Dev::Int),
+    (4, sa([10, 244, 2, 11], 8080), false, Dev::Ext),
+    (5, sa([8, 0, 5, 11], 8080), false, Dev::Int),
+    // Routed through a next hop without a neighbour entry.
+    (6, sa([10, 244, 3, 11], 8080), false, Dev::Int),
+    // No route at all.
+    (7, sa([10, 99, 0, 11], 8080), false, Dev::Ext),
+    // A second port of the local pod 10.244.0.11.
+    (8, sa([10, 244, 0, 11], 9090), true, Dev::Lxc),
+];
+
+/// `(name, address, flags, base backend ids, affinity timeout)`.
+const FRONTENDS: [(&str, SocketAddrV4, u16, &[u32], u32); 10] = [
+    ("clusterip", sa([10, 96, 0, 10], 80), SVC_FLAG_CLUSTER_IP, &[1, 2, 3, 5], 0),
+    ("clusterip-affinity", sa([10, 96, 0, 11], 80), SVC_FLAG_CLUSTER_IP, &[1, 3, 8], 10800),
+    ("nodeport", sa([192, 0, 2, 1], 30080), SVC_FLAG_NODE_PORT | SVC_FLAG_SNAT_REMOTE, &[1, 3, 4, 6, 7], 0),
+    ("nodeport-int", sa([172, 18, 0, 1], 30080), SVC_FLAG_NODE_PORT | SVC_FLAG_SNAT_REMOTE, &[1, 3, 4, 6, 7], 0),
+    ("externalip", sa([198, 51, 100, 20], 80), SVC_FLAG_EXTERNAL_IP | SVC_FLAG_SNAT_REMOTE, &[2, 4, 5], 0),
+    ("lb-local", sa([198, 51, 100, 30], 443), SVC_FLAG_LOAD_BALANCER | SVC_FLAG_POLICY_LOCAL, &[1, 2], 0),
+    ("lb-affinity", sa([198, 51, 100, 31], 443), SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SNAT_REMOTE, &[3, 4], 60),
+    ("clusterip-empty", sa([10, 96, 0, 20], 80), SVC_FLAG_CLUSTER_IP, &[], 0),
+    (
+        "clusterip-drop",
+        sa([10, 96, 0, 21], 80),
+        SVC_FLAG_CLUSTER_IP | SVC_FLAG_DROP_WHEN_EMPTY | SVC_FLAG_POLICY_LOCAL,
+        &[],
+        0,
+    ),
+    ("nodeport-empty", sa([192, 0, 2, 1], 30099), SVC_FLAG_NODE_PORT | SVC_FLAG_SNAT_REMOTE, &[], 0),
+];
+
+fn in_snat_range(port: u16) -> bool {
+    (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port)
+}
+
+impl Model {
+    /// `ClusterIP` (with and without affinity), `NodePort` on two node
+    /// addresses, externalIP, `LoadBalancer` (policy Local, and Cluster
+    /// with affinity), frontends without backends (reject, drop), over TCP
+    /// and UDP; local and remote backends, one behind a next hop without
+    /// neighbour entry, one without route.
+    #[must_use]
+    pub fn standard() -> Self {
+        let mut backends = BTreeMap::new();
+        let mut frontends = Vec::new();
+        for (pi, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+            let off = u32::try_from(pi).expect("0/1") * 100;
+            for (id, addr, local, dev) in BACKENDS {
+                backends.insert(id + off, BackendDef { id: id + off, addr, proto: p, local, dev });
+            }
+            for (i, (name, addr, flags, ids, affinity_s)) in FRONTENDS.iter().enumerate() {
+                let svc_id = u32::try_from(i).expect("few") * 2 + 10 + u32::try_from(pi).expect("0/1");
+                frontends.push(FrontendDef {
+                    name,
+                    addr: *addr,
+                    proto: p,
+                    svc_id,
+                    flags: *flags,
+                    backends: ids.iter().map(|id| id + off).collect(),
+                    affinity_s: *affinity_s,
+                    group: if *affinity_s == 0 { 0 } else { 5000 + svc_id },
+                });
+            }
+        }
+        Self { backends, frontends, node_addrs: vec![NODE_EXT, NODE_INT, NODE_POD_GW] }
+    }
+
+    #[must_use]
+    pub fn frontend(&self, a: SocketAddrV4, p: u8) -> Option<&FrontendDef> {
+        self.frontends.iter().find(|f| f.addr == a && f.proto == p)
+    }
+
+    #[must_use]
+    pub fn frontend_by_svc(&self, svc_id: u32) -> Option<&FrontendDef> {
+        self.frontends.iter().find(|f| f.svc_id == svc_id)
+    }
+
+    /// Whether `a` (address and port) is a backend of `fe`.
+    #[must_use]
+    pub fn has_backend(&self, fe: &FrontendDef, a: SocketAddrV4) -> bool {
+        fe.backends.iter().any(|id| self.backends[id].addr == a)
+    }
+
+    /// Frontends of protocol `p` that have backend `a`.
+    pub fn frontends_with(&self, a: SocketAddrV4, p: u8) -> impl Iterator<Item = &FrontendDef> {
+        self.frontends.iter().filter(move |f| f.proto == p && self.has_backend(f, a))
+    }
+
+    #[must_use]
+    pub fn is_node(&self, a: Ipv4Addr) -> bool {
+        self.node_addrs.contains(&a)
+    }
+
+    /// Every address:port the fixture knows (for mutations that swap them in).
+    #[must_use]
+    pub fn endpoints(&self) -> Vec<SocketAddrV4> {
+        let mut v: BTreeSet<SocketAddrV4> = BTreeSet::new();
+        v.extend(self.backends.values().map(|b| b.addr));
+        v.extend(self.frontends.iter().map(|f| f.addr));
+        v.extend(CLIENTS.iter().map(|c| c.0));
+        v.extend(self.node_addrs.iter().map(|a| SocketAddrV4::new(*a, SNAT_PORT_MIN)));
+        v.into_iter().collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Byte helpers
+// ---------------------------------------------------------------------------
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn addr_at(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+/// One's-complement residual of `sum` (folded; +0 and -0 are the same value).
+fn residual(sum: u32) -> u16 {
+    let r = fold(sum);
+    if r == 0 { 0xffff } else { r }
+}
+
+/// Recomputes, where the headers allow it, the IPv4 header checksum and the
+/// L4 checksum (TCP/UDP over the pseudo-header, ICMP over the message) of
+/// the packet whose IPv4 header starts at `l3`. The L4 part ends at the IPv4
+/// total length, or at the end of the frame when that lies.
+pub fn fix_checksums(f: &mut [u8], l3: usize) {
+    if f.len() < l3 + 20 || f[l3] >> 4 != 4 {
+        return;
+    }
+    let hl = usize::from(f[l3] & 0x0f) * 4;
+    if hl < 20 || f.len() < l3 + hl {
+        return;
+    }
+    f[l3 + 10..l3 + 12].fill(0);
+    let c = checksum(&f[l3..l3 + hl]);
+    f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    if be16(f, l3 + 6) & 0x1fff != 0 {
+        return;
+    }
+    let tot = usize::from(be16(f, l3 + 2));
+    let end = if tot >= hl && l3 + tot <= f.len() { l3 + tot } else { f.len() };
+    let l4 = l3 + hl;
+    let (src, dst, p) = (addr_at(f, l3 + 12), addr_at(f, l3 + 16), f[l3 + 9]);
+    match p {
+        proto::TCP if end >= l4 + 20 => {
+            f[l4 + 16..l4 + 18].fill(0);
+            let c = !fold(sum_words(&f[l4..end], pseudo_header_sum(src, dst, p, end - l4)));
+            f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+        }
+        proto::UDP if end >= l4 + 8 => {
+            if be16(f, l4 + 6) == 0 {
+                return;
+            }
+            f[l4 + 6..l4 + 8].fill(0);
+            let mut c = !fold(sum_words(&f[l4..end], pseudo_header_sum(src, dst, p, end - l4)));
+            if c == 0 {
+                c = 0xffff;
+            }
+            f[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+        }
+        proto::ICMP if end >= l4 + 8 => {
+            f[l4 + 2..l4 + 4].fill(0);
+            let c = checksum(&f[l4..end]);
+            f[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => {}
+    }
+}
+
+/// Recomputes the IPv4 total length (from the frame length) and checksums.
+fn fix_lengths(f: &mut [u8], l3: usize) {
+    if f.len() < l3 + 20 || f[l3] >> 4 != 4 {
+        return;
+    }
+    let tot = u16::try_from(f.len() - l3).unwrap_or(u16::MAX);
+    f[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+    let hl = usize::from(f[l3] & 0x0f) * 4;
+    if f[l3 + 9] == proto::UDP && hl >= 20 && f.len() >= l3 + hl + 8 {
+        let ul = u16::try_from(f.len() - l3 - hl).unwrap_or(u16::MAX);
+        f[l3 + hl + 4..l3 + hl + 6].copy_from_slice(&ul.to_be_bytes());
+    }
+    fix_checksums(f, l3);
+}
+
+// ---------------------------------------------------------------------------
+// The checker
+// ---------------------------------------------------------------------------
+
+/// Finding: a translation rewrote bytes past the input's IPv4 total length.
+pub const BEYOND_TOTAL_LEN: &str = "rewrote bytes past the IPv4 total length";
+/// Finding: TC egress translated an "ICMP" packet whose IPv4 version is not 4.
+pub const EGRESS_ICMP_NOT_V4: &str = "tc egress translated an ICMP error whose IPv4 version field is not 4";
+
+/// The conntrack lookup the checker uses to confirm a restored client.
+pub type CtLookup<'a> = &'a dyn Fn(&CtKey) -> Option<CtValue>;
+
+/// L4 residual over the pseudo-header and the bytes `l4..end` (`None` when
+/// the L4 header is not there).
+fn l4_residual(ip: &[u8], hl: usize, p: u8) -> u16 {
+    let seg = &ip[hl..];
+    let (src, dst) = (addr_at(ip, 12), addr_at(ip, 16));
+    if p == proto::ICMP {
+        residual(sum_words(seg, 0))
+    } else {
+        residual(sum_words(seg, pseudo_header_sum(src, dst, p, seg.len().min(0xffff))))
+    }
+}
+
+/// Checks one run. `input` and `output` are as the program saw and left
+/// them (for the `_l3` variants: from the IPv4 header on, but for the
+/// placeholder Ethernet header a redirect adds). Returns what is wrong.
+///
+/// `Ok(Some(finding))`: a known datapath defect, tolerated and counted (see
+/// "Findings" in the module documentation): [`BEYOND_TOTAL_LEN`] or
+/// [`EGRESS_ICMP_NOT_V4`].
+pub fn check_packet(model: &Model, prog: Prog, input: &[u8], verdict: u32, output: &[u8], ct: CtLookup<'_>) -> Result<Option<&'static str>, String> {
+    if !prog.allowed().contains(&verdict) {
+        return Err(format!("verdict {} is not one {} may return", verdict_name(prog, verdict), prog.name()));
+    }
+    let pass = if prog.is_xdp() { verdict == XDP_PASS } else { verdict == TC_ACT_UNSPEC };
+    if pass {
+        if input != output {
+            return Err("pass-through verdict, but the packet was modified".into());
+        }
+        return Ok(None);
+    }
+    if !prog.is_xdp() && verdict == TC_ACT_SHOT {
+        return Ok(None);
+    }
+    check_forwarded(model, prog, input, verdict, output, ct)
+}
+
+fn check_forwarded(model: &Model, prog: Prog, input: &[u8], verdict: u32, output: &[u8], ct: CtLookup<'_>) -> Result<Option<&'static str>, String> {
+    let l3 = prog.l3();
+    let mut out = output;
+    if l3 == 0 && verdict == TC_ACT_REDIRECT && output.len() == input.len() + ETH_HLEN && output.first() == Some(&0) {
+        if output[..12].iter().any(|b| *b != 0) || output[12..14] != [0x08, 0x00] {
+            return Err("the placeholder Ethernet header of an L3 redirect is not zeros + 0x0800".into());
+        }
+        out = &output[ETH_HLEN..];
+    }
+    if !prog.is_ingress() && !prog.is_xdp() && input.len() > l3 + 9 && input[l3] >> 4 != 4 && input[l3] & 0x0f >= 5 && input[l3 + 9] == proto::ICMP {
+        return Ok(Some(EGRESS_ICMP_NOT_V4));
+    }
+    if input.len() < l3 + 20 || input[l3] >> 4 != 4 || input[l3] & 0x0f < 5 {
+        return Err("a non-IPv4 packet was forwarded (not passed)".into());
+    }
+    if l3 == ETH_HLEN && be16(input, 12) != ETH_P_IP {
+        return Err("a non-IPv4 frame was forwarded (not passed)".into());
+    }
+    let a = &input[l3..];
+    let in_proto = a[9];
+    if !prog.is_xdp() && prog.is_ingress() && verdict == TC_ACT_REDIRECT && out.len() > l3 + 9 && out[l3 + 9] == proto::ICMP && in_proto != proto::ICMP {
+        return check_generated_error(model, prog, input, out).map(|()| None);
+    }
+    if out.len() != input.len() {
+        return Err(format!("translated packet changed length {} -> {}", input.len(), out.len()));
+    }
+    let b = &out[l3..];
+    if l3 == ETH_HLEN && !prog.is_xdp() && input[..ETH_HLEN] != out[..ETH_HLEN] {
+        return Err("TC changed the Ethernet header".into());
+    }
+    check_translation(model, prog, a, b, ct)?;
+    let tot = usize::from(be16(a, 2));
+    if (tot..a.len()).any(|i| a[i] != b[i]) {
+        return Ok(Some(BEYOND_TOTAL_LEN));
+    }
+    // Whole-packet view: a fully valid input gives a fully valid output.
+    let eth = |ip: &[u8]| {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+        f.extend_from_slice(ip);
+        f
+    };
+    if let Ok(pin) = parse(&eth(a))
+        && pin.verify_checksums().is_ok()
+    {
+        let pout = parse(&eth(b)).map_err(|e| format!("a valid input became unparsable: {e}"))?;
+        pout.verify_checksums().map_err(|e| format!("valid input, invalid output: {e}"))?;
+    }
+    Ok(None)
+}
+
+/// The reject / fragmentation-needed the datapath builds in place.
+fn check_generated_error(model: &Model, prog: Prog, input: &[u8], out: &[u8]) -> Result<(), String> {
+    let l3 = prog.l3();
+    let a = &input[l3..];
+    if out.len() != l3 + 56 {
+        return Err(format!("generated ICMP error of {} bytes, expected {}", out.len(), l3 + 56));
+    }
+    let b = &out[l3..];
+    if b[0] != 0x45 || be16(b, 2) != 56 || b[8] != 64 || b[9] != proto::ICMP {
+        return Err("generated ICMP error: bad IPv4 header".into());
+    }
+    if checksum(&b[..20]) != 0 {
+        return Err("generated ICMP error: bad IPv4 checksum".into());
+    }
+    if checksum(&b[20..]) != 0 {
+        return Err("generated ICMP error: bad ICMP checksum".into());
+    }
+    if b[20] != icmp::DEST_UNREACH {
+        return Err(format!("generated ICMP error of type {}", b[20]));
+    }
+    if a.len() < 28 || b[28..56] != a[..28] {
+        return Err("generated ICMP error does not quote the input's first 28 bytes".into());
+    }
+    if a[0] != 0x45 {
+        return Err("generated ICMP error for a packet with IP options".into());
+    }
+    if addr_at(b, 16) != addr_at(a, 12) {
+        return Err("generated ICMP error is not addressed to the sender".into());
+    }
+    let (src, in_dst) = (addr_at(b, 12), SocketAddrV4::new(addr_at(a, 16), be16(a, 22)));
+    let p = a[9];
+    match b[21] {
+        icmp::PORT_UNREACH => {
+            let fe = model.frontend(in_dst, p).ok_or_else(|| format!("reject for {in_dst}, not a frontend"))?;
+            if !fe.backends.is_empty() || fe.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+                return Err(format!("reject for frontend {} ({}), which has backends or drops", fe.name, fe.addr));
+            }
+            if src != *in_dst.ip() {
+                return Err("reject not sent from the frontend".into());
+            }
+        }
+        icmp::FRAG_NEEDED => {
+            if be16(a, 6) & 0x4000 == 0 {
+                return Err("fragmentation needed for a packet without DF".into());
+            }
+            if src != *in_dst.ip() && !model.frontends.iter().any(|f| *f.addr.ip() == src) {
+                return Err(format!("fragmentation needed from {src}: neither the destination nor a frontend"));
+            }
+            let mtu = usize::from(be16(b, 26));
+            if mtu == 0 || a.len() <= mtu {
+                return Err(format!("fragmentation needed with MTU {mtu} for a {}-byte packet", a.len()));
+            }
+        }
+        c => return Err(format!("generated destination unreachable with code {c}")),
+    }
+    if l3 == ETH_HLEN && (out[0..6] != input[6..12] || out[6..12] != input[0..6] || be16(out, 12) != ETH_P_IP) {
+        return Err("generated ICMP error: MACs not swapped".into());
+    }
+    Ok(())
+}
+
+/// Bytes (offsets in the IPv4 packet) a translation may change.
+fn may_change(p: u8, hl: usize) -> Vec<std::ops::Range<usize>> {
+    let mut r = vec![8..9, 10..12, 12..20];
+    match p {
+        proto::TCP => r.extend([hl..hl + 4, hl + 16..hl + 18]),
+        proto::UDP => r.extend([hl..hl + 4, hl + 6..hl + 8]),
+        _ => {
+            // ICMP: the outer source is fixed; checked below.
+            let inner = hl + 8;
+            r.extend([hl + 2..hl + 4, inner + 10..inner + 12, inner + 12..inner + 20, inner + 20..inner + 24]);
+        }
+    }
+    r
+}
+
+/// A later IPv4 fragment (offset > 0) has no L4 header: a translation may
+/// change only the addresses, the TTL and the header checksum (whose
+/// residual it keeps), never a byte of the payload; the new destination is
+/// a backend's address or the old one, the new source a frontend's or a
+/// node address or the old one (the ports live in the first fragment).
+fn check_later_fragment(model: &Model, prog: Prog, a: &[u8], b: &[u8], hl: usize) -> Result<(), String> {
+    if prog.is_xdp() {
+        return Err("XDP translated a later fragment".into());
+    }
+    if hl > a.len() {
+        return Err(format!("translated a later fragment whose {hl}-byte IPv4 header is cut short ({} bytes)", a.len()));
+    }
+    let allowed = [8..9, 10..12, 12..20];
+    if let Some(i) = (0..a.len()).find(|i| a[*i] != b[*i] && !allowed.iter().any(|r| r.contains(i))) {
+        return Err(format!("byte {i} of a later fragment changed ({:#04x} -> {:#04x}): only addresses, TTL, checksum may", a[i], b[i]));
+    }
+    if residual(sum_words(&a[..hl], 0)) != residual(sum_words(&b[..hl], 0)) {
+        return Err("later fragment: IPv4 header checksum residual changed".into());
+    }
+    let (s, d, s2, d2) = (addr_at(a, 12), addr_at(a, 16), addr_at(b, 12), addr_at(b, 16));
+    let backend = |x: Ipv4Addr| model.backends.values().any(|be| *be.addr.ip() == x);
+    let frontend = |x: Ipv4Addr| model.frontends.iter().any(|f| *f.addr.ip() == x);
+    // DNAT: to a backend; reverse NAT: the source becomes a frontend and,
+    // when the flow was source-NATed, the destination (a node address)
+    // becomes the client.
+    let reverse = s2 != s && frontend(s2);
+    if d2 != d && !backend(d2) && !(reverse && model.is_node(d)) {
+        return Err(format!("later fragment to {d} readdressed to {d2}: not a backend, nor a client restored on a reply"));
+    }
+    if s2 != s && !frontend(s2) && !model.is_node(s2) {
+        return Err(format!("later fragment from {s} readdressed from {s2}: not a frontend or node address"));
+    }
+    Ok(())
+}
+
+fn check_translation(model: &Model, prog: Prog, a: &[u8], b: &[u8], ct: CtLookup<'_>) -> Result<(), String> {
+    let hl = usize::from(a[0] & 0x0f) * 4;
+    let p = a[9];
+    if b[0] != a[0] || b[9] != p {
+        return Err("translation changed the IPv4 version/IHL or protocol".into());
+    }
+    if !matches!(p, proto::TCP | proto::UDP | proto::ICMP) {
+        return Err(format!("translated a packet of protocol {p}"));
+    }
+    if prog.is_xdp() && (p == proto::ICMP || hl != 20) {
+        return Err("XDP translated an ICMP packet or one with IP options".into());
+    }
+    if be16(a, 6) & 0x1fff != 0 {
+        return check_later_fragment(model, prog, a, b, hl);
+    }
+    let allowed = may_change(p, hl);
+    if let Some(i) = (0..a.len()).find(|i| a[*i] != b[*i] && !allowed.iter().any(|r| r.contains(i))) {
+        return Err(format!("byte {i} of the IPv4 packet changed ({:#04x} -> {:#04x}), not an address/port/checksum/TTL", a[i], b[i]));
+    }
+    if a == b {
+        return Err("forwarding verdict without any translation".into());
+    }
+    // TTL.
+    let (t0, t1) = (a[8], b[8]);
+    if prog.is_xdp() && !(t0 >= 2 && t1 == t0 - 1) {
+        return Err(format!("XDP TTL {t0} -> {t1}"));
+    }
+    if t1 != t0 && !(t0 >= 2 && t1 == t0 - 1) {
+        return Err(format!("TTL {t0} -> {t1}"));
+    }
+    // Checksums keep their residual.
+    if residual(sum_words(&a[..hl], 0)) != residual(sum_words(&b[..hl], 0)) {
+        let mut h = b[..hl].to_vec();
+        h[10..12].fill(0);
+        return Err(format!(
+            "IPv4 header checksum residual changed: in {:#06x}, out {:#06x} (field {:#06x}, correct {:#06x})",
+            residual(sum_words(&a[..hl], 0)),
+            residual(sum_words(&b[..hl], 0)),
+            be16(b, 10),
+            checksum(&h)
+        ));
+    }
+    if p == proto::UDP && be16(a, hl + 6) == 0 {
+        if be16(b, hl + 6) != 0 {
+            return Err("UDP without checksum got one".into());
+        }
+    } else {
+        if p == proto::UDP && be16(b, hl + 6) == 0 {
+            return Err("UDP checksum became 0 (none)".into());
+        }
+        let (ra, rb) = (l4_residual(a, hl, p), l4_residual(b, hl, p));
+        if ra != rb {
+            return Err(format!("{} checksum residual changed: in {ra:#06x}, out {rb:#06x}", proto_name(p)));
+        }
+    }
+    if p == proto::ICMP {
+        return check_icmp_translation(model, a, b, hl);
+    }
+    let s = SocketAddrV4::new(addr_at(a, 12), be16(a, hl));
+    let d = SocketAddrV4::new(addr_at(a, 16), be16(a, hl + 2));
+    let s2 = SocketAddrV4::new(addr_at(b, 12), be16(b, hl));
+    let d2 = SocketAddrV4::new(addr_at(b, 16), be16(b, hl + 2));
+    if d != d2 && model.frontend(d, p).is_some() {
+        let fe = model.frontend(d, p).expect("checked");
+        if !model.has_backend(fe, d2) {
+            return Err(format!("DNAT of {d} (frontend {}) to {d2}, not one of its backends", fe.name));
+        }
+        if s != s2 && !(in_snat_range(s2.port()) && (model.is_node(*s2.ip()) || s2.ip() == s.ip())) {
+            return Err(format!("DNAT with SNAT of {s} to {s2}: not a node address (or the client's) with a port in the SNAT range"));
+        }
+        return Ok(());
+    }
+    // Reverse NAT: s is a backend, s2 a frontend that has it.
+    if s == s2 {
+        return Err(format!("translation {s} -> {d} into {s2} -> {d2}: the destination {d} is not a frontend and the source was kept"));
+    }
+    if !model.frontends_with(s, p).any(|f| f.addr == s2) {
+        return Err(format!("reverse NAT of {s} to {s2}: not a frontend that has backend {s}"));
+    }
+    if d != d2 {
+        if !in_snat_range(d.port()) || !(model.is_node(*d.ip()) || d.ip() == d2.ip()) {
+            return Err(format!("reverse NAT restored {d} to {d2}, but {d} is not an SNAT source"));
+        }
+        let key = CtKey { saddr_be: be_addr(*s.ip()), daddr_be: be_addr(*d.ip()), sport_be: s.port().to_be(), dport_be: d.port().to_be(), proto: p, dir: CT_DIR_REPLY, _pad: [0; 2] };
+        match ct(&key) {
+            Some(e) if e.flags & CT_F_SNAT != 0 && from_be(e.snat_addr_be, e.snat_port_be) == d2 && from_be(e.nat_addr_be, e.nat_port_be) == s2 => {}
+            Some(e) => return Err(format!("reverse NAT to {s2} -> {d2} disagrees with the REPLY entry {e:?}")),
+            None => return Err(format!("reverse NAT restored the client {d2} without a REPLY entry")),
+        }
+    }
+    Ok(())
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        proto::ICMP => "ICMP",
+        _ => "L4",
+    }
+}
+
+fn check_icmp_translation(model: &Model, a: &[u8], b: &[u8], hl: usize) -> Result<(), String> {
+    let inner = hl + 8;
+    if a.len() < inner + 24 {
+        return Err("ICMP translated with a quote shorter than IPv4 header + ports".into());
+    }
+    if !matches!(a[hl], icmp::DEST_UNREACH | icmp::TIME_EXCEEDED) || a[inner] != 0x45 {
+        return Err("translated an ICMP message that is not an error quoting an IPv4 header without options".into());
+    }
+    let ip = a[inner + 9];
+    if !matches!(ip, proto::TCP | proto::UDP) {
+        return Err("translated an ICMP error quoting neither TCP nor UDP".into());
+    }
+    let q = |x: &[u8], at: usize, port: usize| SocketAddrV4::new(addr_at(x, inner + at), be16(x, inner + 20 + port));
+    let (qs, qd, qs2, qd2) = (q(a, 12, 0), q(a, 16, 2), q(b, 12, 0), q(b, 16, 2));
+    let (od, od2) = (addr_at(a, 16), addr_at(b, 16));
+    if residual(sum_words(&a[inner..inner + 20], 0)) != residual(sum_words(&b[inner..inner + 20], 0)) {
+        return Err("quoted IPv4 header checksum residual changed".into());
+    }
+    let about_reply = qs != qs2 && model.frontend(qs, ip).is_some_and(|f| model.has_backend(f, qs2));
+    if about_reply {
+        if od2 != *qs2.ip() {
+            return Err(format!("ICMP error about a reply readdressed to {od2}, not to the backend {qs2}"));
+        }
+        if qd != qd2 && !(in_snat_range(qd2.port()) && (model.is_node(*qd2.ip()) || qd2.ip() == qd.ip())) {
+            return Err(format!("ICMP error about a reply: quoted destination {qd} -> {qd2} is not an SNAT source"));
+        }
+        return Ok(());
+    }
+    if qd == qd2 {
+        return Err(format!("ICMP error translated, but neither quoted frontend nor backend: {qs} -> {qd} became {qs2} -> {qd2}"));
+    }
+    if !model.frontends_with(qd, ip).any(|f| f.addr == qd2) {
+        return Err(format!("ICMP error: quoted destination {qd} -> {qd2}, not a backend restored to a frontend that has it"));
+    }
+    if qs == qs2 {
+        // Unchanged, or an SNAT flow whose SNAT source is the client's own
+        // address and port (a node-address client whose port lies in the
+        // SNAT range): the error then goes to that address.
+        if od != od2 && od2 != *qs2.ip() {
+            return Err("ICMP error readdressed without an SNAT flow".into());
+        }
+    } else {
+        if !in_snat_range(qs.port()) || !(model.is_node(*qs.ip()) || qs.ip() == qs2.ip()) {
+            return Err(format!("ICMP error: quoted source {qs} restored to {qs2}, but {qs} is not an SNAT source"));
+        }
+        if od2 != *qs2.ip() {
+            return Err(format!("ICMP error of an SNAT flow sent to {od2}, not to the client {qs2}"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the conntrack and affinity maps against the model.
+///
+/// `ct`: every conntrack table of the object (`proxy_ct_v2`, and the
+/// unconfirmed table when the object has one) with its entries and its
+/// `max_entries`; `aff`: the affinity map's entries and its bound.
+pub fn check_state(model: &Model, ct: &[(&str, u32, Vec<(CtKey, CtValue)>)], aff: &[(AffinityKey, AffinityValue)], aff_max: u32) -> Result<(), String> {
+    for (name, max, entries) in ct {
+        if entries.len() > *max as usize {
+            return Err(format!("{name}: {} entries, more than its {max}", entries.len()));
+        }
+        for (k, v) in entries {
+            check_ct_entry(model, k, v).map_err(|e| format!("{name} entry {k:?} => {v:?}: {e}"))?;
+        }
+    }
+    if aff.len() > aff_max as usize {
+        return Err(format!("{} affinity entries, more than {aff_max}", aff.len()));
+    }
+    for (k, v) in aff {
+        check_affinity_entry(model, k, v).map_err(|e| format!("affinity entry {k:?} => {v:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn slot_holds(fe: &FrontendDef, slot: u16, id: u32) -> bool {
+    slot >= 1 && fe.backends.get(usize::from(slot) - 1) == Some(&id)
+}
+
+fn check_ct_entry(model: &Model, k: &CtKey, v: &CtValue) -> Result<(), String> {
+    if k._pad != [0; 2] || v._pad != 0 {
+        return Err("non-zero padding".into());
+    }
+    if !matches!(k.proto, proto::TCP | proto::UDP) {
+        return Err("protocol neither TCP nor UDP".into());
+    }
+    if v.flags & !(CT_F_SNAT | CT_F_REDIRECT | CT_F_CLOSING | CT_F_SEEN_REPLY) != 0 {
+        return Err("unknown flags".into());
+    }
+    let be = model.backends.get(&v.backend_id).ok_or("backend id not programmed")?;
+    let fe = model.frontend_by_svc(v.svc_id).ok_or("service id not programmed")?;
+    if be.proto != k.proto || fe.proto != k.proto {
+        return Err("backend or frontend of another protocol".into());
+    }
+    if !fe.backends.contains(&v.backend_id) {
+        return Err(format!("backend {} is not one of frontend {}'s", v.backend_id, fe.name));
+    }
+    let snat = v.flags & CT_F_SNAT != 0;
+    let external = fe.flags & SVC_FLAGS_EXTERNAL != 0;
+    let nat = from_be(v.nat_addr_be, v.nat_port_be);
+    let ks = from_be(k.saddr_be, k.sport_be);
+    let kd = from_be(k.daddr_be, k.dport_be);
+    let sn = from_be(v.snat_addr_be, v.snat_port_be);
+    if !snat && (v.snat_addr_be != 0 || v.snat_port_be != 0) {
+        return Err("SNAT fields set without CT_F_SNAT".into());
+    }
+    if external && v.flags & CT_F_REDIRECT == 0 {
+        return Err("flow of an external frontend without CT_F_REDIRECT".into());
+    }
+    if !external && !snat && v.flags & CT_F_REDIRECT != 0 {
+        return Err("CT_F_REDIRECT on a ClusterIP flow without SNAT".into());
+    }
+    match k.dir {
+        CT_DIR_SERVICE => {
+            if kd != fe.addr {
+                return Err(format!("SERVICE entry keyed to {kd}, not its frontend {}", fe.addr));
+            }
+            if nat != be.addr {
+                return Err(format!("SERVICE entry translates to {nat}, not its backend {}", be.addr));
+            }
+            if !slot_holds(fe, v.slot, v.backend_id) {
+                return Err(format!("slot {} does not hold backend {}", v.slot, v.backend_id));
+            }
+            if snat && !(in_snat_range(sn.port()) && (model.is_node(*sn.ip()) || sn.ip() == ks.ip())) {
+                return Err(format!("SNAT source {sn} is not a node address (or the client's) with a port in range"));
+            }
+        }
+        CT_DIR_REPLY => {
+            if ks != be.addr {
+                return Err(format!("REPLY entry keyed from {ks}, not its backend {}", be.addr));
+            }
+            if nat != fe.addr {
+                return Err(format!("REPLY entry restores {nat}, not its frontend {}", fe.addr));
+            }
+            if v.slot != 0 {
+                return Err("REPLY entry with a slot".into());
+            }
+            if snat && !(in_snat_range(kd.port()) && (model.is_node(*kd.ip()) || kd.ip() == sn.ip())) {
+                return Err(format!("SNAT REPLY entry keyed to {kd}: not an SNAT source"));
+            }
+        }
+        d => return Err(format!("direction {d}")),
+    }
+    Ok(())
+}
+
+fn check_affinity_entry(model: &Model, k: &AffinityKey, v: &AffinityValue) -> Result<(), String> {
+    if k._pad != [0; 3] || v._pad != [0; 2] {
+        return Err("non-zero padding".into());
+    }
+    if k.client_kind != AFFINITY_CLIENT_ADDR || k.client >> 32 != 0 {
+        return Err("client is not an IPv4 address".into());
+    }
+    let fe = model.frontends.iter().find(|f| f.affinity_s != 0 && f.group == k.group).ok_or("group of no affinity frontend")?;
+    if !slot_holds(fe, v.slot, v.backend_id) {
+        return Err(format!("slot {} of {} does not hold backend {}", v.slot, fe.name, v.backend_id));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The node (a network namespace per run) and the loaded datapath
+// ---------------------------------------------------------------------------
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = CString::new(name).expect("device name");
+    // SAFETY: a valid C string; the call only reads it.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(i != 0, "no device {name} in this namespace");
+    i
+}
+
+/// The node of `tests/tests/packet_northsouth.rs`, plus the 8.0.0.0/16
+/// networks the `_l3` variants can see and a TUN device.
+fn build_node(ns: &Netns) -> bool {
+    for (dev, peer, m, addr) in [
+        ("ext0", "ext0p", NODE_MAC, "192.0.2.1/24"),
+        ("int0", "int0p", [0x02, 0, 0, 0, 0x01, 0x01], "172.18.0.1/24"),
+        ("lxc0", "lxc0p", [0x02, 0, 0, 0, 0x02, 0x01], "10.244.0.1/24"),
+    ] {
+        ns.ip(&["link", "add", dev, "address", &mac(m), "type", "veth", "peer", "name", peer]);
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+    }
+    for (net, via, dev) in [
+        ("203.0.113.0/24", "192.0.2.254", "ext0"),
+        ("8.0.113.0/24", "192.0.2.254", "ext0"),
+        ("10.244.1.0/24", "172.18.0.2", "int0"),
+        ("8.0.5.0/24", "172.18.0.2", "int0"),
+        ("10.244.2.0/24", "192.0.2.3", "ext0"),
+        ("10.244.3.0/24", "172.18.0.9", "int0"),
+    ] {
+        ns.ip(&["route", "add", net, "via", via, "dev", dev]);
+    }
+    for (addr, m, dev) in [
+        ("192.0.2.254", CLIENT_MAC, "ext0"),
+        ("192.0.2.3", [0x02, 0, 0, 0, 0x00, 0x03], "ext0"),
+        ("172.18.0.2", [0x02, 0, 0, 0, 0x01, 0x02], "int0"),
+        ("10.244.0.11", [0x02, 0, 0, 0, 0x02, 0x02], "lxc0"),
+        ("10.244.0.12", [0x02, 0, 0, 0, 0x02, 0x03], "lxc0"),
+        ("10.244.0.50", [0x02, 0, 0, 0, 0x02, 0x04], "lxc0"),
+    ] {
+        ns.ip(&["neigh", "replace", addr, "lladdr", &mac(m), "dev", dev, "nud", "permanent"]);
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    // A TUN device for the `_l3` programs; without /dev/net/tun they run on ext0.
+    let tun = std::process::Command::new("ip")
+        .args(["-n", ns.name(), "tuntap", "add", "tun0", "mode", "tun"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if tun {
+        ns.ip(&["link", "set", "tun0", "up"]);
+    }
+    tun
+}
+
+/// Device indexes in the node's namespace.
+#[derive(Clone, Copy, Debug)]
+struct Links {
+    ext0: u32,
+    int0: u32,
+    lxc0: u32,
+    tun0: u32,
+}
+
+impl Links {
+    fn of(self, d: Dev) -> u32 {
+        match d {
+            Dev::Ext => self.ext0,
+            Dev::Int => self.int0,
+            Dev::Lxc => self.lxc0,
+            Dev::Tun => self.tun0,
+        }
+    }
+}
+
+/// Builds the node in a new namespace and runs `f` on a thread inside it;
+/// the namespace is deleted afterwards, also when `f` panics.
+fn on_node<T: Send>(f: impl FnOnce(Links) -> T + Send) -> T {
+    require_root();
+    let ns = Netns::create(&unique_name("fz"));
+    let tun = build_node(&ns);
+    let path = ns.path();
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&path);
+            let ext0 = ifindex("ext0");
+            let links = Links { ext0, int0: ifindex("int0"), lxc0: ifindex("lxc0"), tun0: if tun { ifindex("tun0") } else { ext0 } };
+            f(links)
+        })
+        .join()
+    });
+    drop(ns);
+    r.unwrap_or_else(|p| resume_unwind(p))
+}
+
+/// Loads the object (the five packet programs) and programs `model`.
+fn load(model: &Model) -> Ebpf {
+    let mut ebpf = Ebpf::load(ebpf_object()).unwrap_or_else(|e| panic!("loading the embedded eBPF object: {e:?}"));
+    for prog in PROGS {
+        let name = prog.name();
+        if prog.is_xdp() {
+            let p: &mut Xdp = ebpf.program_mut(name).unwrap_or_else(|| panic!("no program {name}")).try_into().expect("xdp");
+            p.load().unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+        } else {
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(name).unwrap_or_else(|| panic!("no program {name}")).try_into().expect("sched_cls");
+            p.load().unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+        }
+    }
+    {
+        let mut m = HashMap::<_, u32, Backend>::try_from(ebpf.map_mut(BACKEND_MAP).expect("backend map")).expect("backend map type");
+        for b in model.backends.values() {
+            let v = Backend {
+                addr_be: be_addr(*b.addr.ip()),
+                port_be: b.addr.port().to_be(),
+                proto: b.proto,
+                flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+            };
+            m.insert(b.id, v, 0).unwrap_or_else(|e| panic!("insert backend {b:?}: {e:?}"));
+        }
+    }
+    let mut m = HashMap::<_, SvcKey, SvcValue>::try_from(ebpf.map_mut(SVC_MAP).expect("svc map")).expect("svc map type");
+    for fe in &model.frontends {
+        let key = |slot: u16| SvcKey {
+            addr_be: be_addr(*fe.addr.ip()),
+            port_be: fe.addr.port().to_be(),
+            backend_slot: slot,
+            proto: fe.proto,
+            scope: 0,
+            _pad: [0; 2],
+        };
+        for (slot, id) in (1..).zip(&fe.backends) {
+            m.insert(key(slot), SvcValue { backend_id: *id, ..Default::default() }, 0).expect("insert slot");
+        }
+        let head = SvcValue {
+            backend_id: fe.group,
+            count: u16::try_from(fe.backends.len()).expect("count"),
+            flags: fe.flags,
+            svc_id: fe.svc_id,
+            affinity_timeout_s: fe.affinity_s,
+        };
+        m.insert(key(0), head, 0).unwrap_or_else(|e| panic!("insert frontend {}: {e:?}", fe.name));
+    }
+    ebpf
+}
+
+/// The conntrack tables: `proxy_ct_v2`, and the unconfirmed flows' table
+/// when the object has one.
+pub const CT_TABLES: [&str; 2] = [CT_MAP, "proxy_ct_new_v1"];
+
+/// `max_entries` of a loaded hash map.
+fn map_max(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    match ebpf.map(name)? {
+        Map::HashMap(d) | Map::LruHashMap(d) => d.info().ok().map(|i| i.max_entries()),
+        _ => None,
+    }
+}
+
+fn ct_entries(ebpf: &Ebpf) -> Vec<(&'static str, u32, Vec<(CtKey, CtValue)>)> {
+    CT_TABLES
+        .iter()
+        .filter_map(|name| {
+            let m: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(ebpf.map(name)?).expect("ct map type");
+            let max = map_max(ebpf, name).expect("ct map info");
+            // An LRU entry may vanish between get_next_key and lookup: skip those.
+            Some((*name, max, m.iter().filter_map(Result::ok).collect()))
+        })
+        .collect()
+}
+
+fn affinity_entries(ebpf: &Ebpf) -> Vec<(AffinityKey, AffinityValue)> {
+    let m: HashMap<&MapData, AffinityKey, AffinityValue> =
+        HashMap::try_from(ebpf.map(AFFINITY_MAP).expect("affinity map")).expect("affinity map type");
+    m.iter().filter_map(Result::ok).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Corpus and mutators
+// ---------------------------------------------------------------------------
+
+/// A frame (always with its Ethernet header) and where it belongs.
+#[derive(Clone, Debug)]
+pub struct Seed {
+    pub frame: Vec<u8>,
+    pub prog: Prog,
+    pub dev: Dev,
+}
+
+fn seed(frame: Vec<u8>, prog: Prog, dev: Dev) -> Seed {
+    Seed { frame, prog, dev }
+}
+
+fn tcp_udp(p: u8, src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> FrameBuilder {
+    if p == proto::TCP {
+        let b = FrameBuilder::tcp(src, dst, flags).with_tcp_seq(1000, if flags & tcp_flags::ACK != 0 { 5001 } else { 0 });
+        if flags & tcp_flags::PSH != 0 { b.with_payload(b"GET / HTTP/1.1\r\n\r\n") } else { b }
+    } else {
+        FrameBuilder::udp(src, dst)
+    }
+}
+
+/// An ICMP error from `from` to `to` quoting `quoted` (an Ethernet frame) with
+/// `l4` bytes of its L4 header.
+fn icmp_error_quoting(from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, quoted: &[u8], l4: usize) -> Vec<u8> {
+    let q = crate::packet::quote_of(quoted, l4);
+    let rest = if code == icmp::FRAG_NEEDED { [0, 0, 0x05, 0xdc] } else { [0; 4] };
+    FrameBuilder::icmp_error(from, to, ty, code, rest, &q).with_ttl(64).build()
+}
+
+/// The static corpus: valid frames of every kind the datapath handles.
+#[must_use]
+pub fn corpus(model: &Model) -> Vec<Seed> {
+    let mut v = Vec::new();
+    let tcp_kinds = [
+        tcp_flags::SYN,
+        tcp_flags::ACK | tcp_flags::PSH,
+        tcp_flags::FIN | tcp_flags::ACK,
+        tcp_flags::RST,
+        tcp_flags::SYN | tcp_flags::ACK,
+    ];
+    for fe in &model.frontends {
+        for (c, dev) in CLIENTS {
+            let kinds: &[u8] = if fe.proto == proto::TCP { &tcp_kinds } else { &[0, 1] };
+            for k in kinds {
+                let mut b = tcp_udp(fe.proto, c, fe.addr, *k);
+                if fe.proto == proto::UDP && *k == 1 {
+                    b = b.with_udp_zero_checksum();
+                }
+                let f = b.build();
+                v.push(seed(f.clone(), Prog::Ingress, dev));
+                if *c.ip().octets().first().expect("4") == 8 {
+                    v.push(seed(f.clone(), Prog::IngressL3, Dev::Tun));
+                }
+                if fe.flags & SVC_FLAGS_EXTERNAL != 0 {
+                    v.push(seed(f, Prog::Xdp, dev));
+                }
+            }
+            // An ICMP error about the untranslated packet (the client's router
+            // complaining to the frontend) and about a translated one.
+            let sent = tcp_udp(fe.proto, c, fe.addr, tcp_flags::SYN).build();
+            v.push(seed(icmp_error_quoting(ROUTER, *fe.addr.ip(), icmp::DEST_UNREACH, icmp::FRAG_NEEDED, &sent, 8), Prog::Ingress, Dev::Ext));
+            for id in &fe.backends {
+                let be = model.backends[id];
+                let fwd = tcp_udp(fe.proto, c, be.addr, tcp_flags::SYN).build();
+                v.push(seed(icmp_error_quoting(NODE_B, *c.ip(), icmp::TIME_EXCEEDED, 0, &fwd, 8), Prog::Ingress, be.dev));
+                v.push(seed(icmp_error_quoting(NODE_EXT, *c.ip(), icmp::DEST_UNREACH, icmp::FRAG_NEEDED, &fwd, 8), Prog::Egress, be.dev));
+                // Replies from the backend to the client, and to a node address
+                // with a port in the SNAT range.
+                for k in [tcp_flags::SYN | tcp_flags::ACK, tcp_flags::ACK, tcp_flags::FIN | tcp_flags::ACK, tcp_flags::RST] {
+                    let r = tcp_udp(fe.proto, be.addr, c, k).build();
+                    v.push(seed(r.clone(), Prog::Ingress, be.dev));
+                    v.push(seed(r, Prog::Egress, Dev::Lxc));
+                }
+                for n in &model.node_addrs {
+                    let r = tcp_udp(fe.proto, be.addr, SocketAddrV4::new(*n, SNAT_PORT_MIN + 7), tcp_flags::ACK).build();
+                    v.push(seed(r.clone(), Prog::Ingress, be.dev));
+                    v.push(seed(r, Prog::Xdp, be.dev));
+                }
+            }
+        }
+    }
+    for (c, dev) in CLIENTS {
+        v.push(seed(FrameBuilder::icmp_echo(*c.ip(), *FRONTENDS[0].1.ip()).build(), Prog::Ingress, dev));
+        let mut g = FrameBuilder::tcp(c, FRONTENDS[0].1, 0);
+        g.l4 = crate::packet::L4::Other { proto: 47 };
+        v.push(seed(g.with_payload(&[0; 24]).build(), Prog::Ingress, dev));
+        v.push(seed(arp_request(CLIENT_MAC, *c.ip(), NODE_EXT), Prog::Ingress, dev));
+    }
+    v.push(seed(ipv6_udp(std::net::Ipv6Addr::LOCALHOST, 1, std::net::Ipv6Addr::LOCALHOST, 53, b"x"), Prog::Ingress, Dev::Ext));
+    v
+}
+
+/// The mutations, one per variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutator {
+    Truncate,
+    FlipBits,
+    RandomBytes,
+    TotalLength,
+    Ihl,
+    UdpLength,
+    TcpDataOffset,
+    IpOptions,
+    Fragment,
+    Protocol,
+    Ethertype,
+    Ttl,
+    TcpFlags,
+    SwapEndpoints,
+    RandomAddress,
+    IcmpGarbageQuote,
+    Oversize,
+    Tiny,
+    UdpZeroChecksum,
+    Padding,
+}
+
+pub const MUTATORS: [Mutator; 20] = [
+    Mutator::Truncate,
+    Mutator::FlipBits,
+    Mutator::RandomBytes,
+    Mutator::TotalLength,
+    Mutator::Ihl,
+    Mutator::UdpLength,
+    Mutator::TcpDataOffset,
+    Mutator::IpOptions,
+    Mutator::Fragment,
+    Mutator::Protocol,
+    Mutator::Ethertype,
+    Mutator::Ttl,
+    Mutator::TcpFlags,
+    Mutator::SwapEndpoints,
+    Mutator::RandomAddress,
+    Mutator::IcmpGarbageQuote,
+    Mutator::Oversize,
+    Mutator::Tiny,
+    Mutator::UdpZeroChecksum,
+    Mutator::Padding,
+];
+
+/// Applies `m` to the Ethernet frame `f` (IPv4 header at 14).
+#[allow(clippy::too_many_lines)]
+pub fn mutate(m: Mutator, f: &mut Vec<u8>, rng: &mut Rng, endpoints: &[SocketAddrV4]) {
+    const L3: usize = ETH_HLEN;
+    let ip = f.len() >= L3 + 20;
+    let hl = if ip { usize::from(f[L3] & 0x0f) * 4 } else { 20 };
+    let l4 = L3 + hl.max(20);
+    match m {
+        Mutator::Truncate => {
+            let n = rng.below(f.len() + 1);
+            f.truncate(n);
+        }
+        Mutator::FlipBits => {
+            for _ in 0..=rng.below(8) {
+                if f.is_empty() {
+                    break;
+                }
+                // Mostly in the headers.
+                let span = if rng.chance(3, 4) { f.len().min(L3 + 60) } else { f.len() };
+                let i = rng.below(span);
+                f[i] ^= 1 << rng.below(8);
+            }
+        }
+        Mutator::RandomBytes => {
+            for _ in 0..=rng.below(4) {
+                if f.is_empty() {
+                    break;
+                }
+                let i = rng.below(f.len().min(L3 + 80));
+                f[i] = rng.byte();
+            }
+        }
+        Mutator::TotalLength if ip => {
+            let real = u16::try_from(f.len() - L3).unwrap_or(u16::MAX);
+            let v = match rng.below(4) {
+                0 => rng.u16(),
+                1 => real.wrapping_add(u16::try_from(rng.below(64)).expect("small")),
+                2 => real.saturating_sub(u16::try_from(rng.below(64)).expect("small")),
+                _ => u16::try_from(rng.below(40)).expect("small"),
+            };
+            f[L3 + 2..L3 + 4].copy_from_slice(&v.to_be_bytes());
+        }
+        Mutator::Ihl if ip => {
+            f[L3] = (f[L3] & 0xf0) | u8::try_from(rng.below(16)).expect("nibble");
+        }
+        Mutator::UdpLength if f.len() >= l4 + 8 => {
+            let v = if rng.chance(1, 2) { rng.u16() } else { u16::try_from(rng.below(40)).expect("small") };
+            f[l4 + 4..l4 + 6].copy_from_slice(&v.to_be_bytes());
+        }
+        Mutator::TcpDataOffset if f.len() >= l4 + 20 => {
+            f[l4 + 12] = (u8::try_from(rng.below(16)).expect("nibble") << 4) | (f[l4 + 12] & 0x0f);
+        }
+        Mutator::IpOptions if ip && hl == 20 => {
+            let words = 1 + rng.below(10);
+            let mut opts = match rng.below(4) {
+                0 => vec![1; words * 4],                      // NOPs
+                1 => {
+                    // Record route.
+                    let mut o = vec![7, u8::try_from(words * 4 - 1).expect("small"), 4];
+                    o.resize(words * 4, 0);
+                    o
+                }
+                2 => {
+                    let mut o = vec![0x94, 4, 0, 0]; // router alert
+                    o.resize(words * 4, 0);
+                    o
+                }
+                _ => rng.bytes(words * 4),
+            };
+            opts.truncate(words * 4);
+            let at = L3 + 20;
+            f.splice(at..at, opts);
+            f[L3] = (f[L3] & 0xf0) | u8::try_from(5 + words).expect("ihl");
+            fix_lengths(f, L3);
+        }
+        Mutator::Fragment if ip => {
+            let mut v = be16(f, L3 + 6);
+            match rng.below(4) {
+                0 => v |= 0x2000,
+                1 => v = (v & 0xe000) | u16::try_from(1 + rng.below(0x1fff)).expect("13 bits"),
+                2 => v = 0x2000 | u16::try_from(rng.below(0x2000)).expect("13 bits"),
+                _ => v ^= 0x4000,
+            }
+            f[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        Mutator::Protocol if ip => {
+            f[L3 + 9] = match rng.below(4) {
+                0 => proto::TCP,
+                1 => proto::UDP,
+                2 => proto::ICMP,
+                _ => rng.byte(),
+            };
+        }
+        Mutator::Ethertype if f.len() >= L3 => {
+            let t: u16 = *rng.pick(&[0x86dd, 0x0806, 0x8100, 0x88a8, 0x0000, 0xffff, 0x0801]);
+            f[12..14].copy_from_slice(&t.to_be_bytes());
+        }
+        Mutator::Ttl if ip => f[L3 + 8] = u8::try_from(rng.below(3)).expect("small"),
+        Mutator::TcpFlags if f.len() >= l4 + 20 => f[l4 + 13] = rng.byte(),
+        Mutator::SwapEndpoints if f.len() >= l4 + 4 => {
+            let e = *rng.pick(endpoints);
+            let (a, p) = if rng.chance(1, 2) { (L3 + 12, l4) } else { (L3 + 16, l4 + 2) };
+            f[a..a + 4].copy_from_slice(&e.ip().octets());
+            let port = if rng.chance(1, 4) { SNAT_PORT_MIN + u16::try_from(rng.below(usize::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1)).expect("range") } else { e.port() };
+            f[p..p + 2].copy_from_slice(&port.to_be_bytes());
+        }
+        Mutator::RandomAddress if ip => {
+            let a = if rng.chance(1, 2) { L3 + 12 } else { L3 + 16 };
+            let b = rng.bytes(4);
+            f[a..a + 4].copy_from_slice(&b);
+            if rng.chance(1, 2) {
+                f[a] = 8;
+                f[a + 1] = 0;
+            }
+        }
+        Mutator::IcmpGarbageQuote => {
+            let e1 = *rng.pick(endpoints);
+            let e2 = *rng.pick(endpoints);
+            let mut quote = match rng.below(3) {
+                0 => {
+                    let n = rng.below(64);
+                    rng.bytes(n)
+                }
+                1 => {
+                    // A plausible quote with random ports and protocol.
+                    let mut q = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, *rng.pick(&[proto::TCP, proto::UDP, proto::ICMP, 47]), 0, 0];
+                    q.extend_from_slice(&e1.ip().octets());
+                    q.extend_from_slice(&e2.ip().octets());
+                    q.extend_from_slice(&e1.port().to_be_bytes());
+                    q.extend_from_slice(&e2.port().to_be_bytes());
+                    let n = rng.below(20);
+                    q.extend(rng.bytes(n));
+                    let c = checksum(&q[..20]);
+                    q[10..12].copy_from_slice(&c.to_be_bytes());
+                    q
+                }
+                _ => {
+                    // The frame's own IPv4 packet, cut anywhere.
+                    let ipkt = f.get(L3..).unwrap_or_default().to_vec();
+                    let n = rng.below(ipkt.len() + 1);
+                    ipkt[..n].to_vec()
+                }
+            };
+            if rng.chance(1, 4) && !quote.is_empty() {
+                let i = rng.below(quote.len());
+                quote[i] ^= 1 << rng.below(8);
+            }
+            let ty = *rng.pick(&[icmp::DEST_UNREACH, icmp::TIME_EXCEEDED, icmp::DEST_UNREACH, 12, 5]);
+            let code = u8::try_from(rng.below(16)).expect("small");
+            let from = *rng.pick(&[ROUTER, ROUTER_L3, NODE_B, NODE_EXT]);
+            let to = *rng.pick(endpoints);
+            *f = FrameBuilder::icmp_error(from, *to.ip(), ty, code, [0, 0, 0x05, 0xdc], &quote).build();
+        }
+        Mutator::Oversize => {
+            let target = 1400 + rng.below(MAX_FRAME - 1400);
+            if f.len() < target {
+                let extra = target - f.len();
+                f.extend(rng.bytes(extra));
+            }
+            if rng.chance(3, 4) {
+                fix_lengths(f, L3);
+            }
+        }
+        Mutator::Tiny => {
+            let n = rng.below(ETH_HLEN + 21);
+            f.truncate(n);
+        }
+        Mutator::UdpZeroChecksum if f.len() >= l4 + 8 => f[l4 + 6..l4 + 8].fill(0),
+        Mutator::Padding => {
+            // Ethernet padding / trailing bytes beyond the IPv4 total length.
+            let n = 1 + rng.below(46);
+            f.extend(std::iter::repeat_n(0, n));
+        }
+        _ => {}
+    }
+    f.truncate(MAX_FRAME);
+}
+
+/// Frames derived from a translated `output` (IPv4 at `l3`): the reply to
+/// it, an ICMP error quoting it, the next packet of the flow (from `input`).
+fn derive(model: &Model, prog: Prog, input: &[u8], output: &[u8], rng: &mut Rng, out: &mut Vec<Seed>) {
+    let l3 = prog.l3();
+    let mut eth = vec![0u8; 12];
+    eth.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    let frame = |ip: &[u8]| {
+        let mut f = if l3 == 0 { eth.clone() } else { Vec::new() };
+        f.extend_from_slice(ip);
+        f
+    };
+    let (fo, fi) = (frame(output), frame(input));
+    let Ok(po) = parse(&fo) else { return };
+    if !matches!(po.ip.proto, proto::TCP | proto::UDP) || po.ip.ihl != 5 {
+        return;
+    }
+    let (src, dst) = (po.src(), po.dst());
+    let back_dev = model.backends.values().find(|b| b.addr == dst).map_or(Dev::Ext, |b| b.dev);
+    let to_backend = model.backends.values().any(|b| b.addr == dst);
+    let flags = match &po.l4 {
+        crate::packet::L4Header::Tcp(t) => t.flags,
+        _ => 0,
+    };
+    if to_backend {
+        // The backend answers.
+        let k = if flags & tcp_flags::SYN != 0 { tcp_flags::SYN | tcp_flags::ACK } else { *rng.pick(&[tcp_flags::ACK, tcp_flags::FIN | tcp_flags::ACK, tcp_flags::RST, tcp_flags::ACK | tcp_flags::PSH]) };
+        let r = tcp_udp(po.ip.proto, dst, src, k).build();
+        let p = if rng.chance(1, 4) { Prog::Egress } else if rng.chance(1, 3) { Prog::Xdp } else { Prog::Ingress };
+        out.push(seed(r.clone(), p, back_dev));
+        if src.ip().octets()[0] == 8 || dst.ip().octets()[0] == 8 {
+            out.push(seed(r, Prog::IngressL3, Dev::Tun));
+        }
+        // A router on the way to the backend complains, quoting the translated packet.
+        let (ty, code) = *rng.pick(&[(icmp::DEST_UNREACH, icmp::FRAG_NEEDED), (icmp::TIME_EXCEEDED, 0), (icmp::DEST_UNREACH, icmp::PORT_UNREACH)]);
+        let e = icmp_error_quoting(*rng.pick(&[NODE_B, ROUTER, ROUTER_L3]), *src.ip(), ty, code, &fo, *rng.pick(&[8, 8, 4, 20]));
+        out.push(seed(e.clone(), if rng.chance(1, 3) { Prog::Egress } else { Prog::Ingress }, back_dev));
+        if rng.chance(1, 4) {
+            out.push(seed(e, Prog::IngressL3, Dev::Tun));
+        }
+        // The client's next packet of the flow.
+        if let Ok(pi) = parse(&fi) {
+            let k = *rng.pick(&[tcp_flags::ACK | tcp_flags::PSH, tcp_flags::FIN | tcp_flags::ACK, tcp_flags::RST, tcp_flags::SYN]);
+            out.push(seed(tcp_udp(pi.ip.proto, pi.src(), pi.dst(), k).build(), Prog::Ingress, Dev::Ext));
+        }
+    } else {
+        // A reply translated back: an error about it from the client's side.
+        let e = icmp_error_quoting(*rng.pick(&[ROUTER, ROUTER_L3]), *src.ip(), icmp::DEST_UNREACH, icmp::FRAG_NEEDED, &fo, 8);
+        out.push(seed(e.clone(), Prog::Ingress, Dev::Ext));
+        out.push(seed(e, Prog::Egress, Dev::Ext));
+        // The client answers the reply.
+        let k = *rng.pick(&[tcp_flags::ACK, tcp_flags::FIN | tcp_flags::ACK, tcp_flags::RST]);
+        out.push(seed(tcp_udp(po.ip.proto, dst, src, k).build(), Prog::Ingress, Dev::Ext));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct FuzzConfig {
+    pub packets: u64,
+    pub seed: u64,
+    /// Progress line interval (`None`: quiet).
+    pub progress: Option<Duration>,
+    /// Check the conntrack and affinity maps every this many packets.
+    pub state_check_every: u64,
+    /// Fail on the named findings too (the default; `FUZZ_STRICT=0` counts them).
+    pub strict: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub packets: u64,
+    pub elapsed: Duration,
+    /// Per program, per verdict name: packets.
+    pub verdicts: BTreeMap<&'static str, BTreeMap<String, u64>>,
+    /// Inputs the syscall rejects (EINVAL) as expected: see [`syscall_rejects`].
+    pub rejected_short: u64,
+    /// Translated outputs checked as translations / generated errors.
+    pub translations: u64,
+    pub state_checks: u64,
+    /// Known datapath defects seen (tolerated unless strict), by name.
+    pub findings: BTreeMap<&'static str, u64>,
+    pub max_ct_entries: usize,
+    pub max_affinity_entries: usize,
+    /// Datapath exit-reason counters at the end.
+    pub reasons: Vec<(&'static str, u64)>,
+}
+
+impl Summary {
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        self.packets as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    #[must_use]
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "fuzz: {} packets in {:.1} s: {:.0} packets/s", self.packets, self.elapsed.as_secs_f64(), self.rate());
+        let _ = writeln!(
+            s,
+            "fuzz: {} translations/generated errors checked, {} short inputs rejected by the syscall (EINVAL), {} state checks (max {} conntrack, {} affinity entries)",
+            self.translations, self.rejected_short, self.state_checks, self.max_ct_entries, self.max_affinity_entries
+        );
+        for (f, n) in &self.findings {
+            let _ = writeln!(s, "fuzz: FINDING x{n}: {f}");
+        }
+        for (p, v) in &self.verdicts {
+            let total: u64 = v.values().sum();
+            let parts: Vec<String> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let _ = writeln!(s, "fuzz:   {p:<20} {total:>9}: {}", parts.join(", "));
+        }
+        let parts: Vec<String> = self.reasons.iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(s, "fuzz: datapath reasons: {}", parts.join(", "));
+        s
+    }
+}
+
+/// The failure report: seed, packet, program, input and output in hex.
+fn fail(cfg: &FuzzConfig, n: u64, prog: Prog, dev: Dev, input: &[u8], verdict: Option<u32>, output: &[u8], why: &str) -> ! {
+    panic!(
+        "fuzz invariant violated: {why}\nseed {} packet #{n}, program {}, device {dev:?}, verdict {}\ninput ({} bytes):\n{}\noutput ({} bytes):\n{}",
+        cfg.seed,
+        prog.name(),
+        verdict.map_or_else(|| "-".to_owned(), |v| verdict_name(prog, v)),
+        input.len(),
+        hex(input),
+        output.len(),
+        hex(output)
+    )
+}
+
+/// Runs the fuzzer: builds the node, loads and programs one object, sends
+/// `cfg.packets` packets and checks every invariant; panics on the first
+/// violation with everything needed to look at it.
+#[must_use]
+pub fn run(cfg: &FuzzConfig) -> Summary {
+    on_node(|links| run_on_node(cfg, links))
+}
+
+#[allow(clippy::too_many_lines)]
+fn run_on_node(cfg: &FuzzConfig, links: Links) -> Summary {
+    let model = Model::standard();
+    let ebpf = load(&model);
+    let tc: BTreeMap<Prog, &SchedClassifier> = PROGS
+        .iter()
+        .filter(|p| !p.is_xdp())
+        .map(|p| (*p, ebpf.program(p.name()).expect("program").try_into().expect("sched_cls")))
+        .collect();
+    let xdp: &Xdp = ebpf.program(XDP_PROG).expect("program").try_into().expect("xdp");
+    let ct_maps: Vec<HashMap<&MapData, CtKey, CtValue>> =
+        CT_TABLES.iter().filter_map(|n| ebpf.map(n)).map(|m| HashMap::try_from(m).expect("ct map type")).collect();
+    let ct_get = |k: &CtKey| ct_maps.iter().find_map(|m| m.get(k, 0).ok());
+
+    let endpoints = model.endpoints();
+    let corpus = corpus(&model);
+    let mut pool: Vec<Seed> = Vec::with_capacity(4096);
+    let mut pool_next = 0usize;
+    let mut rng = Rng::new(cfg.seed);
+    let mut out = vec![0u8; 8192];
+    let mut sum = Summary::default();
+    let start = Instant::now();
+    let mut last_progress = (start, 0u64);
+    let mut derived = Vec::new();
+
+    for n in 0..cfg.packets {
+        // Pick a seed: the static corpus or a derived frame.
+        let s = if !pool.is_empty() && rng.chance(1, 2) { pool[rng.below(pool.len())].clone() } else { corpus[rng.below(corpus.len())].clone() };
+        let mut frame = s.frame;
+        let mut prog = s.prog;
+        let mut dev = s.dev;
+        if rng.chance(3, 5) {
+            for _ in 0..=rng.below(3) {
+                mutate(*rng.pick(&MUTATORS), &mut frame, &mut rng, &endpoints);
+            }
+            if rng.chance(2, 3) {
+                fix_checksums(&mut frame, ETH_HLEN);
+            }
+        }
+        if rng.chance(1, 4) {
+            prog = *rng.pick(&PROGS);
+            dev = *rng.pick(&[Dev::Ext, Dev::Int, Dev::Lxc]);
+        }
+        if matches!(prog, Prog::IngressL3 | Prog::EgressL3) {
+            dev = Dev::Tun;
+        } else if dev == Dev::Tun {
+            dev = Dev::Ext;
+        }
+        let input: &[u8] = if prog.l3() == 0 { frame.get(ETH_HLEN..).unwrap_or_default() } else { &frame };
+        let ifindex = links.of(dev);
+        let r = if prog.is_xdp() {
+            let ctx = xdp_md_ctx(input.len(), ifindex);
+            xdp.test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() })
+        } else {
+            let ctx = skb_ctx(ifindex);
+            tc[&prog].test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() })
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                if syscall_rejects(prog, input) && os_error(&e) == Some(libc::EINVAL) {
+                    sum.rejected_short += 1;
+                    *sum.verdicts.entry(prog.name()).or_default().entry("EINVAL (syscall: too short)".into()).or_default() += 1;
+                    continue;
+                }
+                fail(cfg, n, prog, dev, input, None, &[], &format!("BPF_PROG_TEST_RUN failed: {e:?}"));
+            }
+        };
+        let olen = usize::try_from(r.data_size_out).expect("size");
+        let output = &out[..olen.min(out.len())];
+        let verdict = r.return_value;
+        *sum.verdicts.entry(prog.name()).or_default().entry(verdict_name(prog, verdict)).or_default() += 1;
+        match check_packet(&model, prog, input, verdict, output, &ct_get) {
+            Err(why) => fail(cfg, n, prog, dev, input, Some(verdict), output, &why),
+            Ok(Some(finding)) => {
+                if cfg.strict {
+                    fail(cfg, n, prog, dev, input, Some(verdict), output, finding);
+                }
+                let count = sum.findings.entry(finding).or_default();
+                if *count == 0 {
+                    eprintln!(
+                        "fuzz: FINDING (FUZZ_STRICT=0: counted, not fatal): {finding}\n{}, seed {} packet #{n}, verdict {}\ninput ({} bytes):\n{}\noutput ({} bytes):\n{}",
+                        prog.name(), cfg.seed, verdict_name(prog, verdict), input.len(), hex(input), output.len(), hex(output)
+                    );
+                }
+                *count += 1;
+            }
+            Ok(None) => {}
+        }
+        let forwarded = if prog.is_xdp() { matches!(verdict, XDP_TX | XDP_REDIRECT) } else { matches!(verdict, TC_ACT_OK | TC_ACT_REDIRECT) };
+        if forwarded {
+            sum.translations += 1;
+            let o = if prog.l3() == 0 && output.first() == Some(&0) && output.len() > ETH_HLEN { &output[ETH_HLEN..] } else { output };
+            if o.len() == input.len() {
+                derived.clear();
+                derive(&model, prog, input, o, &mut rng, &mut derived);
+                for d in derived.drain(..) {
+                    if pool.len() < 4096 {
+                        pool.push(d);
+                    } else {
+                        pool[pool_next] = d;
+                        pool_next = (pool_next + 1) % 4096;
+                    }
+                }
+            }
+        }
+        if (n + 1) % cfg.state_check_every == 0 {
+            state_check(cfg, &model, &ebpf, &mut sum, n);
+        }
+        if let Some(every) = cfg.progress {
+            let now = Instant::now();
+            if now.duration_since(last_progress.0) >= every {
+                let recent = (n + 1 - last_progress.1) as f64 / now.duration_since(last_progress.0).as_secs_f64();
+                let total = (n + 1) as f64 / now.duration_since(start).as_secs_f64();
+                eprintln!("fuzz: {} / {} packets, {recent:.0} packets/s (overall {total:.0}/s), {} translations", n + 1, cfg.packets, sum.translations);
+                last_progress = (now, n + 1);
+            }
+        }
+    }
+    sum.packets = cfg.packets;
+    sum.elapsed = start.elapsed();
+    state_check(cfg, &model, &ebpf, &mut sum, cfg.packets);
+    let stats = stats_by_reason(&ebpf);
+    sum.reasons = REASONS.iter().map(|(i, name)| (*name, stats[i].packets)).collect();
+    sum
+}
+
+fn state_check(cfg: &FuzzConfig, model: &Model, ebpf: &Ebpf, sum: &mut Summary, n: u64) {
+    let ct = ct_entries(ebpf);
+    let aff = affinity_entries(ebpf);
+    let aff_max = map_max(ebpf, AFFINITY_MAP).unwrap_or(AFFINITY_MAX_ENTRIES);
+    sum.state_checks += 1;
+    sum.max_ct_entries = sum.max_ct_entries.max(ct.iter().map(|t| t.2.len()).sum());
+    sum.max_affinity_entries = sum.max_affinity_entries.max(aff.len());
+    if let Err(e) = check_state(model, &ct, &aff, aff_max) {
+        panic!("fuzz state invariant violated after packet #{n} (seed {}): {e}", cfg.seed);
+    }
+}
+
+/// Whether `BPF_PROG_TEST_RUN` refuses `input` before running the program:
+/// shorter than an Ethernet header (`bpf_test_init`), or (`sched_cls`) an
+/// IPv4 / IPv6 ethertype without room for that network header after it —
+/// the ethertype as `eth_type_trans` reads it: bytes 12-13, which for a
+/// stripped `_l3` input are the first two bytes of the source address.
+#[must_use]
+pub fn syscall_rejects(prog: Prog, input: &[u8]) -> bool {
+    if input.len() < ETH_HLEN {
+        return true;
+    }
+    if prog.is_xdp() {
+        return false;
+    }
+    match be16(input, 12) {
+        0x0800 => input.len() < ETH_HLEN + 20,
+        0x86dd => input.len() < ETH_HLEN + 40,
+        _ => false,
+    }
+}
+
+fn os_error(e: &ProgramError) -> Option<i32> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// `FUZZ_PACKETS` / `FUZZ_SEED` from the environment, with defaults.
+#[must_use]
+pub fn config_from_env(default_packets: u64) -> FuzzConfig {
+    let packets = std::env::var("FUZZ_PACKETS").ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(default_packets);
+    let seed = std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+    });
+    let strict = !std::env::var("FUZZ_STRICT").is_ok_and(|v| v == "0");
+    FuzzConfig { packets, seed, progress: Some(Duration::from_secs(10)), state_check_every: (packets / 10).clamp(5_000, 1_000_000), strict }
+}
