@@ -1,7 +1,10 @@
 //! `cargo xtask bench --quick` with tiny sizes: every mode (`ClusterIP` and
 //! `NodePort`) produces numbers (not that they are fast), the IPVS mode says why it cannot be measured,
 //! the socket-path mode went through the socket programs and the TC-path
-//! mode did not, and BENCHMARKS.md, bench.json and bench.svg are written.
+//! mode did not, and BENCHMARKS.md, bench.json and bench.svg are written;
+//! the flood cases (a short, 2,000 packets/s flood at S=1) measure under
+//! the flood, the agent keeps every established flow and its datapath
+//! counted the spoofed packets.
 //! Runs the bench binary as a real process, as root, in its own namespaces.
 use std::process::Command;
 
@@ -13,7 +16,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let out = std::env::temp_dir().join(format!("proxy-bench-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--quick", "--services", "1,100", "--duration", "0.5", "--cp-services", "100", "--program-timeout", "60"])
+        .args(["--quick", "--services", "1,100", "--duration", "0.5", "--cp-services", "100", "--program-timeout", "60", "--flood-pps", "2000"])
         .arg("--agent")
         .arg(agent_bin())
         .arg("--out")
@@ -24,7 +27,10 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed ({}):\n{stdout}\n{stderr}", run.status);
     assert!(
-        stdout.contains("## Data path") && stdout.contains("## NodePort (north-south)") && stdout.contains("## Control plane"),
+        stdout.contains("## Data path")
+            && stdout.contains("## NodePort (north-south)")
+            && stdout.contains("## NodePort under a spoofed flood")
+            && stdout.contains("## Control plane"),
         "no tables on stdout:\n{stdout}"
     );
     let md = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
@@ -72,5 +78,56 @@ fn bench_quick_produces_numbers_for_every_mode() {
         assert!(why.contains("IPVS"), "{why}");
         assert!(ipvs["metrics"]["conn_per_s"]["median"].is_null(), "invented IPVS numbers");
     }
+    flood_cases(cases, &json);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The flood cases ran at S=1 only (the smallest), measured under the
+/// flood, and for the agent: no established flow lost, the spoofed packets
+/// seen by its datapath, its conntrack read.
+fn flood_cases(cases: &[serde_json::Value], json: &serde_json::Value) {
+    assert!(!cases.iter().any(|c| c["mode"].as_str().is_some_and(|m| m.ends_with("-flood")) && c["services"] == 100), "flood cases only at S=1");
+    for mode in ["np-iptables-flood", "np-tc-flood"] {
+        let c = cases.iter().find(|c| c["mode"] == mode && c["services"] == 1).unwrap_or_else(|| panic!("no case {mode} S=1"));
+        assert!(c["skipped"].is_null(), "{mode} not measured: {}", c["skipped"]);
+        for key in ["conn_per_s", "req_per_s"] {
+            let m = &c["metrics"][key];
+            assert!(m["median"].as_f64().is_some_and(|v| v > 0.0), "{mode}: {key} {m}");
+            assert!(m["ratio_to_no_flood"].as_f64().is_some_and(|v| v > 0.0), "{mode}: {key} ratio to its no-flood mode: {m}");
+        }
+        let runs = c["flood"]["runs"].as_array().expect("flood runs");
+        assert_eq!(runs.len(), 1, "{mode}: one run in --quick");
+        let run = &runs[0];
+        let sent = &run["sent"];
+        let packets = sent["packets"].as_u64().expect("packets");
+        // 2,000 packets/s for at least 0.5 s lead-in + 2 × 0.5 s phases.
+        assert!(packets >= 2_000, "{mode}: the flood ran at its rate: {sent}");
+        assert!(sent["packets_per_s"].as_f64().is_some_and(|r| (1_500.0..=2_100.0).contains(&r)), "{mode}: paced to 2,000/s: {sent}");
+        assert_eq!(run["established_opened"], 20, "{mode}: {run}");
+        if mode == "np-tc-flood" {
+            assert_eq!(run["established_lost"], 0, "the agent lost established flows: {}", run["lost_why"]);
+            assert!(run["busy_requests_during_flood"].as_u64().is_some_and(|n| n > 0), "busy connections made requests during the flood: {run}");
+            let delta = &run["counters_delta"];
+            let counter = |k: &str| delta[k].as_u64().unwrap_or_else(|| panic!("no {k} in {delta}"));
+            // Every spoofed ACK/RST is of no flow: dropped and counted.
+            let ack_rst = sent["ack_rst"].as_u64().expect("ack_rst");
+            assert!(ack_rst > 0 && counter("drop_tcp_no_flow") >= ack_rst / 2, "spoofed ACK/RST counted: {ack_rst} sent, {delta}");
+            // Every spoofed SYN and datagram is a new flow.
+            let new = sent["syn"].as_u64().expect("syn") + sent["udp"].as_u64().expect("udp");
+            assert!(counter("dnat_new_flow") >= new / 2, "spoofed SYN/UDP counted as new flows: {new} sent, {delta}");
+            let peak = &run["peak_occupancy"];
+            assert!(peak["agent_unconfirmed_flows"].as_u64().is_some_and(|n| n > 0), "unconfirmed flows during the flood: {peak}");
+            assert!(peak["agent_unconfirmed_capacity_flows"].as_u64().is_some_and(|n| n > 0), "{peak}");
+        } else {
+            let peak = &run["peak_occupancy"];
+            assert!(peak["nf_conntrack_count"].as_u64().is_some_and(|n| n > 0), "node A's nf_conntrack during the flood: {peak}");
+        }
+    }
+    let target = json["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| t["target"].as_str().is_some_and(|t| t.starts_with("np-tc under a 2,000 packets/s flood")))
+        .unwrap_or_else(|| panic!("no flood target in {}", json["targets"]));
+    assert!(target["met"].is_boolean() && target["note"].as_str().is_some_and(|n| n.contains("established flows lost: 0 of 20")), "{target}");
 }

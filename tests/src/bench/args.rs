@@ -31,6 +31,12 @@ pub struct Args {
     /// How the load generator of every mode but `ebpf-sock` runs
     /// (`ebpf-sock`'s always runs as a process in the agent's cgroup).
     pub generator: Generator,
+    /// Packets/s of the spoofed flood of the flood modes (`np-tc-flood`,
+    /// `np-iptables-flood`); 0: no flood cases.
+    pub flood_pps: u32,
+    /// Numbers of Services the flood cases run at (default: the smallest
+    /// of `services`).
+    pub flood_services: Vec<usize>,
     /// The command line, for the report.
     pub command_line: String,
 }
@@ -58,7 +64,8 @@ impl Generator {
 pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S] [--out DIR] [--agent PATH] \
 [--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
 [--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--generator process|thread] \
-[--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp]";
+[--flood-pps N (0: no flood cases)] [--flood-services N,...] \
+[--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp,np-iptables-flood,np-tc-flood]";
 
 fn list(v: &str) -> Vec<usize> {
     v.split(',')
@@ -75,6 +82,12 @@ impl Args {
     #[must_use]
     pub fn wants(&self, mode: &str) -> bool {
         self.modes.is_empty() || self.modes.iter().any(|m| m == mode)
+    }
+
+    /// Whether the flood cases run at `services` Services.
+    #[must_use]
+    pub fn floods_at(&self, services: usize) -> bool {
+        self.flood_pps > 0 && self.flood_services.contains(&services)
     }
 
     #[must_use]
@@ -96,11 +109,14 @@ impl Args {
             program_timeout: Duration::from_secs(if quick { 60 } else { 100 }),
             modes: Vec::new(),
             generator: Generator::Process,
+            flood_pps: 20_000,
+            flood_services: Vec::new(),
             command_line: argv.join(" "),
         };
         let mut cp_given = false;
         let mut add_given = false;
         let mut services_given = false;
+        let mut flood_services_given = false;
         let mut it = argv.iter().skip(1);
         while let Some(flag) = it.next() {
             if flag == "--quick" {
@@ -141,6 +157,11 @@ impl Args {
                     }
                 }
                 "--modes" => a.modes = v.split(',').map(str::to_owned).collect(),
+                "--flood-pps" => a.flood_pps = u32::try_from(list(v)[0]).unwrap_or_else(|_| panic!("--flood-pps too large\n{USAGE}")),
+                "--flood-services" => {
+                    a.flood_services = list(v);
+                    flood_services_given = true;
+                }
                 other => panic!("unknown argument {other:?}\n{USAGE}"),
             }
         }
@@ -150,6 +171,9 @@ impl Args {
         a.services.sort_unstable();
         a.services.dedup();
         let largest = a.services.iter().copied().max().unwrap_or(1);
+        if !flood_services_given {
+            a.flood_services = a.services.first().copied().into_iter().collect();
+        }
         if !cp_given {
             a.cp_services = if quick { vec![largest] } else { vec![1000, 10_000, 50_000] };
         }

@@ -3,15 +3,19 @@
 //! iptables, nftables and IPVS rule shapes; the `NodePort` datapath (client →
 //! node A → backend on node B) of its TC and XDP paths side by side with
 //! kube-proxy's iptables `NodePort` rules and a direct route to the pods;
-//! plus control-plane timings, measured in one run in network namespaces the
+//! the TC path and the iptables shape again while a spoofed flood arrives
+//! at node A (new connections, keep-alive requests, established flows
+//! kept, conntrack occupancy); plus control-plane timings, measured in one run in network namespaces the
 //! bench creates. Writes `BENCHMARKS.md`,
 //! `bench.json` and `bench.svg` to `--out` and the Markdown to stdout.
 //!
 //! Modules: [`services`] (the Services every mode gets), [`rules`]
 //! (kube-proxy's iptables and nftables shapes), [`program`] (loading them,
 //! or running the agent, timed), [`traffic`] (servers and load generators),
+//! [`flood`] (the spoofed flood and what it must not break),
 //! [`run`] (the cases), [`report`] (Markdown, JSON, SVG).
 pub mod args;
+pub mod flood;
 pub mod program;
 pub mod report;
 pub mod rules;
@@ -24,7 +28,7 @@ use std::time::Instant;
 use self::{
     args::Args,
     report::{Machine, Report},
-    run::{MODES, Mode, NP_MODES, prepare, progress, run_program_only},
+    run::{FLOOD_MODES, MODES, Mode, NP_MODES, prepare, progress, run_program_only},
 };
 
 /// Runs the benchmark for `command_line` (the program name included).
@@ -45,13 +49,26 @@ pub fn main(command_line: &[String]) {
     let start = Instant::now();
     let machine = Machine::read();
     progress(&format!(
-        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}",
-        machine.cpu, machine.cores, machine.kernel, args.services, args.duration.as_secs_f64(), args.reps, args.cp_services
+        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}; flood cases: {} packets/s at {:?}",
+        machine.cpu,
+        machine.cores,
+        machine.kernel,
+        args.services,
+        args.duration.as_secs_f64(),
+        args.reps,
+        args.cp_services,
+        args.flood_pps,
+        args.flood_services
     ));
     let mut cases = Vec::new();
     for &n in &args.services {
-        let mut live: Vec<_> =
-            MODES.into_iter().chain(NP_MODES).filter(|m| args.wants(&m.to_string())).map(|m| prepare(&args, m, n)).collect();
+        let mut live: Vec<_> = MODES
+            .into_iter()
+            .chain(NP_MODES)
+            .chain(FLOOD_MODES)
+            .filter(|m| args.wants(&m.to_string()) && (!m.is_flood() || args.floods_at(n)))
+            .map(|m| prepare(&args, m, n))
+            .collect();
         for rep in 0..args.reps {
             for l in &mut live {
                 l.measure(&args, rep);

@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 use super::{
     args::{Args, Generator},
-    run::{Case, METRICS, MODES, Mode, NP_MODES},
+    flood::{ESTABLISHED, Occupancy},
+    run::{Case, FLOOD_MODES, METRICS, MODES, Mode, NP_MODES},
 };
 
 /// Facts about the machine and the run, for the report header.
@@ -101,6 +102,31 @@ fn fmt_count(n: usize) -> String {
     }
     out
 }
+
+/// "agent: unconfirmed 32,768 / 32,768 flows, confirmed 25 / 131,072;
+/// `nf_conntrack` 12 / 262,144": what a conntrack reading shows.
+#[must_use]
+pub fn occupancy_text(o: &Occupancy) -> String {
+    let n = |v: Option<u64>| v.map_or_else(|| "?".into(), |v| fmt_count(usize::try_from(v).unwrap_or(usize::MAX)));
+    let mut parts = Vec::new();
+    if o.confirmed.is_some() || o.unconfirmed.is_some() {
+        parts.push(format!(
+            "agent: unconfirmed {} / {} flows, confirmed {} / {}",
+            n(o.unconfirmed),
+            n(o.unconfirmed_cap),
+            n(o.confirmed),
+            n(o.confirmed_cap)
+        ));
+    }
+    if o.nf_count.is_some() {
+        parts.push(format!("nf_conntrack {} / {}", n(o.nf_count), n(o.nf_max)));
+    }
+    if parts.is_empty() { "not readable".into() } else { parts.join("; ") }
+}
+
+/// The counters shown under the flood table (the agent's, over the flood).
+const FLOOD_COUNTERS: [&str; 7] =
+    ["dnat_new_flow", "drop_tcp_no_flow", "ct_flow_confirmed", "snat_port_reclaimed", "drop_snat_ports_exhausted", "fib_no_route", "rev_nat_reply"];
 
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
@@ -231,6 +257,165 @@ impl Report<'_> {
         }
     }
 
+    /// A flood mode's figure `m` over its own no-flood mode's at S (medians).
+    fn flood_ratio(&self, mode: Mode, s: usize, m: usize) -> Option<f64> {
+        self.ratio_to(mode, mode.no_flood(), s, m)
+    }
+
+    /// The flood runs of (mode, S).
+    fn flood_reps(&self, mode: Mode, s: usize) -> Vec<&super::flood::FloodRep> {
+        self.case(mode, s).map(|c| c.reps.iter().filter_map(|r| r.flood.as_ref()).collect()).unwrap_or_default()
+    }
+
+    /// Established flows lost per run of (mode, S).
+    fn lost(&self, mode: Mode, s: usize) -> Vec<usize> {
+        self.flood_reps(mode, s).iter().map(|f| f.survival.lost).collect()
+    }
+
+    /// The flood target: the agent's TC path under the flood at least 0.8 ×
+    /// its no-flood new-connection rate, and no established flow lost.
+    fn flood_targets(&self, out: &mut Vec<(String, Option<bool>, String)>) {
+        for &n in &self.args.services {
+            let reps = self.flood_reps(Mode::NpTcFlood, n);
+            if reps.is_empty() {
+                continue;
+            }
+            let r = self.flood_ratio(Mode::NpTcFlood, n, 0);
+            let lost = self.lost(Mode::NpTcFlood, n);
+            let worst = lost.iter().copied().max().unwrap_or(0);
+            let met = r.map(|r| r >= 0.8 && worst == 0);
+            let rates: Vec<String> = reps.iter().map(|f| format!("{:.0}", f.sent.rate())).collect();
+            let note = format!(
+                "new conn/s {} ({} under flood vs {} without; keep-alive req/s {}); established flows lost: {} of {ESTABLISHED} (per run: {}); flood {} packets/s (sent per run: {})",
+                r.map_or_else(|| "–".into(), |r| format!("{r:.2}×")),
+                self.median(Mode::NpTcFlood, n, 0).map_or_else(|| "–".into(), fmt_num),
+                self.median(Mode::NpTc, n, 0).map_or_else(|| "–".into(), fmt_num),
+                self.flood_ratio(Mode::NpTcFlood, n, 1).map_or_else(|| "–".into(), |r| format!("{r:.2}×")),
+                worst,
+                lost.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                fmt_count(self.args.flood_pps as usize),
+                rates.join(", ")
+            );
+            out.push((
+                format!("np-tc under a {} packets/s flood ≥ 0.8× its no-flood new conn/s; 0 established flows lost (S={})", fmt_count(self.args.flood_pps as usize), fmt_count(n)),
+                met,
+                note,
+            ));
+        }
+    }
+
+    /// The flood section: each flood mode's figures against its no-flood
+    /// ones, the agent against the iptables shape, the established
+    /// connections, the conntrack's occupancy and the agent's counters.
+    #[expect(clippy::too_many_lines, reason = "one section, read top to bottom")]
+    fn flood_section(&self, s: &mut String) {
+        let flood_cases: Vec<&Case> = self.cases.iter().filter(|c| c.mode.is_flood()).collect();
+        if flood_cases.is_empty() {
+            return;
+        }
+        let a = self.args;
+        let _ = writeln!(s, "\n## NodePort under a spoofed flood\n");
+        let _ = writeln!(
+            s,
+            "`np-tc` and `np-iptables` again, each on a topology of its own, while the client's namespace writes spoofed frames \
+             (`AF_PACKET`) at node A at a fixed {} packets/s: of every 10, 5 SYNs, 1 ACK and 1 RST to the HTTP node port and 3 \
+             datagrams to the UDP node port, each from another source in 172.16.0.0/12 (never answered). Before the flood, {ESTABLISHED} \
+             keep-alive connections are opened to the node port ({} of them then make a request every 100 ms during the flood, the \
+             others stay idle); the flood runs {:.1} s before the new-connection and keep-alive phases ({} s each) and until they end; \
+             after it, one more request on each connection must be answered by the pod that answered its first — otherwise the flow \
+             counts as lost. Conntrack readings after each phase, while the flood runs: the agent's two tables with `proxy-agent \
+             conntrack -o json` (live flows; capacity = `max_entries` / 2), node A's netfilter conntrack from \
+             /proc/sys/net/netfilter/nf_conntrack_count and _max in its namespace. Ratios: each mode under the flood over the same \
+             mode without it (the table above, same run), and the agent over the iptables shape.\n",
+            fmt_count(a.flood_pps as usize),
+            super::flood::BUSY,
+            super::flood::LEAD_IN.as_secs_f64(),
+            a.duration.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "| S | mode | flood sent, packets/s | new conn/s | × no-flood | keep-alive req/s | × no-flood | established flows lost | conntrack during the flood (peak) |"
+        );
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---|---|");
+        for &n in &a.services {
+            for mode in FLOOD_MODES {
+                let Some(case) = self.case(mode, n) else { continue };
+                if let Some(why) = &case.skipped {
+                    let _ = writeln!(s, "| {} | {mode} | {why} | | | | | | |", fmt_count(n));
+                    continue;
+                }
+                let reps = self.flood_reps(mode, n);
+                let mut rates: Vec<f64> = reps.iter().map(|f| f.sent.rate()).collect();
+                rates.sort_by(f64::total_cmp);
+                let rate = rates.get(rates.len() / 2).map_or_else(|| "–".into(), |r| fmt_num(*r));
+                let fig = |m| self.median(mode, n, m).map_or_else(|| "–".into(), fmt_num);
+                let ratio = |m| self.flood_ratio(mode, n, m).map_or_else(|| "–".into(), |r| format!("{r:.2}×"));
+                let lost = self.lost(mode, n);
+                let lost = format!(
+                    "{} of {ESTABLISHED} (per run: {})",
+                    lost.iter().copied().max().unwrap_or(0),
+                    lost.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                );
+                let peak = reps.iter().map(|f| f.peak()).reduce(Occupancy::peak).unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "| {} | {mode} | {rate} (target {}) | {} | {} | {} | {} | {lost} | {} |",
+                    fmt_count(n),
+                    fmt_count(a.flood_pps as usize),
+                    fig(0),
+                    ratio(0),
+                    fig(1),
+                    ratio(1),
+                    occupancy_text(&peak)
+                );
+            }
+        }
+        s.push('\n');
+        for &n in &a.services {
+            let both = |m: usize, x: Mode, y: Mode| self.ratio_to(x, y, n, m).map_or_else(|| "–".into(), |r| format!("{r:.2}×"));
+            if self.case(Mode::NpTcFlood, n).is_some() && self.case(Mode::NpIptablesFlood, n).is_some() {
+                let _ = writeln!(
+                    s,
+                    "- S={}: agent (np-tc) over the iptables shape under the flood: new conn/s {}, keep-alive req/s {} (without the flood: {}, {})",
+                    fmt_count(n),
+                    both(0, Mode::NpTcFlood, Mode::NpIptablesFlood),
+                    both(1, Mode::NpTcFlood, Mode::NpIptablesFlood),
+                    both(0, Mode::NpTc, Mode::NpIptables),
+                    both(1, Mode::NpTc, Mode::NpIptables)
+                );
+            }
+            for mode in FLOOD_MODES {
+                let reps = self.flood_reps(mode, n);
+                if reps.is_empty() {
+                    continue;
+                }
+                let sent: u64 = reps.iter().map(|f| f.sent.packets).sum();
+                let why: Vec<String> = reps.iter().flat_map(|f| f.survival.why.clone()).take(2).collect();
+                let _ = write!(
+                    s,
+                    "- {mode} S={}: {} spoofed packets over {} run(s) ({} SYN, {} UDP, {} ACK/RST)",
+                    fmt_count(n),
+                    fmt_count(usize::try_from(sent).unwrap_or(usize::MAX)),
+                    reps.len(),
+                    fmt_count(usize::try_from(reps.iter().map(|f| f.sent.syn).sum::<u64>()).unwrap_or(0)),
+                    fmt_count(usize::try_from(reps.iter().map(|f| f.sent.udp).sum::<u64>()).unwrap_or(0)),
+                    fmt_count(usize::try_from(reps.iter().map(|f| f.sent.ack_rst).sum::<u64>()).unwrap_or(0)),
+                );
+                let counters: Option<std::collections::BTreeMap<&str, u64>> = reps.iter().all(|f| f.counters.is_some()).then(|| {
+                    FLOOD_COUNTERS.iter().map(|k| (*k, reps.iter().filter_map(|f| f.counters.as_ref()?.get(*k)).sum())).collect()
+                });
+                if let Some(c) = counters {
+                    let shown: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    let _ = write!(s, "; node A counters over the floods: {}", shown.join(", "));
+                }
+                if !why.is_empty() {
+                    let _ = write!(s, "; lost flows: {}", why.join("; "));
+                }
+                s.push('\n');
+            }
+        }
+    }
+
     /// The data-path table of `modes`: medians, with the ratio to the
     /// modes' baseline in brackets.
     fn data_table(&self, s: &mut String, modes: &[Mode]) {
@@ -323,6 +508,7 @@ impl Report<'_> {
         }
         self.socket_targets(&mut out);
         self.node_port_targets(&mut out);
+        self.flood_targets(&mut out);
         out
     }
 
@@ -399,7 +585,7 @@ impl Report<'_> {
             );
             self.data_table(&mut s, &NP_MODES);
             let with_counters: Vec<(&Case, &std::collections::BTreeMap<String, u64>)> =
-                self.cases.iter().filter(|c| c.mode.is_node_port()).filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
+                self.cases.iter().filter(|c| c.mode.is_node_port() && !c.mode.is_flood()).filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
             if !with_counters.is_empty() {
                 s.push('\n');
             }
@@ -408,6 +594,8 @@ impl Report<'_> {
                 let _ = writeln!(s, "- {} S={}: node A counters over the runs: {}", c.mode, fmt_count(c.services), shown.join(", "));
             }
         }
+
+        self.flood_section(&mut s);
 
         let _ = writeln!(s, "\n## Control plane\n");
         let _ = writeln!(
@@ -486,6 +674,7 @@ impl Report<'_> {
             "- Servers: in each pod, worker threads sharing one listener (no thread spawned per connection), the same in every mode.",
             "- NodePort modes (`np-*`): the two-node topology of the north-south tests — client (198.51.100.2, no default route) → node A (`ext0` 198.51.100.1; `nodelink` 10.0.0.1/30) → node B (10.0.0.2) → 10 pods on node B (10.244.2.0/24). Every one of the S Services is of type NodePort (the real one on node ports 30080/TCP HTTP, 30201/TCP bulk, 30300/UDP echo; the others on 20000 + i, endpoints never reached); externalTrafficPolicy Cluster, so node A SNATs to its own address and the reply comes back through it. Rules and agents only on node A.",
             "- `np-direct`: the client connects to the pod IPs in turn, routed by node A (no translation). `np-iptables`: kube-proxy's iptables rules on node A — the ClusterIP chains above plus `KUBE-NODEPORTS` (one rule per node port, reached through the last `KUBE-SERVICES` rule, `-m addrtype --dst-type LOCAL`) → `KUBE-EXT-*` (`KUBE-MARK-MASQ`, then `KUBE-SVC-*`), MASQUERADE `--random-fully` in `POSTROUTING`. `np-tc`: the agent on node A (`--devices ext0,nodelink,lxc*`), TC path. `np-xdp`: the same with `--xdp --xdp-mode native` (XDP on node A's `ext0` and `nodelink`).",
+            "- Flood modes (`np-tc-flood`, `np-iptables-flood`; `--flood-pps N`, 0 for none, at `--flood-services`, by default the smallest S): see the flood section above. The flood is paced in 1 ms steps to the set rate (a sender more than 50 ms behind skips what it owes rather than bursting), bounded in packets (rate × time limit) and time (the two phases + 20 s); only the new-connection and keep-alive phases run under it. The spoofed SYNs and datagrams are DNATed and SNATed to the pods on node B like real first packets (their SYN-ACKs and echoes go back through node A towards 172.16.0.0/12, where no route leads); the agent drops the ACKs and RSTs of no flow (`drop_tcp_no_flow`). The HTTP servers answer with their pod's index as the body, so the established connections' check knows the pod.",
             "- NIC-like links for every `np-*` mode: node A's two links (to the client and to node B) each pass through a wire namespace whose native XDP program redirects every frame across (`tests/src/xdpwire.rs`), so node A receives `xdp_frame`s as from a NIC's receive ring — its XDP program runs before any skb exists, and without XDP the driver builds the skb, as a NIC driver does. Without the wires node A would receive skbs from its peer's stack, and native XDP on a veth then only adds work. The senders compute full checksums (`ethtool -K … tx off`, which also turns TSO off: MTU-sized segments) — a packet on a real wire carries its checksum, and a frame cannot carry one left to offload — and the devices that receive redirected frames run NAPI (`gro on`).",
         ] {
             let _ = writeln!(s, "{l}");
@@ -500,6 +689,10 @@ impl Report<'_> {
             }
             let errors: u64 = c.reps.iter().map(|r| r.errors).sum();
             for (k, (_, h, _, _)) in METRICS.iter().enumerate() {
+                // The flood modes measure new connections and keep-alive requests only.
+                if c.mode.is_flood() && c.reps.iter().all(|r| r.values[k].is_none()) {
+                    continue;
+                }
                 let runs: Vec<String> = c.reps.iter().map(|r| r.values[k].map_or_else(|| "–".into(), fmt_num)).collect();
                 let (med, lo, hi) = c.stat(k).map_or_else(|| ("–".into(), "–".into(), "–".into()), |(a, b, c)| (fmt_num(a), fmt_num(b), fmt_num(c)));
                 let _ = writeln!(s, "| {} | {} | {h} | {} | {med} | {lo} | {hi} | {errors} |", c.services, c.mode, runs.join(", "));
@@ -534,7 +727,11 @@ impl Report<'_> {
                         "median": stat.map(|s| s.0), "min": stat.map(|s| s.1), "max": stat.map(|s| s.2),
                         "ratio_to_direct": self.ratio(c.mode, c.services, k),
                         "ratio_to_direct_runs": (c.mode != c.mode.baseline()).then(|| self.run_ratios(c.mode, c.services, k)),
-                        "ratio_to_iptables": c.mode.is_node_port().then(|| self.ratio_to(c.mode, Mode::NpIptables, c.services, k)).flatten()}))
+                        "ratio_to_iptables": c.mode.is_node_port().then(|| {
+                            let iptables = if c.mode.is_flood() { Mode::NpIptablesFlood } else { Mode::NpIptables };
+                            self.ratio_to(c.mode, iptables, c.services, k)
+                        }).flatten(),
+                        "ratio_to_no_flood": c.mode.is_flood().then(|| self.flood_ratio(c.mode, c.services, k)).flatten()}))
                 })
                 .collect();
             json!({
@@ -542,6 +739,11 @@ impl Report<'_> {
                 "program": prog, "add_one": add, "metrics": metrics,
                 "errors": c.reps.iter().map(|r| r.errors).collect::<Vec<_>>(),
                 "first_error": c.reps.iter().find_map(|r| r.first_error.clone()),
+                "flood": c.mode.is_flood().then(|| json!({
+                    "no_flood_mode": c.mode.no_flood().to_string(),
+                    "established_lost_max": self.lost(c.mode, c.services).into_iter().max(),
+                    "runs": c.reps.iter().filter_map(|r| r.flood.as_ref().map(super::flood::FloodRep::json)).collect::<Vec<_>>(),
+                })),
             })
         };
         let m = &self.machine;
@@ -553,7 +755,7 @@ impl Report<'_> {
             "settings": {"quick": a.quick, "services": a.services, "duration_s": a.duration.as_secs_f64(), "reps": a.reps,
                 "clients": a.clients, "cp_services": a.cp_services, "add_one_at": a.add_one_at,
                 "iptables_backend": a.ipt_backend.name(), "ipt_chunk": a.ipt_chunk, "nft_chunk": a.nft_chunk,
-                "generator": a.generator.name()},
+                "generator": a.generator.name(), "flood_pps": a.flood_pps, "flood_services": a.flood_services},
             "elapsed_s": self.elapsed.as_secs_f64(),
             "cases": self.cases.iter().map(case).collect::<Vec<_>>(),
             "program_cases": self.program_cases.iter().map(case).collect::<Vec<_>>(),
@@ -561,11 +763,69 @@ impl Report<'_> {
         })
     }
 
-    /// Connection rate and p50 latency against the number of Services, per mode.
+    /// The flood panel: each flood mode's new conn/s and keep-alive req/s
+    /// over its no-flood figures at the smallest S with flood cases, and
+    /// the 0.8× line of the target.
+    fn svg_flood<DB: DrawingBackend>(&self, area: &DrawingArea<DB, plotters::coord::Shift>) -> Result<(), String> {
+        let Some(n) = self.args.services.iter().copied().find(|&n| FLOOD_MODES.iter().any(|&m| self.case(m, n).is_some_and(|c| !c.reps.is_empty())))
+        else {
+            return Ok(());
+        };
+        let bars: Vec<(String, Option<f64>, RGBColor)> = [(0, "new conn/s"), (1, "keep-alive req/s")]
+            .iter()
+            .flat_map(|&(m, h)| {
+                [(Mode::NpIptablesFlood, RGBColor(230, 120, 0)), (Mode::NpTcFlood, RGBColor(0, 160, 160))]
+                    .map(|(mode, color)| (format!("{} {h}", mode.no_flood()), self.flood_ratio(mode, n, m), color))
+            })
+            .collect();
+        let ymax = bars.iter().filter_map(|b| b.1).fold(1.0, f64::max) * 1.25;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("NodePort under a {} packets/s spoofed flood, S={}: figure / same mode without the flood", fmt_count(self.args.flood_pps as usize), fmt_count(n)),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(10)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..4f64, 0f64..ymax)
+            .map_err(|e| e.to_string())?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("× no-flood").draw().map_err(|e| e.to_string())?;
+        #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
+        for (i, (label, r, color)) in bars.iter().enumerate() {
+            let x = i as f64;
+            let v = r.unwrap_or(0.0);
+            chart.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.85, v)], color.filled()))).map_err(|e| e.to_string())?;
+            let text = format!("{label}: {}", r.map_or_else(|| "–".into(), |r| format!("{r:.2}×")));
+            chart
+                .draw_series(std::iter::once(Text::new(text, (x + 0.12, v + ymax * 0.04), ("sans-serif", 13))))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, 0.8), (4.0, 0.8)], RED.stroke_width(1)))
+            .map_err(|e| e.to_string())?
+            .label("0.8× (target for np-tc new conn/s)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(1)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Connection rate and p50 latency against the number of Services, per
+    /// mode; below them, when the run has flood cases, the flood panel.
     pub fn svg(&self, path: &Path) -> Result<(), String> {
-        let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
+        let floods = self.cases.iter().any(|c| c.mode.is_flood() && !c.reps.is_empty());
+        let root = SVGBackend::new(path, (1100, if floods { 800 } else { 440 })).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let panels = root.split_evenly((1, 2));
+        let (top, bottom) = root.split_vertically(440);
+        if floods {
+            self.svg_flood(&bottom)?;
+        }
+        let panels = top.split_evenly((1, 2));
         let colors = [
             (Mode::Direct, BLACK),
             (Mode::Iptables, RED),
@@ -584,6 +844,7 @@ impl Report<'_> {
             let ymax = self
                 .cases
                 .iter()
+                .filter(|c| !c.mode.is_flood())
                 .filter_map(|c| c.stat(m).map(|s| s.0))
                 .fold(1.0, f64::max)
                 * 1.15;

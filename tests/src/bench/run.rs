@@ -4,7 +4,9 @@
 //! `ClusterIP` modes use the one-node sandbox ([`crate::sandbox`]: client →
 //! node → pods). `NodePort` modes (`np-*`) use the two-node topology
 //! ([`crate::cluster`]): the client reaches node A's address on a node port
-//! and node A forwards to the pods, which are all on node B.
+//! and node A forwards to the pods, which are all on node B. The flood
+//! modes (`np-*-flood`) are `np-tc` and `np-iptables` measured while a
+//! spoofed flood arrives at node A ([`super::flood`]).
 use std::{
     fmt,
     path::Path,
@@ -13,6 +15,7 @@ use std::{
 
 use super::{
     args::{Args, Generator},
+    flood::{ESTABLISHED, Established, Flood, FloodRep, LEAD_IN, Occupancy},
     program::{self, Programmed},
     services::{
         BULK_NODE_PORT, BULK_PORT, BULK_TARGET, Frontend, HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_NODE_PORT, UDP_PORT,
@@ -52,18 +55,40 @@ pub enum Mode {
     NpTc,
     /// `NodePort`: this project's agent on node A with `--xdp --xdp-mode native`.
     NpXdp,
+    /// `np-iptables` while a spoofed flood arrives at node A.
+    NpIptablesFlood,
+    /// `np-tc` while a spoofed flood arrives at node A.
+    NpTcFlood,
 }
 
 /// The `ClusterIP` modes.
 pub const MODES: [Mode; 6] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf, Mode::EbpfSock];
 /// The `NodePort` (north-south) modes.
 pub const NP_MODES: [Mode; 4] = [Mode::NpDirect, Mode::NpIptables, Mode::NpTc, Mode::NpXdp];
+/// The `NodePort` modes under a spoofed flood (`--flood-pps`).
+pub const FLOOD_MODES: [Mode; 2] = [Mode::NpIptablesFlood, Mode::NpTcFlood];
 
 impl Mode {
     /// Whether this is a north-south (`NodePort`) mode.
     #[must_use]
     pub fn is_node_port(self) -> bool {
-        NP_MODES.contains(&self)
+        NP_MODES.contains(&self) || self.is_flood()
+    }
+
+    /// Whether this is a flood mode.
+    #[must_use]
+    pub fn is_flood(self) -> bool {
+        FLOOD_MODES.contains(&self)
+    }
+
+    /// The same mode without the flood (itself for the others).
+    #[must_use]
+    pub fn no_flood(self) -> Self {
+        match self {
+            Self::NpIptablesFlood => Self::NpIptables,
+            Self::NpTcFlood => Self::NpTc,
+            m => m,
+        }
     }
 
     /// What its figures are divided by: `direct`, or `np-direct`.
@@ -86,6 +111,8 @@ impl fmt::Display for Mode {
             Self::NpIptables => "np-iptables",
             Self::NpTc => "np-tc",
             Self::NpXdp => "np-xdp",
+            Self::NpIptablesFlood => "np-iptables-flood",
+            Self::NpTcFlood => "np-tc-flood",
         })
     }
 }
@@ -109,6 +136,8 @@ pub struct Rep {
     pub values: Vec<Option<f64>>,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// Flood modes: the flood, the established connections, the conntrack.
+    pub flood: Option<FloodRep>,
 }
 
 #[derive(Clone, Debug)]
@@ -205,6 +234,9 @@ pub struct Live {
     /// `--generator process`, every mode but `ebpf-sock`: the empty cgroup
     /// the generator process runs in (`ebpf-sock`'s is the agent's).
     gen_cgroup: Option<TestCgroup>,
+    /// Flood modes: the first spoofed source of the next run's flood (every
+    /// run's sources are new).
+    flood_next: u32,
 }
 
 /// A cgroup of its own for the generator process of a mode other than
@@ -227,6 +259,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         target: Target { addrs: vec![set0.real_vip()], http: HTTP_PORT, bulk: BULK_PORT, udp: UDP_PORT },
         set: set0,
         gen_cgroup: None,
+        flood_next: 0,
     };
     if mode == Mode::Ipvs {
         live.case.skipped = Some(ipvs_unavailable());
@@ -245,7 +278,7 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
     }
     progress(&format!("{mode} S={services}: programming {services} Services"));
     let programmed = match mode {
-        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => None,
+        Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp | Mode::NpIptablesFlood | Mode::NpTcFlood => None,
         Mode::Iptables => Some(program::iptables(&sb.node, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
         Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
         Mode::Ebpf | Mode::EbpfSock => Some(program_agent(args, &mut sb, &live.set)),
@@ -267,6 +300,7 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         target: Target { addrs: vec![NODE_A_IP], http: HTTP_NODE_PORT, bulk: BULK_NODE_PORT, udp: UDP_NODE_PORT },
         set: ServiceSet::node_ports(services.min(10_000), Vec::new()),
         gen_cgroup: None,
+        flood_next: 0,
     };
     if services > 10_000 {
         live.case.skipped = Some("at most 10,000 NodePort Services are generated (node ports 20000-29999)".into());
@@ -280,15 +314,20 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
     c.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     c.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let pods: Vec<_> = c.pods_b().iter().map(|p| &p.ns).collect();
-    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, args.clients + 2));
+    // A flood case also holds its established connections open (a server
+    // worker each) while the load runs.
+    let workers = args.clients + 2 + if mode.is_flood() { ESTABLISHED } else { 0 };
+    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, workers));
     live.set = ServiceSet::node_ports(services, c.pods_b().iter().map(|p| p.ip).collect());
     if mode == Mode::NpDirect {
         live.target = Target { addrs: live.set.real_endpoints.clone(), http: HTTP_TARGET, bulk: BULK_TARGET, udp: UDP_TARGET };
     }
     progress(&format!("{mode} S={services}: programming {services} NodePort Services on node A"));
     let programmed = match mode {
-        Mode::NpIptables => Some(program::iptables(&c.a.ns, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
-        Mode::NpTc => Some(program_node_port_agent(args, &mut c, &live.set, false)),
+        Mode::NpIptables | Mode::NpIptablesFlood => {
+            Some(program::iptables(&c.a.ns, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout))
+        }
+        Mode::NpTc | Mode::NpTcFlood => Some(program_node_port_agent(args, &mut c, &live.set, false)),
         Mode::NpXdp => Some(program_node_port_agent(args, &mut c, &live.set, true)),
         _ => None,
     };
@@ -370,6 +409,10 @@ impl Live {
 
     /// One run of every phase.
     pub fn measure(&mut self, args: &Args, rep: usize) {
+        if self.case.mode.is_flood() {
+            self.measure_flood(args, rep);
+            return;
+        }
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
         let (mode, services) = (self.case.mode, self.case.services);
         let d = args.duration;
@@ -382,7 +425,60 @@ impl Live {
         let errors = conn.errors + rr.errors + bulk.errors + udp.errors + lat.errors;
         let first_error = [&conn, &rr, &bulk, &udp, &lat].iter().find_map(|r| r.first_error.clone());
         let values = rep_values(&conn, &rr, &bulk, &udp, &mut lat);
-        self.case.reps.push(Rep { values, errors, first_error });
+        self.case.reps.push(Rep { values, errors, first_error, flood: None });
+    }
+
+    /// One run of a flood mode: [`ESTABLISHED`] keep-alive connections
+    /// opened, then the flood started; after [`LEAD_IN`] the new-connection
+    /// and keep-alive phases run under it, the conntrack read after each;
+    /// then the flood stops and every established connection must still be
+    /// answered by its pod.
+    fn measure_flood(&mut self, args: &Args, rep: usize) {
+        let Some(Env::Cluster(c)) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        let env = self.env.as_ref().expect("checked");
+        let (mode, services) = (self.case.mode, self.case.services);
+        let d = args.duration;
+        let pps = args.flood_pps;
+        progress(&format!(
+            "{mode} S={services}: run {}/{} ({:.1} s of load under a {pps} packets/s flood, {ESTABLISHED} established connections)",
+            rep + 1,
+            args.reps,
+            (d * 2 + LEAD_IN).as_secs_f64()
+        ));
+        let agent = (mode == Mode::NpTcFlood).then_some(args.agent.as_path());
+        let established = Established::open(&c.client);
+        let before = agent.map(|bin| c.a.counters(bin));
+        // Bounded: the phases take 2 × d (plus starting their processes and
+        // the readings); the flood stops at the latest after this.
+        let limit = LEAD_IN + d * 2 + Duration::from_secs(20);
+        let flood = Flood::start(c, pps, limit, self.flood_next);
+        std::thread::sleep(LEAD_IN);
+        let conn = self.load(env, Phase::Connections, args.clients, d);
+        let mut occupancy = vec![Occupancy::read(c, agent)];
+        let rr = self.load(env, Phase::KeepAlive, args.clients, d);
+        occupancy.push(Occupancy::read(c, agent));
+        let sent = flood.stop();
+        let survival = established.check();
+        let counters = agent.zip(before).map(|(bin, before)| super::flood::delta(&before, &c.a.counters(bin)));
+        let peak = occupancy.iter().copied().reduce(Occupancy::peak).unwrap_or_default();
+        progress(&format!(
+            "{mode} S={services}: flood {} packets at {:.0}/s; {:.0} conn/s, {:.0} req/s; established lost {} of {ESTABLISHED}; conntrack peak: {}",
+            sent.packets,
+            sent.rate(),
+            conn.rate(),
+            rr.rate(),
+            survival.lost,
+            super::report::occupancy_text(&peak)
+        ));
+        self.flood_next = self.flood_next.wrapping_add(u32::try_from(sent.packets + sent.refused + sent.skipped).unwrap_or(0));
+        let nz = |r: &PhaseResult| (r.ops > 0).then(|| r.rate());
+        let mut values = vec![None; METRICS.len()];
+        values[0] = nz(&conn);
+        values[1] = nz(&rr);
+        let errors = conn.errors + rr.errors;
+        let first_error = [&conn, &rr].iter().find_map(|r| r.first_error.clone());
+        let flood = FloodRep { pps, sent, survival, occupancy, counters };
+        self.case.reps.push(Rep { values, errors, first_error, flood: Some(flood) });
     }
 
     /// Measures "apply one added Service" when this is the size for it, then
@@ -404,7 +500,7 @@ impl Live {
             self.case.counters = Some(sb.counters(&args.agent));
         }
         if let Some(Env::Cluster(c)) = self.env.as_ref()
-            && matches!(self.case.mode, Mode::NpTc | Mode::NpXdp)
+            && matches!(self.case.mode, Mode::NpTc | Mode::NpXdp | Mode::NpTcFlood)
             && self.case.skipped.is_none()
         {
             self.case.counters = Some(c.a.counters(&args.agent));
@@ -460,9 +556,15 @@ fn add_one(args: &Args, mode: Mode, sb: &Sandbox, set: &ServiceSet) -> Result<Du
             write_atomic(&sb.manifests, "added.yaml", &super::services::manifest_of(std::slice::from_ref(&extra)));
             program::wait_frontends(&sb.bpffs, &[extra], start, t)
         }
-        Mode::Direct | Mode::Ipvs | Mode::EbpfSock | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
-            Err("not measured in this mode".into())
-        }
+        Mode::Direct
+        | Mode::Ipvs
+        | Mode::EbpfSock
+        | Mode::NpDirect
+        | Mode::NpIptables
+        | Mode::NpTc
+        | Mode::NpXdp
+        | Mode::NpIptablesFlood
+        | Mode::NpTcFlood => Err("not measured in this mode".into()),
     }
 }
 
@@ -477,7 +579,15 @@ pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
         Mode::Iptables => program::iptables(&sb.node, &set, args.ipt_backend, args.ipt_chunk, args.program_timeout),
         Mode::Nftables => program::nftables(&sb.node, &set, args.nft_chunk, args.program_timeout),
         Mode::Ebpf => program_agent(args, &mut sb, &set),
-        Mode::Direct | Mode::Ipvs | Mode::EbpfSock | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp => {
+        Mode::Direct
+        | Mode::Ipvs
+        | Mode::EbpfSock
+        | Mode::NpDirect
+        | Mode::NpIptables
+        | Mode::NpTc
+        | Mode::NpXdp
+        | Mode::NpIptablesFlood
+        | Mode::NpTcFlood => {
             return Case::skipped(mode, services, ipvs_unavailable());
         }
     };

@@ -33,7 +33,33 @@ pub const PHASE_SUBCOMMAND: &str = "__load-phase";
 
 /// At most this many latency samples per client thread.
 const MAX_SAMPLES: usize = 2_000_000;
+/// The shape of the HTTP servers' answer; each pod's has its index as the
+/// 3-byte body instead of `ok` ([`response`]), so a client can tell which
+/// pod answered.
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+
+/// The answer of pod `index`'s HTTP server: [`RESPONSE`] with the body
+/// `"NN\n"` (the same length in every pod).
+fn response(index: usize) -> Vec<u8> {
+    let mut r = RESPONSE[..RESPONSE.len() - 3].to_vec();
+    r.extend_from_slice(format!("{:02}\n", index % 100).as_bytes());
+    r
+}
+
+/// The pod index in an answer of the bench's HTTP servers.
+fn pod_of(resp: &[u8]) -> Option<u8> {
+    let body = resp.get(RESPONSE.len() - 3..RESPONSE.len() - 1)?;
+    std::str::from_utf8(body).ok()?.parse().ok()
+}
+
+/// One keep-alive request on `s` (a connection to the bench's HTTP
+/// servers); returns the index of the pod that answered.
+pub fn request(s: &mut TcpStream) -> std::io::Result<u8> {
+    let mut buf = [0u8; 512];
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    read_response(s, &mut buf)?;
+    pod_of(&buf[..RESPONSE.len()]).ok_or_else(|| std::io::Error::other("no pod index in the answer"))
+}
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Servers in the pods; stopped and joined on drop.
@@ -77,7 +103,8 @@ fn set_accept_timeout(l: &TcpListener, t: Duration) {
 pub fn start_servers(pods: &[&Netns], http: u16, bulk: u16, udp: u16, http_workers: usize) -> Servers {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    for ns in pods {
+    for (index, ns) in pods.iter().enumerate() {
+        let answer: Arc<[u8]> = response(index + 1).into();
         let (tx, rx) = std::sync::mpsc::channel();
         threads.push(ns.spawn(move || {
             let any = |p| SocketAddr::from(([0, 0, 0, 0], p));
@@ -92,8 +119,8 @@ pub fn start_servers(pods: &[&Netns], http: u16, bulk: u16, udp: u16, http_worke
         let (web, sink, echo) = rx.recv_timeout(Duration::from_secs(5)).expect("pod servers did not start");
         let web = Arc::new(web);
         for _ in 0..http_workers {
-            let (l, s) = (web.clone(), stop.clone());
-            threads.push(std::thread::spawn(move || accept_loop(&l, &s, serve_http)));
+            let (l, s, a) = (web.clone(), stop.clone(), answer.clone());
+            threads.push(std::thread::spawn(move || accept_loop(&l, &s, |c, s| serve_http(c, s, &a))));
         }
         let sink = Arc::new(sink);
         for _ in 0..2 {
@@ -113,7 +140,7 @@ pub fn start_servers(pods: &[&Netns], http: u16, bulk: u16, udp: u16, http_worke
     Servers { stop, threads }
 }
 
-fn accept_loop(l: &TcpListener, stop: &AtomicBool, serve: fn(TcpStream, &AtomicBool)) {
+fn accept_loop(l: &TcpListener, stop: &AtomicBool, serve: impl Fn(TcpStream, &AtomicBool)) {
     while !stop.load(Ordering::Relaxed) {
         if let Ok((s, _)) = l.accept() {
             let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
@@ -122,8 +149,9 @@ fn accept_loop(l: &TcpListener, stop: &AtomicBool, serve: fn(TcpStream, &AtomicB
     }
 }
 
-/// Answers each request (anything ending in an empty line) until EOF.
-fn serve_http(mut s: TcpStream, stop: &AtomicBool) {
+/// Answers each request (anything ending in an empty line) with `answer`
+/// until EOF.
+fn serve_http(mut s: TcpStream, stop: &AtomicBool, answer: &[u8]) {
     let _ = s.set_nodelay(true);
     let mut buf = [0u8; 4096];
     let mut have = 0usize;
@@ -135,7 +163,7 @@ fn serve_http(mut s: TcpStream, stop: &AtomicBool) {
             Err(_) => return,
         }
         while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-            if s.write_all(RESPONSE).is_err() {
+            if s.write_all(answer).is_err() {
                 return;
             }
             buf.copy_within(end + 4..have, 0);
