@@ -389,3 +389,88 @@ fn a_4000_byte_udp_datagram_through_a_cluster_ip_is_translated_in_fragments_both
     // Two later fragments each way.
     assert!(c.get("fragment_translated").copied().unwrap_or(0) >= 4, "{c:?}");
 }
+
+/// `proxy-agent conntrack` shows the flows an operator is asking about
+/// (client, frontend, backend, state, Service), `conntrack flush
+/// --frontend` removes exactly those of one frontend, and the agent's
+/// garbage collector deletes expired entries (a closed flow: 10 s) and
+/// counts them.
+#[test]
+fn conntrack_lists_flushes_and_collects_flows() {
+    let mut sb = Sandbox::new("ctcli", 2);
+    sb.serve_http(8080);
+    sb.serve_udp(5353);
+    let ips = [pod_ip(1), pod_ip(2)];
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP, DNS], &ready(&ips)));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 2);
+    wait_backends(&sb, 53, 2);
+    let bin = agent_bin().to_string_lossy().into_owned();
+    let bpffs = sb.bpffs.to_string_lossy().into_owned();
+    let list = || -> Vec<serde_json::Value> {
+        let out = run(&bin, &["--bpffs", &bpffs, "conntrack", "-o", "json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("conntrack -o json: {e}: {out}"))
+    };
+    // An open keep-alive connection, three UDP flows, five closed TCP ones.
+    let ka = sb.client.run(|| {
+        let mut ka = KeepAlive::connect(SocketAddr::from((VIP, 80)), T).expect("connect");
+        ka.get().expect("request");
+        for i in 0..3 {
+            udp_request(SocketAddr::from((VIP, 53)), &format!("c{i}"), T).expect("udp");
+        }
+        for _ in 0..5 {
+            http_get(SocketAddr::from((VIP, 80)), T).expect("http");
+        }
+        ka
+    });
+    let flows = list();
+    let tcp: Vec<&serde_json::Value> = flows.iter().filter(|f| f["frontend"] == "10.96.0.10:80").collect();
+    let udp: Vec<&serde_json::Value> = flows.iter().filter(|f| f["frontend"] == "10.96.0.10:53").collect();
+    assert_eq!(tcp.len(), 6, "six TCP flows: {flows:#?}");
+    assert_eq!(udp.len(), 3, "three UDP flows: {flows:#?}");
+    assert!(tcp.iter().any(|f| f["state"] == "ESTABLISHED" && f["confirmed"] == true), "the open connection: {tcp:#?}");
+    assert_eq!(tcp.iter().filter(|f| f["state"] == "CLOSING").count(), 5, "{tcp:#?}");
+    for f in &flows {
+        let client = f["client"].as_str().unwrap_or_default();
+        let backend = f["backend"].as_str().unwrap_or_default();
+        assert!(client.starts_with("192.0.2.2:"), "{f}");
+        assert!(backend.starts_with("10.244.0.1"), "{f}");
+        assert!(f["service"].as_str().is_some_and(|s| s.starts_with("default/web:")), "{f}");
+    }
+    let table = run(&bin, &["--bpffs", &bpffs, "conntrack"]);
+    assert!(table.starts_with("PROTO") && table.contains("ESTABLISHED") && table.contains("default/web:http"), "{table}");
+
+    // Flush one frontend: its flows go, the other's stay.
+    let out = run(&bin, &["--bpffs", &bpffs, "conntrack", "flush", "--frontend", "10.96.0.10:53/UDP"]);
+    assert_eq!(out.trim(), "removed 3 flow(s)");
+    let after = list();
+    assert!(after.iter().all(|f| f["frontend"] == "10.96.0.10:80"), "{after:#?}");
+    assert_eq!(after.len(), 6);
+
+    // The closed flows expire after 10 s; the GC (every 10 s) deletes them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = sb.node.run(|| {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:10249").expect("metrics");
+            std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").expect("write");
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).expect("read");
+            out
+        });
+        let deleted: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("proxy_conntrack_gc_deleted_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        // Five closed flows, two entries each.
+        if deleted >= 10.0 {
+            assert!(metrics.contains("proxy_map_capacity{map=\"proxy_ct_v2\"}"), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the GC did not delete the closed flows within 30 s:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let left = list();
+    assert_eq!(left.len(), 1, "only the open connection is left: {left:#?}");
+    drop(ka);
+}

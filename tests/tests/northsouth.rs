@@ -432,3 +432,27 @@ fn a_fragmented_udp_datagram_to_a_node_port_reaches_a_remote_backend_and_back() 
     assert!(s.payload == payload, "the whole datagram, both ways: {} of {} bytes", s.payload.len(), payload.len());
     assert!(c.a.stat("fragment_translated") >= 4, "{:?}", c.a.counters(&agent_bin()));
 }
+
+/// `sessionAffinity: ClientIP` holds on the XDP path too: every new
+/// connection of one client to the NodePort goes to one of three remote
+/// backends, chosen in XDP (the affinity entry is shared with TC and the
+/// socket path).
+#[test]
+fn session_affinity_holds_on_the_xdp_path() {
+    let mut c = cluster("xdpaff", 0, 3);
+    let eps = [(pod_ip_b(1), "node-b"), (pod_ip_b(2), "node-b"), (pod_ip_b(3), "node-b")];
+    let yaml = web("Cluster", &eps).replace("  externalTrafficPolicy: Cluster\n", "  externalTrafficPolicy: Cluster\n  sessionAffinity: ClientIP\n");
+    write_atomic(&c.manifests, "web.yaml", &yaml);
+    start(&mut c, Path::XdpGeneric, &[]);
+    frontends_with(&c, 5);
+    let pods: Vec<String> = c.client.run(|| {
+        (0..20)
+            .map(|_| http_get(SocketAddr::from((NODE_A_IP, NODE_PORT)), T).map_or_else(|e| format!("error: {e}"), |b| Seen::parse(&b).map(|s| s.pod).unwrap_or(b)))
+            .collect()
+    });
+    let distinct: std::collections::BTreeSet<&String> = pods.iter().collect();
+    assert_eq!(distinct.len(), 1, "one backend for one client: {pods:?}");
+    assert!(pods[0].starts_with("pod-b"), "{pods:?}");
+    assert!(c.a.stat("xdp_forward") > 0, "the flows went through XDP");
+    assert!(c.a.stat("affinity_hit") >= 19, "{:?}", c.a.counters(&agent_bin()));
+}
