@@ -3,9 +3,11 @@
 //!
 //! - unhealthy when a change has been queued and not programmed for longer
 //!   than the health timeout (2 × `--sync-period`, as kube-proxy uses);
-//!   healthy while starting up and whenever nothing is pending;
-//! - `/livez` answers by that alone; `/healthz` also answers 503 when the
-//!   node is not eligible (being deleted, or tainted
+//!   healthy whenever nothing is pending;
+//! - `/livez` answers by that alone; `/healthz` also answers 503 until the
+//!   initial lists have been programmed once (not ready before: a node
+//!   whose datapath is empty must not receive traffic), and when the node
+//!   is not eligible (being deleted, or tainted
 //!   `ToBeDeletedByClusterAutoscaler`), so load balancers drain it.
 //!
 //! Body as kube-proxy's: `{"lastUpdated": "...","currentTime": "...", "nodeEligible": true}`
@@ -85,7 +87,7 @@ impl ProxierHealth {
 
     #[must_use]
     pub fn healthz(&self, now: SystemTime) -> HealthAnswer {
-        self.answer(now, self.healthy(now) && self.node_eligible != Some(false))
+        self.answer(now, self.last_updated.is_some() && self.healthy(now) && self.node_eligible != Some(false))
     }
 
     #[must_use]
@@ -105,19 +107,23 @@ mod tests {
     }
 
     #[test]
-    fn healthy_while_starting_up() {
-        let h = ProxierHealth::new(Duration::from_mins(1));
+    fn not_ready_until_the_first_sync_but_alive() {
+        let mut h = ProxierHealth::new(Duration::from_mins(1));
         let a = h.healthz(t(0));
-        assert_eq!(a.status, 200);
+        assert_eq!(a.status, 503, "nothing programmed yet");
         assert_eq!(
             a.body,
             r#"{"lastUpdated": "1970-01-01T00:00:00Z","currentTime": "2023-11-14T22:13:20Z", "nodeEligible": true}"#
         );
+        assert_eq!(h.livez(t(0)).status, 200, "starting up is alive");
+        h.updated(t(1));
+        assert_eq!(h.healthz(t(2)).status, 200);
     }
 
     #[test]
     fn a_pending_change_older_than_the_timeout_is_unhealthy_until_synced() {
         let mut h = ProxierHealth::new(Duration::from_mins(1));
+        h.updated(t(0));
         h.queued_update(t(0));
         h.queued_update(t(30)); // the oldest pending one counts
         assert_eq!(h.healthz(t(59)).status, 200);
@@ -132,6 +138,7 @@ mod tests {
     #[test]
     fn a_node_being_deleted_fails_healthz_but_not_livez() {
         let mut h = ProxierHealth::new(Duration::from_mins(1));
+        h.updated(t(0));
         let mut node = Node::default();
         node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
         h.node_changed(Some(&node));
@@ -144,6 +151,7 @@ mod tests {
     #[test]
     fn a_node_tainted_for_deletion_by_the_autoscaler_fails_healthz() {
         let mut h = ProxierHealth::new(Duration::from_mins(1));
+        h.updated(t(0));
         let node = Node {
             spec: Some(NodeSpec {
                 taints: Some(vec![Taint { key: "ToBeDeletedByClusterAutoscaler".into(), effect: "NoSchedule".into(), ..Taint::default() }]),

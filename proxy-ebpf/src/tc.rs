@@ -49,14 +49,9 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
         };
         return forward(ctx, &p, &entry, len, stats::FRAGMENT_TRANSLATED);
     }
-    if svc.count == 0 {
-        if lb::when_empty(&svc) == Empty::Drop {
-            count(stats::DROP_NO_LOCAL_BACKEND, len);
-            return Err(TC_ACT_SHOT as i32);
-        }
-        return Ok(reject::port_unreachable(ctx, &p, len));
-    }
-
+    // Why the flow first: an established connection keeps its backend
+    // while the Service has no usable endpoint for a moment (readiness
+    // flapping); kube-proxy rejects only new connections then.
     let now = ct::now_ns();
     if let Some(entry) = ct::service_entry(&p, now, len)
         && lb::flow_keeps_backend(&p, &svc, &entry, len)
@@ -65,6 +60,13 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
             ct::close_from_service(&p, &entry);
         }
         return forward(ctx, &p, &entry, len, stats::DNAT_ESTABLISHED);
+    }
+    if svc.count == 0 {
+        if lb::when_empty(&svc) == Empty::Drop {
+            count(stats::DROP_NO_LOCAL_BACKEND, len);
+            return Err(TC_ACT_SHOT as i32);
+        }
+        return Ok(reject::port_unreachable(ctx, &p, len));
     }
 
     if !lb::may_create_flow(&p) {

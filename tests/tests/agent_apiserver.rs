@@ -295,3 +295,69 @@ fn kubectl_as_an_independent_client_drives_the_agent() {
     kubectl(&["delete", "svc", "web"]);
     wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the deleted Service gone", <[_]>::is_empty);
 }
+
+/// Not ready until programmed: with the API server down from the start,
+/// `/healthz` answers 503 (nothing is programmed: a load balancer must not
+/// send traffic here), `/livez` 200 (starting up is alive); once the
+/// server is up and the lists are programmed, `/healthz` turns 200.
+#[test]
+fn healthz_is_503_until_the_initial_lists_are_programmed() {
+    let mut c = Cluster::new("apiready", 1);
+    c.api.apply(service("web", VIP, json!({}))).expect("svc");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    c.api.set_down(true);
+    c.start_agent();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.sb.node.run(|| TcpStream::connect(("127.0.0.1", 10256)).is_err()) {
+        assert!(Instant::now() < deadline, "healthz never listened:\n{}", c.sb.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..5 {
+        assert_eq!(c.node_http(10256, "/healthz").0, 503, "ready before anything is programmed");
+        assert_eq!(c.node_http(10256, "/livez").0, 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.api.set_down(false);
+    c.wait_backends(&[pod_ip(1)], "after the API server came up");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while c.node_http(10256, "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "healthz never turned 200 after programming:\n{}", c.sb.agent_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Readiness flapping: the only endpoint goes unready (0 usable endpoints:
+/// new connections are refused) and ready again; an open connection keeps
+/// working throughout, as with kube-proxy, which rejects only new ones.
+#[test]
+fn an_established_connection_survives_its_endpoint_flapping_unready() {
+    let mut c = Cluster::new("apiflap", 1);
+    c.api.apply(service("web", VIP, json!({}))).expect("svc");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    c.start_agent();
+    c.wait_backends(&[pod_ip(1)], "initial");
+    let mut conn = c
+        .sb
+        .client
+        .run(|| {
+            let mut k = integration_tests::client::KeepAlive::connect(SocketAddr::from((VIP, 80)), T)?;
+            k.get()?;
+            Ok::<_, std::io::Error>(k)
+        })
+        .expect("open a connection");
+    for round in 0..2 {
+        c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, false)]))).expect("unready");
+        c.wait_backends(&[], "no usable endpoint");
+        assert!(c.get().is_err(), "round {round}: a new connection is refused without endpoints");
+        conn = c.sb.client.run(move || {
+            let mut k = conn;
+            k.get().map(|_| k)
+        }).unwrap_or_else(|e| panic!("round {round}: the open connection broke while its endpoint was unready: {e}"));
+        c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("ready");
+        c.wait_backends(&[pod_ip(1)], "ready again");
+        conn = c.sb.client.run(move || {
+            let mut k = conn;
+            k.get().map(|_| k)
+        }).unwrap_or_else(|e| panic!("round {round}: the open connection broke after the flap: {e}"));
+    }
+}
