@@ -184,6 +184,11 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
+    // Probed before anything is loaded or attached: a kernel without what
+    // the datapath needs is one clear error naming it.
+    for f in datapath::probe::probe(cfg.socket_lb != datapath::SocketLb::Off)? {
+        warn!(feature = f.name, since = f.since, needed_for = f.needed_for, kernel = %datapath::kernel_release(), "kernel feature missing; that part is off");
+    }
     let cgroup = socket_lb_cgroup(&cfg)?;
     let cpus = crate::conntrack::possible_cpus();
     let ct_entries = cfg.conntrack.map_entries(cpus);

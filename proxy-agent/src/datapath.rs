@@ -6,6 +6,7 @@ mod cgroup;
 mod fake;
 mod kfunc;
 mod maps;
+pub mod probe;
 
 use std::{
     collections::BTreeMap,

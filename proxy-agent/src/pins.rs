@@ -40,9 +40,11 @@ pub const ALL_MAPS: [&str; 12] = [
     SOCK_DESTROY_MAP,
 ];
 
-/// Map names of earlier layouts: unpinned on start (their contents are
-/// not carried over: counters start again) and by `cleanup`.
-pub const RETIRED_MAPS: &[&str] = proxy_common::stats::STATS_MAP_RETIRED;
+/// Map names of earlier layouts: unpinned on start and by `cleanup`, so an
+/// upgrade leaks no kernel memory. Their contents are not carried over:
+/// counters start again; `proxy_ct_v1`'s flows (a layout of the first
+/// releases) are not migrated.
+pub const RETIRED_MAPS: &[&str] = &[proxy_common::stats::STATS_MAP_RETIRED, proxy_common::ct::CT_MAP_RETIRED];
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,6 +21,8 @@
 //! datagrams only ever churn the unconfirmed table.
 
 pub const CT_MAP: &str = "proxy_ct_v2";
+/// The conntrack layout before `proxy_ct_v2` (retired: unpinned on start).
+pub const CT_MAP_RETIRED: &str = "proxy_ct_v1";
 /// Capacity compiled into the object; the agent sets the real one at load
 /// from `--conntrack-max` (two entries per flow).
 pub const CT_MAX_ENTRIES: u32 = 262_144;

@@ -2,7 +2,7 @@
 
 pub const STATS_MAP: &str = "proxy_stats_v2";
 /// Earlier layouts of the stats map (v1: 32 slots), unpinned on start.
-pub const STATS_MAP_RETIRED: &[&str] = &["proxy_stats_v1"];
+pub const STATS_MAP_RETIRED: &str = "proxy_stats_v1";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

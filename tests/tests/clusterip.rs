@@ -474,3 +474,25 @@ fn conntrack_lists_flushes_and_collects_flows() {
     assert_eq!(left.len(), 1, "only the open connection is left: {left:#?}");
     drop(ka);
 }
+
+/// Maps of retired layouts (`proxy_ct_v1`, `proxy_stats_v1`) that an
+/// earlier release left pinned are unpinned when the agent starts (no
+/// kernel memory leaks across upgrades), and `cleanup` removes the whole
+/// directory.
+#[test]
+fn maps_of_retired_layouts_are_unpinned_on_start() {
+    let mut sb = Sandbox::new("retire", 1);
+    sb.serve_http(8080);
+    std::fs::create_dir_all(&sb.bpffs).expect("mkdir bpffs dir");
+    let ct_v1 = sb.bpffs.join("proxy_ct_v1");
+    let stats_v1 = sb.bpffs.join("proxy_stats_v1");
+    run("bpftool", &["map", "create", &ct_v1.to_string_lossy(), "type", "lru_hash", "key", "16", "value", "32", "entries", "1024", "name", "proxy_ct_v1"]);
+    run("bpftool", &["map", "create", &stats_v1.to_string_lossy(), "type", "percpu_array", "key", "4", "value", "16", "entries", "32", "name", "proxy_stats_v1"]);
+    assert!(ct_v1.exists() && stats_v1.exists());
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
+    sb.start_agent(&agent_bin());
+    wait_backends(&sb, 80, 1);
+    assert!(!ct_v1.exists() && !stats_v1.exists(), "retired maps still pinned:\n{}", sb.agent_log());
+    assert!(sb.agent_log().contains("unpinned a map of a retired layout"), "{}", sb.agent_log());
+    assert_eq!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).expect("request"), "pod1");
+}
