@@ -68,6 +68,10 @@ pub struct RunConfig {
     pub conntrack: crate::conntrack::Sizing,
     /// How often expired conntrack entries are deleted.
     pub conntrack_gc_interval: Duration,
+    /// `--service-cidrs`: externalIPs inside are refused.
+    pub service_cidrs: Vec<crate::model::Cidr>,
+    /// `--external-ip-cidrs`: only externalIPs inside are served.
+    pub external_ip_cidrs: Option<Vec<crate::model::Cidr>>,
 }
 
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
@@ -253,6 +257,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         name: cfg.node_name.clone(),
         nodeport_addresses: node_addrs(),
         loopback_nodeports,
+        service_cidrs: cfg.service_cidrs.clone(),
+        external_ip_cidrs: cfg.external_ip_cidrs.clone(),
         ..NodeInfo::default()
     };
     info!(addresses = ?node.nodeport_addresses, "NodePort addresses");
@@ -296,6 +302,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                         node = NodeInfo {
                             nodeport_addresses: addrs,
                             loopback_nodeports,
+                            service_cidrs: cfg.service_cidrs.clone(),
+                            external_ip_cidrs: cfg.external_ip_cidrs.clone(),
                             ..NodeInfo::from_node(&cfg.node_name, store.node.as_ref())
                         };
                     }

@@ -86,6 +86,14 @@ enum Command {
         /// Flows per CPU (kube-proxy's default).
         #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MAX_PER_CORE_DEFAULT)]
         conntrack_max_per_core: u32,
+        /// The Service CIDRs (the API server's --service-cluster-ip-range):
+        /// externalIPs inside them are refused.
+        #[arg(long, default_value = "", value_parser = proxy_agent::model::parse_cidrs)]
+        service_cidrs: Cidrs,
+        /// Serve only externalIPs inside these CIDRs (default: all, as
+        /// kube-proxy); others are refused with a warning.
+        #[arg(long, value_parser = proxy_agent::model::parse_cidrs)]
+        external_ip_cidrs: Option<Cidrs>,
     },
     /// Tracked flows (list, the default) or remove them (flush), from the pinned map.
     Conntrack {
@@ -119,6 +127,9 @@ enum CtAction {
         frontend: Option<proxy_agent::conntrack::FrontendFilter>,
     },
 }
+
+/// A list of CIDRs (clap needs a named type for a parsed `Vec`).
+type Cidrs = Vec<proxy_agent::model::Cidr>;
 
 /// A bind address, or none ("" disables the server).
 #[derive(Clone, Copy, Debug)]
@@ -172,6 +183,8 @@ fn main() -> Result<()> {
             conntrack_max,
             conntrack_min,
             conntrack_max_per_core,
+            service_cidrs,
+            external_ip_cidrs,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -201,6 +214,8 @@ fn main() -> Result<()> {
                 cgroup,
                 conntrack: proxy_agent::conntrack::Sizing { max: conntrack_max, min: conntrack_min, max_per_core: conntrack_max_per_core },
                 conntrack_gc_interval: Duration::from_secs(10),
+                service_cidrs,
+                external_ip_cidrs,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

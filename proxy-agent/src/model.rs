@@ -109,6 +109,17 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
+    /// As Kubernetes users say it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "externalIP",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+
     #[must_use]
     pub fn flags(self) -> u16 {
         match self {
@@ -204,6 +215,34 @@ pub struct NodeInfo {
     /// Also serve `NodePorts` on 127.0.0.1 (the socket path: node-local
     /// clients, as kube-proxy's iptables mode allows with `route_localnet`).
     pub loopback_nodeports: bool,
+    /// `--service-cidrs`: externalIPs inside are refused.
+    pub service_cidrs: Vec<Cidr>,
+    /// `--external-ip-cidrs`: when set, only externalIPs inside are served.
+    pub external_ip_cidrs: Option<Vec<Cidr>>,
+}
+
+/// An IPv4 CIDR: network address and prefix length.
+pub type Cidr = (Ipv4Addr, u8);
+
+/// Whether `cidr` holds `a`.
+#[must_use]
+pub fn cidr_contains((net, len): Cidr, a: Ipv4Addr) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+    u32::from(a) & mask == u32::from(net) & mask
+}
+
+/// Parses `"10.96.0.0/12,192.168.0.0/16"` (`""`: none).
+pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not a CIDR"))?;
+            let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{part:?}: not an IPv4 address"))?;
+            let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{part:?}: bad prefix length"))?;
+            Ok((ip, len))
+        })
+        .collect()
 }
 
 impl NodeInfo {
@@ -214,6 +253,8 @@ impl NodeInfo {
             name: name.to_owned(),
             nodeport_addresses: Vec::new(),
             loopback_nodeports: false,
+            service_cidrs: Vec::new(),
+            external_ip_cidrs: None,
             zone: node
                 .and_then(|n| n.metadata.labels.as_ref())
                 .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -222,15 +263,46 @@ impl NodeInfo {
     }
 }
 
+/// Who came first: `creationTimestamp` (none: after every dated one), then
+/// `namespace/name`.
+type Age = (Option<jiff::Timestamp>, ObjectKey);
+
 /// Computes the desired frontends from everything in the store.
 #[must_use]
 pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>) {
     let mut rejections = Vec::new();
     let slices_by_service = index_slices(store);
     let mut desired = Desired::default();
+    // Every Service's frontends first; who gets a contested address is
+    // decided after, by precedence, never by the order of the objects.
+    let mut candidates: Vec<(bool, Age, &str, FrontendKey, Frontend)> = Vec::new();
     for (key, svc) in &store.services {
         let slices = slices_by_service.get(key).map_or(&[][..], Vec::as_slice);
-        service_frontends(key, svc, slices, node, &mut desired, &mut rejections);
+        let mut mine = Vec::new();
+        service_frontends(key, svc, slices, node, &mut mine, &mut rejections);
+        let age = (svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0), key.clone());
+        for (fk, fe) in mine {
+            candidates.push((fe.kind != FrontendKind::ClusterIp, age.clone(), svc.origin.as_str(), fk, fe));
+        }
+    }
+    // Why: a Service must never take another's address (CVE-2020-8554 with
+    // externalIPs, or an LB status pointing at a ClusterIP). ClusterIPs are
+    // allocated by the API server and always win; among the rest the
+    // oldest Service (creationTimestamp, then namespace/name) keeps what it
+    // has, so a newcomer cannot hijack it.
+    candidates.sort_by(|a, b| (a.0, a.1.0.is_none(), &a.1).cmp(&(b.0, b.1.0.is_none(), &b.1)));
+    for (_, _, origin, fk, fe) in candidates {
+        if let Some(owner) = desired.frontends.get(&fk) {
+            let why = format!(
+                "frontend {fk} is already used by Service {} ({} wins over {}: ClusterIPs first, then the oldest Service)",
+                owner.service,
+                owner.kind.name(),
+                fe.kind.name()
+            );
+            reject(&mut rejections, "Service", &fe.service, origin, why);
+            continue;
+        }
+        desired.frontends.insert(fk, fe);
     }
     // A slice shared by several ports reports the same problem once per port.
     rejections.sort();
@@ -347,12 +419,30 @@ fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
 /// externalIPs and `LoadBalancer` ingress IPs (IPv4; an ingress whose
 /// `ipMode` is `Proxy` is skipped, as kube-proxy does: the load balancer
 /// itself proxies to the nodes).
-fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, rejections: &mut Vec<Rejection>) -> Vec<(Ipv4Addr, FrontendKind)> {
+fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Vec<(Ipv4Addr, FrontendKind)> {
     let mut out = Vec::new();
     let spec = svc.object.spec.as_ref();
     for ip in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten() {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => out.push((a, FrontendKind::ExternalIp)),
+            Ok(IpAddr::V4(a)) => {
+                // Why: an externalIP inside the Service range could take a
+                // ClusterIP not allocated yet, one on a node address the
+                // node's own ports (CVE-2020-8554); and the operator may
+                // allow only some ranges (DenyServiceExternalIPs-like).
+                let refused = if node.service_cidrs.iter().any(|c| cidr_contains(*c, a)) {
+                    Some("is inside the Service CIDR (--service-cidrs)")
+                } else if node.nodeport_addresses.contains(&a) {
+                    Some("is an address of this node")
+                } else if node.external_ip_cidrs.as_ref().is_some_and(|cs| !cs.iter().any(|c| cidr_contains(*c, a))) {
+                    Some("is outside --external-ip-cidrs")
+                } else {
+                    None
+                };
+                match refused {
+                    Some(why) => reject(rejections, "Service", key, &svc.origin, format!("externalIP {a} refused: it {why}")),
+                    None => out.push((a, FrontendKind::ExternalIp)),
+                }
+            }
             Ok(IpAddr::V6(_)) => {}
             Err(_) => reject(rejections, "Service", key, &svc.origin, format!("invalid externalIP {ip:?}")),
         }
@@ -374,7 +464,7 @@ fn service_frontends(
     svc: &Stored<Service>,
     slices: &[&Stored<EndpointSlice>],
     node: &NodeInfo,
-    desired: &mut Desired,
+    out: &mut Vec<(FrontendKey, Frontend)>,
     rejections: &mut Vec<Rejection>,
 ) {
     const KIND: &str = "Service";
@@ -403,7 +493,7 @@ fn service_frontends(
     let etp_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
     let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
     let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
-    let external_ips = external_ipv4s(svc, key, rejections);
+    let external_ips = external_ipv4s(svc, key, node, rejections);
     let affinity_timeout = session_affinity_timeout(spec);
     let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
     for sp in ports {
@@ -448,10 +538,6 @@ fn service_frontends(
                 reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
                 continue;
             }
-            if let Some(owner) = desired.frontends.get(&fk) {
-                reject(rejections, KIND, key, &svc.origin, format!("frontend {fk} is already used by Service {}", owner.service));
-                continue;
-            }
             let external = kind != FrontendKind::ClusterIp;
             let policy_local = if external { etp_local } else { itp_local };
             let (mut backends, drop_when_empty) = select_backends(&endpoints, node, policy_local, prefer_same_node);
@@ -482,7 +568,7 @@ fn service_frontends(
             ));
         }
     }
-    desired.frontends.extend(mine);
+    out.extend(mine);
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.

@@ -64,7 +64,7 @@ fn check_on(node: &NodeInfo, yaml: &str, expected: &str) {
 }
 
 fn node(name: &str, zone: Option<&str>) -> NodeInfo {
-    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned), nodeport_addresses: Vec::new(), loopback_nodeports: false }
+    NodeInfo { name: name.to_owned(), zone: zone.map(str::to_owned), ..NodeInfo::default() }
 }
 
 fn render(desired: &Desired, rejections: &[Rejection]) -> String {
@@ -1246,7 +1246,7 @@ spec:
         "
         10.96.0.34:53/UDP default/b-second:dns -> (none)
         10.96.0.34:80/TCP default/a-first:web -> (none)
-        rejected: Service default/b-second (from test.yaml): frontend 10.96.0.34:80/TCP is already used by Service default/a-first
+        rejected: Service default/b-second (from test.yaml): frontend 10.96.0.34:80/TCP is already used by Service default/a-first (ClusterIP wins over ClusterIP: ClusterIPs first, then the oldest Service)
         ",
     );
 }
@@ -1651,7 +1651,7 @@ fn node_a() -> NodeInfo {
         name: "node-a".into(),
         zone: None,
         nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "198.51.100.1".parse().unwrap()],
-        loopback_nodeports: false,
+        ..NodeInfo::default()
     }
 }
 
@@ -1698,7 +1698,7 @@ fn the_same_node_port_in_two_services_is_rejected_for_the_second() {
         LB_SVC.replace("ETP", "Cluster").replace("name: web,", "name: web2,").replace("10.96.0.10", "10.96.0.11").replace("203.0.113.7, fd00::7", "203.0.113.8").replace("203.0.113.50", "203.0.113.60")
     );
     let got = render_external(&node_a(), &two);
-    assert!(got.contains("rejected: Service default/web2 (from test.yaml): frontend 10.0.0.1:30080/TCP is already used by Service default/web"), "{got}");
+    assert!(got.contains("rejected: Service default/web2 (from test.yaml): frontend 10.0.0.1:30080/TCP is already used by Service default/web (NodePort wins over NodePort"), "{got}");
 }
 
 #[test]
@@ -1735,4 +1735,75 @@ fn session_affinity_client_ip_sets_the_timeout_and_one_group_per_service_port() 
         super::affinity_group(&crate::store::ObjectKey::new("default", "web"), "http", super::Protocol::Tcp),
         http[0].affinity_group
     );
+}
+
+/// CVE-2020-8554, sharper: a Service in another namespace (sorting first)
+/// claims kube-dns's ClusterIP as an externalIP. ClusterIPs always win; the
+/// newcomer is refused by name.
+#[test]
+fn an_external_ip_cannot_hijack_a_cluster_ip_whatever_the_names() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: evil, namespace: app, creationTimestamp: "2023-01-01T00:00:00Z"}
+spec:
+  clusterIP: 10.96.0.99
+  externalIPs: [10.96.0.10]
+  ports: [{name: dns, port: 53, protocol: UDP}]
+"#;
+    let got = render_external(&NodeInfo::default(), yaml);
+    assert!(got.contains("10.96.0.10:53/UDP ClusterIp"), "kube-dns keeps its ClusterIP: {got}");
+    assert!(
+        got.contains("rejected: Service app/evil (from test.yaml): frontend 10.96.0.10:53/UDP is already used by Service kube-system/kube-dns (ClusterIP wins over externalIP"),
+        "{got}"
+    );
+}
+
+/// Among the rest, the oldest Service keeps a contested address, whatever
+/// the names sort like; without timestamps, names decide (as before).
+#[test]
+fn the_oldest_service_keeps_a_contested_external_ip() {
+    let svc = |name: &str, created: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, creationTimestamp: \"{created}\"}}\nspec:\n  clusterIP: {vip}\n  externalIPs: [203.0.113.9]\n  ports: [{{name: http, port: 80}}]\n---\n"
+        )
+    };
+    let yaml = svc("a-new", "2025-06-01T00:00:00Z", "10.96.0.20") + &svc("z-old", "2020-01-01T00:00:00Z", "10.96.0.21");
+    let (desired, rejections) = desired_state(&store_from(&yaml), &NodeInfo::default());
+    let owner = desired.frontends.iter().find(|(k, _)| k.addr.to_string() == "203.0.113.9").map(|(_, f)| f.service.to_string());
+    assert_eq!(owner.as_deref(), Some("default/z-old"), "the oldest Service keeps it");
+    assert!(rejections.iter().any(|r| r.object.to_string() == "default/a-new" && r.reason.contains("default/z-old")), "{rejections:?}");
+}
+
+#[test]
+fn external_ips_in_the_service_cidr_on_a_node_address_or_outside_the_allowed_cidrs_are_refused() {
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [10.96.5.5, 10.0.0.1, 203.0.113.7, 198.18.0.1]
+  ports: [{name: http, port: 80}]
+";
+    let node = NodeInfo {
+        service_cidrs: super::parse_cidrs("10.96.0.0/12").unwrap(),
+        external_ip_cidrs: Some(super::parse_cidrs("203.0.113.0/24, 10.0.0.0/8").unwrap()),
+        ..node_a()
+    };
+    let got = render_external(&node, yaml);
+    assert!(got.contains("203.0.113.7:80/TCP ExternalIp"), "{got}");
+    assert!(got.contains("externalIP 10.96.5.5 refused: it is inside the Service CIDR"), "{got}");
+    assert!(got.contains("externalIP 10.0.0.1 refused: it is an address of this node"), "{got}");
+    assert!(got.contains("externalIP 198.18.0.1 refused: it is outside --external-ip-cidrs"), "{got}");
+    // Default: all allowed, as kube-proxy.
+    let got = render_external(&node_a(), yaml);
+    assert!(got.contains("198.18.0.1:80/TCP ExternalIp"), "{got}");
 }
