@@ -107,12 +107,12 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let l4_off = l3 + ihl_len;
     let id_be: u16 = ctx.load(l3 + IP_ID).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let fkey = FragKey { saddr_be, daddr_be, id_be, proto, _pad: 0 };
-    if frag_word & IP_OFFSET_MASK != 0 {
+    let tot_len = usize::from(u16::from_be(ctx.load::<u16>(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?));
+    let (ports, tcp_flags, frag) = if frag_word & IP_OFFSET_MASK != 0 {
         // A later fragment: no L4 header; translated with its first
         // fragment's ports, or passed when that was not seen. Its IPv4
         // header must be all there (found by the fuzzer).
-        let tot_len: u16 = ctx.load(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-        if (ctx.len() as usize) < l4_off || usize::from(u16::from_be(tot_len)) < ihl_len {
+        if (ctx.len() as usize) < l4_off || tot_len < ihl_len {
             return Err(stats::MALFORMED_TRUNCATED);
         }
         // SAFETY: the value is copied out at once.
@@ -122,46 +122,33 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         if crate::ct::now_ns().saturating_sub(f.seen_ns) > FRAG_TIMEOUT_NS {
             return Err(stats::PASS_FRAGMENT);
         }
-        return Ok(Packet {
-            l3_off: l3,
-            l4_off,
-            ihl_len,
-            proto,
-            saddr_be,
-            daddr_be,
-            sport_be: f.sport_be,
-            dport_be: f.dport_be,
-            tcp_flags: 0,
-            frag: FRAG_LATER,
-        });
-    }
-    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    let (l4_min, tcp_flags) = if proto == proto::TCP {
-        // Why: the checksum we rewrite sits at offset 16 of a 20-byte header;
-        // the load fails on a packet cut short before it.
-        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-        (20, flags)
+        ([f.sport_be, f.dport_be], 0, FRAG_LATER)
     } else {
-        (8, 0)
+        let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        let (l4_min, tcp_flags) = if proto == proto::TCP {
+            // Why: the checksum we rewrite sits at offset 16 of a 20-byte
+            // header; the load fails on a packet cut short before it.
+            let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+            (20, flags)
+        } else {
+            (8, 0)
+        };
+        // Why the IPv4 total length too: bytes past it are link-layer
+        // padding, not headers; a packet whose L4 header lies beyond its
+        // total length is dropped by the stack as truncated, and must not be
+        // translated from whatever padding holds (found by the fuzzer).
+        if (ctx.len() as usize) < l4_off + l4_min || tot_len < ihl_len + l4_min {
+            return Err(stats::MALFORMED_TRUNCATED);
+        }
+        let mut frag = FRAG_NONE;
+        if frag_word & IP_MF != 0 {
+            // The first fragment: its ports are the datagram's.
+            let v = FragValue { sport_be: ports[0], dport_be: ports[1], _pad: 0, seen_ns: crate::ct::now_ns() };
+            let _ = FRAG.insert(&fkey, &v, 0);
+            frag = FRAG_FIRST;
+        }
+        (ports, tcp_flags, frag)
     };
-    if (ctx.len() as usize) < l4_off + l4_min {
-        return Err(stats::MALFORMED_TRUNCATED);
-    }
-    // Why the IPv4 total length too: bytes past it are link-layer padding,
-    // not headers; a packet whose L4 header lies beyond its total length is
-    // dropped by the stack as truncated, and must not be translated from
-    // whatever padding holds (found by the fuzzer).
-    let tot_len: u16 = ctx.load(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    if usize::from(u16::from_be(tot_len)) < ihl_len + l4_min {
-        return Err(stats::MALFORMED_TRUNCATED);
-    }
-    let mut frag = FRAG_NONE;
-    if frag_word & IP_MF != 0 {
-        // The first fragment: its ports are the datagram's.
-        let v = FragValue { sport_be: ports[0], dport_be: ports[1], _pad: 0, seen_ns: crate::ct::now_ns() };
-        let _ = FRAG.insert(&fkey, &v, 0);
-        frag = FRAG_FIRST;
-    }
     Ok(Packet {
         l3_off: l3,
         l4_off,

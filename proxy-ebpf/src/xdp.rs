@@ -215,35 +215,26 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
                 // A hairpin: the TC path (it needs the stack's route).
                 return None;
             }
-            if backend.flags & BACKEND_F_LOCAL != 0 {
-                // A local backend: the stack delivers it, so TC translates
-                // it. Why the flow is recorded here all the same: the choice
-                // made here is the one used — TC finds this entry and keeps
-                // it. Choosing again in TC would give a local backend
-                // (L/N)² of the new flows instead of L/N.
-                let flow = ct::NewFlow {
-                    backend_addr_be: backend.addr_be,
-                    backend_port_be: backend.port_be,
-                    backend_id: chosen.id,
-                    slot: chosen.slot,
-                    svc_id: svc.svc_id,
-                    flags: CT_F_REDIRECT,
-                    snat_addr_be: 0,
-                };
-                let _ = ct::create(&p, &flow, now, len);
-                count(stats::XDP_LOCAL_FLOW, len);
-                return None;
-            }
-            let r = route(ctx, &p, p.saddr_be, backend.addr_be)?;
-            let flow = ct::NewFlow {
+            let mut flow = ct::NewFlow {
                 backend_addr_be: backend.addr_be,
                 backend_port_be: backend.port_be,
                 backend_id: chosen.id,
                 slot: chosen.slot,
                 svc_id: svc.svc_id,
                 flags: CT_F_REDIRECT,
-                snat_addr_be: r.src_be,
+                snat_addr_be: 0,
             };
+            if backend.flags & BACKEND_F_LOCAL != 0 {
+                // A local backend: the stack delivers it, so TC translates
+                // it. Why the flow is recorded here all the same: the choice
+                // made here is the one used — TC finds this entry and keeps
+                // it. Choosing again in TC would give a local backend
+                // (L/N)² of the new flows instead of L/N.
+                let _ = ct::create(&p, &flow, now, len);
+                count(stats::XDP_LOCAL_FLOW, len);
+                return None;
+            }
+            flow.snat_addr_be = route(ctx, &p, p.saddr_be, backend.addr_be)?.src_be;
             ct::create(&p, &flow, now, len)?
         }
     };

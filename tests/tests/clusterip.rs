@@ -72,9 +72,10 @@ fn count_by_pod(results: &[(Instant, Result<String, String>)]) -> BTreeMap<Strin
     m
 }
 
-#[test]
-fn http_and_udp_through_a_cluster_ip_use_every_backend() {
-    let mut sb = Sandbox::new("cip", 2);
+/// Two pods serving HTTP and UDP behind Service `web` (VIP:80 and :53), the
+/// agent running and both ports programmed.
+fn web_sandbox(prefix: &str) -> Sandbox {
+    let mut sb = Sandbox::new(prefix, 2);
     sb.serve_http(8080);
     sb.serve_udp(5353);
     let ips = [pod_ip(1), pod_ip(2)];
@@ -82,6 +83,12 @@ fn http_and_udp_through_a_cluster_ip_use_every_backend() {
     sb.start_agent(&agent_bin());
     wait_backends(&sb, 80, 2);
     wait_backends(&sb, 53, 2);
+    sb
+}
+
+#[test]
+fn http_and_udp_through_a_cluster_ip_use_every_backend() {
+    let sb = web_sandbox("cip");
 
     let (http, udp, sticky) = sb.client.run(|| {
         let http: Vec<_> = (0..40).map(|_| http_get(SocketAddr::from((VIP, 80)), T).map_err(|e| e.to_string())).collect();
@@ -397,14 +404,7 @@ fn a_4000_byte_udp_datagram_through_a_cluster_ip_is_translated_in_fragments_both
 /// counts them.
 #[test]
 fn conntrack_lists_flushes_and_collects_flows() {
-    let mut sb = Sandbox::new("ctcli", 2);
-    sb.serve_http(8080);
-    sb.serve_udp(5353);
-    let ips = [pod_ip(1), pod_ip(2)];
-    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP, DNS], &ready(&ips)));
-    sb.start_agent(&agent_bin());
-    wait_backends(&sb, 80, 2);
-    wait_backends(&sb, 53, 2);
+    let sb = web_sandbox("ctcli");
     let bin = agent_bin().to_string_lossy().into_owned();
     let bpffs = sb.bpffs.to_string_lossy().into_owned();
     let list = || -> Vec<serde_json::Value> {
