@@ -576,7 +576,38 @@ impl Datapath {
             }
         }
         self.prune_link_pins(&devices);
+        self.sync_xdp_tx_ports();
         Ok(new)
+    }
+
+    /// Keeps `proxy_xdp_tx_v1` equal to the devices with an XDP link: the
+    /// only ones the fast path redirects to.
+    fn sync_xdp_tx_ports(&mut self) {
+        use aya::maps::DevMapHash;
+        let wanted: std::collections::BTreeSet<u32> = fs::read_dir(self.pins.links_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(XDP_LINK_PREFIX)?.split('_').next()?.parse().ok()
+            })
+            .collect();
+        let Some(map) = self.ebpf.map_mut(crate::pins::XDP_TX_MAP) else {
+            return;
+        };
+        let Ok(mut ports) = DevMapHash::try_from(map) else {
+            return;
+        };
+        let present: Vec<u32> = ports.keys().filter_map(std::result::Result::ok).collect();
+        for ifindex in present.iter().filter(|i| !wanted.contains(i)) {
+            let _ = ports.remove(*ifindex);
+        }
+        for ifindex in wanted.iter().filter(|i| !present.contains(i)) {
+            if let Err(e) = ports.insert(*ifindex, *ifindex, None, 0) {
+                warn!(ifindex, error = %e, "cannot allow XDP redirects to this device; its flows take the TC path");
+            }
+        }
     }
 
     /// Attaches to one device. With a pinned link from an earlier run the

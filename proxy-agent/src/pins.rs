@@ -25,7 +25,11 @@ pub use proxy_common::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
 /// Every map the agent pins.
-pub const ALL_MAPS: [&str; 12] = [
+/// Devices the XDP fast path may redirect to.
+pub const XDP_TX_MAP: &str = "proxy_xdp_tx_v1";
+
+pub const ALL_MAPS: [&str; 13] = [
+    XDP_TX_MAP,
     proxy_common::stats::ICMP_RL_MAP,
     proxy_common::frag::FRAG_MAP,
     SVC_MAP,

@@ -4,7 +4,7 @@
 //! checks at load time that every constant names a map of the object).
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
@@ -64,3 +64,8 @@ pub static ICMP_RL: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
 /// First fragments' ports, for the later fragments of their datagram.
 #[btf_map(name = "proxy_frag_v1")]
 pub static FRAG: LruHashMap<FragKey, FragValue, { FRAG_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Devices the XDP fast path may redirect to: those the agent attached XDP
+/// to (ifindex → ifindex).
+#[btf_map(name = "proxy_xdp_tx_v1")]
+pub static XDP_TX_PORTS: DevMapHash<256> = DevMapHash::new();

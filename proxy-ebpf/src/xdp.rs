@@ -11,7 +11,6 @@
 //! TC programs.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
-    helpers::bpf_redirect,
     programs::XdpContext,
 };
 use proxy_common::{
@@ -23,6 +22,7 @@ use proxy_common::{
 
 use crate::{
     ct, fib,
+    maps::XDP_TX_PORTS,
     lb::{self, Client, Frontend},
     parse::Packet,
     stats::count,
@@ -152,8 +152,8 @@ fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u1
     if route.ifindex == ingress {
         return Some(XDP_TX);
     }
-    // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
+    // Only to devices in the map (checked in `route` before any rewrite).
+    Some(XDP_TX_PORTS.redirect(route.ifindex, u64::from(XDP_PASS)).unwrap_or_else(|fallback| fallback))
 }
 
 /// The route with a resolved neighbour, for a packet that fits it.
@@ -170,7 +170,12 @@ fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route>
     // The L3 length as the header says (not data_end - data, which counts
     // Ethernet padding; never 0 here, 0 would skip the MTU check).
     let tot_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).max(20);
-    fib::lookup_raw(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true).filter(|r| r.neigh)
+    // Why the egress device must be in `proxy_xdp_tx_v1` (the devices the
+    // agent attached XDP to): a redirect to a device that cannot transmit
+    // XDP frames (no `ndo_xdp_xmit`: a tunnel, a pod veth without XDP) is
+    // dropped by the kernel. Such a flow is passed untouched to TC instead.
+    fib::lookup_raw(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true)
+        .filter(|r| r.neigh && (r.ifindex == ingress || XDP_TX_PORTS.get_ifindex(r.ifindex).is_some()))
 }
 
 #[inline(always)]

@@ -389,6 +389,13 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("{XDP_PROG} is not xdp: {e:?}"));
         x.load()
             .unwrap_or_else(|e| panic!("loading {XDP_PROG}: {e:?}"));
+        // The devices XDP may redirect to (the agent fills this with the
+        // devices it attached XDP to): every device of the test node.
+        let mut ports = aya::maps::DevMapHash::try_from(ebpf.map_mut(proxy_agent::pins::XDP_TX_MAP).expect("xdp tx map"))
+            .expect("devmap type");
+        for d in proxy_agent::datapath::list_devices().expect("devices") {
+            ports.insert(d.index, d.index, None, 0).unwrap_or_else(|e| panic!("devmap insert {}: {e:?}", d.name));
+        }
         Self { ebpf }
     }
 
@@ -1973,6 +1980,22 @@ fn xdp_pass_cases(l: &Links) -> Vec<XdpCase> {
         case(
             "local backend",
             |dp| node_port_to(dp, BE_LOCAL),
+            syn.build(),
+            l.ext0,
+        ),
+        // A device XDP may not redirect to (no XDP attached by the agent:
+        // it may lack ndo_xdp_xmit, and the kernel would drop the frame).
+        case(
+            "remote backend behind a device not in proxy_xdp_tx_v1",
+            |dp| {
+                node_port_to(dp, BE_B);
+                let mut ports = aya::maps::DevMapHash::try_from(dp.ebpf.map_mut(proxy_agent::pins::XDP_TX_MAP).expect("xdp tx map"))
+                    .expect("devmap type");
+                let keys: Vec<u32> = ports.keys().filter_map(Result::ok).collect();
+                for k in keys {
+                    ports.remove(k).expect("devmap remove");
+                }
+            },
             syn.build(),
             l.ext0,
         ),
