@@ -496,3 +496,94 @@ fn maps_of_retired_layouts_are_unpinned_on_start() {
     assert!(sb.agent_log().contains("unpinned a map of a retired layout"), "{}", sb.agent_log());
     assert_eq!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).expect("request"), "pod1");
 }
+
+/// The agent SIGKILLed and restarted ten times under load — new HTTP
+/// connections to the ClusterIP, requests on a keep-alive connection to the
+/// NodePort, a connected UDP stream to the ClusterIP, and node-local
+/// clients on the socket path — loses no request: the kernel forwards on
+/// its own, and each start adopts the pinned programs, links and maps.
+#[test]
+fn ten_agent_kills_under_load_lose_no_request() {
+    let mut sb = Sandbox::new("kill10", 2);
+    sb.serve_http(8080);
+    sb.serve_udp(5353);
+    let ips = [pod_ip(1), pod_ip(2)];
+    let svc = service_yaml("web", VIP, &[HTTP, DNS], &ready(&ips))
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("    targetPort: 8080\n", "    targetPort: 8080\n    nodePort: 30080\n");
+    write_atomic(&sb.manifests, "svc.yaml", &svc);
+    let bin = agent_bin();
+    sb.start_agent(&bin);
+    wait_backends(&sb, 80, 2);
+    wait_backends(&sb, 53, 2);
+    let np = SocketAddr::from((integration_tests::sandbox::NODE_IP, 30080));
+    wait_programmed(&sb.bpffs, Duration::from_secs(15), "the NodePort", |v| v.iter().any(|f| f.port == 30080 && f.backends.len() == 2));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns = http_load(&sb, stop.clone(), 20_000, Duration::from_secs(60));
+    let keepalive = sb.client.spawn({
+        let stop = stop.clone();
+        move || {
+            let mut k = KeepAlive::connect(np, T).expect("keep-alive to the NodePort");
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && ok < 50_000 {
+                match k.get() {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        }
+    });
+    let udp = sb.client.spawn({
+        let stop = stop.clone();
+        move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            s.connect(SocketAddr::from((VIP, 53))).expect("connect");
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) && ok < 50_000 {
+                let r = s.send(b"u").and_then(|_| s.recv(&mut buf));
+                match r {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        }
+    });
+    let mut node_local = Vec::new();
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        sb.kill_agent();
+        // Node-local clients (socket path) while no agent runs.
+        node_local.extend(sb.cgroup_client(&sb.node, std::path::Path::new(env!("CARGO_BIN_EXE_sockclient")), &["http", &format!("{VIP}:80"), "5"]));
+        std::thread::sleep(Duration::from_millis(200));
+        sb.start_agent(&bin);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sb.agent_log().matches("datapath loaded").count() < round + 2 {
+            assert!(Instant::now() < deadline, "restart {round} did not load:\n{}", sb.agent_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let conns = conns.join().expect("connections");
+    let (ka_ok, ka_failed) = keepalive.join().expect("keep-alive");
+    let (udp_ok, udp_failed) = udp.join().expect("udp");
+    let conn_failed: Vec<&String> = conns.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    println!(
+        "10 kills: {} new connections, {ka_ok} keep-alive requests to the NodePort, {udp_ok} UDP exchanges, {} node-local requests",
+        conns.len(),
+        node_local.len()
+    );
+    assert!(conn_failed.is_empty(), "new connections failed: {conn_failed:?}\n{}", sb.agent_log());
+    assert!(ka_failed.is_empty(), "keep-alive requests failed: {ka_failed:?}");
+    assert!(udp_failed.is_empty(), "UDP exchanges failed: {udp_failed:?}");
+    assert!(node_local.iter().all(|l| !l.starts_with("ERR")), "node-local requests failed: {node_local:?}");
+    assert!(conns.len() >= 100 && ka_ok >= 100 && udp_ok >= 100, "enough load to judge");
+    assert!(sb.agent_log().matches("adopted=true").count() >= 10, "every restart adopts the pinned links");
+}
