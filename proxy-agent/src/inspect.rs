@@ -36,6 +36,8 @@ pub struct FrontendView {
     pub snat_remote: bool,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` (with the node's addresses), when set.
+    pub source_ranges: Option<Vec<String>>,
     pub backends: Vec<BackendView>,
 }
 
@@ -82,6 +84,9 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             policy: if head.flags & SVC_FLAG_POLICY_LOCAL != 0 { "Local" } else { "Cluster" }.to_owned(),
             snat_remote: head.flags & SVC_FLAG_SNAT_REMOTE != 0,
             affinity_timeout_s: head.affinity_timeout_s,
+            source_ranges: (head.flags & proxy_common::svc::SVC_FLAG_SOURCE_RANGES != 0).then(|| {
+                dump.ranges.iter().filter(|(id, _, _)| *id == head.svc_id).map(|(_, a, l)| format!("{a}/{l}")).collect()
+            }),
             backends,
         });
     }

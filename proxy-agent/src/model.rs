@@ -169,6 +169,10 @@ pub struct Frontend {
     /// one Service port, so a client keeps its backend across them
     /// ([`affinity_group`]).
     pub affinity_group: u32,
+    /// `loadBalancerSourceRanges` of a `LoadBalancer` frontend, with the
+    /// node's addresses added (health checks, hairpin); `None`: open. An
+    /// invalid range makes the list just the node's addresses (closed).
+    pub source_ranges: Option<Vec<Cidr>>,
 }
 
 impl Frontend {
@@ -495,6 +499,7 @@ fn service_frontends(
     let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
     let external_ips = external_ipv4s(svc, key, node, rejections);
     let affinity_timeout = session_affinity_timeout(spec);
+    let source_ranges = lb_source_ranges(svc, key, node, rejections);
     let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -564,11 +569,49 @@ fn service_frontends(
                     snat_remote: external && !etp_local,
                     affinity_timeout_s: affinity_timeout,
                     affinity_group: group,
+                    source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { None },
                 },
             ));
         }
     }
     out.extend(mine);
+}
+
+/// `spec.loadBalancerSourceRanges` as kube-proxy applies them to the LB
+/// ingress IPs: `None` when unset (open); else the ranges plus the node's
+/// addresses (as /32: health checks and hairpin traffic come from them). A
+/// range that does not parse is reported by name and the Service is served
+/// closed (only the node's addresses), never open.
+fn lb_source_ranges(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
+    let ranges = svc.object.spec.as_ref()?.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty())?;
+    let mut out: Vec<Cidr> = node.nodeport_addresses.iter().map(|a| (*a, 32)).collect();
+    let mut parsed = Vec::new();
+    for r in ranges {
+        if r.trim().contains(':') {
+            continue; // IPv6: not ours (IPv4 only for now)
+        }
+        match parse_cidrs(r) {
+            Ok(c) => parsed.extend(c),
+            Err(e) => {
+                reject(
+                    rejections,
+                    "Service",
+                    key,
+                    &svc.origin,
+                    format!("loadBalancerSourceRanges {r:?}: {e}; its LoadBalancer IPs accept no client but the node (served closed)"),
+                );
+                return Some(out);
+            }
+        }
+    }
+    // Normalised (host bits cleared), as the LPM trie stores them.
+    for (a, len) in parsed {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        out.push((Ipv4Addr::from(u32::from(a) & mask), len));
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.

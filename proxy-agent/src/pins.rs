@@ -28,8 +28,9 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 /// Devices the XDP fast path may redirect to.
 pub const XDP_TX_MAP: &str = "proxy_xdp_tx_v1";
 
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     XDP_TX_MAP,
+    proxy_common::svc::SRC_RANGE_MAP,
     proxy_common::stats::ICMP_RL_MAP,
     proxy_common::frag::FRAG_MAP,
     SVC_MAP,

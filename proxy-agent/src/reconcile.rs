@@ -38,6 +38,8 @@ struct ProgFrontend {
     /// Slot 0's affinity group and timeout.
     affinity_group: u32,
     affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` entries of this frontend's service id.
+    ranges: BTreeSet<(Ipv4Addr, u8)>,
     /// Backend id of slot i + 1 (0 = slot missing in the map).
     slots: Vec<u32>,
     /// Slot numbers present in the map beyond `slots.len()`.
@@ -61,6 +63,8 @@ struct Programmed {
     orphan_svc: Vec<SvcKey>,
     /// Names of service ids no frontend uses.
     orphan_names: Vec<u32>,
+    /// Source ranges of service ids no frontend uses.
+    orphan_ranges: Vec<(u32, Ipv4Addr, u8)>,
     svc_entries: usize,
     next_svc_id: u32,
     next_backend_id: u32,
@@ -114,6 +118,10 @@ impl Programmed {
                 .insert(k.backend_slot, v);
         }
         let names: BTreeMap<u32, String> = d.names.into_iter().collect();
+        let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
+        for (id, a, l) in d.ranges {
+            ranges.entry(id).or_default().insert((a, l));
+        }
         for ((addr_be, port_be, proto, scope), slots) in groups {
             let key0 = SvcKey { addr_be, port_be, backend_slot: 0, proto, scope, _pad: [0; 2] };
             let fk = frontend_of(key0).filter(|_| scope == 0);
@@ -127,6 +135,7 @@ impl Programmed {
                 flags: head.flags,
                 affinity_group: head.backend_id,
                 affinity_timeout_s: head.affinity_timeout_s,
+                ranges: ranges.remove(&head.svc_id).unwrap_or_default(),
                 slots: (1..=count).map(|s| slots.get(&s).map_or(0, |v| v.backend_id)).collect(),
                 stale_slots: slots.keys().copied().filter(|&s| s > count).collect(),
                 name: names.get(&head.svc_id).cloned(),
@@ -136,6 +145,7 @@ impl Programmed {
         }
         let used: BTreeSet<u32> = p.frontends.values().map(|f| f.svc_id).collect();
         p.orphan_names = names.keys().copied().filter(|id| !used.contains(id)).collect();
+        p.orphan_ranges = ranges.into_iter().flat_map(|(id, rs)| rs.into_iter().map(move |(a, l)| (id, a, l))).collect();
         for (id, b) in d.backends {
             p.next_backend_id = p.next_backend_id.max(id);
             p.backends.insert(id, b);
@@ -280,6 +290,10 @@ impl<M: ServiceMaps> Reconciler<M> {
                     self.maps.delete_svc(svc_key(key, s))?;
                     report.deletes += 1;
                 }
+                for r in &fe.ranges {
+                    self.maps.delete_range(fe.svc_id, *r)?;
+                    report.deletes += 1;
+                }
                 if fe.name.is_some() {
                     self.maps.delete_name(fe.svc_id)?;
                     report.deletes += 1;
@@ -303,6 +317,15 @@ impl<M: ServiceMaps> Reconciler<M> {
                     report.deletes += 1;
                     self.state.svc_entries -= 1;
                 }
+                Err(e) => {
+                    self.stale = true;
+                    report.other_errors.push(e);
+                }
+            }
+        }
+        for (id, a, l) in std::mem::take(&mut self.state.orphan_ranges) {
+            match self.maps.delete_range(id, (a, l)) {
+                Ok(()) => report.deletes += 1,
                 Err(e) => {
                     self.stale = true;
                     report.other_errors.push(e);
@@ -429,8 +452,16 @@ impl<M: ServiceMaps> Reconciler<M> {
                 report.writes += 1;
             }
         }
+        // Source ranges before slot 0 says to check them.
+        let want_ranges: BTreeSet<(Ipv4Addr, u8)> = fe.source_ranges.iter().flatten().copied().collect();
+        let cur_ranges = cur.as_ref().map(|c| c.ranges.clone()).unwrap_or_default();
+        for r in want_ranges.difference(&cur_ranges) {
+            self.maps.write_range(svc_id, *r)?;
+            report.writes += 1;
+        }
         // 3. Slot 0 with the count.
         let flags = fe.kind.flags()
+            | if fe.source_ranges.is_some() { proxy_common::svc::SVC_FLAG_SOURCE_RANGES } else { 0 }
             | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 }
             | if fe.snat_remote { SVC_FLAG_SNAT_REMOTE } else { 0 }
             | if fe.policy_local { SVC_FLAG_POLICY_LOCAL } else { 0 };
@@ -464,11 +495,17 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_svc(svc_key(key, s))?;
             report.deletes += 1;
         }
+        // Ranges no longer wanted, after slot 0 stopped asking for them.
+        for r in cur_ranges.difference(&want_ranges) {
+            self.maps.delete_range(svc_id, *r)?;
+            report.deletes += 1;
+        }
         let prog = ProgFrontend {
             svc_id,
             flags,
             affinity_group: fe.affinity_group,
             affinity_timeout_s: fe.affinity_timeout_s,
+            ranges: want_ranges,
             slots,
             stale_slots: Vec::new(),
             name: Some(name),

@@ -105,6 +105,9 @@ reasons! {
     /// A later IPv4 fragment translated like its datagram's first fragment
     /// (ports remembered in `proxy_frag_v1`).
     FRAGMENT_TRANSLATED = 33, "fragment_translated";
+    /// A new flow to a `LoadBalancer` frontend from a client outside its
+    /// `loadBalancerSourceRanges`: dropped (kube-proxy's KUBE-FW drop).
+    DROP_SOURCE_RANGE = 34, "drop_source_range";
 }
 
 /// ICMP errors the datapath sends, per CPU: this many per second on

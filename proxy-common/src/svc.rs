@@ -30,6 +30,10 @@ pub const SVC_FLAG_SNAT_REMOTE: u16 = 1 << 5;
 /// `ClusterIP`, externalTrafficPolicy for external kinds); informational for
 /// `proxy-agent services`, the backends are already chosen accordingly.
 pub const SVC_FLAG_POLICY_LOCAL: u16 = 1 << 6;
+/// A `LoadBalancer` frontend with `loadBalancerSourceRanges`: a new flow is
+/// accepted only from a client inside one of its ranges in
+/// [`SRC_RANGE_MAP`] (the node's own addresses are always listed).
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 7;
 /// Any external kind (`NodePort`, externalIP, `LoadBalancer`).
 pub const SVC_FLAGS_EXTERNAL: u16 = SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
 
@@ -72,4 +76,20 @@ pub struct SvcValue {
 }
 const _: () = assert!(size_of::<SvcValue>() == 16);
 
-crate::pod!(SvcKey, SvcValue);
+/// `loadBalancerSourceRanges` per frontend: an LPM trie whose key data is
+/// `SrcRangeKey` and prefix length 32 + the range's (the service id always
+/// matches whole). Value unused (1).
+pub const SRC_RANGE_MAP: &str = "proxy_src_range_v1";
+pub const SRC_RANGE_MAX_ENTRIES: u32 = 65_536;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// The frontend's service id, network order (matched whole).
+    pub svc_id_be: u32,
+    /// The range's address, network order.
+    pub addr_be: u32,
+}
+const _: () = assert!(size_of::<SrcRangeKey>() == 8);
+
+crate::pod!(SvcKey, SvcValue, SrcRangeKey);

@@ -12,11 +12,11 @@ use proxy_common::{
     backend::{BACKEND_F_LOCAL, Backend},
     ct::{CT_F_CLOSING, CtValue},
     proto, stats,
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SvcKey, SvcValue},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_SOURCE_RANGES, SvcKey, SvcValue},
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND, SVC},
+    maps::{AFFINITY, BACKEND, SRC_RANGES, SVC},
     parse::Packet,
     stats::count,
 };
@@ -198,6 +198,18 @@ pub fn flow_keeps_backend(p: &Packet, svc: &SvcValue, entry: &CtValue, len: u32)
         return false;
     }
     present
+}
+
+/// Whether `client_be` may start a flow to `svc`: anyone, unless it is a
+/// `LoadBalancer` frontend with `loadBalancerSourceRanges`, whose client
+/// must lie in one of them (the agent lists the node's own addresses too,
+/// so health checks and hairpin traffic pass, as with kube-proxy).
+#[inline(always)]
+pub fn source_allowed(svc: &SvcValue, client_be: u32) -> bool {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES == 0 {
+        return true;
+    }
+    SRC_RANGES.get(&crate::maps::src_range_key(svc.svc_id, client_be)).is_some()
 }
 
 /// Whether this packet may create a flow: any UDP datagram, and for TCP

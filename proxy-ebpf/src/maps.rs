@@ -4,7 +4,7 @@
 //! checks at load time that every constant names a map of the object).
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
@@ -15,7 +15,7 @@ use proxy_common::{
     names::{NAMES_MAX_ENTRIES, SvcName},
     frag::{FRAG_MAX_ENTRIES, FragKey, FragValue},
     stats::{IcmpBucket, STATS_MAX_ENTRIES, StatCounter},
-    svc::{SVC_MAX_ENTRIES, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRangeKey, SvcKey, SvcValue},
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -69,3 +69,13 @@ pub static FRAG: LruHashMap<FragKey, FragValue, { FRAG_MAX_ENTRIES as usize }> =
 /// to (ifindex → ifindex).
 #[btf_map(name = "proxy_xdp_tx_v1")]
 pub static XDP_TX_PORTS: DevMapHash<256> = DevMapHash::new();
+
+/// `loadBalancerSourceRanges` (see `proxy_common::svc::SRC_RANGE_MAP`).
+#[btf_map(name = "proxy_src_range_v1")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32, { SRC_RANGE_MAX_ENTRIES as usize }> = LpmTrie::new();
+
+/// The LPM key of a client of a frontend.
+#[inline(always)]
+pub fn src_range_key(svc_id: u32, addr_be: u32) -> Key<SrcRangeKey> {
+    Key::new(64, SrcRangeKey { svc_id_be: svc_id.to_be(), addr_be })
+}

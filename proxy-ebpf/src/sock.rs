@@ -28,6 +28,7 @@ use proxy_common::{
     proto,
     sock::{SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SockRevKey, SockRevValue},
     stats,
+    svc::SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -47,6 +48,16 @@ const EHOSTUNREACH: i32 = 113;
 const UDP_STICKY_NS: u64 = proxy_common::ct::CT_UDP_TIMEOUT_NS;
 /// The client kind of per-socket stickiness entries in the affinity map.
 const CLIENT_SOCKET: u8 = 2;
+
+/// Whether the socket is in the host's network namespace.
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = CONFIG.get(0).copied() else {
+        return false;
+    };
+    // SAFETY: helper on our own context.
+    cfg.host_netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == cfg.host_netns_cookie
+}
 
 /// Whether this socket is one the socket path translates.
 #[inline(always)]
@@ -119,6 +130,13 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         // SAFETY: plain helper call; with DENY the call fails with this errno.
         unsafe { bpf_set_retval(-errno) };
         return DENY;
+    }
+    // Why: with loadBalancerSourceRanges the client's address decides, and
+    // a pod's is not known at connect(): its packets go the per-packet
+    // path, which checks their source. The host's sockets have node
+    // addresses, which are always allowed.
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !in_host_netns(ctx) {
+        return ALLOW;
     }
     let now = ct::now_ns();
     // SAFETY: helper on our own context.

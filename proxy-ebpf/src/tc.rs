@@ -73,6 +73,10 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
         count(stats::DROP_NO_FLOW, len);
         return Err(TC_ACT_SHOT as i32);
     }
+    if !lb::source_allowed(&svc, p.saddr_be) {
+        count(stats::DROP_SOURCE_RANGE, len);
+        return Err(TC_ACT_SHOT as i32);
+    }
     let Some(chosen) = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len) else {
         count(stats::DROP_BACKEND_MISSING, len);
         return Err(TC_ACT_SHOT as i32);

@@ -211,7 +211,8 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
         Some(e) if lb::flow_keeps_backend(&p, &svc, &e, len) => e,
         _ => {
             // Not a flow start: TC decides (it drops it without state).
-            if !lb::may_create_flow(&p) {
+            // Not allowed by loadBalancerSourceRanges: TC drops and counts.
+            if !lb::may_create_flow(&p) || !lb::source_allowed(&svc, p.saddr_be) {
                 return None;
             }
             let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;

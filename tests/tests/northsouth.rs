@@ -456,3 +456,49 @@ fn session_affinity_holds_on_the_xdp_path() {
     assert!(c.a.stat("xdp_forward") > 0, "the flows went through XDP");
     assert!(c.a.stat("affinity_hit") >= 19, "{:?}", c.a.counters(&agent_bin()));
 }
+
+/// `loadBalancerSourceRanges` as kube-proxy enforces it, on the LB IP only:
+/// a client inside a range connects, one outside is dropped (counted)
+/// while the NodePort stays open to it; node-local sockets (node addresses,
+/// always allowed) reach the LB IP; a range that does not parse serves the
+/// LB IP closed, never open, and is reported by name.
+#[test]
+fn load_balancer_source_ranges_are_enforced_on_the_lb_ip() {
+    let mut c = cluster("lbsr", 0, 1);
+    let with_ranges = |ranges: &str| {
+        web("Cluster", &[(pod_ip_b(1), "node-b")])
+            .replace("  externalTrafficPolicy: Cluster\n", &format!("  externalTrafficPolicy: Cluster\n  loadBalancerSourceRanges: [{ranges}]\n"))
+    };
+    write_atomic(&c.manifests, "web.yaml", &with_ranges("\"198.51.100.0/24\""));
+    start(&mut c, Path::Tc, &[]);
+    frontends_with(&c, 5);
+    let lb = programmed(&c.a.bpffs).into_iter().find(|f| f.address == LB_IP.to_string() && f.port == 80).expect("LB frontend");
+    assert!(lb.source_ranges.as_ref().is_some_and(|r| r.contains(&"198.51.100.0/24".to_owned())), "{lb:?}");
+    get(&c, LB_IP, 80).expect("a client inside the range reaches the LB IP");
+
+    // Narrowed to a range without the client: new connections dropped.
+    write_atomic(&c.manifests, "web.yaml", &with_ranges("\"192.0.2.0/24\""));
+    wait_programmed(&c.a.bpffs, Duration::from_secs(15), "the new range", |v| {
+        v.iter().any(|f| f.address == LB_IP.to_string() && f.source_ranges.as_ref().is_some_and(|r| r.contains(&"192.0.2.0/24".to_owned())))
+    });
+    let before = c.a.stat("drop_source_range");
+    assert!(get(&c, LB_IP, 80).is_err(), "a client outside the ranges must not reach the LB IP");
+    assert!(c.a.stat("drop_source_range") > before, "the drop is counted");
+    get(&c, NODE_A_IP, NODE_PORT).expect("the NodePort is not restricted by the LB's ranges");
+    // The node itself (its addresses are always allowed), on the socket path.
+    let out = c.a.cgroup.command(&c.a.ns, std::path::Path::new(env!("CARGO_BIN_EXE_sockclient")), &["http", &format!("{LB_IP}:80"), "3"]).output().expect("sockclient");
+    let lines = String::from_utf8_lossy(&out.stdout);
+    assert!(lines.lines().count() == 3 && !lines.contains("ERR"), "node-local clients reach the LB IP: {lines}");
+
+    // A range that does not parse: closed, reported.
+    write_atomic(&c.manifests, "web.yaml", &with_ranges("\"banana\""));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !c.a.agent_log().contains("loadBalancerSourceRanges \\\"banana\\\"") && !c.a.agent_log().contains("loadBalancerSourceRanges \"banana\"") {
+        assert!(Instant::now() < deadline, "the bad range is not reported:\n{}", c.a.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_programmed(&c.a.bpffs, Duration::from_secs(15), "closed", |v| {
+        v.iter().any(|f| f.address == LB_IP.to_string() && f.source_ranges.as_ref().is_some_and(|r| r.iter().all(|x| x.ends_with("/32"))))
+    });
+    assert!(get(&c, LB_IP, 80).is_err(), "an invalid range serves the LB IP closed, not open");
+}

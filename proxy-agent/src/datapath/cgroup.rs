@@ -119,15 +119,19 @@ pub fn netns_cookie() -> std::io::Result<u64> {
 /// Writes the settings the socket programs read.
 pub(super) fn write_config(ebpf: &mut Ebpf, mode: SocketLb) -> Result<()> {
     let map_err = |op| move |source| Error::Map { name: CONFIG_MAP, op, source };
-    let cookie = if mode == SocketLb::HostOnly {
-        netns_cookie().map_err(|e| Error::KernelFeature {
-            feature: "SO_NETNS_COOKIE",
-            needed_for: "--socket-lb host-only",
-            kernel: kernel_release(),
-            source: Box::new(e),
-        })?
-    } else {
-        0
+    // Also used with `all`: a LoadBalancer frontend with source ranges is
+    // translated at connect() only for host sockets.
+    let cookie = match netns_cookie() {
+        Ok(c) => c,
+        Err(e) if mode == SocketLb::HostOnly => {
+            return Err(Error::KernelFeature {
+                feature: "SO_NETNS_COOKIE",
+                needed_for: "--socket-lb host-only",
+                kernel: kernel_release(),
+                source: Box::new(e),
+            });
+        }
+        Err(_) => 0,
     };
     let map = ebpf.map_mut(CONFIG_MAP).ok_or(Error::MissingMap { name: CONFIG_MAP })?;
     let mut arr: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("open"))?;

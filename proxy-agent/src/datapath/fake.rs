@@ -15,6 +15,7 @@ pub struct FakeMaps {
     pub svc: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
+    pub ranges: std::collections::BTreeSet<(u32, std::net::Ipv4Addr, u8)>,
     /// Every write in order, for asserting write order and minimality.
     pub log: Vec<String>,
     /// Fail the n-th write from now (0 = the next one).
@@ -42,6 +43,7 @@ impl ServiceMaps for FakeMaps {
             svc: self.svc.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             names: self.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            ranges: self.ranges.iter().copied().collect(),
         })
     }
 
@@ -82,6 +84,18 @@ impl ServiceMaps for FakeMaps {
     fn delete_name(&mut self, svc_id: u32) -> Result<()> {
         self.step(format!("name- {svc_id}"))?;
         self.names.remove(&svc_id);
+        Ok(())
+    }
+
+    fn write_range(&mut self, svc_id: u32, (a, l): (std::net::Ipv4Addr, u8)) -> Result<()> {
+        self.step(format!("range+ {svc_id} {a}/{l}"))?;
+        self.ranges.insert((svc_id, a, l));
+        Ok(())
+    }
+
+    fn delete_range(&mut self, svc_id: u32, (a, l): (std::net::Ipv4Addr, u8)) -> Result<()> {
+        self.step(format!("range- {svc_id} {a}/{l}"))?;
+        self.ranges.remove(&(svc_id, a, l));
         Ok(())
     }
 }

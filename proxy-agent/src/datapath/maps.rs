@@ -1,13 +1,13 @@
 //! Typed access to the pinned service maps.
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use proxy_common::{
     backend::{BACKEND_MAP, Backend},
     names::{NAMES_MAP, SvcName},
     stats::{STATS_MAP, StatCounter},
-    svc::{SVC_MAP, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAP, SVC_MAP, SrcRangeKey, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -21,6 +21,8 @@ pub struct MapsDump {
     pub svc: Vec<(SvcKey, SvcValue)>,
     pub backends: Vec<(u32, Backend)>,
     pub names: Vec<(u32, String)>,
+    /// `loadBalancerSourceRanges`: (service id, range address, prefix length).
+    pub ranges: Vec<(u32, std::net::Ipv4Addr, u8)>,
 }
 
 /// The writes the reconciler makes. Deleting an absent key succeeds, so
@@ -33,6 +35,13 @@ pub trait ServiceMaps {
     fn delete_svc(&mut self, key: SvcKey) -> Result<()>;
     fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()>;
     fn delete_name(&mut self, svc_id: u32) -> Result<()>;
+    fn write_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()>;
+    fn delete_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()>;
+}
+
+/// The LPM key of range `(addr, len)` of frontend `svc_id`.
+fn range_key(svc_id: u32, (addr, len): (std::net::Ipv4Addr, u8)) -> Key<SrcRangeKey> {
+    Key::new(32 + u32::from(len), SrcRangeKey { svc_id_be: svc_id.to_be(), addr_be: u32::from(addr).to_be() })
 }
 
 /// The real maps, pinned under `--bpffs`.
@@ -40,6 +49,7 @@ pub struct BpfMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     names: HashMap<MapData, u32, SvcName>,
+    ranges: LpmTrie<MapData, SrcRangeKey, u32>,
 }
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -68,6 +78,7 @@ impl BpfMaps {
             svc: HashMap::try_from(take(ebpf, SVC_MAP)?).map_err(map_err(SVC_MAP, "open"))?,
             backends: HashMap::try_from(take(ebpf, BACKEND_MAP)?).map_err(map_err(BACKEND_MAP, "open"))?,
             names: HashMap::try_from(take(ebpf, NAMES_MAP)?).map_err(map_err(NAMES_MAP, "open"))?,
+            ranges: LpmTrie::try_from(take(ebpf, SRC_RANGE_MAP)?).map_err(map_err(SRC_RANGE_MAP, "open"))?,
         })
     }
 
@@ -78,6 +89,7 @@ impl BpfMaps {
             backends: HashMap::try_from(Map::HashMap(from_pin(pins, BACKEND_MAP)?))
                 .map_err(map_err(BACKEND_MAP, "open"))?,
             names: HashMap::try_from(Map::HashMap(from_pin(pins, NAMES_MAP)?)).map_err(map_err(NAMES_MAP, "open"))?,
+            ranges: LpmTrie::try_from(Map::LpmTrie(from_pin(pins, SRC_RANGE_MAP)?)).map_err(map_err(SRC_RANGE_MAP, "open"))?,
         })
     }
 }
@@ -96,7 +108,19 @@ impl ServiceMaps for BpfMaps {
             .map(|r| r.map(|(id, n)| (id, n.as_str().to_owned())))
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(NAMES_MAP, "dump"))?;
-        Ok(MapsDump { svc, backends, names })
+        let ranges = self
+            .ranges
+            .keys()
+            .map(|r| {
+                r.map(|k| {
+                    let d = k.data();
+                    let len = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
+                    (u32::from_be(d.svc_id_be), std::net::Ipv4Addr::from(u32::from_be(d.addr_be)), len)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(SRC_RANGE_MAP, "dump"))?;
+        Ok(MapsDump { svc, backends, names, ranges })
     }
 
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
@@ -121,6 +145,14 @@ impl ServiceMaps for BpfMaps {
 
     fn delete_name(&mut self, svc_id: u32) -> Result<()> {
         ignore_missing(self.names.remove(&svc_id)).map_err(map_err(NAMES_MAP, "delete"))
+    }
+
+    fn write_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()> {
+        self.ranges.insert(&range_key(svc_id, range), 1, 0).map_err(map_err(SRC_RANGE_MAP, "update"))
+    }
+
+    fn delete_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()> {
+        ignore_missing(self.ranges.remove(&range_key(svc_id, range))).map_err(map_err(SRC_RANGE_MAP, "delete"))
     }
 }
 

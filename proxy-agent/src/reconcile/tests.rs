@@ -72,6 +72,7 @@ fn fe(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Fe {
             snat_remote: false,
             affinity_timeout_s: 0,
             affinity_group: 0,
+            source_ranges: None,
         },
     )
 }
