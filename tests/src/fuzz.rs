@@ -1183,6 +1183,14 @@ fn load(model: &Model) -> Ebpf {
         }
     }
     {
+        // The devices XDP may redirect to, as the agent fills it (called on
+        // the node's own thread: these are the node's devices).
+        let mut ports = aya::maps::DevMapHash::try_from(ebpf.map_mut(proxy_agent::pins::XDP_TX_MAP).expect("xdp tx map")).expect("devmap type");
+        for d in proxy_agent::datapath::list_devices().expect("devices") {
+            ports.insert(d.index, d.index, None, 0).unwrap_or_else(|e| panic!("devmap insert {}: {e:?}", d.name));
+        }
+    }
+    {
         let mut m = HashMap::<_, u32, Backend>::try_from(ebpf.map_mut(BACKEND_MAP).expect("backend map")).expect("backend map type");
         for b in model.backends.values() {
             let v = Backend {
