@@ -761,6 +761,17 @@ pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
             removed.push((*name).to_owned());
         }
     }
+    // Maps of layouts this binary does not know (pinned by a newer or an
+    // older release): every version goes, or the directory stays behind.
+    if let Ok(entries) = fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("proxy_") && entry.path().is_file() {
+                fs::remove_file(entry.path()).map_err(Error::io("unlink", entry.path()))?;
+                removed.push(name);
+            }
+        }
+    }
     // Only remove the directory when it is ours and empty (not a mount point).
     let is_mount = fs::metadata(root).ok().zip(root.parent().and_then(|p| fs::metadata(p).ok()))
         .is_some_and(|(a, b)| a.dev() != b.dev());

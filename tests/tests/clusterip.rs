@@ -495,6 +495,13 @@ fn maps_of_retired_layouts_are_unpinned_on_start() {
     assert!(!ct_v1.exists() && !stats_v1.exists(), "retired maps still pinned:\n{}", sb.agent_log());
     assert!(sb.agent_log().contains("unpinned a map of a retired layout"), "{}", sb.agent_log());
     assert_eq!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).expect("request"), "pod1");
+    // A map of a layout this binary does not know (a newer release's):
+    // cleanup removes it with the rest, leaving no directory behind.
+    sb.kill_agent();
+    let future = sb.bpffs.join("proxy_future_v9");
+    run("bpftool", &["map", "create", &future.to_string_lossy(), "type", "hash", "key", "4", "value", "4", "entries", "16", "name", "proxy_future_v9"]);
+    run(&agent_bin().to_string_lossy(), &["--bpffs", &sb.bpffs.to_string_lossy(), "cleanup"]);
+    assert!(!sb.bpffs.exists(), "cleanup left {}", sb.bpffs.display());
 }
 
 /// The agent SIGKILLed and restarted ten times under load — new HTTP
