@@ -161,6 +161,23 @@ pub struct NewFlow {
     pub snat_addr_be: u32,
 }
 
+impl NewFlow {
+    /// A flow to the backend `c` chose, of frontend `svc_id`, without SNAT
+    /// (set `snat_addr_be` for it).
+    #[inline(always)]
+    pub fn to(c: &crate::lb::Chosen, svc_id: u32, flags: u8) -> Self {
+        Self {
+            backend_addr_be: c.backend.addr_be,
+            backend_port_be: c.backend.port_be,
+            backend_id: c.id,
+            slot: c.slot,
+            svc_id,
+            flags,
+            snat_addr_be: 0,
+        }
+    }
+}
+
 /// Random ports tried for a new SNAT flow before giving up.
 const SNAT_TRIES: u32 = 32;
 

@@ -144,24 +144,42 @@ pub fn select_backend(fe: &Frontend, svc: &SvcValue, client: Client, now: u64, l
     }
     let key = affinity_key(svc, client);
     let timeout = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-    if let Some(ptr) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; a racing refresh can only
-        // make last_seen newer.
-        let a = unsafe { &mut *ptr };
-        // Why saturating: another CPU may have refreshed the entry after
-        // `now` was read; that entry is fresh, not 584 years old.
-        if now.saturating_sub(a.last_seen_ns) <= timeout && slot_holds(fe, svc, a.slot, a.backend_id) {
-            if let Some(backend) = lookup_backend(a.backend_id) {
-                a.last_seen_ns = now;
-                count(stats::AFFINITY_HIT, len);
-                return Some(Chosen { id: a.backend_id, backend, slot: a.slot });
-            }
-        }
+    if let Some(c) = remembered(fe, svc, &key, timeout, 0, now) {
+        count(stats::AFFINITY_HIT, len);
+        return Some(c);
     }
     let c = random_slot(fe, svc)?;
-    let v = AffinityValue { backend_id: c.id, slot: c.slot, _pad: [0; 2], last_seen_ns: now };
-    let _ = AFFINITY.insert(&key, &v, 0);
+    remember(&key, &c, now);
     Some(c)
+}
+
+/// The backend an affinity entry (`proxy_affinity_v1`) remembers for `key`,
+/// if it was used within `timeout_ns` and the slot it came from still holds
+/// it; its last use is refreshed when older than `refresh_ns`.
+#[inline(always)]
+pub fn remembered(fe: &Frontend, svc: &SvcValue, key: &AffinityKey, timeout_ns: u64, refresh_ns: u64, now: u64) -> Option<Chosen> {
+    let ptr = AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; a racing refresh can only
+    // make last_seen newer.
+    let a = unsafe { &mut *ptr };
+    // Why saturating: another CPU may have refreshed the entry after `now`
+    // was read; that entry is fresh, not 584 years old.
+    let age = now.saturating_sub(a.last_seen_ns);
+    if age > timeout_ns || !slot_holds(fe, svc, a.slot, a.backend_id) {
+        return None;
+    }
+    let backend = lookup_backend(a.backend_id)?;
+    if age > refresh_ns {
+        a.last_seen_ns = now;
+    }
+    Some(Chosen { id: a.backend_id, backend, slot: a.slot })
+}
+
+/// Records `c` as the backend of `key`, used now.
+#[inline(always)]
+pub fn remember(key: &AffinityKey, c: &Chosen, now: u64) {
+    let v = AffinityValue { backend_id: c.id, slot: c.slot, _pad: [0; 2], last_seen_ns: now };
+    let _ = AFFINITY.insert(key, &v, 0);
 }
 
 /// Whether a tracked flow (SERVICE entry `entry`, packet `p` to frontend

@@ -71,7 +71,7 @@ pub type Skip = u32;
 /// Whether the packet is IPv4: by the Ethertype on an Ethernet device
 /// (`l3 == ETH_HLEN`), by `skb->protocol` on an L3 device (`l3 == 0`).
 #[inline(always)]
-pub fn is_ipv4(ctx: &TcContext, l3: usize) -> bool {
+fn is_ipv4(ctx: &TcContext, l3: usize) -> bool {
     if l3 == 0 {
         // SAFETY: reading a field of our own context.
         let proto = unsafe { (*ctx.skb.skb).protocol };

@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
+    affinity::AffinityKey,
     proto,
     sock::{SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SockRevKey, SockRevValue},
     stats,
@@ -34,7 +34,7 @@ use proxy_common::{
 use crate::{
     ct,
     lb::{self, Chosen, Client, Empty, Frontend},
-    maps::{AFFINITY, CONFIG, SOCK_REV},
+    maps::{CONFIG, SOCK_REV},
     stats::count,
 };
 
@@ -91,23 +91,12 @@ fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
 #[inline(always)]
 fn sticky(fe: &Frontend, svc: &proxy_common::svc::SvcValue, cookie: u64, now: u64, len: u32) -> Option<Chosen> {
     let key = AffinityKey { client: cookie, group: svc.svc_id, client_kind: CLIENT_SOCKET, _pad: [0; 3] };
-    if let Some(ptr) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup.
-        let a = unsafe { &mut *ptr };
-        if now.saturating_sub(a.last_seen_ns) <= UDP_STICKY_NS
-            && lb::slot_holds(fe, svc, a.slot, a.backend_id)
-            && let Some(backend) = lb::lookup_backend(a.backend_id)
-        {
-            if now.saturating_sub(a.last_seen_ns) > proxy_common::ct::CT_REFRESH_NS {
-                a.last_seen_ns = now;
-            }
-            return Some(Chosen { id: a.backend_id, backend, slot: a.slot });
-        }
+    if let Some(c) = lb::remembered(fe, svc, &key, UDP_STICKY_NS, proxy_common::ct::CT_REFRESH_NS, now) {
+        return Some(c);
     }
     // No session affinity here (the caller checked), so the client is unused.
     let c = lb::select_backend(fe, svc, Client::Netns(0), now, len)?;
-    let v = AffinityValue { backend_id: c.id, slot: c.slot, _pad: [0; 2], last_seen_ns: now };
-    let _ = AFFINITY.insert(&key, &v, 0);
+    lb::remember(&key, &c, now);
     Some(c)
 }
 

@@ -19,7 +19,7 @@ use crate::{
     TC_NEXT, ct, fib,
     lb::{self, Client, Empty, Frontend},
     nat,
-    parse::{IP_PROTO, Packet, is_ipv4, parse_ipv4_l4},
+    parse::{IP_PROTO, Packet, parse_ipv4_l4},
     reject,
     stats::count,
 };
@@ -83,17 +83,10 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
     };
     let backend = chosen.backend;
     let external = svc.flags & SVC_FLAGS_EXTERNAL != 0;
-    let mut flow = ct::NewFlow {
-        backend_addr_be: backend.addr_be,
-        backend_port_be: backend.port_be,
-        backend_id: chosen.id,
-        slot: chosen.slot,
-        svc_id: svc.svc_id,
-        // Why: the reply of an external frontend may carry a node address
-        // as source once translated back (NodePort): send it out directly.
-        flags: if external { CT_F_REDIRECT } else { 0 },
-        snat_addr_be: 0,
-    };
+    // Why the redirect flag: the reply of an external frontend may carry a
+    // node address as source once translated back (NodePort): send it out
+    // directly.
+    let mut flow = ct::NewFlow::to(&chosen, svc.svc_id, if external { CT_F_REDIRECT } else { 0 });
     if lb::needs_snat(p.saddr_be, &svc, &backend) {
         // The address the kernel would masquerade to for this route.
         let Some(route) = fib::lookup(ctx, p.proto, p.saddr_be, backend.addr_be) else {
@@ -141,32 +134,43 @@ fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
 /// pass uncounted (egress sees everything the node sends).
 #[inline(always)]
 pub fn handle_egress(ctx: &TcContext, l3: usize) -> i32 {
-    if !is_ipv4(ctx, l3) {
-        return TC_NEXT;
-    }
-    if let Some(ihl) = ipv4_ihl_if(ctx, l3, proto::ICMP) {
-        return crate::icmp::handle(ctx, l3, ihl, true);
-    }
-    let Ok(p) = parse_ipv4_l4(ctx, l3) else {
-        return TC_NEXT;
+    let p = match parse_ipv4_l4(ctx, l3) {
+        Ok(p) => p,
+        Err(stats::PASS_OTHER_PROTO) => {
+            return match ipv4_ihl_if(ctx, l3, proto::ICMP) {
+                Some(ihl) => crate::icmp::handle(ctx, l3, ihl, true),
+                None => TC_NEXT,
+            };
+        }
+        Err(_) => return TC_NEXT,
     };
     let Some(e) = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), ct::now_ns()) else {
         return TC_NEXT;
     };
-    let len = ctx.len();
-    ct::confirm_from_reply(&p, &e);
-    if lb::closes(&p) {
-        ct::close_from_reply(&p, &e);
+    // Already routed: it leaves by this device as it is.
+    match rev_nat(ctx, &p, &e, ctx.len()) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(v) => v,
     }
-    if nat::snat(ctx, &p, e.nat_addr_be, e.nat_port_be).is_err()
-        || (e.flags & CT_F_SNAT != 0 && nat::dnat(ctx, &p, e.snat_addr_be, e.snat_port_be).is_err())
+}
+
+/// Translates a reply with REPLY entry `e` back: source restored to the
+/// frontend, with SNAT the destination to the client; the flow confirmed,
+/// closed on FIN/RST. Counted.
+#[inline(always)]
+fn rev_nat(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32) -> Result<(), i32> {
+    ct::confirm_from_reply(p, e);
+    if lb::closes(p) {
+        ct::close_from_reply(p, e);
+    }
+    if nat::snat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err()
+        || (e.flags & CT_F_SNAT != 0 && nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err())
     {
         count(stats::DROP_REWRITE_FAILED, len);
-        return TC_ACT_SHOT as i32;
+        return Err(TC_ACT_SHOT as i32);
     }
-    count(stats::REV_NAT, len);
-    // Already routed: it leaves by this device as it is.
-    TC_ACT_OK as i32
+    count(if p.has_l4() { stats::REV_NAT } else { stats::FRAGMENT_TRANSLATED }, len);
+    Ok(())
 }
 
 /// Applies a SERVICE entry: DNAT, SNAT when the flow has it, and the FIB
@@ -223,19 +227,7 @@ fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
             return Ok(reject::frag_needed(ctx, p, if snat { p.daddr_be } else { e.nat_addr_be }, mtu, len));
         }
     }
-    ct::confirm_from_reply(p, &e);
-    if lb::closes(p) {
-        ct::close_from_reply(p, &e);
-    }
-    if nat::snat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
-        count(stats::DROP_REWRITE_FAILED, len);
-        return Err(TC_ACT_SHOT as i32);
-    }
-    if snat && nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
-        count(stats::DROP_REWRITE_FAILED, len);
-        return Err(TC_ACT_SHOT as i32);
-    }
-    count(if p.has_l4() { stats::REV_NAT } else { stats::FRAGMENT_TRANSLATED }, len);
+    rev_nat(ctx, p, &e, len)?;
     if e.flags & CT_F_REDIRECT != 0 {
         return Ok(fib::send(ctx, p.l3_off, out));
     }

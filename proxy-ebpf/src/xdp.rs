@@ -221,15 +221,7 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
                 // A hairpin: the TC path (it needs the stack's route).
                 return None;
             }
-            let mut flow = ct::NewFlow {
-                backend_addr_be: backend.addr_be,
-                backend_port_be: backend.port_be,
-                backend_id: chosen.id,
-                slot: chosen.slot,
-                svc_id: svc.svc_id,
-                flags: CT_F_REDIRECT,
-                snat_addr_be: 0,
-            };
+            let mut flow = ct::NewFlow::to(&chosen, svc.svc_id, CT_F_REDIRECT);
             if backend.flags & BACKEND_F_LOCAL != 0 {
                 // A local backend: the stack delivers it, so TC translates
                 // it. Why the flow is recorded here all the same: the choice

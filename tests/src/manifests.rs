@@ -43,3 +43,48 @@ pub fn write_atomic(dir: &Path, file: &str, content: &str) {
     std::fs::write(&tmp, content).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     std::fs::rename(&tmp, dir.join(file)).unwrap_or_else(|e| panic!("rename into {file}: {e}"));
 }
+
+/// The two-node tests' Service `web` of `ty` (`NodePort` or `LoadBalancer`):
+/// http 80→8080 (nodePort 30080) and dns 53→5353/UDP (nodePort 30053),
+/// `spec_extra` (whole `  key: value` lines) after the clusterIP, the
+/// load-balancer ingress `lb_ip` in its status, and its `EndpointSlice` of
+/// `endpoints` (address, node).
+#[must_use]
+pub fn web_yaml(ty: &str, vip: Ipv4Addr, spec_extra: &str, lb_ip: Option<Ipv4Addr>, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: {ty}
+  clusterIP: {vip}
+{spec_extra}  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+"
+    );
+    if let Some(ip) = lb_ip {
+        let _ = writeln!(y, "status:\n  loadBalancer:\n    ingress: [{{ip: {ip}}}]");
+    }
+    y.push_str(
+        "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+",
+    );
+    if endpoints.is_empty() {
+        y.push_str("endpoints: []\n");
+    } else {
+        y.push_str("endpoints:\n");
+        for (ip, node) in endpoints {
+            let _ = writeln!(y, "- {{addresses: [\"{ip}\"], nodeName: {node}}}");
+        }
+    }
+    y
+}

@@ -19,7 +19,7 @@ use integration_tests::{
     client::{KeepAlive, http_get},
     cluster::{CLIENT_IP, Cluster, LB_IP, NODE_A_IP, Seen, pod_ip_a, pod_ip_b},
     flood::{self, Kind},
-    manifests::write_atomic,
+    manifests::{web_yaml, write_atomic},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -30,27 +30,7 @@ const T: Duration = Duration::from_secs(2);
 /// A LoadBalancer Service with http 80→8080 (nodePort 30080) and dns
 /// 53→5353/UDP (nodePort 30053) to `endpoints` (address, node).
 fn lb_service(endpoints: &[(Ipv4Addr, &str)]) -> String {
-    let eps: String = endpoints.iter().map(|(ip, n)| format!("- {{addresses: [\"{ip}\"], nodeName: {n}}}\n")).collect();
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: LoadBalancer
-  clusterIP: {VIP}
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
-status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-endpoints:
-{eps}"
-    )
+    web_yaml("LoadBalancer", VIP, "", Some(LB_IP), endpoints)
 }
 
 fn setup(prefix: &str, endpoints: &[(Ipv4Addr, &str)], extra: &[&str]) -> Cluster {

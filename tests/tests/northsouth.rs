@@ -22,7 +22,7 @@ use integration_tests::{
     agent::{agent_bin, programmed, wait_programmed},
     client::{http_get, udp_request},
     cluster::{CLIENT_IP, Cluster, EXTERNAL_IP, LB_IP, NODE_A_IP, NODE_A_IP2, NODE_A_LINK_IP, Seen, pod_ip_a, pod_ip_b},
-    manifests::write_atomic,
+    manifests::{web_yaml, write_atomic},
 };
 use proxy_common::ct::{CT_DIR_REPLY, CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN};
 
@@ -84,41 +84,8 @@ fn check_xdp_carried(c: &Cluster, path: Path) {
 /// 80→8080 (nodePort 30080) and UDP 53→5353 (nodePort 30053), externalIP
 /// and `LoadBalancer` IP, and an `EndpointSlice` with `endpoints` (ip, node).
 fn web(etp: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
-    let mut y = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: LoadBalancer
-  clusterIP: {VIP}
-  externalIPs: [{EXTERNAL_IP}]
-  externalTrafficPolicy: {etp}
-  healthCheckNodePort: {HC_PORT}
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
-status:
-  loadBalancer:
-    ingress: [{{ip: {LB_IP}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-endpoints:
-"
-    );
-    for (ip, node) in endpoints {
-        y.push_str(&format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n"));
-    }
-    if endpoints.is_empty() {
-        y = y.replace("endpoints:\n", "endpoints: []\n");
-    }
-    y
+    let extra = format!("  externalIPs: [{EXTERNAL_IP}]\n  externalTrafficPolicy: {etp}\n  healthCheckNodePort: {HC_PORT}\n");
+    web_yaml("LoadBalancer", VIP, &extra, Some(LB_IP), endpoints)
 }
 
 fn cluster(prefix: &str, a: usize, b: usize) -> Cluster {

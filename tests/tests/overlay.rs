@@ -28,7 +28,7 @@ use integration_tests::{
     client::{http_get, udp_request},
     cluster::{NODE_A_IP, NodeId, Seen, pod_ip_a},
     inspect_backends,
-    manifests::write_atomic,
+    manifests::{web_yaml, write_atomic},
     netns,
     overlay::{Overlay, OverlayKind, TunRelay, overlay_ip},
 };
@@ -47,33 +47,8 @@ const REMOTE_PODS: usize = 2;
 /// `web`: type `NodePort`, HTTP 80→8080 (nodePort 30080) and UDP 53→5353
 /// (nodePort 30053), endpoints: node B's pods only.
 fn web() -> String {
-    let mut y = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: {VIP}
-  externalTrafficPolicy: Cluster
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-endpoints:
-"
-    );
-    for i in 1..=REMOTE_PODS {
-        let _ = writeln!(y, "- {{addresses: [\"{}\"], nodeName: node-b}}", NodeId::B.pod_ip(i));
-    }
-    y
+    let eps: Vec<(Ipv4Addr, &str)> = (1..=REMOTE_PODS).map(|i| (NodeId::B.pod_ip(i), "node-b")).collect();
+    web_yaml("NodePort", VIP, "  externalTrafficPolicy: Cluster\n", None, &eps)
 }
 
 fn remote_pods() -> BTreeSet<String> {
