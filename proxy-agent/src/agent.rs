@@ -66,6 +66,8 @@ pub struct RunConfig {
     pub cgroup: Option<PathBuf>,
     /// `--conntrack-max`, `--conntrack-min`, `--conntrack-max-per-core`.
     pub conntrack: crate::conntrack::Sizing,
+    /// `--lb-map-max`: entries of the service and backend maps.
+    pub lb_map_max: u32,
     /// How often expired conntrack entries are deleted.
     pub conntrack_gc_interval: Duration,
     /// `--service-cidrs`: externalIPs inside are refused.
@@ -198,7 +200,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let ct_entries = cfg.conntrack.map_entries(cpus);
     let ct_new_entries = cfg.conntrack.new_map_entries(cpus);
     info!(flows = cfg.conntrack.flows(cpus), entries = ct_entries, unconfirmed_entries = ct_new_entries, cpus, "conntrack size");
-    let mut dp = Datapath::load(&pins, cfg.socket_lb, ct_entries, ct_new_entries)?;
+    let sizes = datapath::MapSizes { ct: ct_entries, ct_new: ct_new_entries, lb: cfg.lb_map_max };
+    let mut dp = Datapath::load(&pins, cfg.socket_lb, sizes)?;
     dp.sync_socket_lb(cgroup.as_deref())?;
     if let Some(mode) = cfg.xdp {
         dp.enable_xdp(mode);
@@ -207,7 +210,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if attached.is_empty() {
         warn!(devices = %cfg.devices, "no device matches --devices yet; will attach when one appears");
     }
-    let mut rec = Reconciler::new(dp.take_maps()?)?;
+    // The capacities the maps really have (a pinned map keeps its size).
+    let capacity = |name| crate::conntrack::pinned_capacity(&pins, name).unwrap_or(cfg.lb_map_max) as usize;
+    let (svc_cap, backend_cap) = (capacity(crate::pins::SVC_MAP), capacity(crate::pins::BACKEND_MAP));
+    let mut rec = Reconciler::new(dp.take_maps()?)?
+        .with_capacity(svc_cap, backend_cap)
+        .with_closed_reserve(crate::reconcile::closed_reserve(svc_cap));
     info!(
         bpffs = %cfg.bpffs.display(),
         frontends = rec.programmed_frontends(),
@@ -449,7 +457,11 @@ fn sync_once(
     let mut report = rec.sync(&desired);
     let removed_udp = std::mem::take(&mut report.removed_udp_backends);
     for (key, e) in &report.errors {
-        error!(frontend = %key, error = %e, "frontend not programmed");
+        if report.closed.contains(key) {
+            error!(frontend = %key, error = %e, "frontend not programmed; its traffic is rejected until it fits");
+        } else {
+            error!(frontend = %key, error = %e, "frontend not programmed");
+        }
     }
     for e in &report.other_errors {
         error!(error = %e, "sync error; will retry");
@@ -472,6 +484,8 @@ fn sync_once(
     m.sync_duration.observe(elapsed.as_secs_f64());
     m.invalid_objects = reported.len() as u64;
     m.frontends_not_programmed = report.errors.len() as u64;
+    g.health.set_not_programmed(report.errors.iter().filter(|(_, e)| matches!(e, Error::MapFull { .. })).count());
+    let m = &mut g.metrics;
     m.frontends_programmed = rec.programmed_frontends() as u64;
     m.map_entries.extend(rec.occupancy());
     if retriable {

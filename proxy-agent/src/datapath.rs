@@ -276,11 +276,23 @@ pub struct Datapath {
     sock_destroy: bool,
 }
 
+/// Map capacities set at load (from the flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `proxy_ct_v2` entries (two per flow).
+    pub ct: u32,
+    /// `proxy_ct_new_v1` entries.
+    pub ct_new: u32,
+    /// `--lb-map-max`: the service map's entries (one per frontend plus one
+    /// per backend of each frontend) and the backend map's.
+    pub lb: u32,
+}
+
 impl Datapath {
     /// Loads the embedded object. Maps already pinned under `pins` are
     /// reused with their contents (adoption after a restart); missing ones
     /// are created and pinned.
-    pub fn load(pins: &Pins, socket_lb: SocketLb, ct_entries: u32, ct_new_entries: u32) -> Result<Self> {
+    pub fn load(pins: &Pins, socket_lb: SocketLb, sizes: MapSizes) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
         for name in crate::pins::RETIRED_MAPS {
@@ -296,16 +308,21 @@ impl Datapath {
         for name in ALL_MAPS {
             loader.map_pin_path(name, pins.map(name));
         }
-        // The conntrack capacity from the conntrack flags. A map pinned by
-        // an earlier run keeps its size (resizing would drop its flows).
-        for (name, entries) in [(crate::pins::CT_MAP, ct_entries), (crate::pins::CT_NEW_MAP, ct_new_entries)] {
+        // Capacities from the flags. A map pinned by an earlier run keeps
+        // its size (resizing would drop its entries).
+        for (name, entries) in [
+            (crate::pins::CT_MAP, sizes.ct),
+            (crate::pins::CT_NEW_MAP, sizes.ct_new),
+            (crate::pins::SVC_MAP, sizes.lb),
+            (crate::pins::BACKEND_MAP, sizes.lb),
+        ] {
             loader.map_max_entries(name, entries);
             if let Some(cap) = crate::conntrack::pinned_capacity(pins, name).filter(|c| *c != entries) {
                 warn!(
                     map = name,
                     pinned = cap,
                     wanted = entries,
-                    "the pinned conntrack map keeps its size; to resize it (dropping tracked flows) run `proxy-agent cleanup` before starting"
+                    "the pinned map keeps its size; to resize it run `proxy-agent cleanup` before starting (tracked flows are dropped, Services reprogrammed)"
                 );
             }
         }

@@ -8,11 +8,14 @@
 //!   initial lists have been programmed once (not ready before: a node
 //!   whose datapath is empty must not receive traffic), and when the node
 //!   is not eligible (being deleted, or tainted
-//!   `ToBeDeletedByClusterAutoscaler`), so load balancers drain it.
+//!   `ToBeDeletedByClusterAutoscaler`), so load balancers drain it, and
+//!   while frontends are not programmed because a map is full (their
+//!   traffic is rejected: this node does not serve every Service).
 //!
 //! Body as kube-proxy's: `{"lastUpdated": "...","currentTime": "...", "nodeEligible": true}`
 //! (times in RFC 3339), `Content-Type: application/json`,
-//! `X-Content-Type-Options: nosniff`.
+//! `X-Content-Type-Options: nosniff`; with frontends not programmed, one
+//! more field says how many: `"frontendsNotProgrammed": 3`.
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Node;
@@ -23,6 +26,7 @@ pub struct ProxierHealth {
     last_updated: Option<SystemTime>,
     oldest_pending: Option<SystemTime>,
     node_eligible: Option<bool>,
+    not_programmed: usize,
 }
 
 /// One health answer.
@@ -40,7 +44,7 @@ fn rfc3339(t: Option<SystemTime>) -> String {
 impl ProxierHealth {
     #[must_use]
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, last_updated: None, oldest_pending: None, node_eligible: None }
+        Self { timeout, last_updated: None, oldest_pending: None, node_eligible: None, not_programmed: 0 }
     }
 
     /// A change arrived that the datapath does not have yet.
@@ -52,6 +56,11 @@ impl ProxierHealth {
     pub fn updated(&mut self, now: SystemTime) {
         self.last_updated = Some(now);
         self.oldest_pending = None;
+    }
+
+    /// How many frontends the last sync could not program (a map full).
+    pub fn set_not_programmed(&mut self, frontends: usize) {
+        self.not_programmed = frontends;
     }
 
     /// The agent's own Node changed (or is known for the first time).
@@ -75,10 +84,14 @@ impl ProxierHealth {
 
     fn answer(&self, now: SystemTime, ok: bool) -> HealthAnswer {
         let eligible = self.node_eligible.unwrap_or(true);
+        let not_programmed = match self.not_programmed {
+            0 => String::new(),
+            n => format!(r#", "frontendsNotProgrammed": {n}"#),
+        };
         HealthAnswer {
             status: if ok { 200 } else { 503 },
             body: format!(
-                r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
+                r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {eligible}{not_programmed}}}"#,
                 rfc3339(self.last_updated),
                 rfc3339(Some(now))
             ),
@@ -87,7 +100,10 @@ impl ProxierHealth {
 
     #[must_use]
     pub fn healthz(&self, now: SystemTime) -> HealthAnswer {
-        self.answer(now, self.last_updated.is_some() && self.healthy(now) && self.node_eligible != Some(false))
+        self.answer(
+            now,
+            self.last_updated.is_some() && self.healthy(now) && self.node_eligible != Some(false) && self.not_programmed == 0,
+        )
     }
 
     #[must_use]
@@ -133,6 +149,21 @@ mod tests {
         let a = h.healthz(t(62));
         assert_eq!(a.status, 200);
         assert!(a.body.contains(r#""lastUpdated": "2023-11-14T22:14:21Z""#), "{}", a.body);
+    }
+
+    #[test]
+    fn frontends_left_unprogrammed_fail_healthz_until_they_fit() {
+        let mut h = ProxierHealth::new(Duration::from_mins(1));
+        h.updated(t(0));
+        h.set_not_programmed(3);
+        let a = h.healthz(t(1));
+        assert_eq!(a.status, 503);
+        assert!(a.body.ends_with(r#""nodeEligible": true, "frontendsNotProgrammed": 3}"#), "{}", a.body);
+        assert_eq!(h.livez(t(1)).status, 200, "alive: it keeps serving what fits");
+        h.set_not_programmed(0);
+        let a = h.healthz(t(2));
+        assert_eq!(a.status, 200);
+        assert!(a.body.ends_with(r#""nodeEligible": true}"#), "{}", a.body);
     }
 
     #[test]

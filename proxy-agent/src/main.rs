@@ -86,6 +86,13 @@ enum Command {
         /// Flows per CPU (kube-proxy's default).
         #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MAX_PER_CORE_DEFAULT)]
         conntrack_max_per_core: u32,
+        /// Entries of the service map (one per frontend — Service port ×
+        /// address — plus one per backend of each) and of the backend map
+        /// (one per endpoint address:port:protocol). 1/64 of the service
+        /// map is held back for frontends that do not fit: those are served
+        /// closed (rejected) until they fit.
+        #[arg(long, default_value_t = proxy_common::svc::SVC_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(8..))]
+        lb_map_max: u32,
         /// The Service CIDRs (the API server's --service-cluster-ip-range):
         /// externalIPs inside them are refused.
         #[arg(long, default_value = "", value_parser = proxy_agent::model::parse_cidrs)]
@@ -183,6 +190,7 @@ fn main() -> Result<()> {
             conntrack_max,
             conntrack_min,
             conntrack_max_per_core,
+            lb_map_max,
             service_cidrs,
             external_ip_cidrs,
         } => {
@@ -213,6 +221,7 @@ fn main() -> Result<()> {
                 socket_lb,
                 cgroup,
                 conntrack: proxy_agent::conntrack::Sizing { max: conntrack_max, min: conntrack_min, max_per_core: conntrack_max_per_core },
+                lb_map_max,
                 conntrack_gc_interval: Duration::from_secs(10),
                 service_cidrs,
                 external_ip_cidrs,

@@ -14,8 +14,16 @@
 //! nothing and conntrack entries (which hold backend ids) stay valid.
 //!
 //! A failed write marks the programmed view stale; the next sync re-reads the
-//! maps and retries what is still different. A frontend that does not fit in
-//! a map is not programmed at all (never half), and is reported.
+//! maps and retries what is still different.
+//!
+//! A frontend that does not fit in a map is never programmed half: it is
+//! programmed *closed* instead — slot 0 alone, no backends, no
+//! drop-when-empty flag — so its traffic is rejected (ICMP port
+//! unreachable, `ECONNREFUSED` on the socket path) rather than routed
+//! untranslated to an address nobody serves. Closed frontends take one
+//! service-map entry each from a reserve the others cannot use
+//! ([`closed_reserve`]); the sync reports them (and `/healthz` fails) until a
+//! later sync finds room for the whole frontend.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
@@ -173,6 +181,9 @@ pub struct SyncReport {
     /// UDP backends (address, port) that left a frontend in this sync:
     /// connected UDP sockets translated to them are to be destroyed.
     pub removed_udp_backends: BTreeSet<(Ipv4Addr, u16)>,
+    /// Frontends of `errors` that did not fit and are programmed closed
+    /// (their traffic is rejected).
+    pub closed: BTreeSet<FrontendKey>,
 }
 
 impl SyncReport {
@@ -187,7 +198,30 @@ pub struct Reconciler<M: ServiceMaps> {
     state: Programmed,
     stale: bool,
     svc_capacity: usize,
+    /// Service-map entries only closed frontends may use.
+    svc_reserve: usize,
     backend_capacity: usize,
+}
+
+/// The service-map entries held back for closed frontends (one entry
+/// each): 1/64 of the map (16,384 of the default 1,048,576 entries), at
+/// least a quarter of a small map's first 64.
+#[must_use]
+pub fn closed_reserve(svc_capacity: usize) -> usize {
+    (svc_capacity / 64).max(svc_capacity.min(64) / 4)
+}
+
+/// `fe` closed: slot 0 alone, answered with a reject.
+fn closed(fe: &Frontend) -> Frontend {
+    Frontend {
+        backends: Vec::new(),
+        drop_when_empty: false,
+        policy_local: false,
+        snat_remote: false,
+        affinity_timeout_s: 0,
+        source_ranges: None,
+        ..fe.clone()
+    }
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
@@ -199,15 +233,25 @@ impl<M: ServiceMaps> Reconciler<M> {
             state,
             stale: false,
             svc_capacity: SVC_MAX_ENTRIES as usize,
+            svc_reserve: closed_reserve(SVC_MAX_ENTRIES as usize),
             backend_capacity: BACKEND_MAX_ENTRIES as usize,
         })
     }
 
-    /// Lowers the capacities checked before writing (tests).
+    /// Sets the capacities checked before writing (the maps' real sizes,
+    /// or smaller ones in tests), with no reserve for closed frontends.
     #[must_use]
     pub fn with_capacity(mut self, svc: usize, backends: usize) -> Self {
         self.svc_capacity = svc;
+        self.svc_reserve = 0;
         self.backend_capacity = backends;
+        self
+    }
+
+    /// Holds `entries` of the service map back for closed frontends.
+    #[must_use]
+    pub fn with_closed_reserve(mut self, entries: usize) -> Self {
+        self.svc_reserve = entries.min(self.svc_capacity);
         self
     }
 
@@ -252,12 +296,33 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         self.remove_gone(desired, &mut report);
+        let open_limit = self.svc_capacity - self.svc_reserve;
+        let mut unfit = Vec::new();
         for (key, fe) in &desired.frontends {
-            if let Err(e) = self.program_frontend(*key, fe, &mut report) {
-                if !matches!(e, Error::MapFull { .. }) {
-                    self.stale = true;
+            match self.program_frontend(*key, fe, open_limit, &mut report) {
+                Ok(()) => {}
+                Err(e @ Error::MapFull { .. }) => {
+                    unfit.push(*key);
+                    report.errors.push((*key, e));
                 }
-                report.errors.push((*key, e));
+                Err(e) => {
+                    self.stale = true;
+                    report.errors.push((*key, e));
+                }
+            }
+        }
+        // After every frontend that fits, so closing one never takes the
+        // room another needed.
+        for key in unfit {
+            match self.program_frontend(key, &closed(&desired.frontends[&key]), self.svc_capacity, &mut report) {
+                Ok(()) => {
+                    report.closed.insert(key);
+                }
+                Err(Error::MapFull { .. }) => {}
+                Err(e) => {
+                    self.stale = true;
+                    report.other_errors.push(e);
+                }
             }
         }
         // Why: after a failed write the programmed view may miss slots that
@@ -383,7 +448,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     #[expect(clippy::too_many_lines, reason = "one ordered sequence of writes; split up, the order would be harder to see")]
-    fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, report: &mut SyncReport) -> Result<()> {
+    fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, svc_limit: usize, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
         let cur = self.state.frontends.get(&key).cloned();
         // As the names map stores it (truncated), so an adopted name compares equal.
@@ -406,10 +471,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let need = 1 + fe.backends.len();
         let have = cur.as_ref().map_or(0, ProgFrontend::entries);
-        if self.state.svc_entries + need.saturating_sub(have) > self.svc_capacity {
+        if self.state.svc_entries + need.saturating_sub(have) > svc_limit {
             return Err(Error::MapFull {
                 map: SVC_MAP,
-                capacity: u32::try_from(self.svc_capacity).unwrap_or(u32::MAX),
+                capacity: u32::try_from(svc_limit).unwrap_or(u32::MAX),
                 what: format!("frontend {key} ({name})"),
             });
         }

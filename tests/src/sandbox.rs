@@ -208,6 +208,28 @@ impl Sandbox {
         crate::agent::counters(bin, &self.bpffs)
     }
 
+    /// GET `path` on the node's loopback port `port` (the agent's health
+    /// and metrics servers): status and body; status 0 if nothing answers.
+    #[must_use]
+    pub fn node_http(&self, port: u16, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let path = path.to_owned();
+        self.node.run(move || {
+            let t = std::time::Duration::from_secs(2);
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), t) else {
+                return (0, String::new());
+            };
+            let _ = s.set_read_timeout(Some(t));
+            let mut out = String::new();
+            if write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() || s.read_to_string(&mut out).is_err() {
+                return (0, String::new());
+            }
+            let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            (status, body)
+        })
+    }
+
     /// SIGKILLs the agent; programs and maps stay pinned.
     pub fn kill_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {

@@ -295,6 +295,53 @@ fn a_device_that_appears_later_is_attached_and_a_frontend_without_endpoints_reje
     assert!(sb.agent_log().contains("device=lxc2"), "{}", sb.agent_log());
 }
 
+/// A Service that does not fit a full service map is served closed: its
+/// clients are refused at once (not routed untranslated to an address
+/// nobody serves, where they would hang), `/healthz` is 503 and says how
+/// many frontends are not programmed; once room is made it is programmed
+/// whole and `/healthz` is 200 again.
+#[test]
+fn a_frontend_that_does_not_fit_a_full_map_is_rejected_and_fails_healthz_until_it_fits() {
+    let mut sb = Sandbox::new("full", 3);
+    sb.serve_http(8080);
+    let big = Ipv4Addr::new(10, 96, 0, 12);
+    let all = [pod_ip(1), pod_ip(2), pod_ip(3)];
+    // `--lb-map-max 8`: 2 entries held back for closed frontends, 6 for the
+    // rest. `web` takes 4 (slot 0 and 3 backends); `big` needs 4 more.
+    write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&all)));
+    write_atomic(&sb.manifests, "big.yaml", &service_yaml("big", big, &[HTTP], &ready(&all)));
+    sb.start_agent_with(&agent_bin(), &["--lb-map-max", "8"]);
+    wait_backends(&sb, 80, 3);
+    wait_programmed(&sb.bpffs, Duration::from_secs(10), "big closed (no backends)", |v| {
+        v.iter().any(|f| f.address == big.to_string() && f.backends.is_empty())
+    });
+
+    let started = Instant::now();
+    let err = sb.client.run(move || http_get(SocketAddr::from((big, 80)), T)).expect_err("a closed frontend must refuse");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not by timeout");
+    assert!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).is_ok(), "the Service that fits serves");
+    let (status, body) = sb.node_http(10256, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""frontendsNotProgrammed": 1"#), "{body}");
+    assert_eq!(sb.node_http(10256, "/livez").0, 200, "alive: it serves what fits");
+    let log = sb.agent_log();
+    assert!(log.contains("its traffic is rejected until it fits") && log.contains("default/big"), "{log}");
+
+    // Room made: `big` is programmed whole, serves, and the node is ready again.
+    std::fs::remove_file(sb.manifests.join("svc.yaml")).expect("remove svc.yaml");
+    wait_programmed(&sb.bpffs, Duration::from_secs(15), "big with 3 backends", |v| {
+        v.iter().any(|f| f.address == big.to_string() && f.backends.len() == 3)
+    });
+    let r = sb.client.run(move || http_get(SocketAddr::from((big, 80)), T));
+    assert!(r.as_deref().is_ok_and(|p| p.starts_with("pod")), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.node_http(10256, "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "healthz never returned to 200: {:?}", sb.node_http(10256, "/healthz"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn services_json_reads_the_pins_and_cleanup_removes_everything() {
     let mut sb = Sandbox::new("cln", 2);

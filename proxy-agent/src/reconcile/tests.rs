@@ -1240,8 +1240,68 @@ fn frontend_that_does_not_fit_the_svc_map_is_not_programmed_at_all() {
     assert_consistent(bigger.maps(), "after growing the map");
 }
 
+/// Slot 0 of `k` and the number of entries of `k` in the service map.
+fn head_and_entries(maps: &FakeMaps, k: FrontendKey) -> (SvcValue, usize) {
+    let entries = maps.svc.keys().filter(|sk| super::frontend_of(**sk) == Some(k)).count();
+    let head = *maps.svc.get(&super::svc_key(k, 0)).unwrap_or_else(|| panic!("{k}: no slot 0 in {:#?}", maps.svc));
+    (head, entries)
+}
+
 #[test]
-fn frontend_that_does_not_fit_the_backend_map_is_not_programmed_at_all() {
+fn frontend_that_does_not_fit_is_programmed_closed_from_the_reserve() {
+    let small = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80", "10.244.0.2:80"]); // 3 entries
+    let mut big = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80", "10.244.1.2:80", "10.244.1.3:80"]); // 4 entries
+    big.1.drop_when_empty = true;
+    big.1.policy_local = true;
+    let want = desired([&small, &big]);
+    // 6 entries, 2 of them only for closed frontends: `big` does not fit the 4 open ones.
+    let mut rec = reconciler(FakeMaps::default()).with_capacity(6, 100).with_closed_reserve(2);
+    let report = rec.sync(&want);
+    assert_one_map_full(&report, big.0, SVC_MAP, 4);
+    assert_eq!(report.closed, BTreeSet::from([big.0]), "closed, not left untranslated");
+    let (head, entries) = head_and_entries(rec.maps(), big.0);
+    assert_eq!((head.count, entries), (0, 1), "slot 0 alone, no backends: {head:?}");
+    assert_eq!(
+        head.flags & (super::SVC_FLAG_DROP_WHEN_EMPTY | super::SVC_FLAG_POLICY_LOCAL),
+        0,
+        "closed means rejected (ICMP port unreachable), not dropped"
+    );
+    assert_eq!(rec.maps().backends.len(), 2, "no backend of the closed frontend is written");
+    assert!(rec.maps().names.values().any(|n| *n == big.1.display_name()), "its name is there for `services`");
+    assert_consistent(rec.maps(), "after closing");
+
+    // Retrying while still full: the same report, nothing written.
+    let before = rec.maps().log.len();
+    let report = rec.sync(&want);
+    assert_one_map_full(&report, big.0, SVC_MAP, 4);
+    assert_eq!(report.closed, BTreeSet::from([big.0]));
+    assert_eq!(rec.maps().log.len(), before, "{:#?}", &rec.maps().log[before..]);
+
+    // Room made (the other frontend goes): it is programmed whole.
+    let want2 = desired([&big]);
+    let (report, _) = sync_ok(&mut rec, &want2);
+    assert!(report.closed.is_empty());
+    assert_eq!(view(rec.maps()), expected_view(&want2));
+}
+
+#[test]
+fn a_programmed_frontend_that_grows_past_a_full_map_is_closed_not_left_stale() {
+    let a = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80"]); // 2 entries
+    let b = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80"]); // 2 entries
+    let mut rec = reconciler(FakeMaps::default()).with_capacity(6, 100).with_closed_reserve(2);
+    sync_ok(&mut rec, &desired([&a, &b]));
+    // `b` grows to 3 backends: 4 + 2 > 4 open entries.
+    let b3 = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80", "10.244.1.2:80", "10.244.1.3:80"]);
+    let report = rec.sync(&desired([&a, &b3]));
+    assert_one_map_full(&report, b3.0, SVC_MAP, 4);
+    assert_eq!(report.closed, BTreeSet::from([b3.0]));
+    assert_eq!(head_and_entries(rec.maps(), b3.0).1, 1, "its old slots are gone");
+    assert_eq!(rec.maps().backends.len(), 1, "the old backend of `b` is unreferenced and deleted");
+    assert_consistent(rec.maps(), "after closing a grown frontend");
+}
+
+#[test]
+fn frontend_whose_backends_do_not_fit_is_programmed_closed() {
     let first = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80", "10.244.0.2:80"]);
     let unfit = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80", "10.244.1.2:80"]);
     // Shares one backend with `first`: needs one new entry, fills the map exactly.
@@ -1251,11 +1311,15 @@ fn frontend_that_does_not_fit_the_backend_map_is_not_programmed_at_all() {
     let report = rec.sync(&want);
 
     assert_one_map_full(&report, unfit.0, BACKEND_MAP, 3);
-    assert_not_programmed(rec.maps(), &unfit);
+    // Closed (slot 0 alone: the service map has room), none of its backends written.
+    assert_eq!(report.closed, BTreeSet::from([unfit.0]));
+    let (head, entries) = head_and_entries(rec.maps(), unfit.0);
+    assert_eq!((head.count, entries), (0, 1));
     assert_eq!(rec.maps().backends.len(), 3);
+    let closed_unfit = (unfit.0, Frontend { backends: Vec::new(), ..unfit.1.clone() });
     assert_eq!(
         view(rec.maps()),
-        expected_view(&desired([&first, &sharing]))
+        expected_view(&desired([&first, &closed_unfit, &sharing]))
     );
     assert_consistent(rec.maps(), "after a backend MapFull");
 }
