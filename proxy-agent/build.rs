@@ -17,11 +17,16 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
-    let target_dir = manifest_dir.join("../target/ebpf");
+    // The test-only next layout builds its own object, in its own directory.
+    let next = env::var_os("CARGO_FEATURE_LAYOUT_NEXT").is_some();
+    let target_dir = manifest_dir.join(if next { "../target/ebpf-layout-next" } else { "../target/ebpf" });
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
         .arg(&target_dir)
         .current_dir(&ebpf_dir);
+    if next {
+        cmd.args(["--features", "layout-next"]);
+    }
     // The outer cargo's settings are for the host target: they must not leak
     // into the BPF build.
     for key in [

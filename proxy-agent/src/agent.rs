@@ -210,6 +210,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if attached.is_empty() {
         warn!(devices = %cfg.devices, "no device matches --devices yet; will attach when one appears");
     }
+    // The new programs run: entries the old ones created meanwhile are
+    // carried over, then retired layouts unpinned.
+    dp.finish_upgrade();
     // The capacities the maps really have (a pinned map keeps its size).
     let capacity = |name| crate::conntrack::pinned_capacity(&pins, name).unwrap_or(cfg.lb_map_max) as usize;
     let (svc_cap, backend_cap) = (capacity(crate::pins::SVC_MAP), capacity(crate::pins::BACKEND_MAP));
@@ -237,15 +240,20 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
 
     let (tx, mut rx) = mpsc::channel(256);
-    match &cfg.source {
+    // Kubernetes Events about refused objects: in API server mode only.
+    let events = match &cfg.source {
         SourceConfig::Manifests(dir) => {
             tokio::spawn(source::manifests::run(dir.clone(), cfg.poll_interval, tx));
+            None
         }
         SourceConfig::ApiServer { kubeconfig } => {
             let client = source::kube::client(kubeconfig.as_deref()).await?;
+            let counters = shared.lock().expect("lock").metrics.events.clone();
+            let events = crate::events::Publisher::start(client.clone(), &cfg.node_name, counters);
             tokio::spawn(source::kube::run(client, cfg.node_name.clone(), tx));
+            Some(events)
         }
-    }
+    };
 
     let node_addrs = || -> Vec<std::net::Ipv4Addr> {
         match datapath::list_ipv4_addresses() {
@@ -333,7 +341,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
             }
             () = tokio::time::sleep(wait), if next.is_some() => {
-                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut reported, &shared, &mut triggers);
+                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut reported, events.as_ref(), &shared, &mut triggers);
                 runner.ran(Instant::now(), ok);
                 // After the maps no longer hold them: a socket that
                 // reconnects gets a backend that is there.
@@ -444,14 +452,19 @@ fn sync_once(
     node: &NodeInfo,
     rec: &mut Reconciler<BpfMaps>,
     reported: &mut BTreeSet<Rejection>,
+    events: Option<&crate::events::Publisher>,
     shared: &SharedState,
     triggers: &mut Vec<SystemTime>,
 ) -> (bool, BTreeSet<(std::net::Ipv4Addr, u16)>) {
     let started = Instant::now();
     let (desired, rejections) = desired_state(store, node);
     let now: BTreeSet<Rejection> = rejections.into_iter().collect();
+    // New refusals only: a standing one is logged (and published) once.
     for r in now.difference(reported) {
         warn!("skipping {r}");
+        if let Some(events) = events {
+            events.publish(r, store);
+        }
     }
     *reported = now;
     let mut report = rec.sync(&desired);

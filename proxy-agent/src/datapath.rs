@@ -6,6 +6,7 @@ mod cgroup;
 mod fake;
 mod kfunc;
 mod maps;
+pub mod migrate;
 pub mod probe;
 
 use std::{
@@ -34,7 +35,7 @@ pub use self::{
 };
 use crate::{
     error::{Error, Result},
-    pins::{ALL_MAPS, Pins, TcHook, XDP_LINK_PREFIX, XDP_PROG},
+    pins::{Pins, TcHook, XDP_LINK_PREFIX, XDP_PROG, all_maps},
 };
 
 /// The eBPF object this agent was built with (see build.rs), as built.
@@ -295,17 +296,8 @@ impl Datapath {
     pub fn load(pins: &Pins, socket_lb: SocketLb, sizes: MapSizes) -> Result<Self> {
         ensure_bpffs(pins.root())?;
         fs::create_dir_all(pins.links_dir()).map_err(Error::io("mkdir", pins.links_dir()))?;
-        for name in crate::pins::RETIRED_MAPS {
-            let path = pins.map(name);
-            if path.exists() {
-                match fs::remove_file(&path) {
-                    Ok(()) => info!(map = name, "unpinned a map of a retired layout"),
-                    Err(e) => warn!(map = name, error = %e, "cannot unpin a map of a retired layout"),
-                }
-            }
-        }
         let mut loader = EbpfLoader::new();
-        for name in ALL_MAPS {
+        for name in all_maps() {
             loader.map_pin_path(name, pins.map(name));
         }
         // Capacities from the flags. A map pinned by an earlier run keeps
@@ -327,11 +319,14 @@ impl Datapath {
             }
         }
         let ebpf = loader.load(ebpf_object())?;
-        for name in ALL_MAPS {
+        for name in all_maps() {
             if ebpf.map(name).is_none() {
                 return Err(Error::MissingMap { name });
             }
         }
+        // Retired layouts' entries into the new maps, before the new
+        // programs replace the old ones ([`Self::finish_upgrade`] after).
+        migrate::copy_all(pins);
         let mut dp = Self {
             ebpf,
             pins: pins.clone(),
@@ -526,6 +521,12 @@ impl Datapath {
     }
 
     /// Takes the service maps out of the object for the reconciler.
+    /// After the programs are attached: carries the entries retired maps
+    /// got meanwhile and unpins them ([`migrate`]).
+    pub fn finish_upgrade(&self) {
+        migrate::finish(&self.pins);
+    }
+
     pub fn take_maps(&mut self) -> Result<BpfMaps> {
         BpfMaps::take(&mut self.ebpf)
     }
@@ -771,11 +772,11 @@ pub fn cleanup(pins: &Pins) -> Result<Vec<String>> {
         }
     }
     let _ = fs::remove_dir(pins.links_dir());
-    for name in ALL_MAPS.iter().chain(crate::pins::RETIRED_MAPS) {
+    for name in all_maps().chain(crate::pins::retired_maps().map(|(_, r)| r.name)) {
         let path = pins.map(name);
         if path.exists() {
             fs::remove_file(&path).map_err(Error::io("unlink", &path))?;
-            removed.push((*name).to_owned());
+            removed.push(name.to_owned());
         }
     }
     // Maps of layouts this binary does not know (pinned by a newer or an

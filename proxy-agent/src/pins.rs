@@ -3,7 +3,8 @@
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v2 proxy_names_v1 proxy_icmp_rl_v1 proxy_frag_v1
-//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1   maps
+//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1
+//!         proxy_xdp_tx_v1 proxy_src_range_v1                                  maps ([`LAYOUTS`])
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
 //! <bpffs>/links/cgroup_<hook>_<cgroup inode>                                  cgroup links
@@ -24,32 +25,94 @@ pub use proxy_common::{
 /// Default pin directory.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/proxy";
 
-/// Every map the agent pins.
 /// Devices the XDP fast path may redirect to.
 pub const XDP_TX_MAP: &str = "proxy_xdp_tx_v1";
 
-pub const ALL_MAPS: [&str; 14] = [
-    XDP_TX_MAP,
-    proxy_common::svc::SRC_RANGE_MAP,
-    proxy_common::stats::ICMP_RL_MAP,
-    proxy_common::frag::FRAG_MAP,
-    SVC_MAP,
-    BACKEND_MAP,
-    CT_MAP,
-    CT_NEW_MAP,
-    STATS_MAP,
-    NAMES_MAP,
-    AFFINITY_MAP,
-    SOCK_REV_MAP,
-    CONFIG_MAP,
-    SOCK_DESTROY_MAP,
+/// How a retired layout's entries are carried into its successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// `proxy_ct_v1` (one table, no SNAT) into the conntrack's confirmed
+    /// table: every flow it held keeps its backend.
+    CtV1,
+    /// The shipped conntrack layout (`proxy_ct_v2`, `proxy_ct_new_v1`)
+    /// into the test-only next one (feature `layout-next`).
+    #[cfg(feature = "layout-next")]
+    CtV2,
+}
+
+/// A layout a map replaced: unpinned on start (after its entries are
+/// migrated, when it has a [`Migration`]) and by `cleanup`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retired {
+    pub name: &'static str,
+    /// `None`: not carried over (counters start again).
+    pub migration: Option<Migration>,
+}
+
+/// One pinned map: its name, whose `_vN` suffix is its layout version
+/// (bumped whenever its key, value, type or meaning changes), and the
+/// layouts it retires, newest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub retires: &'static [Retired],
+}
+
+const fn map(name: &'static str) -> MapLayout {
+    MapLayout { name, retires: &[] }
+}
+
+#[cfg(not(feature = "layout-next"))]
+const CT_RETIRES: &[Retired] = &[Retired { name: proxy_common::ct::CT_MAP_V1, migration: Some(Migration::CtV1) }];
+#[cfg(feature = "layout-next")]
+const CT_RETIRES: &[Retired] = &[
+    Retired { name: proxy_common::ct::CT_MAP_V2, migration: Some(Migration::CtV2) },
+    Retired { name: proxy_common::ct::CT_MAP_V1, migration: Some(Migration::CtV1) },
+];
+#[cfg(not(feature = "layout-next"))]
+const CT_NEW_RETIRES: &[Retired] = &[];
+#[cfg(feature = "layout-next")]
+const CT_NEW_RETIRES: &[Retired] = &[Retired { name: proxy_common::ct::CT_NEW_MAP_V1, migration: Some(Migration::CtV2) }];
+
+/// Every map the agent pins, with its layout history: the one table that
+/// loading, migration and cleanup walk.
+pub const LAYOUTS: [MapLayout; 14] = [
+    map(XDP_TX_MAP),
+    map(proxy_common::svc::SRC_RANGE_MAP),
+    map(proxy_common::stats::ICMP_RL_MAP),
+    map(proxy_common::frag::FRAG_MAP),
+    map(SVC_MAP),
+    map(BACKEND_MAP),
+    MapLayout { name: CT_MAP, retires: CT_RETIRES },
+    MapLayout { name: CT_NEW_MAP, retires: CT_NEW_RETIRES },
+    MapLayout {
+        name: STATS_MAP,
+        retires: &[Retired { name: proxy_common::stats::STATS_MAP_RETIRED, migration: None }],
+    },
+    map(NAMES_MAP),
+    map(AFFINITY_MAP),
+    map(SOCK_REV_MAP),
+    map(CONFIG_MAP),
+    map(SOCK_DESTROY_MAP),
 ];
 
-/// Map names of earlier layouts: unpinned on start and by `cleanup`, so an
-/// upgrade leaks no kernel memory. Their contents are not carried over:
-/// counters start again; `proxy_ct_v1`'s flows (a layout of the first
-/// releases) are not migrated.
-pub const RETIRED_MAPS: &[&str] = &[proxy_common::stats::STATS_MAP_RETIRED, proxy_common::ct::CT_MAP_RETIRED];
+/// The names of every current map.
+pub fn all_maps() -> impl Iterator<Item = &'static str> {
+    LAYOUTS.iter().map(|l| l.name)
+}
+
+/// Every retired layout, with the map that replaced it.
+pub fn retired_maps() -> impl Iterator<Item = (&'static MapLayout, &'static Retired)> {
+    LAYOUTS.iter().flat_map(|l| l.retires.iter().map(move |r| (l, r)))
+}
+
+/// The base name and layout version of a map name (`proxy_ct_v2` →
+/// (`proxy_ct`, 2)).
+#[must_use]
+pub fn layout_version(name: &str) -> Option<(&str, u32)> {
+    let (base, v) = name.rsplit_once("_v")?;
+    Some((base, v.parse().ok()?))
+}
 
 /// The TC hooks the agent attaches to every `--devices` match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,5 +249,27 @@ impl Pins {
     #[must_use]
     pub fn tc_link(&self, hook: TcHook, ifname: &str, ifindex: u32) -> PathBuf {
         self.links_dir().join(format!("{}{ifindex}_{}", hook.link_prefix(), ifname.replace('.', "_")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_retired_layout_is_an_older_version_of_its_map() {
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &LAYOUTS {
+            let (base, v) = layout_version(l.name).unwrap_or_else(|| panic!("{}: no _vN suffix", l.name));
+            assert!(seen.insert(l.name), "{} twice", l.name);
+            let mut last = v;
+            for r in l.retires {
+                let (rbase, rv) = layout_version(r.name).unwrap_or_else(|| panic!("{}: no _vN suffix", r.name));
+                assert_eq!(rbase, base, "{} retires another map's layout {}", l.name, r.name);
+                assert!(rv < last, "{} retires {} out of order (newest first)", l.name, r.name);
+                last = rv;
+            }
+        }
+        assert_eq!(retired_maps().count(), if cfg!(feature = "layout-next") { 4 } else { 2 });
     }
 }

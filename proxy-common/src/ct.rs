@@ -20,14 +20,28 @@
 //! handshake's ACK). A spoofed source never answers, so spoofed SYNs and
 //! datagrams only ever churn the unconfirmed table.
 
+#[cfg(not(feature = "layout-next"))]
 pub const CT_MAP: &str = "proxy_ct_v2";
-/// The conntrack layout before `proxy_ct_v2` (retired: unpinned on start).
-pub const CT_MAP_RETIRED: &str = "proxy_ct_v1";
+/// The test-only next layout (feature `layout-next`): [`CtValue`] has
+/// `created_ns`.
+#[cfg(feature = "layout-next")]
+pub const CT_MAP: &str = "proxy_ct_v3";
+/// The first releases' conntrack: one table, 24-byte values without SNAT
+/// (`CtValue` up to `_pad`, then `backend_id`, `svc_id`, `last_seen_ns`).
+/// The agent migrates its entries into [`CT_MAP`] on start.
+pub const CT_MAP_V1: &str = "proxy_ct_v1";
+/// [`CT_MAP`] and [`CT_NEW_MAP`] of the shipped layout, retired by the
+/// test-only next layout.
+pub const CT_MAP_V2: &str = "proxy_ct_v2";
+pub const CT_NEW_MAP_V1: &str = "proxy_ct_new_v1";
 /// Capacity compiled into the object; the agent sets the real one at load
 /// from `--conntrack-max` (two entries per flow).
 pub const CT_MAX_ENTRIES: u32 = 262_144;
 /// The unconfirmed flows' table (LRU, same key and value).
+#[cfg(not(feature = "layout-next"))]
 pub const CT_NEW_MAP: &str = "proxy_ct_new_v1";
+#[cfg(feature = "layout-next")]
+pub const CT_NEW_MAP: &str = "proxy_ct_new_v2";
 /// Compiled-in capacity; the agent sets a quarter of the conntrack's.
 pub const CT_NEW_MAX_ENTRIES: u32 = 65_536;
 /// An unconfirmed TCP flow whose SNAT port was claimed this long ago may
@@ -137,7 +151,13 @@ pub struct CtValue {
     pub svc_id: u32,
     /// `bpf_ktime_get_ns` when last refreshed.
     pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the flow was created (test-only next layout).
+    #[cfg(feature = "layout-next")]
+    pub created_ns: u64,
 }
+#[cfg(not(feature = "layout-next"))]
 const _: () = assert!(size_of::<CtValue>() == 32);
+#[cfg(feature = "layout-next")]
+const _: () = assert!(size_of::<CtValue>() == 40);
 
 crate::pod!(CtKey, CtValue);

@@ -207,6 +207,8 @@ pub fn create(p: &Packet, f: &NewFlow, now: u64, len: u32) -> Option<CtValue> {
         backend_id: f.backend_id,
         svc_id: f.svc_id,
         last_seen_ns: now,
+        #[cfg(feature = "layout-next")]
+        created_ns: now,
     };
     let rev = CtValue { nat_addr_be: p.daddr_be, nat_port_be: p.dport_be, slot: 0, ..fwd };
     let rk = key(f.backend_addr_be, p.saddr_be, f.backend_port_be, p.sport_be, p.proto, CT_DIR_REPLY);
@@ -319,6 +321,8 @@ fn create_snat(p: &Packet, f: &NewFlow, snat_addr_be: u32, now: u64, len: u32) -
         backend_id: f.backend_id,
         svc_id: f.svc_id,
         last_seen_ns: now,
+        #[cfg(feature = "layout-next")]
+        created_ns: now,
     };
     let rev = CtValue {
         nat_addr_be: p.daddr_be,

@@ -28,12 +28,15 @@ pub static SVC: HashMap<SvcKey, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREAL
 pub static BACKEND: HashMap<u32, Backend, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// Confirmed flows.
-#[btf_map(name = "proxy_ct_v2")]
+/// Confirmed flows (`proxy_common::ct::CT_MAP`; the test-only next layout
+/// renames both tables).
+#[cfg_attr(not(feature = "layout-next"), btf_map(name = "proxy_ct_v2"))]
+#[cfg_attr(feature = "layout-next", btf_map(name = "proxy_ct_v3"))]
 pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Unconfirmed flows (see `proxy_common::ct`).
-#[btf_map(name = "proxy_ct_new_v1")]
+#[cfg_attr(not(feature = "layout-next"), btf_map(name = "proxy_ct_new_v1"))]
+#[cfg_attr(feature = "layout-next", btf_map(name = "proxy_ct_new_v2"))]
 pub static CT_NEW: LruHashMap<CtKey, CtValue, { CT_NEW_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map(name = "proxy_stats_v2")]

@@ -16,21 +16,28 @@ use proxy_agent::{
 /// executable's target directory (`cargo xtask test` builds it first).
 #[must_use]
 pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PROXY_AGENT_BIN") {
+    built_bin("PROXY_AGENT_BIN", "proxy-agent", "`cargo build -p proxy-agent`; `cargo xtask test` does")
+}
+
+/// The agent built with the test-only next map layout (feature
+/// `layout-next`: `proxy_ct_v3`), for upgrade tests.
+#[must_use]
+pub fn agent_bin_layout_next() -> PathBuf {
+    built_bin("PROXY_AGENT_LAYOUT_NEXT_BIN", "proxy-agent-layout-next", "`cargo xtask test` builds it")
+}
+
+fn built_bin(env: &str, name: &str, how: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/proxy-agent
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let candidate = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("proxy-agent"))
+        .map(|d| d.join(name))
         .expect("target dir");
-    assert!(
-        candidate.exists(),
-        "{} not found: build it first (`cargo build -p proxy-agent`; `cargo xtask test` does) or set PROXY_AGENT_BIN",
-        candidate.display()
-    );
+    assert!(candidate.exists(), "{} not found: build it first ({how}) or set {env}", candidate.display());
     candidate
 }
 

@@ -153,6 +153,17 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(object)
 }
 
+/// The agent built with the test-only next map layout (feature
+/// `layout-next`), copied beside the real one, for the upgrade tests.
+/// Built before [`build_agent`]: cargo then puts the real binary back in
+/// place.
+fn build_agent_layout_next() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "proxy-agent", "--features", "layout-next"]).current_dir(root()))?;
+    let out = target_dir().join("debug/proxy-agent-layout-next");
+    std::fs::copy(target_dir().join("debug/proxy-agent"), &out).with_context(|| format!("copy to {}", out.display()))?;
+    Ok(out)
+}
+
 fn build_agent() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "proxy-agent", "-p", "integration-tests"]).current_dir(root()))?;
     Ok(target_dir().join("debug/proxy-agent"))
@@ -171,6 +182,8 @@ fn main() -> Result<()> {
             setup::setup()?;
             step("build the eBPF object");
             build_ebpf()?;
+            step("build the agent with the next map layout (upgrade tests)");
+            let next = build_agent_layout_next()?;
             step("build the agent");
             let agent = build_agent()?;
             step("run every test (unit, packet, network-namespace)");
@@ -179,7 +192,8 @@ fn main() -> Result<()> {
             // "0 passed" summary would be the run's last line.
             cmd.args(["test", "--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"])
                 .current_dir(root())
-                .env("PROXY_AGENT_BIN", &agent);
+                .env("PROXY_AGENT_BIN", &agent)
+                .env("PROXY_AGENT_LAYOUT_NEXT_BIN", &next);
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
