@@ -23,12 +23,12 @@ use crate::{
     error::{Error, Result},
     health::ProxierHealth,
     metrics::Metrics,
-    model::{NodeInfo, Rejection, desired_state},
+    model::{NodeInfo, Rejection, Tracker},
     pins::Pins,
     reconcile::Reconciler,
     runner::SyncRunner,
     source,
-    store::{SourceEvent, Store},
+    store::{Change, ObjectKey, SourceEvent, Store},
 };
 
 /// Where Services and `EndpointSlices` come from.
@@ -146,12 +146,16 @@ struct Shared {
 type SharedState = Arc<Mutex<Shared>>;
 
 async fn healthz(State(s): State<SharedState>) -> impl IntoResponse {
-    let a = s.lock().expect("lock").health.healthz(SystemTime::now());
+    let mut g = s.lock().expect("lock");
+    let a = g.health.healthz(SystemTime::now());
+    *g.metrics.healthz_total.entry(a.status).or_default() += 1;
     respond(a.status, a.body)
 }
 
 async fn livez(State(s): State<SharedState>) -> impl IntoResponse {
-    let a = s.lock().expect("lock").health.livez(SystemTime::now());
+    let mut g = s.lock().expect("lock");
+    let a = g.health.livez(SystemTime::now());
+    *g.metrics.livez_total.entry(a.status).or_default() += 1;
     respond(a.status, a.body)
 }
 
@@ -187,6 +191,7 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
     Ok(())
 }
 
+#[expect(clippy::too_many_lines, reason = "start-up in order, then the one event loop; its steps are functions")]
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
@@ -296,6 +301,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .map_err(Error::io("install SIGTERM handler", ""))?;
     let mut was_synced = false;
+    // What the next sync recomputes: the Services changed since the last
+    // one, or everything (start, node facts, the periodic repair).
+    let mut tracker = crate::model::Tracker::default();
+    let mut dirty: BTreeSet<crate::store::ObjectKey> = BTreeSet::new();
+    let mut full = true;
+    let mut last_full = Instant::now();
 
     loop {
         // Nothing is programmed or pruned before both initial lists are in.
@@ -308,9 +319,18 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 for ev in batch {
                     note_change(&ev, &mut g.metrics, &mut triggers);
                     let node_event = matches!(ev, SourceEvent::NodeApplied(_) | SourceEvent::NodeDeleted);
-                    if store.apply(ev) {
-                        runner.request();
-                        g.health.queued_update(SystemTime::now());
+                    match store.apply(ev) {
+                        Change::None => {}
+                        change => {
+                            match change {
+                                Change::Services(keys) => dirty.extend(keys),
+                                _ => full = true,
+                            }
+                            runner.request();
+                            let now = SystemTime::now();
+                            g.health.queued_update(now);
+                            g.metrics.last_queued_timestamp_seconds = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                        }
                     }
                     if node_event {
                         g.health.node_changed(store.node.as_ref());
@@ -337,11 +357,21 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 if addrs != node.nodeport_addresses {
                     info!(addresses = ?addrs, "NodePort addresses changed");
                     node.nodeport_addresses = addrs;
+                    full = true;
                     runner.request();
                 }
             }
             () = tokio::time::sleep(wait), if next.is_some() => {
-                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut reported, events.as_ref(), &shared, &mut triggers);
+                // The periodic sync (every --sync-period) recomputes and
+                // compares everything, repairing drift; others only what changed.
+                let is_full = full || last_full.elapsed() >= cfg.sync_period;
+                let changed = if is_full { None } else { Some(std::mem::take(&mut dirty)) };
+                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut tracker, changed, &mut reported, events.as_ref(), &shared, &mut triggers);
+                if is_full {
+                    dirty.clear();
+                    last_full = Instant::now();
+                }
+                full = !ok && is_full;
                 runner.ran(Instant::now(), ok);
                 // After the maps no longer hold them: a socket that
                 // reconnects gets a backend that is there.
@@ -350,7 +380,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     dp.destroy_udp_sockets(&backends);
                 }
                 // After the datapath, as kube-proxy's syncProxyRules does.
-                let (hc_ports, local_ready) = crate::model::health_checks(&store, &node);
+                let (hc_ports, local_ready) = tracker.health_checks();
                 let _ = svc_health.sync_services(hc_ports).await;
                 svc_health.sync_endpoints(&local_ready);
             }
@@ -447,18 +477,26 @@ fn note_change(ev: &SourceEvent, m: &mut Metrics, triggers: &mut Vec<SystemTime>
     }
 }
 
+/// One sync: `changed` Services only (recomputed by the tracker, their
+/// frontends compared and written), or, with `None`, everything.
+#[expect(clippy::too_many_arguments, reason = "the sync loop's state, passed explicitly")]
 fn sync_once(
     store: &Store,
     node: &NodeInfo,
     rec: &mut Reconciler<BpfMaps>,
+    tracker: &mut Tracker,
+    changed: Option<BTreeSet<ObjectKey>>,
     reported: &mut BTreeSet<Rejection>,
     events: Option<&crate::events::Publisher>,
     shared: &SharedState,
     triggers: &mut Vec<SystemTime>,
 ) -> (bool, BTreeSet<(std::net::Ipv4Addr, u16)>) {
     let started = Instant::now();
-    let (desired, rejections) = desired_state(store, node);
-    let now: BTreeSet<Rejection> = rejections.into_iter().collect();
+    let keys = changed.map(|services| tracker.update(store, node, services));
+    if keys.is_none() {
+        tracker.rebuild(store, node);
+    }
+    let now: BTreeSet<Rejection> = tracker.rejections().into_iter().collect();
     // New refusals only: a standing one is logged (and published) once.
     for r in now.difference(reported) {
         warn!("skipping {r}");
@@ -467,7 +505,11 @@ fn sync_once(
         }
     }
     *reported = now;
-    let mut report = rec.sync(&desired);
+    let desired = tracker.desired();
+    let mut report = match &keys {
+        None => rec.sync(desired),
+        Some(keys) => rec.sync_keys(desired, keys),
+    };
     let removed_udp = std::mem::take(&mut report.removed_udp_backends);
     for (key, e) in &report.errors {
         if report.closed.contains(key) {
@@ -495,6 +537,8 @@ fn sync_once(
     let mut g = shared.lock().expect("lock");
     let m = &mut g.metrics;
     m.sync_duration.observe(elapsed.as_secs_f64());
+    if keys.is_some() { &mut m.sync_partial_duration } else { &mut m.sync_full_duration }.observe(elapsed.as_secs_f64());
+    m.no_local_endpoints = tracker.no_local_endpoints();
     m.invalid_objects = reported.len() as u64;
     m.frontends_not_programmed = report.errors.len() as u64;
     g.health.set_not_programmed(report.errors.iter().filter(|(_, e)| matches!(e, Error::MapFull { .. })).count());

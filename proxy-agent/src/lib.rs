@@ -9,6 +9,7 @@ pub mod agent;
 pub mod conntrack;
 pub mod datapath;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod inspect;
 pub mod metrics;

@@ -1,7 +1,14 @@
 //! Prometheus text exposition on `--metrics-bind-address`, with kube-proxy's
 //! metric names where the meaning is the same, plus map occupancy and the
 //! datapath counters.
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use proxy_common::stats::{REASONS, StatCounter};
 
@@ -64,9 +71,39 @@ impl Histogram {
     }
 }
 
+/// Kubernetes Events about refused objects ([`crate::events`]): counted by
+/// the publishing task itself, without the agent's lock.
+#[derive(Debug, Default)]
+pub struct EventCounters {
+    /// Events the API server accepted (created, or a series updated).
+    pub published: AtomicU64,
+    /// Events the API server refused or did not answer in time.
+    pub failed: AtomicU64,
+    /// Events dropped because the publishing queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl EventCounters {
+    pub fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub sync_duration: Histogram,
+    /// Syncs that recomputed and compared everything (start, node facts,
+    /// every --sync-period) and those that followed changes.
+    pub sync_full_duration: Histogram,
+    pub sync_partial_duration: Histogram,
+    /// When the last change was queued (s since the epoch).
+    pub last_queued_timestamp_seconds: f64,
+    /// Services with a Local traffic policy and no local endpoints, by
+    /// policy (internal, external).
+    pub no_local_endpoints: (u64, u64),
+    /// `/healthz` and `/livez` answers by status code.
+    pub healthz_total: BTreeMap<u16, u64>,
+    pub livez_total: BTreeMap<u16, u64>,
     pub network_programming: Histogram,
     pub last_sync_timestamp_seconds: f64,
     pub endpoint_changes_pending: u64,
@@ -85,12 +122,20 @@ pub struct Metrics {
     pub ct_gc_runs_total: u64,
     pub ct_gc_deleted_total: u64,
     pub ct_gc_duration_seconds: f64,
+    /// Shared with the Event publisher (API server mode; zero otherwise).
+    pub events: Arc<EventCounters>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             sync_duration: Histogram::sync_duration(),
+            sync_full_duration: Histogram::sync_duration(),
+            sync_partial_duration: Histogram::sync_duration(),
+            last_queued_timestamp_seconds: 0.0,
+            no_local_endpoints: (0, 0),
+            healthz_total: BTreeMap::new(),
+            livez_total: BTreeMap::new(),
             network_programming: Histogram::network_programming(),
             last_sync_timestamp_seconds: 0.0,
             endpoint_changes_pending: 0,
@@ -105,6 +150,7 @@ impl Default for Metrics {
             ct_gc_runs_total: 0,
             ct_gc_deleted_total: 0,
             ct_gc_duration_seconds: 0.0,
+            events: Arc::default(),
         }
     }
 }
@@ -119,6 +165,21 @@ impl Metrics {
     pub fn render(&self, stats: &[(u32, StatCounter)]) -> String {
         let mut o = String::new();
         self.sync_duration.render(&mut o, "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds");
+        self.sync_full_duration.render(&mut o, "kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs");
+        self.sync_partial_duration.render(&mut o, "kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs");
+        simple(&mut o, "gauge", "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync of proxy rules was queued", self.last_queued_timestamp_seconds);
+        let _ = writeln!(o, "# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total Number of services with a Local traffic policy and no endpoints\n# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge");
+        let _ = writeln!(o, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}", self.no_local_endpoints.0);
+        let _ = writeln!(o, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"external\"}} {}", self.no_local_endpoints.1);
+        for (name, help, by_code) in [
+            ("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", &self.healthz_total),
+            ("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", &self.livez_total),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (code, n) in by_code {
+                let _ = writeln!(o, "{name}{{code=\"{code}\"}} {n}");
+            }
+        }
         self.network_programming.render(
             &mut o,
             "kubeproxy_network_programming_duration_seconds",
@@ -131,6 +192,10 @@ impl Metrics {
         simple(&mut o, "counter", "kubeproxy_sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes", self.service_changes_total);
         simple(&mut o, "counter", "proxy_sync_errors_total", "Syncs in which a map write failed (retried)", self.sync_errors_total);
         simple(&mut o, "gauge", "proxy_invalid_objects", "Objects or ports skipped as invalid in the last sync", self.invalid_objects);
+        let events = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        simple(&mut o, "counter", "proxy_events_published_total", "Kubernetes Events about refused objects accepted by the API server", events(&self.events.published));
+        simple(&mut o, "counter", "proxy_events_failed_total", "Kubernetes Events about refused objects the API server refused or did not answer", events(&self.events.failed));
+        simple(&mut o, "counter", "proxy_events_dropped_total", "Kubernetes Events about refused objects dropped because the publishing queue was full", events(&self.events.dropped));
         simple(&mut o, "gauge", "proxy_frontends_programmed", "Frontends programmed in the maps", self.frontends_programmed);
         simple(&mut o, "gauge", "proxy_frontends_not_programmed", "Frontends that could not be programmed (map full or write error)", self.frontends_not_programmed);
         simple(&mut o, "counter", "proxy_conntrack_gc_runs_total", "Conntrack garbage-collection passes", self.ct_gc_runs_total);
@@ -143,6 +208,13 @@ impl Metrics {
         let _ = writeln!(o, "# HELP proxy_map_capacity Capacity (max_entries) of a BPF map\n# TYPE proxy_map_capacity gauge");
         for (map, (_, cap)) in &self.map_entries {
             let _ = writeln!(o, "proxy_map_capacity{{map=\"{map}\"}} {cap}");
+        }
+        // As Cilium's bpf_map_pressure: how full a map is (0..1).
+        let _ = writeln!(o, "# HELP proxy_map_pressure Fill ratio of a BPF map (entries / capacity)\n# TYPE proxy_map_pressure gauge");
+        for (map, (n, cap)) in &self.map_entries {
+            #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+            let p = if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 };
+            let _ = writeln!(o, "proxy_map_pressure{{map=\"{map}\"}} {p}");
         }
         let _ = writeln!(o, "# HELP proxy_datapath_packets_total Packets by datapath exit reason\n# TYPE proxy_datapath_packets_total counter");
         for (idx, c) in stats {
@@ -207,6 +279,12 @@ mod tests {
         assert_eq!(p["proxy_map_entries{map=\"proxy_svc_v1\"}"], 7.0);
         assert_eq!(p["proxy_datapath_packets_total{reason=\"dnat_new_flow\"}"], 5.0);
         assert!(p.contains_key("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
+        assert_eq!(p["proxy_events_published_total"], 0.0);
+        EventCounters::add(&m.events.failed);
+        EventCounters::add(&m.events.failed);
+        let p = parse(&m.clone().render(&stats));
+        assert_eq!(p["proxy_events_failed_total"], 2.0, "clones share the counters");
+        assert_eq!(p["proxy_events_dropped_total"], 0.0);
     }
 
     #[test]

@@ -199,7 +199,47 @@ pub struct Rejection {
     pub kind: &'static str,
     pub object: ObjectKey,
     pub origin: String,
+    /// The text: what is skipped and why (for a conflict, naming the
+    /// Service that keeps the frontend).
     pub reason: String,
+    /// What kind of refusal it is, for machines (the Kubernetes Event's
+    /// `reason`, see [`Cause::code`]).
+    pub cause: Cause,
+}
+
+/// What kind of refusal a [`Rejection`] is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// A frontend (address:port:protocol) another Service holds (cluster
+    /// IPs first, then the oldest Service); `owner` is the one that keeps it.
+    FrontendConflict { owner: ObjectKey },
+    /// An externalIP refused by policy: inside `--service-cidrs`, on a node
+    /// address, or outside `--external-ip-cidrs`.
+    ExternalIpRefused,
+    /// A `loadBalancerSourceRanges` entry that does not parse (the LB IPs
+    /// are served closed).
+    InvalidSourceRange,
+    /// More endpoints than a frontend holds (the first ones are used).
+    TooManyEndpoints,
+    /// Valid Kubernetes, not supported here (SCTP, IPv6-only).
+    Unsupported,
+    /// Malformed: what the API server would have refused.
+    Invalid,
+}
+
+impl Cause {
+    /// A stable `PascalCase` code (a Kubernetes Event's `reason`).
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::FrontendConflict { .. } => "FrontendConflict",
+            Self::ExternalIpRefused => "ExternalIPRefused",
+            Self::InvalidSourceRange => "InvalidSourceRange",
+            Self::TooManyEndpoints => "TooManyEndpoints",
+            Self::Unsupported => "Unsupported",
+            Self::Invalid => "Invalid",
+        }
+    }
 }
 
 impl fmt::Display for Rejection {
@@ -275,15 +315,14 @@ type Age = (Option<jiff::Timestamp>, ObjectKey);
 #[must_use]
 pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>) {
     let mut rejections = Vec::new();
-    let slices_by_service = index_slices(store);
     let mut desired = Desired::default();
     // Every Service's frontends first; who gets a contested address is
     // decided after, by precedence, never by the order of the objects.
     let mut candidates: Vec<(bool, Age, &str, FrontendKey, Frontend)> = Vec::new();
     for (key, svc) in &store.services {
-        let slices = slices_by_service.get(key).map_or(&[][..], Vec::as_slice);
+        let slices = store.slices_of(key);
         let mut mine = Vec::new();
-        service_frontends(key, svc, slices, node, &mut mine, &mut rejections);
+        service_frontends(key, svc, &slices, node, &mut mine, &mut rejections);
         let age = (svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0), key.clone());
         for (fk, fe) in mine {
             candidates.push((fe.kind != FrontendKind::ClusterIp, age.clone(), svc.origin.as_str(), fk, fe));
@@ -303,7 +342,8 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
                 owner.kind.name(),
                 fe.kind.name()
             );
-            reject(&mut rejections, "Service", &fe.service, origin, why);
+            let cause = Cause::FrontendConflict { owner: owner.service.clone() };
+            reject(&mut rejections, "Service", &fe.service, origin, cause, why);
             continue;
         }
         desired.frontends.insert(fk, fe);
@@ -319,71 +359,67 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
 /// Service the number of distinct ready IPv4 endpoint addresses on this node.
 #[must_use]
 pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16>, BTreeMap<ObjectKey, usize>) {
-    let slices = index_slices(store);
     let mut ports = BTreeMap::new();
     let mut local = BTreeMap::new();
     for (key, svc) in &store.services {
-        let proxied = !svc.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-            && matches!(cluster_ipv4(&svc.object), Ok(Some(_)));
-        let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied) else {
-            continue;
-        };
-        let needs = spec.type_.as_deref() == Some("LoadBalancer")
-            && spec.external_traffic_policy.as_deref() == Some("Local")
-            && spec.ports.as_ref().is_some_and(|p| !p.is_empty());
-        if let Some(port) = spec.health_check_node_port.and_then(port_in_range).filter(|_| needs) {
+        let (port, n) = service_health(svc, &store.slices_of(key), node);
+        if let Some(port) = port {
             ports.insert(key.clone(), port);
         }
-        let mut ips = BTreeSet::new();
-        for slice in slices.get(key).into_iter().flatten() {
-            if slice.object.address_type != "IPv4" {
-                continue;
-            }
-            for ep in slice.object.endpoints.iter().flatten() {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if ready && ep.node_name.as_deref() == Some(node.name.as_str())
-                    && let Some(ip) = ep.addresses.first() {
-                        ips.insert(ip.clone());
-                    }
-            }
+        if port.is_some() || proxied_ipv4(svc) {
+            local.insert(key.clone(), n);
         }
-        local.insert(key.clone(), ips.len());
     }
     (ports, local)
 }
 
-fn index_slices(store: &Store) -> BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> {
-    let mut map: BTreeMap<ObjectKey, Vec<&Stored<EndpointSlice>>> = BTreeMap::new();
-    for (key, slice) in &store.slices {
-        let Some(svc_name) = slice
-            .object
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        map.entry(ObjectKey::new(&key.namespace, svc_name)).or_default().push(slice);
-    }
-    map
+fn proxied_ipv4(svc: &Stored<Service>) -> bool {
+    !svc.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+        && matches!(cluster_ipv4(&svc.object), Ok(Some(_)))
 }
 
-fn reject(out: &mut Vec<Rejection>, kind: &'static str, key: &ObjectKey, origin: &str, reason: String) {
+/// One Service's health-check inputs: its `healthCheckNodePort` when it
+/// needs one, and its ready endpoint addresses on this node.
+fn service_health(svc: &Stored<Service>, slices: &[&Stored<EndpointSlice>], node: &NodeInfo) -> (Option<u16>, usize) {
+    let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied_ipv4(svc)) else {
+        return (None, 0);
+    };
+    let needs = spec.type_.as_deref() == Some("LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local")
+        && spec.ports.as_ref().is_some_and(|p| !p.is_empty());
+    let port = spec.health_check_node_port.and_then(port_in_range).filter(|_| needs);
+    let mut ips = BTreeSet::new();
+    for slice in slices {
+        if slice.object.address_type != "IPv4" {
+            continue;
+        }
+        for ep in slice.object.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if ready && ep.node_name.as_deref() == Some(node.name.as_str())
+                && let Some(ip) = ep.addresses.first() {
+                    ips.insert(ip.clone());
+                }
+        }
+    }
+    (port, ips.len())
+}
+
+fn reject(out: &mut Vec<Rejection>, kind: &'static str, key: &ObjectKey, origin: &str, cause: Cause, reason: String) {
     out.push(Rejection {
         kind,
         object: key.clone(),
         origin: origin.to_owned(),
         reason,
+        cause,
     });
 }
 
-fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, (Cause, String)> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err("protocol SCTP is not supported yet".to_owned()),
-        other => Err(format!("unknown protocol {other:?}")),
+        "SCTP" => Err((Cause::Unsupported, "protocol SCTP is not supported yet".to_owned())),
+        other => Err((Cause::Invalid, format!("unknown protocol {other:?}"))),
     }
 }
 
@@ -392,15 +428,16 @@ fn port_in_range(p: i32) -> Option<u16> {
 }
 
 /// The Service's IPv4 cluster IP, `Ok(None)` when it is not proxied.
-fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
-    let spec = svc.spec.as_ref().ok_or("has no spec")?;
+fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, (Cause, String)> {
+    let invalid = |why: String| (Cause::Invalid, why);
+    let spec = svc.spec.as_ref().ok_or_else(|| invalid("has no spec".to_owned()))?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
     let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
-        _ => return Err("has no clusterIP".to_owned()),
+        _ => return Err(invalid("has no clusterIP".to_owned())),
     };
     if ips[0] == "None" {
         return Ok(None); // headless
@@ -409,15 +446,15 @@ fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
     for ip in &ips {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
-                return Err(format!("invalid clusterIP {ip:?}"));
+                return Err(invalid(format!("invalid clusterIP {ip:?}")));
             }
             Ok(IpAddr::V4(a)) => v4 = v4.or(Some(a)),
             Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
+            Err(_) => return Err(invalid(format!("invalid clusterIP {ip:?}"))),
         }
     }
     v4.map(Some)
-        .ok_or_else(|| "IPv6-only Service: IPv6 is not supported yet".to_owned())
+        .ok_or_else(|| (Cause::Unsupported, "IPv6-only Service: IPv6 is not supported yet".to_owned()))
 }
 
 /// externalIPs and `LoadBalancer` ingress IPs (IPv4; an ingress whose
@@ -443,12 +480,12 @@ fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejec
                     None
                 };
                 match refused {
-                    Some(why) => reject(rejections, "Service", key, &svc.origin, format!("externalIP {a} refused: it {why}")),
+                    Some(why) => reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it {why}")),
                     None => out.push((a, FrontendKind::ExternalIp)),
                 }
             }
             Ok(IpAddr::V6(_)) => {}
-            Err(_) => reject(rejections, "Service", key, &svc.origin, format!("invalid externalIP {ip:?}")),
+            Err(_) => reject(rejections, "Service", key, &svc.origin, Cause::Invalid, format!("invalid externalIP {ip:?}")),
         }
     }
     let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
@@ -479,7 +516,7 @@ fn service_frontends(
     let vip = match cluster_ipv4(&svc.object) {
         Ok(Some(vip)) => vip,
         Ok(None) => return,
-        Err(reason) => return reject(rejections, KIND, key, &svc.origin, reason),
+        Err((cause, reason)) => return reject(rejections, KIND, key, &svc.origin, cause, reason),
     };
     let ports = svc
         .object
@@ -490,7 +527,7 @@ fn service_frontends(
     // A port out of range makes the whole object invalid (the API server
     // would have refused it): skip it entirely rather than half of it.
     if let Some(bad) = ports.iter().find(|p| port_in_range(p.port).is_none()) {
-        return reject(rejections, KIND, key, &svc.origin, format!("port {} is out of range 1-65535", bad.port));
+        return reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {} is out of range 1-65535", bad.port));
     }
     let spec = svc.object.spec.as_ref();
     let itp_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
@@ -505,8 +542,8 @@ fn service_frontends(
         let port_name = sp.name.clone().unwrap_or_default();
         let protocol = match parse_protocol(sp.protocol.as_deref()) {
             Ok(p) => p,
-            Err(reason) => {
-                reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?} ({}): {reason}", sp.port));
+            Err((cause, reason)) => {
+                reject(rejections, KIND, key, &svc.origin, cause, format!("port {port_name:?} ({}): {reason}", sp.port));
                 continue;
             }
         };
@@ -527,6 +564,7 @@ fn service_frontends(
                     KIND,
                     key,
                     &svc.origin,
+                    Cause::Invalid,
                     format!("port {port_name:?}: nodePort {} is out of range", sp.node_port.unwrap_or_default()),
                 ),
                 None => {}
@@ -540,7 +578,7 @@ fn service_frontends(
             // server refuses it, a manifest may not) would silently replace
             // each other; keep the first.
             if mine.iter().any(|(k, _)| *k == fk) {
-                reject(rejections, KIND, key, &svc.origin, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
+                reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
                 continue;
             }
             let external = kind != FrontendKind::ClusterIp;
@@ -552,6 +590,7 @@ fn service_frontends(
                     KIND,
                     key,
                     &svc.origin,
+                    Cause::TooManyEndpoints,
                     format!("port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used", backends.len()),
                 );
                 backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
@@ -598,6 +637,7 @@ fn lb_source_ranges(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rej
                     "Service",
                     key,
                     &svc.origin,
+                    Cause::InvalidSourceRange,
                     format!("loadBalancerSourceRanges {r:?}: {e}; its LoadBalancer IPs accept no client but the node (served closed)"),
                 );
                 return Some(out);
@@ -687,6 +727,7 @@ fn endpoints_for_port(
                 KIND,
                 &key,
                 &slice.origin,
+                Cause::Invalid,
                 format!("port {port_name:?} has no valid port number ({:?})", target.port),
             );
             continue;
@@ -701,6 +742,7 @@ fn endpoints_for_port(
                     KIND,
                     &key,
                     &slice.origin,
+                    Cause::Invalid,
                     format!("endpoint address {first:?} is not an IPv4 address"),
                 );
                 continue;
@@ -793,6 +835,9 @@ fn select_backends(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, pr
     }
     (v, false)
 }
+
+mod tracker;
+pub use tracker::Tracker;
 
 #[cfg(test)]
 mod tests;

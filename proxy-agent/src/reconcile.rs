@@ -76,6 +76,11 @@ struct Programmed {
     svc_entries: usize,
     next_svc_id: u32,
     next_backend_id: u32,
+    /// How many slots reference each backend id.
+    refs: BTreeMap<u32, u32>,
+    /// Backend ids whose reference count reached 0 (deleted by
+    /// `remove_unreferenced_backends` unless referenced again).
+    unref: BTreeSet<u32>,
 }
 
 /// The service-map key of slot `slot` of frontend `k`.
@@ -165,7 +170,46 @@ impl Programmed {
         }
         p.next_svc_id += 1;
         p.next_backend_id += 1;
+        let slots: Vec<u32> = p.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
+        p.add_refs(&slots);
+        p.unref = p.backends.keys().copied().filter(|id| !p.refs.contains_key(id)).collect();
         p
+    }
+
+    fn add_refs(&mut self, slots: &[u32]) {
+        for id in slots.iter().filter(|id| **id != 0) {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+    }
+
+    fn drop_refs(&mut self, slots: &[u32]) {
+        for id in slots.iter().filter(|id| **id != 0) {
+            if let Some(n) = self.refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(id);
+                    self.unref.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// Sets (or removes) frontend `key`, keeping the entry count and the
+    /// backends' reference counts.
+    fn set_frontend(&mut self, key: FrontendKey, fe: Option<ProgFrontend>) {
+        // (Entries counted from a dump may be fewer than `entries()` says
+        // when a slot was missing: saturate, never underflow.)
+        if let Some(fe) = fe {
+            self.svc_entries += fe.entries();
+            self.add_refs(&fe.slots);
+            if let Some(old) = self.frontends.insert(key, fe) {
+                self.svc_entries = self.svc_entries.saturating_sub(old.entries());
+                self.drop_refs(&old.slots);
+            }
+        } else if let Some(old) = self.frontends.remove(&key) {
+            self.svc_entries = self.svc_entries.saturating_sub(old.entries());
+            self.drop_refs(&old.slots);
+        }
     }
 }
 
@@ -201,6 +245,9 @@ pub struct Reconciler<M: ServiceMaps> {
     /// Service-map entries only closed frontends may use.
     svc_reserve: usize,
     backend_capacity: usize,
+    /// Frontends that did not fit at the last attempt: retried by every
+    /// sync, partial ones included, so room made elsewhere is used.
+    unfit: BTreeSet<FrontendKey>,
 }
 
 /// The service-map entries held back for closed frontends (one entry
@@ -235,6 +282,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             svc_capacity: SVC_MAX_ENTRIES as usize,
             svc_reserve: closed_reserve(SVC_MAX_ENTRIES as usize),
             backend_capacity: BACKEND_MAX_ENTRIES as usize,
+            unfit: BTreeSet::new(),
         })
     }
 
@@ -282,12 +330,27 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Brings the maps to `desired`, writing only differences.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        self.sync_inner(desired, None)
+    }
+
+    /// Brings the frontends `keys` (present in `desired` or gone from it)
+    /// to `desired`, leaving every other frontend as it is: O(changed), for
+    /// syncs that follow a few changes. Frontends that did not fit before
+    /// are retried too.
+    pub fn sync_keys(&mut self, desired: &Desired, keys: &BTreeSet<FrontendKey>) -> SyncReport {
+        self.sync_inner(desired, Some(keys))
+    }
+
+    fn sync_inner(&mut self, desired: &Desired, keys: Option<&BTreeSet<FrontendKey>>) -> SyncReport {
         let mut report = SyncReport::default();
+        let mut keys = keys;
         if self.stale {
             match self.maps.dump() {
                 Ok(d) => {
                     self.state = Programmed::from_dump(d);
                     self.stale = false;
+                    // After a re-read everything is compared again.
+                    keys = None;
                 }
                 Err(e) => {
                     report.other_errors.push(e);
@@ -295,10 +358,17 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
             }
         }
-        self.remove_gone(desired, &mut report);
+        self.remove_gone(desired, keys, &mut report);
         let open_limit = self.svc_capacity - self.svc_reserve;
         let mut unfit = Vec::new();
-        for (key, fe) in &desired.frontends {
+        let retry = std::mem::take(&mut self.unfit);
+        let todo: Box<dyn Iterator<Item = (&FrontendKey, &Frontend)>> = match keys {
+            None => Box::new(desired.frontends.iter()),
+            Some(keys) => Box::new(
+                keys.union(&retry).filter_map(|k| desired.frontends.get_key_value(k)),
+            ),
+        };
+        for (key, fe) in todo {
             match self.program_frontend(*key, fe, open_limit, &mut report) {
                 Ok(()) => {}
                 Err(e @ Error::MapFull { .. }) => {
@@ -313,6 +383,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         // After every frontend that fits, so closing one never takes the
         // room another needed.
+        self.unfit = unfit.iter().copied().collect();
         for key in unfit {
             match self.program_frontend(key, &closed(&desired.frontends[&key]), self.svc_capacity, &mut report) {
                 Ok(()) => {
@@ -335,14 +406,15 @@ impl<M: ServiceMaps> Reconciler<M> {
         report
     }
 
-    fn remove_gone(&mut self, desired: &Desired, report: &mut SyncReport) {
-        let gone: Vec<FrontendKey> = self
-            .state
-            .frontends
-            .keys()
-            .filter(|k| !desired.frontends.contains_key(k))
-            .copied()
-            .collect();
+    fn remove_gone(&mut self, desired: &Desired, keys: Option<&BTreeSet<FrontendKey>>, report: &mut SyncReport) {
+        let gone: Vec<FrontendKey> = match keys {
+            None => self.state.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect(),
+            Some(keys) => keys
+                .iter()
+                .filter(|k| self.state.frontends.contains_key(k) && !desired.frontends.contains_key(k))
+                .copied()
+                .collect(),
+        };
         for key in gone {
             let fe = self.state.frontends[&key].clone();
             if key.protocol == Protocol::Udp {
@@ -366,10 +438,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Ok(())
             })();
             match res {
-                Ok(()) => {
-                    self.state.svc_entries -= fe.entries();
-                    self.state.frontends.remove(&key);
-                }
+                Ok(()) => self.state.set_frontend(key, None),
                 Err(e) => {
                     self.stale = true;
                     report.errors.push((key, e));
@@ -575,8 +644,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             stale_slots: Vec::new(),
             name: Some(name),
         };
-        self.state.svc_entries = self.state.svc_entries + prog.entries() - cur.as_ref().map_or(0, ProgFrontend::entries);
-        self.state.frontends.insert(key, prog);
+        self.state.set_frontend(key, Some(prog));
         Ok(())
     }
 
@@ -590,8 +658,10 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn remove_unreferenced_backends(&mut self, report: &mut SyncReport) {
-        let used: BTreeSet<u32> = self.state.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
-        let unused: Vec<u32> = self.state.backends.keys().copied().filter(|id| !used.contains(id)).collect();
+        let unused: Vec<u32> = std::mem::take(&mut self.state.unref)
+            .into_iter()
+            .filter(|id| !self.state.refs.contains_key(id) && self.state.backends.contains_key(id))
+            .collect();
         for id in unused {
             match self.maps.delete_backend(id) {
                 Ok(()) => {

@@ -1,6 +1,9 @@
 //! The objects the sources delivered, as the model reads them. Both sources
 //! (manifests directory, API server) feed it the same [`SourceEvent`]s.
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -8,7 +11,7 @@ use k8s_openapi::api::{
 };
 
 /// `namespace/name` of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     pub namespace: String,
     pub name: String,
@@ -65,41 +68,120 @@ pub enum SourceEvent {
     SlicesSynced,
 }
 
+/// What an applied event may change in the desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing the datapath shows (a Node change that moves no zone).
+    None,
+    /// The frontends of these Services.
+    Services(Vec<ObjectKey>),
+    /// Anything (the node's zone; the initial lists completing).
+    All,
+}
+
+impl Change {
+    #[must_use]
+    pub fn any(&self) -> bool {
+        *self != Self::None
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Store {
     pub services: BTreeMap<ObjectKey, Stored<Service>>,
+    /// Mutate through [`Store::apply`], which keeps `slices_by_service`.
     pub slices: BTreeMap<ObjectKey, Stored<EndpointSlice>>,
+    /// The `EndpointSlices` of each Service (by their
+    /// `kubernetes.io/service-name` label, in their namespace).
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// The agent's own Node, when the source knows it.
     pub node: Option<Node>,
     pub services_synced: bool,
     pub slices_synced: bool,
 }
 
+/// The Service a slice belongs to.
+fn owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let name = slice.metadata.labels.as_ref()?.get(crate::model::LABEL_SERVICE_NAME)?;
+    Some(ObjectKey::new(&key.namespace, name))
+}
+
+/// The zone label of a Node (what the model reads of it).
+fn zone(node: Option<&Node>) -> Option<&String> {
+    node?.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone")
+}
+
 impl Store {
-    /// Applies one event; returns whether the desired state may have changed.
-    pub fn apply(&mut self, event: SourceEvent) -> bool {
+    /// Applies one event; returns what in the desired state it may change
+    /// (as kube-proxy's change trackers: the Services touched, so a sync
+    /// recomputes only those).
+    pub fn apply(&mut self, event: SourceEvent) -> Change {
         match event {
             SourceEvent::ServiceApplied(s) => {
                 let key = ObjectKey::of(&s.object.metadata);
-                self.services.insert(key, s);
-                true
+                self.services.insert(key.clone(), s);
+                Change::Services(vec![key])
             }
-            SourceEvent::ServiceDeleted(key) => self.services.remove(&key).is_some(),
+            SourceEvent::ServiceDeleted(key) => match self.services.remove(&key) {
+                Some(_) => Change::Services(vec![key]),
+                None => Change::None,
+            },
             SourceEvent::SliceApplied(s) => {
                 let key = ObjectKey::of(&s.object.metadata);
-                self.slices.insert(key, s);
-                true
+                let new_owner = owner(&key, &s.object);
+                let old = self.slices.insert(key.clone(), s);
+                let old_owner = old.and_then(|o| owner(&key, &o.object));
+                self.reindex(&key, old_owner.as_ref(), new_owner.as_ref());
+                Change::Services(old_owner.into_iter().chain(new_owner).collect::<BTreeSet<_>>().into_iter().collect())
             }
-            SourceEvent::SliceDeleted(key) => self.slices.remove(&key).is_some(),
+            SourceEvent::SliceDeleted(key) => match self.slices.remove(&key) {
+                Some(old) => {
+                    let old_owner = owner(&key, &old.object);
+                    self.reindex(&key, old_owner.as_ref(), None);
+                    Change::Services(old_owner.into_iter().collect())
+                }
+                None => Change::None,
+            },
             SourceEvent::NodeApplied(n) => {
-                let changed = self.node.as_ref() != Some(&*n);
+                let moved = zone(self.node.as_ref()) != zone(Some(&n));
                 self.node = Some(*n);
-                changed
+                if moved { Change::All } else { Change::None }
             }
-            SourceEvent::NodeDeleted => self.node.take().is_some(),
-            SourceEvent::ServicesSynced => !std::mem::replace(&mut self.services_synced, true),
-            SourceEvent::SlicesSynced => !std::mem::replace(&mut self.slices_synced, true),
+            SourceEvent::NodeDeleted => {
+                let moved = zone(self.node.as_ref()).is_some();
+                self.node = None;
+                if moved { Change::All } else { Change::None }
+            }
+            SourceEvent::ServicesSynced => Self::first(&mut self.services_synced),
+            SourceEvent::SlicesSynced => Self::first(&mut self.slices_synced),
         }
+    }
+
+    fn first(flag: &mut bool) -> Change {
+        if std::mem::replace(flag, true) { Change::None } else { Change::All }
+    }
+
+    fn reindex(&mut self, slice: &ObjectKey, old: Option<&ObjectKey>, new: Option<&ObjectKey>) {
+        if let Some(o) = old
+            && let Some(set) = self.slices_by_service.get_mut(o) {
+                set.remove(slice);
+                if set.is_empty() {
+                    self.slices_by_service.remove(o);
+                }
+            }
+        if let Some(n) = new {
+            self.slices_by_service.entry(n.clone()).or_default().insert(slice.clone());
+        }
+    }
+
+    /// The `EndpointSlices` of Service `service`.
+    pub fn slices_of(&self, service: &ObjectKey) -> Vec<&Stored<EndpointSlice>> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .collect()
     }
 
     /// kube-proxy programs nothing and prunes nothing before both initial

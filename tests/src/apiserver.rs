@@ -1,7 +1,7 @@
 //! A test Kubernetes API server for v1 Services, discovery.k8s.io/v1
-//! `EndpointSlices` and v1 Nodes, that real clients (kube-rs `watcher`s,
-//! kubectl) use over real HTTP through a kubeconfig, with faults the test
-//! injects.
+//! `EndpointSlices`, v1 Nodes and events.k8s.io/v1 Events, that real clients
+//! (kube-rs `watcher`s and event publishers, kubectl) use over real HTTP
+//! through a kubeconfig, with faults the test injects.
 //!
 //! ```no_run
 //! use integration_tests::apiserver::ApiServer;
@@ -22,15 +22,18 @@
 //!
 //! # Faithful to the real server (what clients can observe)
 //! - **Discovery** (`/version`, `/api`, `/api/v1`, `/apis`,
-//!   `/apis/discovery.k8s.io[/v1]`) with verbs, `singularName`,
-//!   `shortNames` (`svc`, `no`), categories and `/status` subresources.
+//!   `/apis/discovery.k8s.io[/v1]`, `/apis/events.k8s.io[/v1]`) with verbs,
+//!   `singularName`, `shortNames` (`svc`, `no`, `ev`), categories and
+//!   `/status` subresources.
 //!   Aggregated discovery is not offered: clients fall back to these
 //!   documents, as with a server before 1.26.
 //! - **Reads**: list (all namespaces or one), get, `labelSelector` (`=`,
 //!   `==`, `!=`, `in`, `notin`, `key`, `!key`, `>`, `<`) and `fieldSelector`
 //!   (`=`, `==`, `!=` on the field labels the real registry has:
 //!   `metadata.name`, `metadata.namespace`, `spec.clusterIP`, `spec.type`,
-//!   `spec.unschedulable`; others are a 400 like the real one). Lists carry
+//!   `spec.unschedulable`, and for Events `reason`, `type`,
+//!   `reportingController` and `regarding.*`; others are a 400 like the
+//!   real one). Lists carry
 //!   `metadata.resourceVersion`; `limit` pages with `continue` tokens
 //!   (etcd's format, a consistent snapshot at the first page's
 //!   resourceVersion, `remainingItemCount` without selectors, 410 Expired
@@ -62,7 +65,14 @@
 //!   node ports from 30000-32767 (and a healthCheckNodePort for
 //!   `LoadBalancer` + `Local`), kept on update; a taken cluster IP or node
 //!   port, a changed cluster IP, a port or protocol out of range, a missing
-//!   `EndpointSlice` `addressType` are 422 Invalid with field causes. Errors are
+//!   `EndpointSlice` `addressType` are 422 Invalid with field causes. Events
+//!   are validated as `events.k8s.io/v1` creates are (`eventTime`, `type`
+//!   `Normal`/`Warning`, `reportingController` a qualified name,
+//!   `reportingInstance`, `action` and `reason` required and at most 128
+//!   characters, `note` at most 1 kB, `series` with `count` ≥ 2 and
+//!   `lastObservedTime`, the `deprecated*` fields unset), and an update may
+//!   change only their `series` (and metadata): what a recorder's PATCH of a
+//!   repeated Event does. Errors are
 //!   `Status` objects with the real messages, reasons and details.
 //! - **Watch** (`watch=true` or `/watch/` paths): chunked JSON lines, events
 //!   after `resourceVersion` (no resourceVersion or `0`: the current objects
@@ -80,7 +90,9 @@
 //!   410 would make kube-rs retry the same resourceVersion forever).
 //!
 //! # Not faithful (on purpose or not needed)
-//! - Only these three resources; no namespaces resource (every namespace
+//! - Only these four resources (no core v1 Events: clients that write
+//!   `events.k8s.io/v1` never need them); Events never expire (the real
+//!   server keeps them an hour); no namespaces resource (every namespace
 //!   exists), no authentication or authorization (the kubeconfig's bearer
 //!   token is accepted, as is no token), no admission, no `managedFields`,
 //!   no server-side apply (`apply-patch+yaml` is a 415), no protobuf (JSON
@@ -105,8 +117,13 @@
 //! chunk); [`ApiServer::compact`]; [`ApiServer::set_down`] closes the
 //! listener and every connection (connects are refused) and binds the same
 //! port again when back up; [`ApiServer::fail_next`] / [`ApiServer::fail_all`]
-//! answer requests with an error Status of a given code; [`ApiServer::stall`]
-//! delays every response. The store is reachable from Rust
+//! answer requests with an error Status of a given code;
+//! [`ApiServer::forbid_writes`] answers the writes of one kind with 403 (an
+//! RBAC rule missing); [`ApiServer::stall`]
+//! delays every response; [`ApiServer::advance_clock`] moves the server's
+//! clock (the timestamps it writes) forward, running the etcd compactor
+//! every 5 minutes of that time as kube-apiserver does, so a long outage
+//! can be simulated in seconds. The store is reachable from Rust
 //! ([`ApiServer::apply`], [`ApiServer::delete`], [`ApiServer::get`],
 //! [`ApiServer::list`], [`ApiServer::current_resource_version`]), faults do not
 //! apply to it, and its writes reach the watches like a client's. Every HTTP
@@ -196,7 +213,7 @@ pub struct ApiServer {
 }
 
 fn kind_of(name: &str) -> Kind {
-    Kind::from_name(name).unwrap_or_else(|| panic!("the test API server serves Service, EndpointSlice and Node, not {name:?}"))
+    Kind::from_name(name).unwrap_or_else(|| panic!("the test API server serves Service, EndpointSlice, Node and Event, not {name:?}"))
 }
 
 fn namespace_of(kind: Kind, ns: Option<&str>) -> String {
@@ -374,6 +391,23 @@ impl ApiServer {
         lock(&self.shared.store).compact();
     }
 
+    /// Moves the server's clock forward by `by`: the timestamps it writes
+    /// from now on (`creationTimestamp`, `deletionTimestamp`) are that much
+    /// later than the wall clock. The compactor runs as kube-apiserver's
+    /// does every 5 minutes of that time (`--etcd-compaction-interval`),
+    /// each run compacting to the resourceVersion the previous run saw: a
+    /// jump of 10 minutes forgets the history up to now, and a watch resumed
+    /// from before it gets 410 Expired.
+    pub fn advance_clock(&self, by: Duration) {
+        lock(&self.shared.store).advance_clock(by);
+    }
+
+    /// The server's time (the wall clock plus what
+    /// [`Self::advance_clock`] added).
+    pub fn now(&self) -> jiff::Timestamp {
+        lock(&self.shared.store).now()
+    }
+
     /// Down: the listener is closed (connects are refused) and every open
     /// connection is closed. Up: the same address is bound again. Returns
     /// when done.
@@ -400,6 +434,17 @@ impl ApiServer {
     /// Every request fails with `status` until called with `None`.
     pub fn fail_all(&self, status: Option<u16>) {
         lock(&self.shared.faults).fail_all = status;
+    }
+
+    /// Writes (create, update, patch, delete) of `kind` are 403 Forbidden
+    /// while `forbidden`, as without the RBAC rule; reads are not affected.
+    pub fn forbid_writes(&self, kind: &str, forbidden: bool) {
+        let kind = kind_of(kind);
+        let mut f = lock(&self.shared.faults);
+        f.forbidden_writes.retain(|k| *k != kind);
+        if forbidden {
+            f.forbidden_writes.push(kind);
+        }
     }
 
     /// Delays every response by `delay` (zero: no delay).

@@ -15,7 +15,7 @@ use integration_tests::{
     client::http_get,
     inspect_backends,
     netns::run,
-    sandbox::{Sandbox, pod_ip},
+    sandbox::{NODE_IP, Sandbox, pod_ip},
 };
 use serde_json::{Value, json};
 
@@ -98,6 +98,12 @@ impl Cluster {
 
     fn get(&self) -> std::io::Result<String> {
         self.sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T))
+    }
+
+    /// One series of `/metrics` (`None`: not there).
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.node_http(10249, "/metrics");
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' '))).and_then(|v| v.parse().ok())
     }
 
     /// GET on the node's loopback (health and metrics), returning status and body.
@@ -238,6 +244,10 @@ fn health_and_metrics_answer_like_kube_proxy() {
     assert_eq!(c.node_http(10256, "/livez").0, 200);
 
     c.get().expect("one request for the counters");
+    // A change after the initial (full) sync is a partial one.
+    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
+    c.api.apply(service("web2", vip2, json!({}))).expect("svc");
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(10), "web2", |v| v.iter().any(|f| f.address == vip2.to_string()));
     let (status, text) = c.node_http(10249, "/metrics");
     assert_eq!(status, 200);
     let value = |series: &str| -> f64 {
@@ -251,6 +261,14 @@ fn health_and_metrics_answer_like_kube_proxy() {
     assert!(value("proxy_map_entries{map=\"proxy_svc_v1\"}") >= 2.0);
     assert!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\"}") >= 1.0);
     assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0);
+    assert!(value("kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= 1.0, "the initial sync is full");
+    assert!(value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= 1.0, "web2's sync is partial");
+    assert!(value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.0e9);
+    assert_eq!(value("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"), 0.0);
+    assert!(value("kubeproxy_proxy_healthz_total{code=\"200\"}") >= 1.0);
+    assert!(value("kubeproxy_proxy_livez_total{code=\"200\"}") >= 1.0);
+    let pressure = value("proxy_map_pressure{map=\"proxy_svc_v1\"}");
+    assert!(pressure > 0.0 && pressure < 0.01, "{pressure}");
 
     // The Node being deleted: /healthz says 503, /livez still 200.
     c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
@@ -360,4 +378,133 @@ fn an_established_connection_survives_its_endpoint_flapping_unready() {
             k.get().map(|_| k)
         }).unwrap_or_else(|e| panic!("round {round}: the open connection broke after the flap: {e}"));
     }
+}
+
+/// Two Services claim one externalIP:port: the older one (by
+/// creationTimestamp, although its name sorts last) keeps it and serves;
+/// the younger gets exactly one Warning Event, on itself, naming both —
+/// not one per sync — and the metric counts it.
+#[test]
+fn a_lost_claim_is_one_warning_event_on_the_younger_service() {
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+    let mut c = Cluster::new("apiev", 2);
+    // The client (the test's namespace) reaches the externalIP through the node.
+    c.sb.client.ip(&["route", "add", &format!("{EXTERNAL_IP}/32"), "via", &NODE_IP.to_string()]);
+    let claim = || json!({"spec": {"externalIPs": [EXTERNAL_IP.to_string()]}});
+    let older = c.api.apply(service("web", VIP, claim())).expect("older");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    // creationTimestamp has a resolution of one second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let younger = c.api.apply(service("a-web", Ipv4Addr::new(10, 96, 0, 11), claim())).expect("younger");
+    c.api.apply(slice("a-web-1", "a-web", json!([ep(pod_ip(2), NODE, true)]))).expect("slice");
+    assert!(older["metadata"]["creationTimestamp"].as_str() < younger["metadata"]["creationTimestamp"].as_str());
+    c.start_agent();
+
+    let ext = |v: &[proxy_agent::inspect::FrontendView]| inspect_backends(v, EXTERNAL_IP, 80);
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the older Service on the externalIP", |v| {
+        ext(v) == vec![format!("{}:8080", pod_ip(1))]
+    });
+    let events_about = |api: &ApiServer, name: &str| -> Vec<Value> {
+        api.list("Event", Some("default")).into_iter().filter(|e| e["regarding"]["name"] == name).collect()
+    };
+    assert!(
+        c.api.wait_until(Duration::from_secs(20), |api| !events_about(api, "a-web").is_empty()),
+        "no Event on the younger Service:\n{}",
+        c.sb.agent_log()
+    );
+    assert_eq!(c.sb.client.run(|| http_get(SocketAddr::from((EXTERNAL_IP, 80)), T)).expect("the winner serves"), "pod1");
+
+    // More syncs (endpoint changes), the refusal standing: still one Event.
+    for (i, ips) in [vec![pod_ip(1)], vec![pod_ip(1), pod_ip(2)], vec![pod_ip(1)]].into_iter().enumerate() {
+        let eps: Vec<Value> = ips.iter().map(|ip| ep(*ip, NODE, true)).collect();
+        c.api.apply(slice("web-1", "web", json!(eps))).expect("slice");
+        let want: Vec<String> = ips.iter().map(|ip| format!("{ip}:8080")).collect();
+        wait_programmed(&c.sb.bpffs, Duration::from_secs(20), &format!("change {i}"), |v| ext(v) == want);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let events = events_about(&c.api, "a-web");
+    assert_eq!(events.len(), 1, "one Event, not one per sync: {events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "FrontendConflict");
+    assert_eq!(e["action"], "Program");
+    assert_eq!(e["reportingController"], "proxy-agent");
+    assert_eq!(e["reportingInstance"], format!("proxy-agent-{NODE}"));
+    assert_eq!((&e["regarding"]["kind"], &e["regarding"]["uid"]), (&json!("Service"), &younger["metadata"]["uid"]));
+    assert_eq!((&e["related"]["name"], &e["related"]["uid"]), (&json!("web"), &older["metadata"]["uid"]));
+    let note = e["note"].as_str().expect("note");
+    assert!(note.contains("default/a-web") && note.contains("default/web ") && note.contains(&EXTERNAL_IP.to_string()), "names both Services: {note}");
+    assert!(e.get("series").is_none_or(Value::is_null), "not repeated: {e}");
+    assert!(events_about(&c.api, "web").is_empty(), "nothing on the winner");
+    let posts = c.api.requests().iter().filter(|r| r.method != "GET" && r.path.contains("/events")).count();
+    assert_eq!(posts, 1, "one write to the events API");
+    let warnings = c.sb.agent_log().matches("skipping Service default/a-web").count();
+    assert_eq!(warnings, 1, "one warning:\n{}", c.sb.agent_log());
+
+    for (series, want) in [("proxy_events_published_total", 1), ("proxy_events_failed_total", 0), ("proxy_events_dropped_total", 0)] {
+        assert_eq!(c.metric(series), Some(f64::from(want)), "{series}");
+    }
+
+    // The refusal goes (the younger Service moves to port 81, where it is
+    // served) and comes back: the same Event counts it in its series.
+    let port = |p: u16| json!({"spec": {"externalIPs": [EXTERNAL_IP.to_string()], "ports": [{"name": "http", "port": p, "targetPort": 8080, "protocol": "TCP"}]}});
+    c.api.apply(service("a-web", Ipv4Addr::new(10, 96, 0, 11), port(81))).expect("move");
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the younger Service on port 81", |v| {
+        inspect_backends(v, EXTERNAL_IP, 81) == vec![format!("{}:8080", pod_ip(2))]
+    });
+    c.api.apply(service("a-web", Ipv4Addr::new(10, 96, 0, 11), port(80))).expect("back");
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "port 81 gone", |v| inspect_backends(v, EXTERNAL_IP, 81).is_empty());
+    assert!(
+        c.api.wait_until(Duration::from_secs(20), |api| events_about(api, "a-web").first().is_some_and(|e| e["series"]["count"] == 2)),
+        "the repeated refusal is not counted in the series: {:#?}",
+        events_about(&c.api, "a-web")
+    );
+    assert_eq!(events_about(&c.api, "a-web").len(), 1, "still one Event");
+    assert_eq!(c.metric("proxy_events_published_total"), Some(2.0));
+}
+
+/// Without the RBAC rule for Events (403), refusals are still logged and
+/// the rest works; the failed publishes are counted and logged once (not
+/// per Event), and publishing resumes once the rule is there.
+#[test]
+fn events_that_cannot_be_published_are_counted_and_logged_once() {
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+    const FAILED: &str = "publishing a Kubernetes Event failed";
+    let mut c = Cluster::new("apievf", 1);
+    c.api.forbid_writes("Event", true);
+    let claim = || json!({"spec": {"externalIPs": [EXTERNAL_IP.to_string()]}});
+    c.api.apply(service("web", VIP, claim())).expect("older");
+    c.api.apply(slice("web-1", "web", json!([ep(pod_ip(1), NODE, true)]))).expect("slice");
+    std::thread::sleep(Duration::from_millis(1100));
+    for i in 1..=3u8 {
+        c.api.apply(service(&format!("b{i}"), Ipv4Addr::new(10, 96, 0, 20 + i), claim())).expect("younger");
+    }
+    c.start_agent();
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(20), "the older Service on the externalIP", |v| {
+        inspect_backends(v, EXTERNAL_IP, 80) == vec![format!("{}:8080", pod_ip(1))]
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.metric("proxy_events_failed_total") != Some(3.0) {
+        assert!(Instant::now() < deadline, "3 failed publishes never counted:\n{}", c.sb.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.metric("proxy_events_published_total"), Some(0.0));
+    let log = c.sb.agent_log();
+    assert_eq!(log.matches(FAILED).count(), 1, "logged once:\n{log}");
+    assert_eq!(log.matches("skipping Service default/b").count(), 3, "every refusal still logged:\n{log}");
+    assert!(c.api.list("Event", None).is_empty());
+    assert_eq!(c.get().expect("the ClusterIP still serves"), "pod1");
+
+    c.api.forbid_writes("Event", false);
+    c.api.apply(service("b4", Ipv4Addr::new(10, 96, 0, 30), claim())).expect("one more");
+    assert!(
+        c.api.wait_until(Duration::from_secs(20), |api| api.list("Event", None).iter().any(|e| e["regarding"]["name"] == "b4")),
+        "publishing did not resume:\n{}",
+        c.sb.agent_log()
+    );
+    assert_eq!(c.metric("proxy_events_published_total"), Some(1.0));
+    assert_eq!(c.metric("proxy_events_failed_total"), Some(3.0));
+    let log = c.sb.agent_log();
+    assert!(log.contains("publishing Kubernetes Events works again"), "{log}");
+    assert_eq!(log.matches(FAILED).count(), 1, "{log}");
 }

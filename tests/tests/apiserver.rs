@@ -1000,3 +1000,110 @@ fn kubectl_gets_creates_labels_and_deletes() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"), "{}", String::from_utf8_lossy(&missing.stderr));
 }
+
+// ------------------------------------------------------------ events.k8s.io
+
+fn event(name: &str, regarding: &str) -> Value {
+    json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": { "name": name, "namespace": "default" },
+        "eventTime": "2025-01-01T00:00:00.000000Z",
+        "type": "Warning", "reason": "FrontendConflict", "action": "Program",
+        "note": format!("Service default/{regarding} lost"),
+        "reportingController": "proxy-agent", "reportingInstance": "proxy-agent-node-a",
+        "regarding": { "apiVersion": "v1", "kind": "Service", "namespace": "default", "name": regarding, "uid": "u-1" },
+    })
+}
+
+/// `events.k8s.io/v1` Events as a recorder uses them: discovered, created
+/// (201), validated like the real server (a missing `reportingController`
+/// is 422), read back and selected by `regarding.*`, their `series` patched
+/// (and nothing else: the rest is immutable), deleted with a Status.
+#[test]
+fn events_are_discovered_created_validated_patched_and_deleted() {
+    let api = start();
+    let groups = get(&api, "/apis").json();
+    let names: Vec<&str> = groups["groups"].as_array().expect("groups").iter().filter_map(|g| g["name"].as_str()).collect();
+    assert!(names.contains(&"events.k8s.io"), "{groups}");
+    assert_eq!(get(&api, "/apis/events.k8s.io").json()["preferredVersion"]["groupVersion"], "events.k8s.io/v1");
+    let list = get(&api, "/apis/events.k8s.io/v1").json();
+    let ev = list["resources"].as_array().expect("resources").iter().find(|r| r["name"] == "events").expect("events");
+    assert_eq!((ev["kind"].as_str(), ev["namespaced"].as_bool(), ev["shortNames"].clone()), (Some("Event"), Some(true), json!(["ev"])));
+    for verb in ["create", "get", "list", "patch", "delete", "watch"] {
+        assert!(ev["verbs"].as_array().expect("verbs").contains(&json!(verb)), "events lacks {verb}");
+    }
+
+    let events = "/apis/events.k8s.io/v1/namespaces/default/events";
+    let created = send_json(&api, "POST", events, "application/json", &event("web.1", "web"));
+    assert_eq!(created.status, 201, "{}", created.json());
+    let created = created.json();
+    assert!(created["metadata"]["uid"].is_string() && created["metadata"]["creationTimestamp"].is_string(), "{created}");
+    assert_eq!(created["kind"], "Event");
+
+    let mut bad = event("web.2", "web");
+    bad.as_object_mut().expect("object").remove("reportingController");
+    let r = send_json(&api, "POST", events, "application/json", &bad);
+    assert_eq!(r.status, 422, "{}", r.json());
+    assert_eq!(r.json()["details"]["causes"][0]["field"], "reportingController");
+    assert_eq!(r.json()["details"]["group"], "events.k8s.io");
+    for (field, value) in [("eventTime", json!(null)), ("type", json!("Info")), ("action", json!("")), ("reason", json!("x".repeat(129)))] {
+        let mut bad = event("web.3", "web");
+        bad[field] = value;
+        let r = send_json(&api, "POST", events, "application/json", &bad);
+        assert_eq!((r.status, r.json()["details"]["causes"][0]["field"].as_str().map(str::to_owned)), (422, Some(field.to_owned())), "{}", r.json());
+    }
+    let mut bad = event("web.4", "web");
+    bad["series"] = json!({ "count": 1, "lastObservedTime": "2025-01-01T00:00:01.000000Z" });
+    assert_eq!(send_json(&api, "POST", events, "application/json", &bad).status, 422, "a series counts at least 2");
+
+    send_json(&api, "POST", events, "application/json", &event("other.1", "other"));
+    let r = get(&api, "/apis/events.k8s.io/v1/events?fieldSelector=regarding.name%3Dweb,reason%3DFrontendConflict").json();
+    let items: Vec<&str> = r["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+    assert_eq!(items, ["web.1"], "{r}");
+    assert_eq!(get(&api, "/apis/events.k8s.io/v1/events?fieldSelector=regarding.colour%3Dred").status, 400);
+
+    // A repeated event: the recorder's merge patch of the series.
+    let series = json!({ "series": { "count": 2, "lastObservedTime": "2025-01-01T00:01:00.000000Z" } });
+    for ct in ["application/merge-patch+json", "application/strategic-merge-patch+json"] {
+        let r = send_json(&api, "PATCH", &format!("{events}/web.1"), ct, &series);
+        assert_eq!(r.status, 200, "{ct}: {}", r.json());
+        assert_eq!(r.json()["series"]["count"], 2);
+    }
+    let r = send_json(&api, "PATCH", &format!("{events}/web.1"), "application/merge-patch+json", &json!({ "note": "changed" }));
+    assert_eq!(r.status, 422, "the note is immutable: {}", r.json());
+    assert_eq!(api.get("Event", Some("default"), "web.1").expect("web.1")["note"], "Service default/web lost");
+
+    let r = request(api.addr(), "DELETE", &format!("{events}/web.1"), &[], None);
+    assert_eq!((r.status, r.json()["kind"].as_str()), (200, Some("Status")));
+    assert_eq!(get(&api, &format!("{events}/web.1")).status, 404);
+    assert!(api.get("ev", None, "web.1").is_none());
+}
+
+/// kube-rs' event `Recorder` against the server: the first publish creates
+/// the Event, the same one again patches its series.
+#[test]
+fn kube_rs_recorder_creates_an_event_then_patches_its_series() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::{
+        Resource as _,
+        runtime::events::{Event, EventType, Recorder, Reporter},
+    };
+    let api = start();
+    let dir = tempdir::Dir::new("kubers");
+    let svc = api.apply(service("default", "web", &json!({}))).expect("apply");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = kube_client(&api, &dir).await;
+        let svc: Service = serde_json::from_value(svc).expect("a Service");
+        let recorder = Recorder::new(client.clone(), Reporter { controller: "proxy-agent".into(), instance: Some("proxy-agent-node-a".into()) });
+        let ev = Event { type_: EventType::Warning, reason: "FrontendConflict".into(), note: Some("lost".into()), action: "Program".into(), secondary: None };
+        recorder.publish(&ev, &svc.object_ref(&())).await.expect("first publish: a create");
+        recorder.publish(&ev, &svc.object_ref(&())).await.expect("second publish: a series patch");
+        let events: Vec<K8sEvent> = Api::<K8sEvent>::namespaced(client, "default").list(&kube::api::ListParams::default()).await.expect("list").items;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].series.as_ref().map(|s| s.count), Some(2));
+        assert_eq!(events[0].regarding.as_ref().and_then(|r| r.uid.clone()), svc.metadata.uid);
+    });
+    let methods: Vec<String> = api.requests().into_iter().filter(|r| r.path.ends_with("/events") || r.path.contains("/events/")).map(|r| r.method).collect();
+    assert_eq!(methods[..2], ["POST", "PATCH"], "{methods:?}");
+}

@@ -8,7 +8,7 @@
 //! - the `DaemonSet` passes only flags that `proxy-agent run --help` prints,
 //!   and its mounts, probes, environment and `ConfigMap` keys match those flags;
 //! - it is not privileged and has exactly the documented capabilities;
-//! - the `ClusterRole` grants only the documented reads;
+//! - the `ClusterRole` grants only the documented reads (and Event writes);
 //! - `kubectl kustomize deploy/` renders it (a test of its own, which fails
 //!   when kubectl is missing: `cargo xtask setup` installs it).
 use std::{
@@ -453,7 +453,7 @@ fn daemonset_reads_node_name_from_the_downward_api() {
 }
 
 #[test]
-fn clusterrole_grants_only_reads_of_services_endpointslices_and_nodes() {
+fn clusterrole_grants_only_reads_of_services_endpointslices_and_nodes_and_event_writes() {
     let role: ClusterRole = the("ClusterRole");
     assert!(role.aggregation_rule.is_none(), "no aggregation");
     let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
@@ -474,11 +474,14 @@ fn clusterrole_grants_only_reads_of_services_endpointslices_and_nodes() {
         ("", "services", &["list", "watch"][..]),
         ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
         ("", "nodes", &["get", "list", "watch"]),
+        // Warning Events on refused objects (created; a repeat patches the series).
+        ("events.k8s.io", "events", &["create", "patch"]),
+        ("", "events", &["create", "patch"]),
     ]
     .into_iter()
     .map(|(g, r, v)| ((g.to_owned(), r.to_owned()), v.iter().map(|s| (*s).to_owned()).collect()))
     .collect();
-    assert_eq!(granted, want, "the agent reads, and reads only these (no events: it emits none yet)");
+    assert_eq!(granted, want, "the agent reads these, and writes only Events");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! backends), then one line per rejection (in the order they were made).
 use std::{fmt::Write as _, path::Path};
 
-use super::{BackendAddr, Desired, FrontendKind, NodeInfo, Rejection, desired_state};
+use super::{BackendAddr, Cause, Desired, FrontendKind, NodeInfo, Rejection, desired_state};
 use crate::{
     source::manifests::{Object, parse_file},
     store::{SourceEvent, Store, Stored},
@@ -1363,6 +1363,7 @@ spec:
             object: crate::store::ObjectKey::new("ns1", "bad"),
             origin: ORIGIN.to_owned(),
             reason: r#"invalid clusterIP "banana""#.to_owned(),
+            cause: Cause::Invalid,
         }]
     );
 }
@@ -1738,7 +1739,7 @@ fn session_affinity_client_ip_sets_the_timeout_and_one_group_per_service_port() 
 }
 
 /// CVE-2020-8554, sharper: a Service in another namespace (sorting first)
-/// claims kube-dns's ClusterIP as an externalIP. ClusterIPs always win; the
+/// claims `kube-dns`'s `ClusterIP` as an externalIP. ClusterIPs always win; the
 /// newcomer is refused by name.
 #[test]
 fn an_external_ip_cannot_hijack_a_cluster_ip_whatever_the_names() {
@@ -1806,4 +1807,52 @@ spec:
     // Default: all allowed, as kube-proxy.
     let got = render_external(&node_a(), yaml);
     assert!(got.contains("198.18.0.1:80/TCP ExternalIp"), "{got}");
+}
+
+/// Every refusal carries a stable cause (the Kubernetes Event's `reason`),
+/// and a lost claim names the Service that keeps the frontend, in the cause
+/// and in the text, so one line (or Event) names both Services.
+#[test]
+fn refusals_carry_a_stable_cause_and_a_conflict_names_the_winner() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: default, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec:
+  clusterIP: 10.96.0.20
+  externalIPs: [203.0.113.9]
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: young, namespace: default, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec:
+  clusterIP: 10.96.0.21
+  externalIPs: [203.0.113.9, 10.96.7.7]
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.22
+  loadBalancerSourceRanges: [banana]
+  ports: [{name: http, port: 80, protocol: SCTP}, {name: dns, port: 53, protocol: ICMP}]
+"#;
+    let node = NodeInfo { service_cidrs: super::parse_cidrs("10.96.0.0/12").unwrap(), ..NodeInfo::default() };
+    let (_, rejections) = desired_state(&store_from(yaml), &node);
+    let of = |name: &str| -> Vec<(&'static str, &str)> {
+        rejections.iter().filter(|r| r.object.name == name).map(|r| (r.cause.code(), r.reason.as_str())).collect()
+    };
+    let young = of("young");
+    assert_eq!(young.len(), 2, "{young:?}");
+    assert!(young.iter().any(|(c, t)| *c == "ExternalIPRefused" && t.contains("10.96.7.7")), "{young:?}");
+    let conflict = rejections.iter().find(|r| r.object.name == "young" && r.cause.code() == "FrontendConflict").expect("a conflict");
+    assert_eq!(conflict.cause, Cause::FrontendConflict { owner: crate::store::ObjectKey::new("default", "old") });
+    let text = conflict.to_string();
+    assert!(text.contains("default/young") && text.contains("default/old"), "names both Services: {text}");
+    let lb: Vec<&str> = of("lb").into_iter().map(|(c, _)| c).collect();
+    assert_eq!(lb, ["InvalidSourceRange", "Invalid", "Unsupported"], "{:?}", of("lb"));
+    assert!(of("old").is_empty());
 }

@@ -1411,3 +1411,60 @@ fn udp_backends_leaving_a_frontend_are_reported_for_socket_destruction() {
     let want: std::collections::BTreeSet<(std::net::Ipv4Addr, u16)> = [("10.244.0.12".parse().unwrap(), 5353)].into();
     assert_eq!(rep.removed_udp_backends, want, "a removed UDP frontend reports its backends");
 }
+
+/// Partial syncs (`sync_keys` with the keys that changed) after random
+/// changes leave the maps exactly as the desired state says — a full sync
+/// afterwards writes nothing — and delete backends nobody uses any more.
+#[test]
+fn partial_syncs_of_the_changed_keys_converge_like_full_ones() {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut want = Desired::default();
+    let mut rec = reconciler(FakeMaps::default());
+    for step in 0..400 {
+        let mut keys = BTreeSet::new();
+        for _ in 0..=next(3) {
+            let vip = format!("10.96.0.{}", next(30) + 1);
+            let k = key(&vip, 80, Tcp);
+            keys.insert(k);
+            if next(4) == 0 {
+                want.frontends.remove(&k);
+            } else {
+                let bs: Vec<String> = (0..next(5)).map(|_| format!("10.244.0.{}:8080", next(12) + 1)).collect();
+                let refs: Vec<&str> = bs.iter().map(String::as_str).collect();
+                let (k2, f) = fe(&vip, 80, Tcp, &refs);
+                want.frontends.insert(k2, f);
+            }
+        }
+        let before = rec.maps().log.len();
+        let rep = rec.sync_keys(&want, &keys);
+        assert!(rep.errors.is_empty() && rep.other_errors.is_empty(), "step {step}: {:?}", rep.errors);
+        assert_report_matches_log(&rep, &log_since(&rec, before));
+        assert_eq!(view(rec.maps()), expected_view(&want), "step {step}");
+        let used: BTreeSet<u32> = rec.maps().svc.iter().filter(|(k, _)| k.backend_slot != 0).map(|(_, v)| v.backend_id).collect();
+        let present: BTreeSet<u32> = rec.maps().backends.keys().copied().collect();
+        assert_eq!(present, used, "step {step}: exactly the referenced backends exist");
+    }
+    assert_no_writes(&mut rec, &want, "a full sync after partial ones");
+    assert_consistent(rec.maps(), "after partial syncs");
+}
+
+/// A frontend that did not fit is retried by later partial syncs even when
+/// they are about other keys: room made elsewhere is used.
+#[test]
+fn partial_syncs_retry_frontends_that_did_not_fit() {
+    let a = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80", "10.244.0.2:80"]); // 3 entries
+    let b = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80", "10.244.1.2:80"]); // 3 entries
+    let mut rec = reconciler(FakeMaps::default()).with_capacity(6, 100).with_closed_reserve(2);
+    let rep = rec.sync(&desired([&a, &b]));
+    assert_eq!(rep.closed, BTreeSet::from([b.0]));
+    // `a` goes: a partial sync about `a` alone also programs `b` whole.
+    let rep = rec.sync_keys(&desired([&b]), &BTreeSet::from([a.0]));
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+    assert_eq!(view(rec.maps()), expected_view(&desired([&b])));
+}

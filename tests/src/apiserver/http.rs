@@ -47,6 +47,8 @@ pub(crate) struct Faults {
     pub fail_next_code: u16,
     pub fail_all: Option<u16>,
     pub stall: Duration,
+    /// Kinds whose writes are 403 Forbidden (an RBAC rule missing).
+    pub forbidden_writes: Vec<Kind>,
 }
 
 /// State shared by the server thread and the test's handle.
@@ -408,8 +410,8 @@ async fn route(shared: &Arc<Shared>, ctx: &Ctx) -> Result<Response<Body>, ApiErr
         }
         ["api", "v1"] => get_only(resources::resource_list("v1")),
         ["apis"] => get_only(resources::api_group_list()),
-        ["apis", "discovery.k8s.io"] => get_only(resources::api_group()),
-        ["apis", "discovery.k8s.io", "v1"] => get_only(resources::resource_list("discovery.k8s.io/v1")),
+        ["apis", group] if resources::GROUPS.contains(group) => get_only(resources::api_group(group)),
+        ["apis", group, "v1"] if resources::GROUPS.contains(group) => get_only(resources::resource_list(&format!("{group}/v1"))),
         ["openapi", "v2"] => Ok(openapi_v2(ctx)),
         ["api", "v1", rest @ ..] => resource(shared, ctx, "v1", rest).await,
         ["apis", group, "v1", rest @ ..] => resource(shared, ctx, &format!("{group}/v1"), rest).await,
@@ -465,6 +467,16 @@ async fn resource(shared: &Arc<Shared>, ctx: &Ctx, gv: &str, rest: &[&str]) -> R
         _ => return Err(ApiError::no_such_path()),
     };
     let ns_str = ns.unwrap_or("");
+    if ctx.method != Method::GET && lock(&shared.faults).forbidden_writes.contains(&kind) {
+        let verb = match (&ctx.method, name) {
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (_, None) => "deletecollection",
+            _ => "delete",
+        };
+        return Err(ApiError::forbidden(kind, verb, ns));
+    }
     let watch = watch_path || ctx.flag("watch")?.unwrap_or(false);
     let output = negotiate(ctx.header(header::ACCEPT));
 

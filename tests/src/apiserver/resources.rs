@@ -1,4 +1,4 @@
-//! The three resources served, their discovery documents, the defaults and
+//! The resources served, their discovery documents, the defaults and
 //! validation the real server applies to them, and their server-side Table
 //! columns (the ones `kubectl get` prints, from `pkg/printers/internalversion`).
 use serde_json::{Map, Value, json};
@@ -14,16 +14,22 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` `Node` (cluster-scoped).
     Node,
+    /// `events.k8s.io/v1` `Event` (namespaced).
+    Event,
 }
 
+/// The API groups served under `/apis`, in the order `/apis` lists them.
+pub const GROUPS: [&str; 2] = ["discovery.k8s.io", "events.k8s.io"];
+
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Event];
 
     pub fn kind(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Event => "Event",
         }
     }
 
@@ -32,6 +38,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Event => "events",
         }
     }
 
@@ -40,12 +47,14 @@ impl Kind {
             Kind::Service => "service",
             Kind::EndpointSlice => "endpointslice",
             Kind::Node => "node",
+            Kind::Event => "event",
         }
     }
 
     pub fn group(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::Event => "events.k8s.io",
             Kind::Service | Kind::Node => "",
         }
     }
@@ -53,6 +62,7 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Event => "events.k8s.io/v1",
             Kind::Service | Kind::Node => "v1",
         }
     }
@@ -65,6 +75,7 @@ impl Kind {
         match self {
             Kind::Service => &["svc"],
             Kind::Node => &["no"],
+            Kind::Event => &["ev"],
             Kind::EndpointSlice => &[],
         }
     }
@@ -72,7 +83,7 @@ impl Kind {
     /// Whether the resource has a `/status` subresource whose status the
     /// main resource's update does not change.
     pub fn has_status(self) -> bool {
-        !matches!(self, Kind::EndpointSlice)
+        !matches!(self, Kind::EndpointSlice | Kind::Event)
     }
 
     /// `services`, `endpointslices.discovery.k8s.io`: how errors name the resource.
@@ -113,6 +124,22 @@ impl Kind {
             Kind::Service => &["metadata.name", "metadata.namespace", "spec.clusterIP", "spec.type"],
             Kind::Node => &["metadata.name", "spec.unschedulable"],
             Kind::EndpointSlice => &["metadata.name", "metadata.namespace"],
+            // `events.k8s.io/v1` spellings (the registry's `involvedObject.*`
+            // and `reportingComponent` are converted from these).
+            Kind::Event => &[
+                "metadata.name",
+                "metadata.namespace",
+                "reason",
+                "reportingController",
+                "type",
+                "regarding.apiVersion",
+                "regarding.fieldPath",
+                "regarding.kind",
+                "regarding.name",
+                "regarding.namespace",
+                "regarding.resourceVersion",
+                "regarding.uid",
+            ],
         }
     }
 
@@ -124,6 +151,8 @@ impl Kind {
             "metadata.namespace" => s("/metadata/namespace"),
             "spec.clusterIP" => s("/spec/clusterIP"),
             "spec.type" => s("/spec/type"),
+            "reason" | "reportingController" | "type" => s(&format!("/{label}")),
+            l if l.starts_with("regarding.") => s(&format!("/{}", l.replace('.', "/"))),
             "spec.unschedulable" => obj
                 .pointer("/spec/unschedulable")
                 .and_then(Value::as_bool)
@@ -160,25 +189,25 @@ pub fn api_versions(server_address: &str) -> Value {
     })
 }
 
-fn group_entry() -> Value {
-    let gv = json!({ "groupVersion": "discovery.k8s.io/v1", "version": "v1" });
-    json!({ "name": "discovery.k8s.io", "versions": [gv.clone()], "preferredVersion": gv })
+fn group_entry(group: &str) -> Value {
+    let gv = json!({ "groupVersion": format!("{group}/v1"), "version": "v1" });
+    json!({ "name": group, "versions": [gv.clone()], "preferredVersion": gv })
 }
 
 /// `GET /apis`
 pub fn api_group_list() -> Value {
-    json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [group_entry()] })
+    json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": GROUPS.map(group_entry) })
 }
 
-/// `GET /apis/discovery.k8s.io`
-pub fn api_group() -> Value {
-    let mut g = group_entry();
+/// `GET /apis/<group>` for one of [`GROUPS`].
+pub fn api_group(group: &str) -> Value {
+    let mut g = group_entry(group);
     g["kind"] = json!("APIGroup");
     g["apiVersion"] = json!("v1");
     g
 }
 
-/// `GET /api/v1`, `GET /apis/discovery.k8s.io/v1`
+/// `GET /api/v1`, `GET /apis/<group>/v1`
 pub fn resource_list(group_version: &str) -> Value {
     let mut resources = Vec::new();
     for k in Kind::ALL.into_iter().filter(|k| k.api_version() == group_version) {
@@ -261,7 +290,7 @@ pub fn apply_defaults(kind: Kind, obj: &mut Value) {
                 }
             }
         }
-        Kind::Node => {}
+        Kind::Node | Kind::Event => {}
     }
 }
 
@@ -310,7 +339,7 @@ fn validate_meta(kind: Kind, obj: &Value, errs: &mut Vec<FieldError>) {
                 is_dns1035_label(name),
                 "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')",
             ),
-            Kind::EndpointSlice | Kind::Node => (
+            Kind::EndpointSlice | Kind::Node | Kind::Event => (
                 is_dns_subdomain(name),
                 "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
             ),
@@ -369,7 +398,26 @@ pub fn validate(kind: Kind, obj: &Value) -> Vec<FieldError> {
     match kind {
         Kind::Service => validate_service(obj, &mut errs),
         Kind::EndpointSlice => validate_endpoint_slice(obj, &mut errs),
+        Kind::Event => validate_event(obj, &mut errs),
         Kind::Node => {}
+    }
+    errs
+}
+
+/// What an update may not change (`ValidateUpdate` of the registry): for an
+/// `events.k8s.io/v1` Event everything but the series (and metadata).
+pub fn validate_update(kind: Kind, old: &Value, new: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if kind == Kind::Event {
+        let immutable = [
+            "regarding", "related", "reason", "note", "action", "reportingController", "reportingInstance", "eventTime", "type",
+        ];
+        for f in immutable {
+            if old.get(f) != new.get(f) {
+                let v = new.get(f).map(value_text).unwrap_or_default();
+                errs.push(FieldError::invalid(f, &v, "field is immutable"));
+            }
+        }
     }
     errs
 }
@@ -447,6 +495,79 @@ fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<FieldError>) {
     }
 }
 
+/// `ValidateEventCreate` of the real server for `events.k8s.io/v1` (the
+/// strict validation of the new API plus the legacy one every Event passes).
+fn validate_event(obj: &Value, errs: &mut Vec<FieldError>) {
+    let s = |f: &str| str_at(obj, &format!("/{f}")).unwrap_or("");
+    if s("eventTime").is_empty() {
+        errs.push(FieldError::required("eventTime", ""));
+    } else if s("eventTime").parse::<jiff::Timestamp>().is_err() {
+        errs.push(FieldError::invalid("eventTime", s("eventTime"), "must be an RFC 3339 time"));
+    }
+    if !["Normal", "Warning"].contains(&s("type")) {
+        errs.push(FieldError::invalid("type", "", &format!("has invalid value: {}", s("type"))));
+    }
+    for (f, wire) in [
+        ("deprecatedFirstTimestamp", "deprecatedFirstTimestamp"),
+        ("deprecatedLastTimestamp", "deprecatedLastTimestamp"),
+        ("deprecatedCount", "deprecatedCount"),
+    ] {
+        if obj.get(f).is_some_and(|v| !v.is_null() && *v != json!(0)) {
+            errs.push(FieldError::invalid(wire, "", "needs to be unset"));
+        }
+    }
+    if obj.pointer("/deprecatedSource").and_then(Value::as_object).is_some_and(|o| o.values().any(|v| v.as_str().is_some_and(|s| !s.is_empty()))) {
+        errs.push(FieldError::invalid("deprecatedSource", "", "needs to be unset"));
+    }
+    if let Some(series) = obj.get("series").filter(|v| !v.is_null()) {
+        if series.get("count").and_then(Value::as_i64).is_none_or(|c| c < 2) {
+            errs.push(FieldError::invalid("series.count", "", "should be at least 2"));
+        }
+        if series.get("lastObservedTime").and_then(Value::as_str).is_none_or(str::is_empty) {
+            errs.push(FieldError::required("series.lastObservedTime", ""));
+        }
+    }
+    let ns = str_at(obj, "/metadata/namespace").unwrap_or("");
+    if str_at(obj, "/regarding/namespace").unwrap_or("").is_empty() && !["default", "kube-system"].contains(&ns) {
+        errs.push(FieldError::invalid("involvedObject.namespace", "", "does not match event.namespace"));
+    }
+    let controller = s("reportingController");
+    if controller.is_empty() {
+        errs.push(FieldError::required("reportingController", ""));
+    } else if !is_qualified_name(controller) {
+        errs.push(FieldError::invalid(
+            "reportingController",
+            controller,
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')",
+        ));
+    }
+    for (f, limit) in [("reportingInstance", 128), ("action", 128), ("reason", 128)] {
+        if s(f).is_empty() {
+            errs.push(FieldError::required(f, ""));
+        } else if s(f).len() > limit {
+            errs.push(FieldError::invalid(f, "", &format!("can have at most {limit} characters")));
+        }
+    }
+    if s("note").len() > 1024 {
+        errs.push(FieldError::invalid("note", "", "can have at most 1024 characters"));
+    }
+}
+
+/// A qualified name (`[prefix/]name`, the name part at most 63 characters
+/// of `[A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9]`).
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(|p| !p.is_empty() && is_dns_subdomain(p))
+        && !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
 // ---------------------------------------------------------------- tables
 
 fn column(name: &str, ty: &str, format: &str, description: &str, priority: u8) -> Value {
@@ -489,6 +610,19 @@ pub fn table_columns(kind: Kind) -> Vec<Value> {
             column("Kernel-Version", "string", "", "Kernel Version reported by the node from 'uname -r' (e.g. 3.16.0-0.bpo.4-amd64).", 1),
             column("Container-Runtime", "string", "", "ContainerRuntime Version reported by the node through runtime remote API (e.g. containerd://1.4.2).", 1),
         ],
+        // printEvent's columns; the server fills the priority-1 ones too.
+        Kind::Event => vec![
+            column("Last Seen", "string", "", "The time at which the most recent occurrence of this event was recorded.", 0),
+            column("Type", "string", "", "Type of this event (Normal, Warning), new types could be added in the future", 0),
+            column("Reason", "string", "", "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.", 0),
+            column("Object", "string", "", "The object that this event is about.", 0),
+            column("Subobject", "string", "", "If referring to a piece of an object instead of an entire object, this string should contain a valid JSON/Go field access statement, such as desiredState.manifest.containers[2].", 1),
+            column("Source", "string", "", "The component reporting this event. Should be a short machine understandable string.", 1),
+            column("Message", "string", "", "A human-readable description of the status of this operation.", 0),
+            column("First Seen", "string", "", "The time at which the event was first recorded. (Time of server receipt is in TypeMeta.)", 1),
+            column("Count", "string", "", "The number of times this event has occurred.", 1),
+            column("Name", "string", "name", NAME_DOC, 1),
+        ],
     }
 }
 
@@ -526,7 +660,12 @@ pub fn human_duration(secs: i64) -> String {
 }
 
 fn age(obj: &Value, now: jiff::Timestamp) -> String {
-    str_at(obj, "/metadata/creationTimestamp")
+    since(obj, "/metadata/creationTimestamp", now)
+}
+
+/// `translateTimestampSince` of the time at `ptr`.
+fn since(obj: &Value, ptr: &str, now: jiff::Timestamp) -> String {
+    str_at(obj, ptr)
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
         .map_or_else(|| "<unknown>".into(), |t| human_duration(now.as_second() - t.as_second()))
 }
@@ -627,7 +766,36 @@ pub fn table_cells(kind: Kind, obj: &Value, now: jiff::Timestamp) -> Vec<Value> 
             ]
         }
         Kind::Node => node_cells(obj, &name, now),
+        Kind::Event => event_cells(obj, &name, now),
     }
+}
+
+/// printEvent's cells (wide, as the server fills them).
+fn event_cells(obj: &Value, name: &str, now: jiff::Timestamp) -> Vec<Value> {
+    let s = |p: &str| str_at(obj, p).unwrap_or("").to_owned();
+    let first = since(obj, "/eventTime", now);
+    let (last, count) = match obj.get("series").filter(|v| v.is_object()) {
+        Some(series) => (since(series, "/lastObservedTime", now), series.get("count").and_then(Value::as_i64).unwrap_or(1)),
+        None => (first.clone(), 1),
+    };
+    let kind = s("/regarding/kind").to_ascii_lowercase();
+    let target = if s("/regarding/name").is_empty() { kind } else { format!("{kind}/{}", s("/regarding/name")) };
+    let source = match (s("/reportingController"), s("/reportingInstance")) {
+        (c, i) if i.is_empty() => c,
+        (c, i) => format!("{c}, {i}"),
+    };
+    vec![
+        json!(last),
+        json!(s("/type")),
+        json!(s("/reason")),
+        json!(target),
+        json!(s("/regarding/fieldPath")),
+        json!(source),
+        json!(s("/note").trim()),
+        json!(first),
+        json!(count),
+        json!(name),
+    ]
 }
 
 fn node_cells(obj: &Value, name: &str, now: jiff::Timestamp) -> Vec<Value> {

@@ -129,6 +129,22 @@ impl ApiError {
         Self::new(422, "Invalid", message, Some(d))
     }
 
+    /// 403 as the RBAC authorizer words it, for the kubeconfig's user `test`.
+    pub(crate) fn forbidden(kind: Kind, verb: &str, ns: Option<&str>) -> Self {
+        let group = if kind.group().is_empty() { String::new() } else { format!(" in API group \"{}\"", kind.group()) };
+        let scope = ns.map_or_else(|| " at the cluster scope".to_owned(), |ns| format!(" in the namespace \"{ns}\""));
+        let mut d = json!({ "kind": kind.plural() });
+        if !kind.group().is_empty() {
+            d["group"] = json!(kind.group());
+        }
+        Self::new(
+            403,
+            "Forbidden",
+            format!("{} is forbidden: User \"test\" cannot {verb} resource \"{}\"{group}{scope}", kind.qualified_plural(), kind.plural()),
+            Some(d),
+        )
+    }
+
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message, None)
     }

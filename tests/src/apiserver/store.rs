@@ -91,7 +91,17 @@ pub(crate) struct Store {
     /// from `rv >= floor` can be served, an older one is Expired.
     floor: u64,
     rng: u64,
+    /// The injected clock: how far the server's time is ahead of the wall
+    /// clock ([`Store::advance_clock`]).
+    clock_offset: std::time::Duration,
+    /// Time on the injected clock since the last compactor run, and the
+    /// resourceVersion that run saw (the next run compacts to it).
+    since_compaction: std::time::Duration,
+    compaction_rv: u64,
 }
+
+/// kube-apiserver's `--etcd-compaction-interval` default.
+pub(crate) const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_mins(5);
 
 fn meta(obj: &Value, field: &str) -> Option<String> {
     obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
@@ -109,8 +119,8 @@ pub(crate) fn object_rv(obj: &Value) -> u64 {
     meta(obj, "resourceVersion").and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+fn rfc3339(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -160,7 +170,40 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0))
             ^ u64::from(std::process::id()) << 32;
-        Self { rv: 1, objects: BTreeMap::new(), history: VecDeque::new(), capacity: capacity.max(1), floor: 1, rng: seed }
+        Self {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            capacity: capacity.max(1),
+            floor: 1,
+            rng: seed,
+            clock_offset: std::time::Duration::ZERO,
+            since_compaction: std::time::Duration::ZERO,
+            compaction_rv: 1,
+        }
+    }
+
+    /// The server's time: the wall clock plus the injected offset. Every
+    /// timestamp the server writes comes from here.
+    pub(crate) fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::try_from(std::time::SystemTime::now() + self.clock_offset).unwrap_or(jiff::Timestamp::MAX)
+    }
+
+    /// Moves the server's clock forward by `by`, and runs the compactor as
+    /// kube-apiserver does every [`COMPACTION_INTERVAL`] of that time: each
+    /// run compacts etcd to the revision the previous run saw. So a jump of
+    /// two intervals or more forgets the history up to the current
+    /// resourceVersion, as ten minutes of a real cluster do.
+    pub fn advance_clock(&mut self, by: std::time::Duration) {
+        self.clock_offset += by;
+        self.since_compaction += by;
+        while self.since_compaction >= COMPACTION_INTERVAL {
+            self.since_compaction -= COMPACTION_INTERVAL;
+            let to = self.compaction_rv;
+            self.history.retain(|e| e.rv > to);
+            self.floor = self.floor.max(to);
+            self.compaction_rv = self.rv;
+        }
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -292,7 +335,7 @@ impl Store {
         let uid = self.uid();
         let m = meta_mut(&mut obj);
         m.insert("uid".into(), json!(uid));
-        m.insert("creationTimestamp".into(), json!(now()));
+        m.insert("creationTimestamp".into(), json!(rfc3339(self.now())));
         for f in ["deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
             m.remove(f);
         }
@@ -379,6 +422,7 @@ impl Store {
         }
         resources::apply_defaults(kind, &mut obj);
         let mut errs = resources::validate(kind, &obj);
+        errs.extend(resources::validate_update(kind, &old, &obj));
         if errs.is_empty() && kind == Kind::Service {
             self.allocate(&mut obj, Some(&old), &mut errs);
         }
@@ -435,7 +479,7 @@ impl Store {
             }
             let mut obj = old.clone();
             let m = meta_mut(&mut obj);
-            m.insert("deletionTimestamp".into(), json!(now()));
+            m.insert("deletionTimestamp".into(), json!(rfc3339(self.now())));
             m.insert("deletionGracePeriodSeconds".into(), json!(0));
             return Ok(self.commit(key, EventType::Modified, obj, Some(old)));
         }
@@ -692,5 +736,29 @@ mod tests {
             assert_eq!(b64_decode(&b64_encode(s.as_bytes())).as_deref(), Some(s.as_bytes()));
         }
         assert_eq!(b64_encode(b"hello?>"), "aGVsbG8_Pg");
+    }
+
+    #[test]
+    fn the_injected_clock_stamps_objects_and_runs_the_compactor_every_5_minutes() {
+        let mut s = Store::new(1000);
+        let node = |name: &str| json!({ "metadata": { "name": name } });
+        s.create(Kind::Node, "", node("a"), Writer::Test).expect("a");
+        let at_a = s.resource_version();
+        s.advance_clock(std::time::Duration::from_mins(4));
+        assert!(s.events_after(1).is_ok(), "no compaction before 5 minutes");
+        s.advance_clock(std::time::Duration::from_mins(1));
+        // The first run compacts to what the store had when it started.
+        assert!(s.events_after(1).is_ok(), "the first run compacts to its start");
+        s.create(Kind::Node, "", node("b"), Writer::Test).expect("b");
+        let b = s.get(Kind::Node, "", "b").expect("b").clone();
+        let created: jiff::Timestamp = b["metadata"]["creationTimestamp"].as_str().expect("ts").parse().expect("rfc3339");
+        let ahead = created.duration_since(jiff::Timestamp::now());
+        assert!(ahead > jiff::SignedDuration::from_mins(4), "creationTimestamp 5 minutes ahead: {created}");
+        s.advance_clock(std::time::Duration::from_mins(5));
+        assert!(s.events_after(at_a - 1).is_err(), "compacted to the previous run's revision");
+        assert!(s.events_after(at_a).is_ok(), "what came after the previous run is kept");
+        s.advance_clock(std::time::Duration::from_mins(5));
+        assert!(s.events_after(at_a).is_err(), "10 minutes on: the history is gone");
+        assert!(s.events_after(s.resource_version()).is_ok());
     }
 }
