@@ -193,6 +193,7 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 
 #[expect(clippy::too_many_lines, reason = "start-up in order, then the one event loop; its steps are functions")]
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    let started = SystemTime::now();
     let selector = DeviceSelector::parse(&cfg.devices)?;
     let pins = Pins::new(&cfg.bpffs);
     // Probed before anything is loaded or attached: a kernel without what
@@ -307,6 +308,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut dirty: BTreeSet<crate::store::ObjectKey> = BTreeSet::new();
     let mut full = true;
     let mut last_full = Instant::now();
+    // When the oldest change not yet programmed arrived.
+    let mut pending_since: Option<Instant> = None;
 
     loop {
         // Nothing is programmed or pruned before both initial lists are in.
@@ -317,7 +320,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 let Some(batch) = batch else { break };
                 let mut g = shared.lock().expect("lock");
                 for ev in batch {
-                    note_change(&ev, &mut g.metrics, &mut triggers);
+                    note_change(&ev, &store, started, &mut g.metrics, &mut triggers);
                     let node_event = matches!(ev, SourceEvent::NodeApplied(_) | SourceEvent::NodeDeleted);
                     match store.apply(ev) {
                         Change::None => {}
@@ -327,6 +330,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                                 _ => full = true,
                             }
                             runner.request();
+                            pending_since.get_or_insert_with(Instant::now);
                             let now = SystemTime::now();
                             g.health.queued_update(now);
                             g.metrics.last_queued_timestamp_seconds = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
@@ -372,6 +376,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     last_full = Instant::now();
                 }
                 full = !ok && is_full;
+                if ok && let Some(t) = pending_since.take() {
+                    shared.lock().expect("lock").metrics.change_programming.observe(t.elapsed().as_secs_f64());
+                }
                 runner.ran(Instant::now(), ok);
                 // After the maps no longer hold them: a socket that
                 // reconnects gets a backend that is there.
@@ -449,27 +456,41 @@ fn warn_if_snat_ports_overlap() {
 
 /// Change counters and network-programming trigger times (the
 /// `endpoints.kubernetes.io/last-change-trigger-time` annotation).
-fn note_change(ev: &SourceEvent, m: &mut Metrics, triggers: &mut Vec<SystemTime>) {
+/// Counts real changes only: an object replayed as stored (a re-list) or
+/// the deletion of one not stored is none. A trigger time is observed only
+/// when it is new for the slice and not older than the agent (a start or a
+/// re-list replays hours-old ones).
+fn note_change(ev: &SourceEvent, store: &Store, started: SystemTime, m: &mut Metrics, triggers: &mut Vec<SystemTime>) {
+    const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+    if store.is_replay(ev) {
+        return;
+    }
+    let trigger = |s: &k8s_openapi::api::discovery::v1::EndpointSlice| -> Option<String> {
+        s.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER)).cloned()
+    };
     match ev {
-        SourceEvent::ServiceApplied(_) | SourceEvent::ServiceDeleted(_) => {
+        SourceEvent::ServiceApplied(_) => {
+            m.service_changes_pending += 1;
+            m.service_changes_total += 1;
+        }
+        SourceEvent::ServiceDeleted(k) if store.services.contains_key(k) => {
             m.service_changes_pending += 1;
             m.service_changes_total += 1;
         }
         SourceEvent::SliceApplied(s) => {
             m.endpoint_changes_pending += 1;
             m.endpoint_changes_total += 1;
-            let t = s
-                .object
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
-                .and_then(|v| v.parse::<jiff::Timestamp>().ok());
+            let old = store.slices.get(&ObjectKey::of(&s.object.metadata)).and_then(|o| trigger(&o.object));
+            let t = trigger(&s.object)
+                .filter(|t| Some(t) != old.as_ref())
+                .and_then(|v| v.parse::<jiff::Timestamp>().ok())
+                .map(SystemTime::from)
+                .filter(|t| *t >= started);
             if let Some(t) = t {
-                triggers.push(SystemTime::from(t));
+                triggers.push(t);
             }
         }
-        SourceEvent::SliceDeleted(_) => {
+        SourceEvent::SliceDeleted(k) if store.slices.contains_key(k) => {
             m.endpoint_changes_pending += 1;
             m.endpoint_changes_total += 1;
         }

@@ -116,6 +116,9 @@ impl Store {
     /// (as kube-proxy's change trackers: the Services touched, so a sync
     /// recomputes only those).
     pub fn apply(&mut self, event: SourceEvent) -> Change {
+        if self.is_replay(&event) {
+            return Change::None;
+        }
         match event {
             SourceEvent::ServiceApplied(s) => {
                 let key = ObjectKey::of(&s.object.metadata);
@@ -154,6 +157,27 @@ impl Store {
             }
             SourceEvent::ServicesSynced => Self::first(&mut self.services_synced),
             SourceEvent::SlicesSynced => Self::first(&mut self.slices_synced),
+        }
+    }
+
+    /// Whether `event` applies an object exactly as stored (a re-list or
+    /// a resync replaying it): nothing to recompute, no change to count.
+    #[must_use]
+    pub fn is_replay(&self, event: &SourceEvent) -> bool {
+        fn same<T: PartialEq>(old: Option<&Stored<T>>, new: &Stored<T>, rv: impl Fn(&T) -> Option<&String>) -> bool {
+            old.is_some_and(|o| match (rv(&o.object), rv(&new.object)) {
+                (Some(a), Some(b)) => a == b,
+                _ => o.object == new.object,
+            })
+        }
+        match event {
+            SourceEvent::ServiceApplied(s) => {
+                same(self.services.get(&ObjectKey::of(&s.object.metadata)), s, |o| o.metadata.resource_version.as_ref())
+            }
+            SourceEvent::SliceApplied(s) => {
+                same(self.slices.get(&ObjectKey::of(&s.object.metadata)), s, |o| o.metadata.resource_version.as_ref())
+            }
+            _ => false,
         }
     }
 
