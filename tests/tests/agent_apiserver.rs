@@ -6,6 +6,10 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -507,4 +511,109 @@ fn events_that_cannot_be_published_are_counted_and_logged_once() {
     let log = c.sb.agent_log();
     assert!(log.contains("publishing Kubernetes Events works again"), "{log}");
     assert_eq!(log.matches(FAILED).count(), 1, "{log}");
+}
+
+/// Hundreds of changes followed through the API server — endpoints
+/// flipping, Services deleted and re-created, externalIPs contested — each
+/// burst programmed by a partial sync, leave the maps exactly as a fresh
+/// agent's full sync programs the same objects, and a Service nobody
+/// touched keeps serving throughout.
+#[test]
+fn partial_syncs_after_many_changes_equal_a_fresh_full_sync() {
+    let mut c = Cluster::new("apip", 3);
+    let pods = [pod_ip(1), pod_ip(2), pod_ip(3)];
+    let vip = |i: u8| Ipv4Addr::new(10, 96, 1, i + 1);
+    let svc = |i: u8, contested: bool| {
+        let extra = if contested { json!({"spec": {"externalIPs": ["203.0.113.5"]}}) } else { json!({}) };
+        service(&format!("s{i}"), vip(i), extra)
+    };
+    let mut seed: u64 = 0x5851_f42d_4c95_7f2d;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let eps = |mask: u64| json!(pods.iter().enumerate().map(|(j, ip)| ep(*ip, NODE, mask & (1 << j) != 0)).collect::<Vec<_>>());
+    c.api.apply(service("web", VIP, json!({}))).expect("web");
+    c.api.apply(slice("web-1", "web", eps(0b111))).expect("web slice");
+    for i in 0..40u8 {
+        c.api.apply(svc(i, i % 4 == 0)).expect("svc");
+        c.api.apply(slice(&format!("s{i}-1"), &format!("s{i}"), eps(next(8)))).expect("slice");
+    }
+    c.start_agent();
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(30), "41 ClusterIPs", |v| v.iter().filter(|f| f.kind == "ClusterIP").count() == 41);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = c.sb.client.spawn({
+        let stop = stop.clone();
+        move || {
+            let (start, mut ok, mut failed) = (Instant::now(), 0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(1) {
+                match http_get(SocketAddr::from((VIP, 80)), T) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        }
+    });
+    for step in 0..300 {
+        let i = u8::try_from(next(40)).expect("small");
+        let r = match next(5) {
+            0 => c.api.delete("Service", Some("default"), &format!("s{i}")).map(|_| ()),
+            1 => c.api.apply(svc(i, next(2) == 0)).map(|_| ()),
+            _ => c.api.apply(slice(&format!("s{i}-1"), &format!("s{i}"), eps(next(8)))).map(|_| ()),
+        };
+        // A delete of a Service already gone is a 404: fine.
+        let _ = r;
+        std::thread::sleep(Duration::from_millis(if step % 25 == 0 { 1200 } else { 10 }));
+    }
+    let quiet = |c: &Cluster| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = normalized(&programmed(&c.sb.bpffs));
+        loop {
+            std::thread::sleep(Duration::from_millis(2500));
+            let now = normalized(&programmed(&c.sb.bpffs));
+            if now == last {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "the maps never settled");
+            last = now;
+        }
+    };
+    let incremental = quiet(&c);
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load");
+    assert!(failed.is_empty() && ok > 50, "the untouched Service: {ok} ok, failed {failed:?}");
+    let (_, metrics) = c.node_http(10249, "/metrics");
+    let partial = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_partial_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(partial >= 10.0, "the changes went through partial syncs: {partial}");
+
+    // A fresh agent on empty maps: one full sync of the same objects.
+    c.sb.kill_agent();
+    run(&agent_bin().to_string_lossy(), &["--bpffs", &c.sb.bpffs.to_string_lossy(), "cleanup"]);
+    c.start_agent();
+    wait_programmed(&c.sb.bpffs, Duration::from_secs(30), "the fresh agent's first sync", |v| !v.is_empty());
+    let fresh = quiet(&c);
+    assert_eq!(incremental, fresh, "partial syncs diverged from a full sync");
+}
+
+/// Frontends as comparable text: ids left out (a fresh agent numbers anew).
+fn normalized(v: &[proxy_agent::inspect::FrontendView]) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .iter()
+        .map(|f| {
+            let mut bs: Vec<String> = f.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect();
+            bs.sort();
+            format!("{} {}:{}/{} {} drop={} {}", f.service, f.address, f.port, f.protocol, f.kind, f.drop_when_empty, bs.join(","))
+        })
+        .collect();
+    out.sort();
+    out
 }
