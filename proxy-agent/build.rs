@@ -17,6 +17,15 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
+    // A prebuilt object instead (development: while proxy-ebpf is being
+    // edited, the agent can still be built against a known-good object).
+    println!("cargo:rerun-if-env-changed=PROXY_EBPF_OBJECT");
+    if let Some(prebuilt) = env::var_os("PROXY_EBPF_OBJECT") {
+        let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("proxy-ebpf.o");
+        println!("cargo:rerun-if-changed={}", PathBuf::from(&prebuilt).display());
+        fs::copy(&prebuilt, &out).unwrap_or_else(|e| panic!("copy PROXY_EBPF_OBJECT {}: {e}", PathBuf::from(&prebuilt).display()));
+        return;
+    }
     // The test-only next layout builds its own object, in its own directory.
     let next = env::var_os("CARGO_FEATURE_LAYOUT_NEXT").is_some();
     let target_dir = manifest_dir.join(if next { "../target/ebpf-layout-next" } else { "../target/ebpf" });

@@ -305,8 +305,13 @@ impl Datapath {
         for (name, entries) in [
             (crate::pins::CT_MAP, sizes.ct),
             (crate::pins::CT_NEW_MAP, sizes.ct_new),
+            // The IPv6 conntrack holds as many flows as the IPv4 one.
+            (proxy_common::ct::CT6_MAP, sizes.ct),
+            (proxy_common::ct::CT6_NEW_MAP, sizes.ct_new),
             (crate::pins::SVC_MAP, sizes.lb),
             (crate::pins::BACKEND_MAP, sizes.lb),
+            (proxy_common::svc::SVC6_MAP, sizes.lb),
+            (proxy_common::backend::BACKEND6_MAP, sizes.lb),
         ] {
             loader.map_max_entries(name, entries);
             if let Some(cap) = crate::conntrack::pinned_capacity(pins, name).filter(|c| *c != entries) {

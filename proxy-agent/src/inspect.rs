@@ -1,12 +1,16 @@
 //! Views of the pinned maps for `proxy-agent services` and `stats`: read from
 //! the maps alone, so they work while the agent is down.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use serde::Serialize;
 
 use proxy_common::{
     stats::{REASONS, StatCounter},
-    svc::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
+    svc::{SvcValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
 };
 
 use crate::{datapath::MapsDump, model::Protocol};
@@ -23,6 +27,8 @@ pub struct BackendView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendView {
     pub address: String,
+    /// `IPv4` or `IPv6`.
+    pub family: String,
     pub port: u16,
     pub protocol: String,
     pub kind: String,
@@ -51,32 +57,41 @@ fn kind_of(flags: u16) -> &'static str {
     }
 }
 
-/// Frontends with their backends, sorted by address, port, protocol.
+/// Frontends with their backends, both families, sorted by address, port,
+/// protocol.
 #[must_use]
 pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
-    let backends: BTreeMap<u32, _> = dump.backends.iter().copied().collect();
+    let v4 = dump.backends.iter().map(|(id, b)| (*id, (IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr_be))), u16::from_be(b.port_be))));
+    let v6 = dump.backends6.iter().map(|(id, b)| (*id, (IpAddr::V6(Ipv6Addr::from(b.addr)), u16::from_be(b.port_be))));
+    let backends: BTreeMap<u32, (IpAddr, u16)> = v4.chain(v6).collect();
     let names: BTreeMap<u32, &str> = dump.names.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let slots: BTreeMap<_, _> = dump.svc.iter().map(|(k, v)| (*k, *v)).collect();
+    // (address, port, protocol, scope) → slot → value
+    let mut slots: BTreeMap<(IpAddr, u16, u8, u8), BTreeMap<u16, SvcValue>> = BTreeMap::new();
+    for (k, v) in &dump.svc {
+        let a = IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr_be)));
+        slots.entry((a, u16::from_be(k.port_be), k.proto, k.scope)).or_default().insert(k.backend_slot, *v);
+    }
+    for (k, v) in &dump.svc6 {
+        let a = IpAddr::V6(Ipv6Addr::from(k.addr));
+        slots.entry((a, u16::from_be(k.port_be), k.proto, k.scope)).or_default().insert(k.backend_slot, *v);
+    }
     let mut out = Vec::new();
-    for (k, head) in slots.iter().filter(|(k, _)| k.backend_slot == 0) {
+    for ((addr, port, proto, _), fe) in &slots {
+        let Some(head) = fe.get(&0) else { continue };
         let backends = (1..=head.count)
             .map(|s| {
-                let id = slots.get(&proxy_common::svc::SvcKey { backend_slot: s, ..*k }).map_or(0, |v| v.backend_id);
+                let id = fe.get(&s).map_or(0, |v| v.backend_id);
                 match backends.get(&id) {
-                    Some(b) => BackendView {
-                        id,
-                        address: Ipv4Addr::from(u32::from_be(b.addr_be)).to_string(),
-                        port: u16::from_be(b.port_be),
-                        present: true,
-                    },
+                    Some((a, p)) => BackendView { id, address: a.to_string(), port: *p, present: true },
                     None => BackendView { id, address: "?".into(), port: 0, present: false },
                 }
             })
             .collect();
         out.push(FrontendView {
-            address: Ipv4Addr::from(u32::from_be(k.addr_be)).to_string(),
-            port: u16::from_be(k.port_be),
-            protocol: Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.as_str().to_owned()),
+            address: addr.to_string(),
+            family: if addr.is_ipv4() { "IPv4" } else { "IPv6" }.to_owned(),
+            port: *port,
+            protocol: Protocol::from_number(*proto).map_or_else(|| proto.to_string(), |p| p.as_str().to_owned()),
             kind: kind_of(head.flags).to_owned(),
             svc_id: head.svc_id,
             service: names.get(&head.svc_id).map_or_else(String::new, |s| (*s).to_owned()),
@@ -90,9 +105,7 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             backends,
         });
     }
-    out.sort_by(|a, b| {
-        (a.address.parse::<Ipv4Addr>().ok(), a.port, &a.protocol).cmp(&(b.address.parse::<Ipv4Addr>().ok(), b.port, &b.protocol))
-    });
+    // IPv4 first, then IPv6, each by address (the map order above).
     out
 }
 

@@ -89,14 +89,15 @@ impl fmt::Display for Protocol {
 /// Where packets arrive: address, port, protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    /// IPv4 or IPv6: each family has its own maps.
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.addr, self.port), self.protocol)
     }
 }
 
@@ -134,7 +135,8 @@ impl FrontendKind {
 /// A backend address (the protocol is the frontend's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    /// The frontend's family.
+    pub addr: IpAddr,
     pub port: u16,
     /// The endpoint runs on this node (`nodeName`).
     pub local: bool,
@@ -142,7 +144,7 @@ pub struct BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.addr, self.port))
     }
 }
 
@@ -366,22 +368,22 @@ pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16
         if let Some(port) = port {
             ports.insert(key.clone(), port);
         }
-        if port.is_some() || proxied_ipv4(svc) {
+        if port.is_some() || proxied(svc) {
             local.insert(key.clone(), n);
         }
     }
     (ports, local)
 }
 
-fn proxied_ipv4(svc: &Stored<Service>) -> bool {
+fn proxied(svc: &Stored<Service>) -> bool {
     !svc.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-        && matches!(cluster_ipv4(&svc.object), Ok(Some(_)))
+        && cluster_ips(&svc.object).is_ok_and(|v| !v.is_empty())
 }
 
 /// One Service's health-check inputs: its `healthCheckNodePort` when it
 /// needs one, and its ready endpoint addresses on this node.
 fn service_health(svc: &Stored<Service>, slices: &[&Stored<EndpointSlice>], node: &NodeInfo) -> (Option<u16>, usize) {
-    let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied_ipv4(svc)) else {
+    let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied(svc)) else {
         return (None, 0);
     };
     let needs = spec.type_.as_deref() == Some("LoadBalancer")
@@ -427,12 +429,15 @@ fn port_in_range(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|&p| p != 0)
 }
 
-/// The Service's IPv4 cluster IP, `Ok(None)` when it is not proxied.
-fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, (Cause, String)> {
+/// The Service's cluster IPs, the first of each family in `clusterIPs`
+/// order (dual-stack: one IPv4 and one IPv6); empty when it is not proxied
+/// (headless, `ExternalName`). A cluster IP of a family `spec.ipFamilies`
+/// does not list is an error naming both.
+fn cluster_ips(svc: &Service) -> Result<Vec<IpAddr>, (Cause, String)> {
     let invalid = |why: String| (Cause::Invalid, why);
     let spec = svc.spec.as_ref().ok_or_else(|| invalid("has no spec".to_owned()))?;
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
@@ -440,27 +445,33 @@ fn cluster_ipv4(svc: &Service) -> Result<Option<Ipv4Addr>, (Cause, String)> {
         _ => return Err(invalid("has no clusterIP".to_owned())),
     };
     if ips[0] == "None" {
-        return Ok(None); // headless
+        return Ok(Vec::new()); // headless
     }
-    let mut v4 = None;
+    let families = spec.ip_families.as_ref().filter(|f| !f.is_empty());
+    let mut out: Vec<IpAddr> = Vec::new();
     for ip in &ips {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+        let a = match ip.parse::<IpAddr>() {
+            Ok(a) if a.is_unspecified() || a.is_multicast() || matches!(a, IpAddr::V4(v4) if v4.is_broadcast()) => {
                 return Err(invalid(format!("invalid clusterIP {ip:?}")));
             }
-            Ok(IpAddr::V4(a)) => v4 = v4.or(Some(a)),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(a) => a,
             Err(_) => return Err(invalid(format!("invalid clusterIP {ip:?}"))),
+        };
+        let family = if a.is_ipv4() { "IPv4" } else { "IPv6" };
+        if let Some(f) = families.filter(|f| !f.iter().any(|x| x == family)) {
+            return Err(invalid(format!("clusterIP {a} is {family}, but ipFamilies is {f:?}")));
+        }
+        if !out.iter().any(|o| o.is_ipv4() == a.is_ipv4()) {
+            out.push(a);
         }
     }
-    v4.map(Some)
-        .ok_or_else(|| (Cause::Unsupported, "IPv6-only Service: IPv6 is not supported yet".to_owned()))
+    Ok(out)
 }
 
-/// externalIPs and `LoadBalancer` ingress IPs (IPv4; an ingress whose
-/// `ipMode` is `Proxy` is skipped, as kube-proxy does: the load balancer
-/// itself proxies to the nodes).
-fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Vec<(Ipv4Addr, FrontendKind)> {
+/// externalIPs and `LoadBalancer` ingress IPs, of both families (an
+/// ingress whose `ipMode` is `Proxy` is skipped, as kube-proxy does: the
+/// load balancer itself proxies to the nodes).
+fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Vec<(IpAddr, FrontendKind)> {
     let mut out = Vec::new();
     let spec = svc.object.spec.as_ref();
     for ip in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten() {
@@ -481,10 +492,15 @@ fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejec
                 };
                 match refused {
                     Some(why) => reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it {why}")),
-                    None => out.push((a, FrontendKind::ExternalIp)),
+                    None => out.push((IpAddr::V4(a), FrontendKind::ExternalIp)),
                 }
             }
-            Ok(IpAddr::V6(_)) => {}
+            // (--service-cidrs and --external-ip-cidrs are IPv4 lists: an
+            // allow-list refuses every IPv6 address.)
+            Ok(IpAddr::V6(a)) if node.external_ip_cidrs.is_some() => {
+                reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is outside --external-ip-cidrs"));
+            }
+            Ok(a @ IpAddr::V6(_)) => out.push((a, FrontendKind::ExternalIp)),
             Err(_) => reject(rejections, "Service", key, &svc.origin, Cause::Invalid, format!("invalid externalIP {ip:?}")),
         }
     }
@@ -493,7 +509,7 @@ fn external_ipv4s(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejec
         if ing.ip_mode.as_deref() == Some("Proxy") {
             continue;
         }
-        if let Some(Ok(IpAddr::V4(a))) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
+        if let Some(Ok(a)) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
             out.push((a, FrontendKind::LoadBalancer));
         }
     }
@@ -513,9 +529,9 @@ fn service_frontends(
     if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         return;
     }
-    let vip = match cluster_ipv4(&svc.object) {
-        Ok(Some(vip)) => vip,
-        Ok(None) => return,
+    let vips = match cluster_ips(&svc.object) {
+        Ok(v) if v.is_empty() => return,
+        Ok(v) => v,
         Err((cause, reason)) => return reject(rejections, KIND, key, &svc.origin, cause, reason),
     };
     let ports = svc
@@ -534,7 +550,12 @@ fn service_frontends(
     let etp_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
     let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
     let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
-    let external_ips = external_ipv4s(svc, key, node, rejections);
+    let external_ips = external_ips(svc, key, node, rejections);
+    // An address of a family the Service has no cluster IP of is not
+    // served (kube-proxy programs each family from its own clusterIP).
+    for (a, kind) in external_ips.iter().filter(|(a, _)| !vips.iter().any(|v| v.is_ipv4() == a.is_ipv4())) {
+        reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("{} {a} is {}, a family the Service has no clusterIP of (ipFamilies)", kind.name(), if a.is_ipv4() { "IPv4" } else { "IPv6" }));
+    }
     let affinity_timeout = session_affinity_timeout(spec);
     let source_ranges = lb_source_ranges(svc, key, node, rejections);
     let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
@@ -548,69 +569,81 @@ fn service_frontends(
             }
         };
         let port = port_in_range(sp.port).expect("checked above");
-        // Every address this port is reachable on, with its kind.
-        let mut keys = vec![(FrontendKey { addr: vip, port, protocol }, FrontendKind::ClusterIp)];
-        if matches!(svc_type, "NodePort" | "LoadBalancer") {
-            match sp.node_port.map(port_in_range) {
-                Some(Some(np)) => keys.extend(
-                    node.nodeport_addresses
-                        .iter()
-                        .copied()
-                        .chain((node.loopback_nodeports && !node.nodeport_addresses.contains(&Ipv4Addr::LOCALHOST)).then_some(Ipv4Addr::LOCALHOST))
-                        .map(|a| (FrontendKey { addr: a, port: np, protocol }, FrontendKind::NodePort)),
-                ),
-                Some(None) => reject(
-                    rejections,
-                    KIND,
-                    key,
-                    &svc.origin,
-                    Cause::Invalid,
-                    format!("port {port_name:?}: nodePort {} is out of range", sp.node_port.unwrap_or_default()),
-                ),
-                None => {}
+        for &vip in &vips {
+            let v6 = vip.is_ipv6();
+            // Every address this port is reachable on, with its kind.
+            let mut keys = vec![(FrontendKey { addr: vip, port, protocol }, FrontendKind::ClusterIp)];
+            if matches!(svc_type, "NodePort" | "LoadBalancer") {
+                match sp.node_port.map(port_in_range) {
+                    // NodePorts are served on the node's IPv4 addresses (IPv6
+                    // node addresses: not yet).
+                    Some(Some(_)) if v6 => {}
+                    Some(Some(np)) => keys.extend(
+                        node.nodeport_addresses
+                            .iter()
+                            .copied()
+                            .chain((node.loopback_nodeports && !node.nodeport_addresses.contains(&Ipv4Addr::LOCALHOST)).then_some(Ipv4Addr::LOCALHOST))
+                            .map(|a| (FrontendKey { addr: IpAddr::V4(a), port: np, protocol }, FrontendKind::NodePort)),
+                    ),
+                    Some(None) => reject(
+                        rejections,
+                        KIND,
+                        key,
+                        &svc.origin,
+                        Cause::Invalid,
+                        format!("port {port_name:?}: nodePort {} is out of range", sp.node_port.unwrap_or_default()),
+                    ),
+                    None => {}
+                }
             }
+            keys.extend(external_ips.iter().filter(|(a, _)| a.is_ipv6() == v6).map(|(a, kind)| (FrontendKey { addr: *a, port, protocol }, *kind)));
+            let endpoints = endpoints_for_port(&port_name, protocol, v6, slices, rejections);
+            let group = affinity_group(key, &port_name, protocol);
+            for (fk, kind) in keys {
+                // Why: two ports of one Service on the same frontend (the API
+                // server refuses it, a manifest may not) would silently replace
+                // each other; keep the first.
+                if mine.iter().any(|(k, _)| *k == fk) {
+                    reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
+                    continue;
+                }
+                if v6 && kind == FrontendKind::LoadBalancer && source_ranges.is_some() {
+                    // Not served rather than served open.
+                    let why = format!("LoadBalancer IP {} with loadBalancerSourceRanges: not served (source ranges are enforced on IPv4 only yet)", fk.addr);
+                    reject(rejections, KIND, key, &svc.origin, Cause::Unsupported, why);
+                    continue;
+                }
+                let external = kind != FrontendKind::ClusterIp;
+                let policy_local = if external { etp_local } else { itp_local };
+                let (mut backends, drop_when_empty) = select_backends(&endpoints, node, policy_local, prefer_same_node);
+                if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
+                    reject(
+                        rejections,
+                        KIND,
+                        key,
+                        &svc.origin,
+                        Cause::TooManyEndpoints,
+                        format!("port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used", backends.len()),
+                    );
+                    backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
+                }
+                mine.push((
+                    fk,
+                    Frontend {
+                        service: key.clone(),
+                        port_name: port_name.clone(),
+                        kind,
+                        backends,
+                        drop_when_empty,
+                        policy_local,
+                        // externalTrafficPolicy Cluster: remote backends need SNAT.
+                        snat_remote: external && !etp_local,
+                        affinity_timeout_s: affinity_timeout,
+                        affinity_group: group,
+                        source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { None },
+                    },
+                ));
         }
-        keys.extend(external_ips.iter().map(|(a, kind)| (FrontendKey { addr: *a, port, protocol }, *kind)));
-        let endpoints = endpoints_for_port(&port_name, protocol, slices, rejections);
-        let group = affinity_group(key, &port_name, protocol);
-        for (fk, kind) in keys {
-            // Why: two ports of one Service on the same frontend (the API
-            // server refuses it, a manifest may not) would silently replace
-            // each other; keep the first.
-            if mine.iter().any(|(k, _)| *k == fk) {
-                reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
-                continue;
-            }
-            let external = kind != FrontendKind::ClusterIp;
-            let policy_local = if external { etp_local } else { itp_local };
-            let (mut backends, drop_when_empty) = select_backends(&endpoints, node, policy_local, prefer_same_node);
-            if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
-                reject(
-                    rejections,
-                    KIND,
-                    key,
-                    &svc.origin,
-                    Cause::TooManyEndpoints,
-                    format!("port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used", backends.len()),
-                );
-                backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
-            }
-            mine.push((
-                fk,
-                Frontend {
-                    service: key.clone(),
-                    port_name: port_name.clone(),
-                    kind,
-                    backends,
-                    drop_when_empty,
-                    policy_local,
-                    // externalTrafficPolicy Cluster: remote backends need SNAT.
-                    snat_remote: external && !etp_local,
-                    affinity_timeout_s: affinity_timeout,
-                    affinity_group: group,
-                    source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { None },
-                },
-            ));
         }
     }
     out.extend(mine);
@@ -699,22 +732,29 @@ struct Endpoint {
     node_hints: BTreeSet<String>,
 }
 
+/// The endpoints of one Service port in the slices of one family
+/// (`addressType` IPv4, or IPv6 with `v6`).
 fn endpoints_for_port(
     port_name: &str,
     protocol: Protocol,
+    v6: bool,
     slices: &[&Stored<EndpointSlice>],
     rejections: &mut Vec<Rejection>,
 ) -> Vec<Endpoint> {
     const KIND: &str = "EndpointSlice";
     let mut out: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
+    let family = if v6 { "IPv6" } else { "IPv4" };
     for slice in slices {
         let es = &slice.object;
-        // Why: IPv6 and FQDN slices are normal in a dual-stack cluster; they
-        // are simply not ours (IPv4 only for now).
-        if es.address_type != "IPv4" {
+        let key = ObjectKey::of(&es.metadata);
+        if es.address_type == "FQDN" && !v6 {
+            // (Reported once, with the IPv4 pass.)
+            reject(rejections, KIND, &key, &slice.origin, Cause::Unsupported, "addressType FQDN is not proxied (as kube-proxy)".to_owned());
+        }
+        // The other family's slices serve the other family's frontends.
+        if es.address_type != family {
             continue;
         }
-        let key = ObjectKey::of(&es.metadata);
         let Some(target) = es.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && parse_protocol(p.protocol.as_deref()).ok() == Some(protocol)
@@ -736,16 +776,12 @@ fn endpoints_for_port(
             let Some(first) = ep.addresses.first() else {
                 continue;
             };
-            let Ok(addr) = first.parse::<Ipv4Addr>() else {
-                reject(
-                    rejections,
-                    KIND,
-                    &key,
-                    &slice.origin,
-                    Cause::Invalid,
-                    format!("endpoint address {first:?} is not an IPv4 address"),
-                );
-                continue;
+            let addr = match first.parse::<IpAddr>() {
+                Ok(a) if a.is_ipv6() == v6 => a,
+                _ => {
+                    reject(rejections, KIND, &key, &slice.origin, Cause::Invalid, format!("endpoint address {first:?} is not an {family} address"));
+                    continue;
+                }
             };
             let c = ep.conditions.as_ref();
             // Unset `ready` means ready; unset `serving` means the same as

@@ -25,11 +25,11 @@
 //! ([`closed_reserve`]); the sync reports them (and `/healthz` fails) until a
 //! later sync finds room for the whole frontend.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_common::{
-    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend},
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, SvcKey, SvcValue},
+    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend, Backend6},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -66,9 +66,9 @@ impl ProgFrontend {
 struct Programmed {
     frontends: BTreeMap<FrontendKey, ProgFrontend>,
     backend_ids: BTreeMap<(BackendAddr, Protocol), u32>,
-    backends: BTreeMap<u32, Backend>,
+    backends: BTreeMap<u32, BackendEntry>,
     /// Service-map keys that belong to no valid frontend.
-    orphan_svc: Vec<SvcKey>,
+    orphan_svc: Vec<SlotKey>,
     /// Names of service ids no frontend uses.
     orphan_names: Vec<u32>,
     /// Source ranges of service ids no frontend uses.
@@ -83,34 +83,88 @@ struct Programmed {
     unref: BTreeSet<u32>,
 }
 
-/// The service-map key of slot `slot` of frontend `k`.
-pub(crate) fn svc_key(k: FrontendKey, slot: u16) -> SvcKey {
-    SvcKey {
-        addr_be: u32::from(k.addr).to_be(),
-        port_be: k.port.to_be(),
-        backend_slot: slot,
-        proto: k.protocol.number(),
-        scope: 0,
-        _pad: [0; 2],
+/// A key of the service map of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SlotKey {
+    V4(SvcKey),
+    V6(Svc6Key),
+}
+
+impl SlotKey {
+    /// The same frontend's key of slot `slot`.
+    fn with_slot(self, slot: u16) -> Self {
+        match self {
+            Self::V4(k) => Self::V4(SvcKey { backend_slot: slot, ..k }),
+            Self::V6(k) => Self::V6(Svc6Key { backend_slot: slot, ..k }),
+        }
+    }
+
+    fn slot(self) -> u16 {
+        match self {
+            Self::V4(k) => k.backend_slot,
+            Self::V6(k) => k.backend_slot,
+        }
+    }
+
+    /// The frontend, if the key is a valid one (known protocol, scope 0).
+    fn frontend(self) -> Option<FrontendKey> {
+        let (addr, port_be, proto, scope) = match self {
+            Self::V4(k) => (IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr_be))), k.port_be, k.proto, k.scope),
+            Self::V6(k) => (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port_be, k.proto, k.scope),
+        };
+        (scope == 0).then_some(())?;
+        Some(FrontendKey { addr, port: u16::from_be(port_be), protocol: Protocol::from_number(proto)? })
     }
 }
 
+/// The service-map key of slot `slot` of frontend `k`, in its family's map.
+fn slot_key(k: FrontendKey, slot: u16) -> SlotKey {
+    let (port_be, proto) = (k.port.to_be(), k.protocol.number());
+    match k.addr {
+        IpAddr::V4(a) => SlotKey::V4(SvcKey { addr_be: u32::from(a).to_be(), port_be, backend_slot: slot, proto, scope: 0, _pad: [0; 2] }),
+        IpAddr::V6(a) => SlotKey::V6(Svc6Key { addr: a.octets(), port_be, backend_slot: slot, proto, scope: 0, _pad: [0; 2] }),
+    }
+}
+
+/// The IPv4 service-map key of slot `slot` of frontend `k` (tests).
+#[cfg(test)]
+pub(crate) fn svc_key(k: FrontendKey, slot: u16) -> SvcKey {
+    match slot_key(k, slot) {
+        SlotKey::V4(k) => k,
+        SlotKey::V6(_) => panic!("{k} is IPv6"),
+    }
+}
+
+#[cfg(test)]
 fn frontend_of(k: SvcKey) -> Option<FrontendKey> {
-    Some(FrontendKey {
-        addr: Ipv4Addr::from(u32::from_be(k.addr_be)),
-        port: u16::from_be(k.port_be),
-        protocol: Protocol::from_number(k.proto)?,
-    })
+    SlotKey::V4(k).frontend()
+}
+
+/// A backend-map entry of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendEntry {
+    V4(Backend),
+    V6(Backend6),
+}
+
+impl BackendEntry {
+    fn new(b: BackendAddr, proto: Protocol) -> Self {
+        let (port_be, flags) = (b.port.to_be(), if b.local { BACKEND_F_LOCAL } else { 0 });
+        match b.addr {
+            IpAddr::V4(a) => Self::V4(Backend { addr_be: u32::from(a).to_be(), port_be, proto: proto.number(), flags }),
+            IpAddr::V6(a) => Self::V6(Backend6 { addr: a.octets(), port_be, proto: proto.number(), flags }),
+        }
+    }
 }
 
 /// The model's key of a backend as stored in the map.
-fn backend_key(b: Backend) -> Option<(BackendAddr, Protocol)> {
-    let addr = BackendAddr {
-        addr: Ipv4Addr::from(u32::from_be(b.addr_be)),
-        port: u16::from_be(b.port_be),
-        local: b.flags & BACKEND_F_LOCAL != 0,
+fn backend_key(b: BackendEntry) -> Option<(BackendAddr, Protocol)> {
+    let (addr, port_be, proto, flags) = match b {
+        BackendEntry::V4(b) => (IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr_be))), b.port_be, b.proto, b.flags),
+        BackendEntry::V6(b) => (IpAddr::V6(Ipv6Addr::from(b.addr)), b.port_be, b.proto, b.flags),
     };
-    Some((addr, Protocol::from_number(b.proto)?))
+    let addr = BackendAddr { addr, port: u16::from_be(port_be), local: flags & BACKEND_F_LOCAL != 0 };
+    Some((addr, Protocol::from_number(proto)?))
 }
 
 fn slot_u16(i: usize) -> u16 {
@@ -120,26 +174,23 @@ fn slot_u16(i: usize) -> u16 {
 impl Programmed {
     fn from_dump(d: MapsDump) -> Self {
         let mut p = Self {
-            svc_entries: d.svc.len(),
+            svc_entries: d.svc.len() + d.svc6.len(),
             ..Self::default()
         };
-        let mut groups: BTreeMap<(u32, u16, u8, u8), BTreeMap<u16, SvcValue>> = BTreeMap::new();
-        for (k, v) in d.svc {
-            groups
-                .entry((k.addr_be, k.port_be, k.proto, k.scope))
-                .or_default()
-                .insert(k.backend_slot, v);
+        // Slot 0's key → slot → value, both families.
+        let mut groups: BTreeMap<SlotKey, BTreeMap<u16, SvcValue>> = BTreeMap::new();
+        let keys = d.svc.into_iter().map(|(k, v)| (SlotKey::V4(k), v)).chain(d.svc6.into_iter().map(|(k, v)| (SlotKey::V6(k), v)));
+        for (k, v) in keys {
+            groups.entry(k.with_slot(0)).or_default().insert(k.slot(), v);
         }
         let names: BTreeMap<u32, String> = d.names.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         for (id, a, l) in d.ranges {
             ranges.entry(id).or_default().insert((a, l));
         }
-        for ((addr_be, port_be, proto, scope), slots) in groups {
-            let key0 = SvcKey { addr_be, port_be, backend_slot: 0, proto, scope, _pad: [0; 2] };
-            let fk = frontend_of(key0).filter(|_| scope == 0);
-            let (Some(fk), Some(head)) = (fk, slots.get(&0)) else {
-                p.orphan_svc.extend(slots.keys().map(|&s| SvcKey { backend_slot: s, ..key0 }));
+        for (key0, slots) in groups {
+            let (Some(fk), Some(head)) = (key0.frontend(), slots.get(&0)) else {
+                p.orphan_svc.extend(slots.keys().map(|&s| key0.with_slot(s)));
                 continue;
             };
             let count = head.count;
@@ -159,7 +210,8 @@ impl Programmed {
         let used: BTreeSet<u32> = p.frontends.values().map(|f| f.svc_id).collect();
         p.orphan_names = names.keys().copied().filter(|id| !used.contains(id)).collect();
         p.orphan_ranges = ranges.into_iter().flat_map(|(id, rs)| rs.into_iter().map(move |(a, l)| (id, a, l))).collect();
-        for (id, b) in d.backends {
+        let backends = d.backends.into_iter().map(|(id, b)| (id, BackendEntry::V4(b)));
+        for (id, b) in backends.chain(d.backends6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b)))) {
             p.next_backend_id = p.next_backend_id.max(id);
             p.backends.insert(id, b);
             if let Some(key) = backend_key(b) {
@@ -421,10 +473,10 @@ impl<M: ServiceMaps> Reconciler<M> {
                 self.note_removed(&fe.slots, &[], report);
             }
             let res = (|| -> Result<()> {
-                self.maps.delete_svc(svc_key(key, 0))?;
+                self.del_slot(slot_key(key, 0))?;
                 report.deletes += 1;
                 for s in (1..=fe.slots.len()).map(slot_u16).chain(fe.stale_slots.iter().copied()) {
-                    self.maps.delete_svc(svc_key(key, s))?;
+                    self.del_slot(slot_key(key, s))?;
                     report.deletes += 1;
                 }
                 for r in &fe.ranges {
@@ -446,7 +498,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         for k in std::mem::take(&mut self.state.orphan_svc) {
-            match self.maps.delete_svc(k) {
+            match self.del_slot(k) {
                 Ok(()) => {
                     report.deletes += 1;
                     self.state.svc_entries -= 1;
@@ -550,13 +602,11 @@ impl<M: ServiceMaps> Reconciler<M> {
         // 1. Backends.
         for b in new_backends {
             let id = self.state.next_backend_id;
-            let value = Backend {
-                addr_be: u32::from(b.addr).to_be(),
-                port_be: b.port.to_be(),
-                proto: proto.number(),
-                flags: if b.local { BACKEND_F_LOCAL } else { 0 },
-            };
-            self.maps.write_backend(id, value)?;
+            let value = BackendEntry::new(b, proto);
+            match value {
+                BackendEntry::V4(v) => self.maps.write_backend(id, v)?,
+                BackendEntry::V6(v) => self.maps.write_backend6(id, v)?,
+            }
             report.writes += 1;
             self.state.next_backend_id += 1;
             self.state.backend_ids.insert((b, proto), id);
@@ -582,7 +632,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         for (i, id) in slots.iter().enumerate() {
             if cur_slots.get(i) != Some(id) {
                 let v = SvcValue { backend_id: *id, svc_id, ..SvcValue::default() };
-                self.maps.write_svc(svc_key(key, slot_u16(i + 1)), v)?;
+                self.put_slot(slot_key(key, slot_u16(i + 1)), v)?;
                 report.writes += 1;
             }
         }
@@ -615,7 +665,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 svc_id,
                 affinity_timeout_s: fe.affinity_timeout_s,
             };
-            self.maps.write_svc(svc_key(key, 0), v)?;
+            self.put_slot(slot_key(key, 0), v)?;
             report.writes += 1;
         }
         // 4. Slots beyond the new count.
@@ -626,7 +676,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             extra.extend(c.stale_slots.iter().copied().filter(|&s| usize::from(s) > slots.len()));
         }
         for s in extra {
-            self.maps.delete_svc(svc_key(key, s))?;
+            self.del_slot(slot_key(key, s))?;
             report.deletes += 1;
         }
         // Ranges no longer wanted, after slot 0 stopped asking for them.
@@ -648,11 +698,26 @@ impl<M: ServiceMaps> Reconciler<M> {
         Ok(())
     }
 
+    fn put_slot(&mut self, k: SlotKey, v: SvcValue) -> Result<()> {
+        match k {
+            SlotKey::V4(k) => self.maps.write_svc(k, v),
+            SlotKey::V6(k) => self.maps.write_svc6(k, v),
+        }
+    }
+
+    fn del_slot(&mut self, k: SlotKey) -> Result<()> {
+        match k {
+            SlotKey::V4(k) => self.maps.delete_svc(k),
+            SlotKey::V6(k) => self.maps.delete_svc6(k),
+        }
+    }
+
     /// Records the backends of `before` that are not in `after`.
     fn note_removed(&self, before: &[u32], after: &[u32], report: &mut SyncReport) {
         for id in before.iter().filter(|id| !after.contains(id)) {
-            if let Some((b, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
-                report.removed_udp_backends.insert((b.addr, b.port));
+            // (Connected UDP sockets are destroyed for IPv4 backends only yet.)
+            if let Some((BackendAddr { addr: IpAddr::V4(a), port, .. }, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
+                report.removed_udp_backends.insert((a, port));
             }
         }
     }
@@ -663,7 +728,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             .filter(|id| !self.state.refs.contains_key(id) && self.state.backends.contains_key(id))
             .collect();
         for id in unused {
-            match self.maps.delete_backend(id) {
+            let res = match self.state.backends[&id] {
+                BackendEntry::V4(_) => self.maps.delete_backend(id),
+                BackendEntry::V6(_) => self.maps.delete_backend6(id),
+            };
+            match res {
                 Ok(()) => {
                     report.deletes += 1;
                     let b = self.state.backends.remove(&id).expect("present");

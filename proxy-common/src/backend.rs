@@ -26,3 +26,21 @@ const _: () = assert!(size_of::<Backend>() == 8);
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 crate::pod!(Backend);
+
+/// IPv6 backends. Ids come from the same space as [`BACKEND_MAP`]'s (the
+/// agent allocates both from one counter), so an id names one backend of
+/// one family.
+pub const BACKEND6_MAP: &str = "proxy_be6_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend6 {
+    /// Network byte order.
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend6>() == 20);
+
+crate::pod!(Backend6);

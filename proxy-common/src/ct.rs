@@ -161,3 +161,47 @@ const _: () = assert!(size_of::<CtValue>() == 32);
 const _: () = assert!(size_of::<CtValue>() == 40);
 
 crate::pod!(CtKey, CtValue);
+
+/// IPv6 conntrack: the same two tables, entries and timeouts as the IPv4
+/// ones ([`CT_MAP`], [`CT_NEW_MAP`]), keyed by IPv6 addresses (network byte
+/// order).
+pub const CT6_MAP: &str = "proxy_ct6_v1";
+pub const CT6_NEW_MAP: &str = "proxy_ct6_new_v1";
+/// Compiled-in capacities; the agent sets the real ones at load.
+pub const CT6_MAX_ENTRIES: u32 = 65_536;
+pub const CT6_NEW_MAX_ENTRIES: u32 = 16_384;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `CT_DIR_SERVICE` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+
+/// [`CtValue`] with IPv6 addresses; the fields mean the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Value {
+    pub nat_addr: [u8; 16],
+    pub snat_addr: [u8; 16],
+    pub nat_port_be: u16,
+    pub snat_port_be: u16,
+    pub flags: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: u8,
+    pub slot: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Ct6Value>() == 56);
+
+crate::pod!(Ct6Key, Ct6Value);

@@ -93,3 +93,23 @@ pub struct SrcRangeKey {
 const _: () = assert!(size_of::<SrcRangeKey>() == 8);
 
 crate::pod!(SvcKey, SvcValue, SrcRangeKey);
+
+/// IPv6 frontends: the same slots and values as [`SVC_MAP`], keyed by an
+/// IPv6 address (network byte order). Slot `backend_id`s name entries of
+/// [`crate::backend::BACKEND6_MAP`].
+pub const SVC6_MAP: &str = "proxy_svc6_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc6Key {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Svc6Key>() == 24);
+
+crate::pod!(Svc6Key);

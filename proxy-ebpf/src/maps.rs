@@ -10,12 +10,12 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
     sock::{Config, SOCK_DESTROY_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
-    backend::{BACKEND_MAX_ENTRIES, Backend},
-    ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CtKey, CtValue},
+    backend::{BACKEND_MAX_ENTRIES, Backend, Backend6},
+    ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CT6_MAX_ENTRIES, CT6_NEW_MAX_ENTRIES, Ct6Key, Ct6Value, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
     frag::{FRAG_MAX_ENTRIES, FragKey, FragValue},
     stats::{IcmpBucket, STATS_MAX_ENTRIES, StatCounter},
-    svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRangeKey, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -27,6 +27,23 @@ pub static SVC: HashMap<SvcKey, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREAL
 #[btf_map(name = "proxy_be_v1")]
 pub static BACKEND: HashMap<u32, Backend, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// IPv6 frontends (`proxy_common::svc::SVC6_MAP`).
+#[btf_map(name = "proxy_svc6_v1")]
+pub static SVC6: HashMap<Svc6Key, SvcValue, { SVC_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// IPv6 backends (`proxy_common::backend::BACKEND6_MAP`).
+#[btf_map(name = "proxy_be6_v1")]
+pub static BACKEND6: HashMap<u32, Backend6, { BACKEND_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// IPv6 confirmed and unconfirmed flows (`proxy_common::ct::CT6_MAP`, `CT6_NEW_MAP`).
+#[btf_map(name = "proxy_ct6_v1")]
+pub static CT6: LruHashMap<Ct6Key, Ct6Value, { CT6_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map(name = "proxy_ct6_new_v1")]
+pub static CT6_NEW: LruHashMap<Ct6Key, Ct6Value, { CT6_NEW_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Confirmed flows (`proxy_common::ct::CT_MAP`; the test-only next layout
 /// renames both tables).

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use proxy_common::{
-    backend::Backend,
-    svc::{SvcKey, SvcValue},
+    backend::{Backend, Backend6},
+    svc::{Svc6Key, SvcKey, SvcValue},
 };
 
 use super::maps::{MapsDump, ServiceMaps};
@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 pub struct FakeMaps {
     pub svc: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub svc6: BTreeMap<Svc6Key, SvcValue>,
+    pub backends6: BTreeMap<u32, Backend6>,
     pub names: BTreeMap<u32, String>,
     pub ranges: std::collections::BTreeSet<(u32, std::net::Ipv4Addr, u8)>,
     /// Every write in order, for asserting write order and minimality.
@@ -42,6 +44,8 @@ impl ServiceMaps for FakeMaps {
         Ok(MapsDump {
             svc: self.svc.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            svc6: self.svc6.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends6: self.backends6.iter().map(|(k, v)| (*k, *v)).collect(),
             names: self.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
             ranges: self.ranges.iter().copied().collect(),
         })
@@ -72,6 +76,34 @@ impl ServiceMaps for FakeMaps {
     fn delete_svc(&mut self, key: SvcKey) -> Result<()> {
         self.step(format!("svc- {}:{} slot {}", key.addr_be, key.port_be, key.backend_slot))?;
         self.svc.remove(&key);
+        Ok(())
+    }
+
+    fn write_backend6(&mut self, id: u32, backend: Backend6) -> Result<()> {
+        self.step(format!("backend6+ {id}"))?;
+        self.backends6.insert(id, backend);
+        Ok(())
+    }
+
+    fn delete_backend6(&mut self, id: u32) -> Result<()> {
+        self.step(format!("backend6- {id}"))?;
+        self.backends6.remove(&id);
+        Ok(())
+    }
+
+    fn write_svc6(&mut self, key: Svc6Key, value: SvcValue) -> Result<()> {
+        if let Some(cap) = self.svc_capacity
+            && !self.svc6.contains_key(&key) && self.svc.len() + self.svc6.len() >= cap {
+                return Err(Error::Injected("svc map full"));
+            }
+        self.step(format!("svc6+ {}:{} slot {}", std::net::Ipv6Addr::from(key.addr), u16::from_be(key.port_be), key.backend_slot))?;
+        self.svc6.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_svc6(&mut self, key: Svc6Key) -> Result<()> {
+        self.step(format!("svc6- {}:{} slot {}", std::net::Ipv6Addr::from(key.addr), u16::from_be(key.port_be), key.backend_slot))?;
+        self.svc6.remove(&key);
         Ok(())
     }
 

@@ -4,10 +4,10 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use proxy_common::{
-    backend::{BACKEND_MAP, Backend},
+    backend::{BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
     names::{NAMES_MAP, SvcName},
     stats::{STATS_MAP, StatCounter},
-    svc::{SRC_RANGE_MAP, SVC_MAP, SrcRangeKey, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAP, SVC_MAP, SVC6_MAP, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -20,6 +20,9 @@ use crate::{
 pub struct MapsDump {
     pub svc: Vec<(SvcKey, SvcValue)>,
     pub backends: Vec<(u32, Backend)>,
+    /// The IPv6 maps (same slots, values and id spaces).
+    pub svc6: Vec<(Svc6Key, SvcValue)>,
+    pub backends6: Vec<(u32, Backend6)>,
     pub names: Vec<(u32, String)>,
     /// `loadBalancerSourceRanges`: (service id, range address, prefix length).
     pub ranges: Vec<(u32, std::net::Ipv4Addr, u8)>,
@@ -33,6 +36,10 @@ pub trait ServiceMaps {
     fn delete_backend(&mut self, id: u32) -> Result<()>;
     fn write_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<()>;
     fn delete_svc(&mut self, key: SvcKey) -> Result<()>;
+    fn write_backend6(&mut self, id: u32, backend: Backend6) -> Result<()>;
+    fn delete_backend6(&mut self, id: u32) -> Result<()>;
+    fn write_svc6(&mut self, key: Svc6Key, value: SvcValue) -> Result<()>;
+    fn delete_svc6(&mut self, key: Svc6Key) -> Result<()>;
     fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()>;
     fn delete_name(&mut self, svc_id: u32) -> Result<()>;
     fn write_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()>;
@@ -48,6 +55,8 @@ fn range_key(svc_id: u32, (addr, len): (std::net::Ipv4Addr, u8)) -> Key<SrcRange
 pub struct BpfMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
+    svc6: HashMap<MapData, Svc6Key, SvcValue>,
+    backends6: HashMap<MapData, u32, Backend6>,
     names: HashMap<MapData, u32, SvcName>,
     ranges: LpmTrie<MapData, SrcRangeKey, u32>,
 }
@@ -77,6 +86,8 @@ impl BpfMaps {
         Ok(Self {
             svc: HashMap::try_from(take(ebpf, SVC_MAP)?).map_err(map_err(SVC_MAP, "open"))?,
             backends: HashMap::try_from(take(ebpf, BACKEND_MAP)?).map_err(map_err(BACKEND_MAP, "open"))?,
+            svc6: HashMap::try_from(take(ebpf, SVC6_MAP)?).map_err(map_err(SVC6_MAP, "open"))?,
+            backends6: HashMap::try_from(take(ebpf, BACKEND6_MAP)?).map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(take(ebpf, NAMES_MAP)?).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(take(ebpf, SRC_RANGE_MAP)?).map_err(map_err(SRC_RANGE_MAP, "open"))?,
         })
@@ -88,6 +99,9 @@ impl BpfMaps {
             svc: HashMap::try_from(Map::HashMap(from_pin(pins, SVC_MAP)?)).map_err(map_err(SVC_MAP, "open"))?,
             backends: HashMap::try_from(Map::HashMap(from_pin(pins, BACKEND_MAP)?))
                 .map_err(map_err(BACKEND_MAP, "open"))?,
+            svc6: HashMap::try_from(Map::HashMap(from_pin(pins, SVC6_MAP)?)).map_err(map_err(SVC6_MAP, "open"))?,
+            backends6: HashMap::try_from(Map::HashMap(from_pin(pins, BACKEND6_MAP)?))
+                .map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(Map::HashMap(from_pin(pins, NAMES_MAP)?)).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(from_pin(pins, SRC_RANGE_MAP)?)).map_err(map_err(SRC_RANGE_MAP, "open"))?,
         })
@@ -102,6 +116,12 @@ impl ServiceMaps for BpfMaps {
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(BACKEND_MAP, "dump"))?;
+        let svc6 = self.svc6.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(SVC6_MAP, "dump"))?;
+        let backends6 = self
+            .backends6
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(BACKEND6_MAP, "dump"))?;
         let names = self
             .names
             .iter()
@@ -120,7 +140,7 @@ impl ServiceMaps for BpfMaps {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(SRC_RANGE_MAP, "dump"))?;
-        Ok(MapsDump { svc, backends, names, ranges })
+        Ok(MapsDump { svc, backends, svc6, backends6, names, ranges })
     }
 
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
@@ -137,6 +157,22 @@ impl ServiceMaps for BpfMaps {
 
     fn delete_svc(&mut self, key: SvcKey) -> Result<()> {
         ignore_missing(self.svc.remove(&key)).map_err(map_err(SVC_MAP, "delete"))
+    }
+
+    fn write_backend6(&mut self, id: u32, backend: Backend6) -> Result<()> {
+        self.backends6.insert(id, backend, 0).map_err(map_err(BACKEND6_MAP, "update"))
+    }
+
+    fn delete_backend6(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.backends6.remove(&id)).map_err(map_err(BACKEND6_MAP, "delete"))
+    }
+
+    fn write_svc6(&mut self, key: Svc6Key, value: SvcValue) -> Result<()> {
+        self.svc6.insert(key, value, 0).map_err(map_err(SVC6_MAP, "update"))
+    }
+
+    fn delete_svc6(&mut self, key: Svc6Key) -> Result<()> {
+        ignore_missing(self.svc6.remove(&key)).map_err(map_err(SVC6_MAP, "delete"))
     }
 
     fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()> {

@@ -713,7 +713,7 @@ endpoints: [{addresses: [10.244.0.1], conditions: {ready: false}}]
 }
 
 #[test]
-fn ipv6_and_fqdn_slices_are_ignored() {
+fn each_family_takes_its_own_slices_and_fqdn_slices_are_reported() {
     check(
         r"
 apiVersion: v1
@@ -756,7 +756,11 @@ addressType: FQDN
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [web.example.com]}]
 ",
-        "10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080",
+        "
+        10.96.0.10:80/TCP default/web:http -> 10.244.0.11:8080
+        [fd00::10]:80/TCP default/web:http -> [fd00:244::11]:8080
+        rejected: EndpointSlice default/web-fqdn (from test.yaml): addressType FQDN is not proxied (as kube-proxy)
+        ",
     );
 }
 
@@ -934,7 +938,7 @@ spec:
 // --------------------------------------------------------------- dual-stack
 
 #[test]
-fn dual_stack_service_uses_its_ipv4_cluster_ip() {
+fn dual_stack_service_gets_a_frontend_per_family() {
     check(
         r"
 apiVersion: v1
@@ -957,12 +961,15 @@ addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.244.0.11]}]
 ",
-        "10.96.0.20:80/TCP default/dual:http -> 10.244.0.11:8080",
+        "
+        10.96.0.20:80/TCP default/dual:http -> 10.244.0.11:8080
+        [fd00::20]:80/TCP default/dual:http -> (none)
+        ",
     );
 }
 
 #[test]
-fn ipv6_primary_dual_stack_service_uses_its_ipv4_cluster_ip() {
+fn ipv6_primary_dual_stack_service_gets_both_families() {
     check(
         r"
 apiVersion: v1
@@ -975,7 +982,10 @@ spec:
   ipFamilyPolicy: PreferDualStack
   ports: [{name: http, port: 80}]
 ",
-        "10.96.0.21:80/TCP default/dual6:http -> (none)",
+        "
+        10.96.0.21:80/TCP default/dual6:http -> (none)
+        [fd00::21]:80/TCP default/dual6:http -> (none)
+        ",
     );
 }
 
@@ -1196,7 +1206,7 @@ spec:
 }
 
 #[test]
-fn ipv6_only_service_is_rejected() {
+fn ipv6_only_service_is_programmed_and_a_family_it_does_not_list_is_reported() {
     check_with_good(
         r"
 apiVersion: v1
@@ -1218,7 +1228,20 @@ addressType: IPv6
 ports: [{port: 8080}]
 endpoints: [{addresses: ['fd00:244::1']}]
 ",
-        "rejected: Service default/v6 (from test.yaml): IPv6-only Service: IPv6 is not supported yet",
+        "[fd00::1]:80/TCP default/v6 -> [fd00:244::1]:8080",
+    );
+    check_with_good(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: v6, namespace: default}
+spec:
+  clusterIP: fd00::1
+  clusterIPs: ['fd00::1']
+  ipFamilies: [IPv4]
+  ports: [{port: 80}]
+",
+        r#"rejected: Service default/v6 (from test.yaml): clusterIP fd00::1 is IPv6, but ipFamilies is ["IPv4"]"#,
     );
 }
 
@@ -1666,6 +1689,7 @@ fn load_balancer_service_gets_cluster_ip_node_ports_external_and_ingress_ips() {
         198.51.100.1:30080/TCP NodePort policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
         203.0.113.7:80/TCP ExternalIp policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
         203.0.113.50:80/TCP LoadBalancer policy=Cluster snat=true drop=false -> 10.244.1.11:8080(local),10.244.2.11:8080
+        rejected: Service default/web (from test.yaml): externalIP fd00::7 is IPv6, a family the Service has no clusterIP of (ipFamilies)
         ",
     );
     assert_eq!(got, want);
@@ -1716,7 +1740,8 @@ fn session_affinity_client_ip_sets_the_timeout_and_one_group_per_service_port() 
     let with = |extra: &str| {
         let yaml = LB_SVC.replace("ETP", "Cluster").replace("  ports: [{name: http, port: 80, nodePort: 30080}]", &format!("{extra}  ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}]"));
         let (desired, rejections) = desired_state(&store_from(&yaml), &node_a());
-        assert!(rejections.is_empty(), "{rejections:?}");
+        // (Only the IPv6 externalIP of this IPv4-only Service.)
+        assert!(rejections.iter().all(|r| r.reason.contains("fd00::7")), "{rejections:?}");
         desired
     };
     let d = with("  sessionAffinity: ClientIP\n");

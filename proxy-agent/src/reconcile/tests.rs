@@ -30,6 +30,14 @@ use crate::{
 
 type Fe = (FrontendKey, Frontend);
 
+/// An IPv4 address as the IPv4 maps store it.
+fn v4(a: std::net::IpAddr) -> u32 {
+    match a {
+        std::net::IpAddr::V4(a) => u32::from(a),
+        std::net::IpAddr::V6(a) => panic!("{a} is IPv6"),
+    }
+}
+
 fn key(vip: &str, port: u16, protocol: Protocol) -> FrontendKey {
     FrontendKey {
         addr: vip
@@ -41,18 +49,8 @@ fn key(vip: &str, port: u16, protocol: Protocol) -> FrontendKey {
 }
 
 fn baddr(s: &str) -> BackendAddr {
-    let (a, p) = s
-        .split_once(':')
-        .unwrap_or_else(|| panic!("backend {s:?} is not addr:port"));
-    BackendAddr {
-        addr: a
-            .parse()
-            .unwrap_or_else(|e| panic!("bad backend address {s:?}: {e}")),
-        port: p
-            .parse()
-            .unwrap_or_else(|e| panic!("bad backend port {s:?}: {e}")),
-        local: false,
-    }
+    let a: std::net::SocketAddr = s.parse().unwrap_or_else(|e| panic!("backend {s:?} is not addr:port ([v6]:port): {e}"));
+    BackendAddr { addr: a.ip(), port: a.port(), local: false }
 }
 
 /// A `ClusterIP` frontend named after its VIP, port and protocol.
@@ -175,7 +173,7 @@ fn backend_id(maps: &FakeMaps, b: &str, proto: Protocol) -> u32 {
         .backends
         .iter()
         .filter(|(_, v)| {
-            v.addr_be == u32::from(a.addr).to_be()
+            v.addr_be == v4(a.addr).to_be()
                 && v.port_be == a.port.to_be()
                 && v.proto == proto.number()
         })
@@ -200,7 +198,7 @@ fn has_any_entry(maps: &FakeMaps, k: FrontendKey) -> bool {
 fn backend_value(b: &str, proto: Protocol) -> Backend {
     let a = baddr(b);
     Backend {
-        addr_be: u32::from(a.addr).to_be(),
+        addr_be: v4(a.addr).to_be(),
         port_be: a.port.to_be(),
         proto: proto.number(),
         flags: 0,
@@ -390,7 +388,7 @@ fn assert_consistent(maps: &FakeMaps, ctx: &str) {
 
 /// How `FakeMaps` names a frontend in its log.
 fn tag(k: FrontendKey) -> String {
-    format!("{}:{}", u32::from(k.addr).to_be(), k.port.to_be())
+    format!("{}:{}", v4(k.addr).to_be(), k.port.to_be())
 }
 
 fn svc_put(k: FrontendKey, slot: u16) -> String {
@@ -1180,7 +1178,7 @@ fn assert_not_programmed(maps: &FakeMaps, unfit: &Fe) {
         maps.svc
     );
     for addr in &f.backends {
-        let a_be = u32::from(addr.addr).to_be();
+        let a_be = v4(addr.addr).to_be();
         assert!(
             !maps.backends.values().any(|v| v.addr_be == a_be),
             "backend {addr} of the unfit frontend was written"
@@ -1467,4 +1465,34 @@ fn partial_syncs_retry_frontends_that_did_not_fit() {
     let rep = rec.sync_keys(&desired([&b]), &BTreeSet::from([a.0]));
     assert!(rep.errors.is_empty(), "{:?}", rep.errors);
     assert_eq!(view(rec.maps()), expected_view(&desired([&b])));
+}
+
+/// IPv6 frontends go to the IPv6 maps (same slots, values and id spaces as
+/// IPv4): programmed, adopted after a restart, changed and removed.
+#[test]
+fn ipv6_frontends_are_programmed_in_the_ipv6_maps() {
+    let v4 = fe("10.96.0.10", 80, Tcp, &["10.244.0.1:8080"]);
+    let v6 = fe("fd00::10", 80, Tcp, &["[fd00:244::1]:8080", "[fd00:244::2]:8080"]);
+    let mut rec = reconciler(FakeMaps::default());
+    sync_ok(&mut rec, &desired([&v4, &v6]));
+    let m = rec.maps();
+    assert_eq!((m.svc.len(), m.backends.len()), (2, 1), "IPv4: slot 0 and one backend");
+    assert_eq!((m.svc6.len(), m.backends6.len()), (3, 2), "IPv6: slot 0 and two backends");
+    let ids: BTreeSet<u32> = m.backends.keys().chain(m.backends6.keys()).copied().collect();
+    assert_eq!(ids.len(), 3, "one id space for both families");
+    let head6 = m.svc6.iter().find(|(k, _)| k.backend_slot == 0).map(|(_, v)| *v).expect("slot 0");
+    assert_eq!(head6.count, 2);
+    let view = crate::inspect::services_view(&m.dump().expect("dump"));
+    assert_eq!(view.iter().map(|f| (f.family.as_str(), f.address.as_str(), f.backends.len())).collect::<Vec<_>>(), [("IPv4", "10.96.0.10", 1), ("IPv6", "fd00::10", 2)]);
+
+    // A restart adopts both families: nothing to write.
+    let mut again = reconciler(rec.maps().clone());
+    assert_no_writes(&mut again, &desired([&v4, &v6]), "after a restart");
+    // One IPv6 endpoint goes, then the frontend.
+    let v6b = fe("fd00::10", 80, Tcp, &["[fd00:244::2]:8080"]);
+    sync_ok(&mut again, &desired([&v4, &v6b]));
+    assert_eq!((again.maps().svc6.len(), again.maps().backends6.len()), (2, 1));
+    sync_ok(&mut again, &desired([&v4]));
+    assert!(again.maps().svc6.is_empty() && again.maps().backends6.is_empty(), "{:?}", again.maps().svc6);
+    assert_eq!(again.maps().svc.len(), 2, "IPv4 untouched");
 }
