@@ -329,9 +329,6 @@ impl Datapath {
                 return Err(Error::MissingMap { name });
             }
         }
-        // Retired layouts' entries into the new maps, before the new
-        // programs replace the old ones ([`Self::finish_upgrade`] after).
-        migrate::copy_all(pins);
         let mut dp = Self {
             ebpf,
             pins: pins.clone(),
@@ -350,6 +347,11 @@ impl Datapath {
             dp.sock_destroy = dp.load_sock_destroy();
         }
         cgroup::write_config(&mut dp.ebpf, socket_lb)?;
+        // Retired layouts' entries into the new maps, once every program is
+        // verified (that takes a while), right before they replace the old
+        // ones: the flows the old programs create in between are carried
+        // by [`Self::finish_upgrade`], and the fewer the better.
+        migrate::copy_all(pins);
         Ok(dp)
     }
 
