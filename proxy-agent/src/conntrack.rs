@@ -1,20 +1,21 @@
 //! The BPF conntrack seen from userspace: its size (kube-proxy's conntrack
 //! flags), the agent's garbage collector, and `proxy-agent conntrack
-//! list|flush`. Reads and writes the pinned `proxy_ct_v2` map, so the
-//! commands work while the agent is down.
+//! list|flush`. Reads and writes the pinned tables of both families
+//! (`proxy_ct_v2`, `proxy_ct_new_v1` and their IPv6 twins), so the commands
+//! work while the agent is down.
 //!
 //! Timestamps are `bpf_ktime_get_ns`, i.e. `CLOCK_MONOTONIC`, which
 //! userspace reads the same way.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::ct::{
     CONNTRACK_MAX_PER_CORE_DEFAULT, CONNTRACK_MIN_DEFAULT, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_CLOSING, CT_F_SEEN_REPLY,
-    CT_F_SNAT, CT_MAP, CT_NEW_MAP, CtKey, CtValue, timeout_ns,
+    CT_F_SNAT, CT_MAP, CT_NEW_MAP, CT6_MAP, CT6_NEW_MAP, Ct6Key, Ct6Value, CtKey, CtValue, timeout_ns,
 };
 use serde::Serialize;
 
@@ -83,15 +84,79 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// The two tables: (map name, holds confirmed flows).
-const TABLES: [(&str, bool); 2] = [(CT_MAP, true), (CT_NEW_MAP, false)];
+/// One family's conntrack entries, as userspace reads them.
+trait Family: Sized {
+    type K: aya::Pod + Copy;
+    type V: aya::Pod + Copy;
+    /// (map name, holds confirmed flows)
+    const TABLES: [(&'static str, bool); 2];
+    fn proto(k: &Self::K) -> u8;
+    fn dir(k: &Self::K) -> u8;
+    fn client(k: &Self::K) -> SocketAddr;
+    fn frontend(k: &Self::K) -> SocketAddr;
+    fn flags(v: &Self::V) -> u8;
+    fn last_seen(v: &Self::V) -> u64;
+    fn backend(v: &Self::V) -> SocketAddr;
+    fn snat(v: &Self::V) -> SocketAddr;
+    fn ids(v: &Self::V) -> (u32, u32);
+    /// The REPLY key of the flow whose SERVICE entry is (k, v).
+    fn reply_key(k: &Self::K, v: &Self::V) -> Self::K;
+}
+
+fn v4(a: u32, p: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
+}
+
+fn v6(a: [u8; 16], p: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), u16::from_be(p))
+}
+
+struct V4;
+impl Family for V4 {
+    type K = CtKey;
+    type V = CtValue;
+    const TABLES: [(&'static str, bool); 2] = [(CT_MAP, true), (CT_NEW_MAP, false)];
+    fn proto(k: &CtKey) -> u8 { k.proto }
+    fn dir(k: &CtKey) -> u8 { k.dir }
+    fn client(k: &CtKey) -> SocketAddr { v4(k.saddr_be, k.sport_be) }
+    fn frontend(k: &CtKey) -> SocketAddr { v4(k.daddr_be, k.dport_be) }
+    fn flags(v: &CtValue) -> u8 { v.flags }
+    fn last_seen(v: &CtValue) -> u64 { v.last_seen_ns }
+    fn backend(v: &CtValue) -> SocketAddr { v4(v.nat_addr_be, v.nat_port_be) }
+    fn snat(v: &CtValue) -> SocketAddr { v4(v.snat_addr_be, v.snat_port_be) }
+    fn ids(v: &CtValue) -> (u32, u32) { (v.backend_id, v.svc_id) }
+    fn reply_key(k: &CtKey, v: &CtValue) -> CtKey {
+        let (src, sport) = if v.flags & CT_F_SNAT != 0 { (v.snat_addr_be, v.snat_port_be) } else { (k.saddr_be, k.sport_be) };
+        CtKey { saddr_be: v.nat_addr_be, daddr_be: src, sport_be: v.nat_port_be, dport_be: sport, proto: k.proto, dir: CT_DIR_REPLY, _pad: [0; 2] }
+    }
+}
+
+struct V6;
+impl Family for V6 {
+    type K = Ct6Key;
+    type V = Ct6Value;
+    const TABLES: [(&'static str, bool); 2] = [(CT6_MAP, true), (CT6_NEW_MAP, false)];
+    fn proto(k: &Ct6Key) -> u8 { k.proto }
+    fn dir(k: &Ct6Key) -> u8 { k.dir }
+    fn client(k: &Ct6Key) -> SocketAddr { v6(k.saddr, k.sport_be) }
+    fn frontend(k: &Ct6Key) -> SocketAddr { v6(k.daddr, k.dport_be) }
+    fn flags(v: &Ct6Value) -> u8 { v.flags }
+    fn last_seen(v: &Ct6Value) -> u64 { v.last_seen_ns }
+    fn backend(v: &Ct6Value) -> SocketAddr { v6(v.nat_addr, v.nat_port_be) }
+    fn snat(v: &Ct6Value) -> SocketAddr { v6(v.snat_addr, v.snat_port_be) }
+    fn ids(v: &Ct6Value) -> (u32, u32) { (v.backend_id, v.svc_id) }
+    fn reply_key(k: &Ct6Key, v: &Ct6Value) -> Ct6Key {
+        let (src, sport) = if v.flags & CT_F_SNAT != 0 { (v.snat_addr, v.snat_port_be) } else { (k.saddr, k.sport_be) };
+        Ct6Key { saddr: v.nat_addr, daddr: src, sport_be: v.nat_port_be, dport_be: sport, proto: k.proto, dir: CT_DIR_REPLY, _pad: [0; 2] }
+    }
+}
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, op, source }
 }
 
 /// A pinned conntrack table.
-fn open(pins: &Pins, name: &'static str) -> Result<HashMap<MapData, CtKey, CtValue>> {
+fn open<F: Family>(pins: &Pins, name: &'static str) -> Result<HashMap<MapData, F::K, F::V>> {
     let data = MapData::from_pin(pins.map(name)).map_err(map_err(name, "open pinned map"))?;
     HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name, "open"))
 }
@@ -103,13 +168,13 @@ pub fn pinned_capacity(pins: &Pins, name: &str) -> Option<u32> {
     data.info().ok().map(|i| i.max_entries())
 }
 
-fn all(map: &HashMap<MapData, CtKey, CtValue>) -> Vec<(CtKey, CtValue)> {
+fn all<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
     // An entry deleted by the kernel between listing and reading is skipped.
     map.iter().filter_map(std::result::Result::ok).collect()
 }
 
-fn expired(k: &CtKey, v: &CtValue, now: u64, confirmed: bool) -> bool {
-    now.saturating_sub(v.last_seen_ns) > timeout_ns(v.flags, k.proto, confirmed)
+fn expired<F: Family>(k: &F::K, v: &F::V, now: u64, confirmed: bool) -> bool {
+    now.saturating_sub(F::last_seen(v)) > timeout_ns(F::flags(v), F::proto(k), confirmed)
 }
 
 /// What one garbage-collection pass did.
@@ -126,10 +191,16 @@ pub struct GcReport {
 /// than to the oldest still-valid ones (and a spoofed SYN's entry, 60 s
 /// old, is gone before it could push out an idle established flow).
 pub fn gc(pins: &Pins) -> Result<Vec<(&'static str, GcReport)>> {
+    let mut out = gc_family::<V4>(pins)?;
+    out.extend(gc_family::<V6>(pins)?);
+    Ok(out)
+}
+
+fn gc_family<F: Family>(pins: &Pins) -> Result<Vec<(&'static str, GcReport)>> {
     let mut out = Vec::new();
-    for (name, confirmed) in TABLES {
+    for (name, confirmed) in F::TABLES {
         let start = Instant::now();
-        let mut map = open(pins, name)?;
+        let mut map = open::<F>(pins, name)?;
         let capacity = pinned_capacity(pins, name).map_or(0, u64::from);
         let now = monotonic_ns();
         let entries = all(&map);
@@ -137,7 +208,7 @@ pub fn gc(pins: &Pins) -> Result<Vec<(&'static str, GcReport)>> {
         for (k, _) in &entries {
             // Re-read: a packet may have refreshed it since the listing.
             let Ok(cur) = map.get(k, 0) else { continue };
-            if expired(k, &cur, now, confirmed) && map.remove(k).is_ok() {
+            if expired::<F>(k, &cur, now, confirmed) && map.remove(k).is_ok() {
                 deleted += 1;
             }
         }
@@ -149,11 +220,13 @@ pub fn gc(pins: &Pins) -> Result<Vec<(&'static str, GcReport)>> {
 /// One tracked flow, as `proxy-agent conntrack` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FlowView {
+    /// `IPv4` or `IPv6`.
+    pub family: String,
     pub protocol: String,
     pub client: String,
     pub frontend: String,
     pub backend: String,
-    /// The source the backend sees when it is NATed (node address:port).
+    /// The source the backend sees when it is `NATed` (node address:port).
     pub snat: Option<String>,
     /// TCP: `SYN_SENT` (no reply yet), `SYN_RECV` (replied, not confirmed),
     /// `ESTABLISHED` (confirmed), `CLOSING`; UDP: `UNREPLIED`, `REPLIED`,
@@ -167,13 +240,9 @@ pub struct FlowView {
     pub service: String,
 }
 
-fn addr(a: u32, p: u16) -> String {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_be(p)).to_string()
-}
-
-fn state(k: &CtKey, v: &CtValue, confirmed: bool) -> &'static str {
-    let tcp = k.proto == proxy_common::proto::TCP;
-    match (tcp, v.flags & CT_F_CLOSING != 0, confirmed, v.flags & CT_F_SEEN_REPLY != 0) {
+fn state(proto: u8, flags: u8, confirmed: bool) -> &'static str {
+    let tcp = proto == proxy_common::proto::TCP;
+    match (tcp, flags & CT_F_CLOSING != 0, confirmed, flags & CT_F_SEEN_REPLY != 0) {
         (true, true, _, _) => "CLOSING",
         (true, false, true, _) => "ESTABLISHED",
         (true, false, false, true) => "SYN_RECV",
@@ -192,42 +261,51 @@ fn names(pins: &Pins) -> BTreeMap<u32, String> {
     m.iter().filter_map(std::result::Result::ok).map(|(id, n)| (id, n.as_str().to_owned())).collect()
 }
 
-/// The live flows (one per SERVICE entry), oldest first.
+/// The live flows (one per SERVICE entry) of both families, oldest first.
 pub fn list(pins: &Pins) -> Result<Vec<FlowView>> {
     let names = names(pins);
-    let now = monotonic_ns();
-    let mut rows = Vec::new();
-    for (name, confirmed) in TABLES {
-        rows.extend(all(&open(pins, name)?).into_iter().map(|(k, v)| (k, v, confirmed)));
-    }
-    let mut out: Vec<FlowView> = rows
-        .into_iter()
-        .filter(|(k, v, confirmed)| k.dir == CT_DIR_SERVICE && !expired(k, v, now, *confirmed))
-        .map(|(k, v, confirmed)| {
-            let age = now.saturating_sub(v.last_seen_ns);
-            FlowView {
-                protocol: Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.as_str().to_owned()),
-                client: addr(k.saddr_be, k.sport_be),
-                frontend: addr(k.daddr_be, k.dport_be),
-                backend: addr(v.nat_addr_be, v.nat_port_be),
-                snat: (v.flags & CT_F_SNAT != 0).then(|| addr(v.snat_addr_be, v.snat_port_be)),
-                state: state(&k, &v, confirmed).to_owned(),
-                confirmed,
-                age_seconds: age as f64 / 1e9,
-                expires_in_seconds: timeout_ns(v.flags, k.proto, confirmed).saturating_sub(age) as f64 / 1e9,
-                backend_id: v.backend_id,
-                service: names.get(&v.svc_id).cloned().unwrap_or_default(),
-            }
-        })
-        .collect();
+    let mut out = list_family::<V4>(pins, &names)?;
+    out.extend(list_family::<V6>(pins, &names)?);
     out.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
     Ok(out)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "seconds for people")]
+fn list_family<F: Family>(pins: &Pins, names: &BTreeMap<u32, String>) -> Result<Vec<FlowView>> {
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for (name, confirmed) in F::TABLES {
+        rows.extend(all(&open::<F>(pins, name)?).into_iter().map(|(k, v)| (k, v, confirmed)));
+    }
+    Ok(rows
+        .into_iter()
+        .filter(|(k, v, confirmed)| F::dir(k) == CT_DIR_SERVICE && !expired::<F>(k, v, now, *confirmed))
+        .map(|(k, v, confirmed)| {
+            let age = now.saturating_sub(F::last_seen(&v));
+            let (proto, flags) = (F::proto(&k), F::flags(&v));
+            let (backend_id, svc_id) = F::ids(&v);
+            FlowView {
+                family: if F::client(&k).is_ipv4() { "IPv4" } else { "IPv6" }.to_owned(),
+                protocol: Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.as_str().to_owned()),
+                client: F::client(&k).to_string(),
+                frontend: F::frontend(&k).to_string(),
+                backend: F::backend(&v).to_string(),
+                snat: (flags & CT_F_SNAT != 0).then(|| F::snat(&v).to_string()),
+                state: state(proto, flags, confirmed).to_owned(),
+                confirmed,
+                age_seconds: age as f64 / 1e9,
+                expires_in_seconds: timeout_ns(flags, proto, confirmed).saturating_sub(age) as f64 / 1e9,
+                backend_id,
+                service: names.get(&svc_id).cloned().unwrap_or_default(),
+            }
+        })
+        .collect())
 }
 
 /// `--frontend ADDR:PORT[/PROTO]` of `conntrack flush`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrontendFilter {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Option<Protocol>,
 }
@@ -246,8 +324,8 @@ impl std::str::FromStr for FrontendFilter {
             }
             None => (s, None),
         };
-        let sa: SocketAddrV4 = ap.parse().map_err(|_| format!("{s:?} is not ADDR:PORT[/PROTO]"))?;
-        Ok(Self { addr: *sa.ip(), port: sa.port(), protocol: proto })
+        let sa: SocketAddr = ap.parse().map_err(|_| format!("{s:?} is not ADDR:PORT[/PROTO] (IPv6: [ADDR]:PORT)"))?;
+        Ok(Self { addr: sa.ip(), port: sa.port(), protocol: proto })
     }
 }
 
@@ -257,26 +335,26 @@ impl std::str::FromStr for FrontendFilter {
 /// (`drop_tcp_no_flow`), as after a conntrack flush with kube-proxy.
 pub fn flush(pins: &Pins, frontend: Option<FrontendFilter>) -> Result<usize> {
     let mut flows = 0;
-    for (name, _) in TABLES {
-        flows += flush_table(&mut open(pins, name)?, frontend);
+    for (name, _) in V4::TABLES {
+        flows += flush_table::<V4>(&mut open::<V4>(pins, name)?, frontend);
+    }
+    for (name, _) in V6::TABLES {
+        flows += flush_table::<V6>(&mut open::<V6>(pins, name)?, frontend);
     }
     Ok(flows)
 }
 
-fn flush_table(map: &mut HashMap<MapData, CtKey, CtValue>, frontend: Option<FrontendFilter>) -> usize {
+fn flush_table<F: Family>(map: &mut HashMap<MapData, F::K, F::V>, frontend: Option<FrontendFilter>) -> usize {
     let entries = all(map);
-    let matches = |k: &CtKey| {
+    let matches = |k: &F::K| {
         frontend.is_none_or(|f| {
-            u32::from_be(k.daddr_be) == u32::from(f.addr)
-                && u16::from_be(k.dport_be) == f.port
-                && f.protocol.is_none_or(|p| p.number() == k.proto)
+            let fe = F::frontend(k);
+            fe.ip() == f.addr && fe.port() == f.port && f.protocol.is_none_or(|p| p.number() == F::proto(k))
         })
     };
     let mut flows = 0;
-    for (k, v) in entries.iter().filter(|(k, _)| k.dir == CT_DIR_SERVICE && matches(k)) {
-        let (src, sport) = if v.flags & CT_F_SNAT != 0 { (v.snat_addr_be, v.snat_port_be) } else { (k.saddr_be, k.sport_be) };
-        let rk = CtKey { saddr_be: v.nat_addr_be, daddr_be: src, sport_be: v.nat_port_be, dport_be: sport, proto: k.proto, dir: CT_DIR_REPLY, _pad: [0; 2] };
-        let _ = map.remove(&rk);
+    for (k, v) in entries.iter().filter(|(k, _)| F::dir(k) == CT_DIR_SERVICE && matches(k)) {
+        let _ = map.remove(&F::reply_key(k, v));
         if map.remove(k).is_ok() {
             flows += 1;
         }
@@ -308,7 +386,9 @@ mod tests {
     #[test]
     fn frontend_filter_parses_address_port_and_protocol() {
         let f: FrontendFilter = "10.96.0.10:53/udp".parse().unwrap();
-        assert_eq!((f.addr, f.port, f.protocol), (Ipv4Addr::new(10, 96, 0, 10), 53, Some(Protocol::Udp)));
+        assert_eq!((f.addr, f.port, f.protocol), (IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53, Some(Protocol::Udp)));
+        let f: FrontendFilter = "[fd00::10]:53/udp".parse().unwrap();
+        assert_eq!(f.addr, "fd00::10".parse::<IpAddr>().unwrap());
         let f: FrontendFilter = "10.96.0.10:80".parse().unwrap();
         assert_eq!(f.protocol, None);
         assert!("10.96.0.10".parse::<FrontendFilter>().is_err());

@@ -516,6 +516,7 @@ fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejecti
     out
 }
 
+#[expect(clippy::too_many_lines, reason = "one Service's frontends: per port, per family, per address, in one readable pass")]
 fn service_frontends(
     key: &ObjectKey,
     svc: &Stored<Service>,
