@@ -71,7 +71,8 @@ impl KeepAlive {
 
 /// One datagram to `addr`, one reply back; returns the reply text.
 pub fn udp_request(addr: SocketAddr, payload: &str, timeout: Duration) -> std::io::Result<String> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let any: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let sock = UdpSocket::bind(any)?;
     sock.set_read_timeout(Some(timeout))?;
     sock.connect(addr)?;
     sock.send(payload.as_bytes())?;

@@ -10,7 +10,7 @@
 //! ARP on the pod links). Everything — namespaces, pins, files, the agent
 //! process — is removed on drop, also when a test panics.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -27,6 +27,13 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const POD_CIDR: &str = "10.244.0.0/16";
+/// IPv6 (after [`Sandbox::enable_ipv6`]): the client/node link, the
+/// Service and pod ranges.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 2);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 1);
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
+pub const POD_CIDR6: &str = "fd00:244::/64";
+
 /// The `--devices` value for the node.
 pub const DEVICES: &str = "ext0,lxc*";
 
@@ -52,11 +59,18 @@ pub struct Sandbox {
     /// clients ([`Self::node_client`]) run in it.
     pub cgroup: TestCgroup,
     keep: bool,
+    ipv6: bool,
 }
 
 #[must_use]
 pub fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 0, 10 + u8::try_from(i).expect("few pods"))
+}
+
+/// Pod `i`'s IPv6 address (after [`Sandbox::enable_ipv6`]).
+#[must_use]
+pub fn pod_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10 + u16::try_from(i).expect("few pods"))
 }
 
 impl Sandbox {
@@ -84,6 +98,7 @@ impl Sandbox {
             manifests,
             cgroup: TestCgroup::create(&id),
             keep: false,
+            ipv6: false,
         };
         let (c, n) = (&sb.client, &sb.node);
         c.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "ext0", "netns", n.name()]);
@@ -119,6 +134,60 @@ impl Sandbox {
         self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &lxc]);
         self.node.ip(&["neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &lxc]);
         self.pods.push(Pod { name, ns, ip });
+        if self.ipv6 {
+            self.pod_ipv6(i);
+        }
+    }
+
+    /// Dual-stack from now on: IPv6 on the client/node link (`CLIENT_IP6`,
+    /// `NODE_IP6`, routes to `SERVICE_CIDR6` and `POD_CIDR6` via the node,
+    /// no default route) and on every pod (`pod_ip6`), with static
+    /// neighbours as the IPv4 side has (no DAD, no router discovery).
+    pub fn enable_ipv6(&mut self) {
+        if std::mem::replace(&mut self.ipv6, true) {
+            return;
+        }
+        let (c, n) = (&self.client, &self.node);
+        c.ip(&["-6", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"]);
+        n.ip(&["-6", "addr", "add", &format!("{NODE_IP6}/64"), "dev", "ext0", "nodad"]);
+        for cidr in [SERVICE_CIDR6, POD_CIDR6] {
+            c.ip(&["-6", "route", "add", cidr, "via", &NODE_IP6.to_string()]);
+        }
+        n.sysctl("net.ipv6.conf.all.forwarding", "1");
+        for i in 1..=self.pods.len() {
+            self.pod_ipv6(i);
+        }
+    }
+
+    fn pod_ipv6(&self, i: usize) {
+        let p = &self.pods[i - 1];
+        let ip = pod_ip6(i);
+        let (pod_mac, node_mac, lxc) = (format!("02:00:00:00:01:{i:02x}"), format!("02:00:00:00:02:{i:02x}"), format!("lxc{i}"));
+        p.ns.ip(&["-6", "addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"]);
+        p.ns.ip(&["-6", "neigh", "add", "fe80::1", "lladdr", &node_mac, "dev", "eth0"]);
+        p.ns.ip(&["-6", "route", "add", "fd00:c::/64", "via", "fe80::1", "dev", "eth0"]);
+        self.node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &lxc]);
+        self.node.ip(&["-6", "neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &lxc]);
+    }
+
+    /// HTTP on `[::]:port` in every pod (both families), each answering
+    /// with its pod name.
+    pub fn serve_http_dual(&mut self, port: u16) {
+        for p in &self.pods {
+            self.servers.push(crate::servers::http_server_dual(&p.ns, port, &p.name));
+        }
+    }
+
+    /// UDP echo on `[::]:port` in every pod (both families).
+    pub fn serve_udp_dual(&mut self, port: u16) {
+        for p in &self.pods {
+            let prefix = format!("{}:", p.name);
+            self.servers.push(crate::servers::udp_echo_with(&p.ns, std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), move |_, payload| {
+                let mut reply = prefix.clone().into_bytes();
+                reply.extend_from_slice(payload);
+                reply
+            }));
+        }
     }
 
     /// HTTP on `port` in every pod, each answering with its pod name.

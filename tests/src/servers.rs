@@ -49,12 +49,26 @@ pub fn http_server(ns: &Netns, port: u16, name: &str) -> Server {
 /// connection has the body `body(peer)`, the peer as the server sees it.
 #[must_use]
 pub fn http_server_with(ns: &Netns, port: u16, body: impl Fn(SocketAddr) -> String + Send + 'static) -> Server {
+    http_server_on(ns, SocketAddr::from(([0, 0, 0, 0], port)), body)
+}
+
+/// Serves `HTTP/1.1 200` with body `<name>\n` on `[::]:port` inside `ns`:
+/// both families (IPv4 clients appear as `::ffff:a.b.c.d`).
+#[must_use]
+pub fn http_server_dual(ns: &Netns, port: u16, name: &str) -> Server {
+    let body = format!("{name}\n");
+    http_server_on(ns, SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)), move |_| body.clone())
+}
+
+/// [`http_server_with`] on `bind`.
+#[must_use]
+pub fn http_server_on(ns: &Netns, bind: SocketAddr, body: impl Fn(SocketAddr) -> String + Send + 'static) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let (s, c) = (stop.clone(), served.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = ns.spawn(move || {
-        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind http server");
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind http server {bind}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
         ready_tx.send(()).expect("ready");
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
