@@ -43,12 +43,18 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --locked --release -p proxy-agent \
-    && install -D -m 0755 target/release/proxy-agent /out/proxy-agent
+    && install -D -m 0755 target/release/proxy-agent /out/proxy-agent \
+    && ln -s proxy-agent /out/kube-proxy
 
 FROM debian:bookworm-slim
 # The binary only: it carries its eBPF object, talks to the kernel through
 # bpf(2) and netlink and to the API server with the service account's CA, so
 # it needs no bpftool, iproute2 or CA bundle. It runs as root with only the
 # capabilities the DaemonSet grants (deploy/daemonset.yaml).
-COPY --from=builder /out/proxy-agent /usr/local/bin/proxy-agent
+# /usr/local/bin/kube-proxy is a link to it: invoked by that name the agent
+# takes kube-proxy's command line (`kube-proxy --config=FILE
+# --hostname-override=NAME` means `proxy-agent run ...`), so kubeadm's
+# kube-proxy DaemonSet runs this image with nothing else changed
+# (docs/replacing-kube-proxy.md). A directory copy keeps the link a link.
+COPY --from=builder /out/ /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/proxy-agent"]

@@ -76,16 +76,31 @@ pub struct RunConfig {
     pub external_ip_cidrs: Option<Vec<crate::model::Cidr>>,
 }
 
+/// Whether `net/len` holds `a` (same family only).
+fn prefix_contains(net: std::net::IpAddr, len: u8, a: std::net::IpAddr) -> bool {
+    let bits = |x: std::net::IpAddr| match x {
+        std::net::IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, true),
+        std::net::IpAddr::V6(v) => (u128::from(v), false),
+    };
+    // (IPv4 sits in the top 32 bits, so a prefix length counts from the top in both.)
+    let ((n, n4), (x, x4)) = (bits(net), bits(a));
+    let len = u32::from(len).min(128);
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    n4 == x4 && n & mask == x & mask
+}
+
 /// `--nodeport-addresses`, as kube-proxy's flag: a list of CIDRs, and
-/// `NodePorts` are served on every address of the node inside one of them;
-/// unset (or `primary`): the primary IPv4 address of each `--devices` device.
+/// `NodePorts` are served on every address of the node inside one of them
+/// (a family the list has no range of: every address of that family);
+/// unset (or `primary`): the primary address of each family of each
+/// `--devices` device (kube-proxy's nftables mode).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodePortAddresses {
-    cidrs: Option<Vec<(std::net::Ipv4Addr, u8)>>,
+    cidrs: Option<Vec<(std::net::IpAddr, u8)>>,
 }
 
 impl NodePortAddresses {
-    /// Parses `"10.0.0.0/8,192.168.1.0/24"`, `""` or `"primary"`.
+    /// Parses `"10.0.0.0/8,fd00::/64"` (either family), `""` or `"primary"`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         let s = s.trim();
         if s.is_empty() || s == "primary" {
@@ -94,8 +109,9 @@ impl NodePortAddresses {
         let mut cidrs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not a CIDR"))?;
-            let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| format!("{part:?}: IPv6 and bad addresses are not supported"))?;
-            let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{part:?}: bad prefix length"))?;
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| format!("{part:?}: not an IP address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| format!("{part:?}: bad prefix length"))?;
             cidrs.push((ip, len));
         }
         Ok(Self { cidrs: Some(cidrs) })
@@ -109,23 +125,27 @@ impl NodePortAddresses {
 
     /// The `NodePort` addresses among the node's `addrs`.
     #[must_use]
-    pub fn select(&self, addrs: &[datapath::DeviceAddr], devices: &DeviceSelector) -> Vec<std::net::Ipv4Addr> {
-        let mut out: Vec<std::net::Ipv4Addr> = match &self.cidrs {
+    pub fn select(&self, addrs: &[datapath::DeviceAddr], devices: &DeviceSelector) -> Vec<std::net::IpAddr> {
+        let mut out: Vec<std::net::IpAddr> = match &self.cidrs {
             None => {
                 let mut seen = BTreeSet::new();
                 addrs
                     .iter()
-                    .filter(|a| devices.matches(&a.device) && !a.addr.is_loopback() && seen.insert(a.device.clone()))
+                    .filter(|a| devices.matches(&a.device) && !a.addr.is_loopback() && seen.insert((a.device.clone(), a.addr.is_ipv4())))
                     .map(|a| a.addr)
                     .collect()
             }
+            // As kube-proxy: a family the list has no range of is served on
+            // every address of that family.
             Some(cidrs) => addrs
                 .iter()
                 .filter(|a| {
-                    cidrs.iter().any(|(net, len)| {
-                        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) };
-                        u32::from(a.addr) & mask == u32::from(*net) & mask
-                    })
+                    let mine: Vec<_> = cidrs.iter().filter(|(net, _)| net.is_ipv4() == a.addr.is_ipv4()).collect();
+                    if mine.is_empty() {
+                        !a.addr.is_loopback()
+                    } else {
+                        mine.iter().any(|(net, len)| prefix_contains(*net, *len, a.addr))
+                    }
                 })
                 .map(|a| a.addr)
                 .collect(),
@@ -261,8 +281,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
 
-    let node_addrs = || -> Vec<std::net::Ipv4Addr> {
-        match datapath::list_ipv4_addresses() {
+    let node_addrs = || -> Vec<std::net::IpAddr> {
+        match datapath::list_addresses() {
             Ok(a) => cfg.nodeport_addresses.select(&a, &selector),
             Err(e) => {
                 warn!(error = %e, "listing addresses failed");
@@ -588,31 +608,48 @@ mod tests {
     use crate::datapath::DeviceAddr;
 
     fn addrs() -> Vec<DeviceAddr> {
-        let a = |d: &str, ip: [u8; 4]| DeviceAddr { device: d.into(), addr: Ipv4Addr::from(ip), prefix_len: 24 };
-        vec![a("lo", [127, 0, 0, 1]), a("ext0", [198, 51, 100, 1]), a("ext0", [198, 51, 100, 10]), a("nodelink", [10, 0, 0, 1]), a("other", [172, 16, 0, 1])]
+        let a = |d: &str, ip: [u8; 4]| DeviceAddr { device: d.into(), addr: Ipv4Addr::from(ip).into(), prefix_len: 24 };
+        let b = |d: &str, ip: &str| DeviceAddr { device: d.into(), addr: ip.parse().expect("v6"), prefix_len: 64 };
+        vec![
+            a("lo", [127, 0, 0, 1]),
+            b("lo", "::1"),
+            a("ext0", [198, 51, 100, 1]),
+            b("ext0", "2001:db8::1"),
+            a("ext0", [198, 51, 100, 10]),
+            b("ext0", "2001:db8::10"),
+            a("nodelink", [10, 0, 0, 1]),
+            a("other", [172, 16, 0, 1]),
+        ]
+    }
+
+    fn ips(v: &[&str]) -> Vec<std::net::IpAddr> {
+        v.iter().map(|s| s.parse().expect("ip")).collect()
     }
 
     #[test]
     fn nodeport_addresses_default_to_the_primary_address_of_each_device() {
         let sel = DeviceSelector::parse("ext0,nodelink,lxc*").unwrap();
         let got = NodePortAddresses::parse("").unwrap().select(&addrs(), &sel);
-        assert_eq!(got, vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(198, 51, 100, 1)]);
+        assert_eq!(got, ips(&["10.0.0.1", "198.51.100.1", "2001:db8::1"]), "the first of each family");
         assert_eq!(NodePortAddresses::parse("primary").unwrap().select(&addrs(), &sel), got);
     }
 
     #[test]
     fn nodeport_addresses_cidrs_select_every_address_inside_them() {
         let sel = DeviceSelector::parse("ext0").unwrap();
-        let got = NodePortAddresses::parse("198.51.100.10/32, 172.16.0.0/12").unwrap().select(&addrs(), &sel);
-        assert_eq!(got, vec![Ipv4Addr::new(172, 16, 0, 1), Ipv4Addr::new(198, 51, 100, 10)]);
+        let got = NodePortAddresses::parse("198.51.100.10/32, 172.16.0.0/12, 2001:db8::10/128").unwrap().select(&addrs(), &sel);
+        assert_eq!(got, ips(&["172.16.0.1", "198.51.100.10", "2001:db8::10"]));
         let all = NodePortAddresses::parse("0.0.0.0/0").unwrap().select(&addrs(), &sel);
-        assert_eq!(all.len(), 5);
+        assert_eq!(all.len(), 7, "every IPv4 address, and IPv6 (no range of its own) on all but loopback");
+        let v6 = NodePortAddresses::parse("2001:db8::10/128").unwrap().select(&addrs(), &sel);
+        assert_eq!(v6, ips(&["10.0.0.1", "172.16.0.1", "198.51.100.1", "198.51.100.10", "2001:db8::10"]));
     }
 
     #[test]
     fn nodeport_addresses_reject_bad_input() {
         assert!(NodePortAddresses::parse("10.0.0.0").is_err());
         assert!(NodePortAddresses::parse("10.0.0.0/33").is_err());
-        assert!(NodePortAddresses::parse("fd00::/8").is_err());
+        assert!(NodePortAddresses::parse("fd00::/129").is_err());
+        assert!(NodePortAddresses::parse("banana/8").is_err());
     }
 }

@@ -143,13 +143,14 @@ pub fn device_driver(name: &str) -> Option<String> {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DeviceAddr {
     pub device: String,
-    pub addr: std::net::Ipv4Addr,
+    pub addr: std::net::IpAddr,
     pub prefix_len: u8,
 }
 
-/// Every IPv4 address of the current network namespace, in the kernel's
-/// order (a device's primary address first).
-pub fn list_ipv4_addresses() -> Result<Vec<DeviceAddr>> {
+/// Every IPv4 address and every IPv6 address but link-local ones of the
+/// current network namespace, in the kernel's order (a device's primary
+/// address first).
+pub fn list_addresses() -> Result<Vec<DeviceAddr>> {
     let mut out = Vec::new();
     // SAFETY: getifaddrs allocates a list we walk and free below.
     unsafe {
@@ -160,15 +161,32 @@ pub fn list_ipv4_addresses() -> Result<Vec<DeviceAddr>> {
         let mut p = head;
         while !p.is_null() {
             let ifa = &*p;
-            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
-                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+            let family = if ifa.ifa_addr.is_null() { -1 } else { i32::from((*ifa.ifa_addr).sa_family) };
+            let found = if family == libc::AF_INET {
+                let sin = ifa.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
                 let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
                 let prefix_len = if ifa.ifa_netmask.is_null() {
                     32
                 } else {
-                    let m = &*ifa.ifa_netmask.cast::<libc::sockaddr_in>();
+                    let m = ifa.ifa_netmask.cast::<libc::sockaddr_in>().read_unaligned();
                     u8::try_from(u32::from_be(m.sin_addr.s_addr).count_ones()).unwrap_or(32)
                 };
+                Some((std::net::IpAddr::V4(addr), prefix_len))
+            } else if family == libc::AF_INET6 {
+                let sin6 = ifa.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
+                let addr = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                let prefix_len = if ifa.ifa_netmask.is_null() {
+                    128
+                } else {
+                    let m = ifa.ifa_netmask.cast::<libc::sockaddr_in6>().read_unaligned();
+                    u8::try_from(u128::from_be_bytes(m.sin6_addr.s6_addr).count_ones()).unwrap_or(128)
+                };
+                // Link-local addresses serve nothing (and every veth has one).
+                (!addr.is_unicast_link_local()).then_some((std::net::IpAddr::V6(addr), prefix_len))
+            } else {
+                None
+            };
+            if let Some((addr, prefix_len)) = found {
                 out.push(DeviceAddr {
                     device: CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned(),
                     addr,
@@ -576,14 +594,14 @@ impl Datapath {
                     new.push(dev.name.clone());
                     if let Some(mode) = self.xdp {
                         if addressed.is_none() {
-                            addressed = Some(list_ipv4_addresses()?.into_iter().map(|a| a.device).collect());
+                            addressed = Some(list_addresses()?.into_iter().map(|a| a.device).collect());
                         }
                         if device_is_l3(&dev.name) {
                             info!(device = %dev.name, "no Ethernet header (L3 device): XDP not attached, TC carries its traffic");
                             continue;
                         }
                         if !addressed.as_ref().is_some_and(|a| a.contains(&dev.name)) {
-                            info!(device = %dev.name, "no IPv4 address (a pod device): XDP not attached, TC carries its traffic");
+                            info!(device = %dev.name, "no address (a pod device): XDP not attached, TC carries its traffic");
                             continue;
                         }
                         match self.attach_xdp(dev, mode) {

@@ -6,6 +6,7 @@
 //! that speaks BPF). `agent` wires them together; `inspect` reads the pinned
 //! maps for the CLI.
 pub mod agent;
+pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod error;

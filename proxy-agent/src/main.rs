@@ -1,11 +1,12 @@
 //! `proxy-agent`: thin CLI over the library.
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use proxy_agent::{
-    agent::{self, NodePortAddresses, RunConfig, SourceConfig},
-    datapath::{self, BpfMaps, ServiceMaps as _, SocketLb, XdpAttachMode},
+    agent,
+    config::{self, RunArgs},
+    datapath::{self, BpfMaps, ServiceMaps as _},
     inspect,
     pins::{DEFAULT_BPFFS, Pins},
 };
@@ -28,80 +29,10 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Program the datapath and keep it in sync with the Services.
-    Run {
-        /// Read Services and `EndpointSlices` from this directory of manifests
-        /// (YAML/JSON) instead of the API server.
-        #[arg(long, conflicts_with = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig of the API server (default: $KUBECONFIG, ~/.kube/config, then in-cluster).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// Devices to attach to: comma-separated names or globs (e.g. "eth0,lxc*").
-        #[arg(long)]
-        devices: String,
-        /// This node's name (default: $`NODE_NAME`, else the hostname).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Least time between two syncs; bursts of changes are coalesced (kube-proxy's minSyncPeriod).
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        min_sync_period: Duration,
-        /// A sync runs at least this often (kube-proxy's syncPeriod); twice this is the health timeout.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        sync_period: Duration,
-        /// Address for /healthz and /livez ("" disables).
-        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
-        healthz_bind_address: Bind,
-        /// Address for /metrics ("" disables).
-        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
-        metrics_bind_address: Bind,
-        /// CIDRs whose node addresses serve `NodePorts` (default: the primary
-        /// address of each --devices device; "primary" says the same).
-        #[arg(long, default_value = "", value_parser = NodePortAddresses::parse)]
-        nodeport_addresses: NodePortAddresses,
-        /// Also attach the XDP fast path for north-south traffic to remote backends.
-        #[arg(long)]
-        xdp: bool,
-        /// XDP mode: auto (native, but generic on veth, whose frames native
-        /// XDP cannot translate correctly), native (forced; devices without it
-        /// keep the TC path) or generic.
-        #[arg(long, value_enum, default_value = "auto", requires = "xdp")]
-        xdp_mode: XdpAttachMode,
-        /// Socket-level load balancing: all sockets in --cgroup, only those in
-        /// the host network namespace (host-only), or none (off: the
-        /// per-packet path carries everything).
-        #[arg(long, value_enum, default_value = "all")]
-        socket_lb: SocketLb,
-        /// The cgroup v2 directory the socket programs attach to (default:
-        /// the cgroup v2 root, found in /proc/mounts).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Flows the conntrack holds (two map entries each); 0 or unset:
-        /// max(--conntrack-min, --conntrack-max-per-core × CPUs), as kube-proxy.
-        #[arg(long)]
-        conntrack_max: Option<u32>,
-        /// Least flows the conntrack holds (kube-proxy's default).
-        #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MIN_DEFAULT)]
-        conntrack_min: u32,
-        /// Flows per CPU (kube-proxy's default).
-        #[arg(long, default_value_t = proxy_common::ct::CONNTRACK_MAX_PER_CORE_DEFAULT)]
-        conntrack_max_per_core: u32,
-        /// Entries of the service map (one per frontend — Service port ×
-        /// address — plus one per backend of each) and of the backend map
-        /// (one per endpoint address:port:protocol). 1/64 of the service
-        /// map is held back for frontends that do not fit: those are served
-        /// closed (rejected) until they fit.
-        #[arg(long, default_value_t = proxy_common::svc::SVC_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(8..))]
-        lb_map_max: u32,
-        /// The Service CIDRs (the API server's --service-cluster-ip-range):
-        /// externalIPs inside them are refused.
-        #[arg(long, default_value = "", value_parser = proxy_agent::model::parse_cidrs)]
-        service_cidrs: Cidrs,
-        /// Serve only externalIPs inside these CIDRs (default: all, as
-        /// kube-proxy); others are refused with a warning.
-        #[arg(long, value_parser = proxy_agent::model::parse_cidrs)]
-        external_ip_cidrs: Option<Cidrs>,
-    },
+    /// Program the datapath and keep it in sync with the Services. Implied
+    /// when the binary is invoked as `kube-proxy`, or with a flag first
+    /// (kube-proxy's command line: `--config=FILE --hostname-override=NAME`).
+    Run(Box<RunArgs>),
     /// Tracked flows (list, the default) or remove them (flush), from the pinned map.
     Conntrack {
         #[command(subcommand)]
@@ -135,103 +66,35 @@ enum CtAction {
     },
 }
 
-/// A list of CIDRs (clap needs a named type for a parsed `Vec`).
-type Cidrs = Vec<proxy_agent::model::Cidr>;
-
-/// A bind address, or none ("" disables the server).
-#[derive(Clone, Copy, Debug)]
-struct Bind(Option<std::net::SocketAddr>);
-
-fn parse_bind(s: &str) -> Result<Bind, String> {
-    if s.is_empty() {
-        return Ok(Bind(None));
-    }
-    s.parse().map(|a| Bind(Some(a))).map_err(|e| format!("invalid address {s:?}: {e}"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // kube-proxy's command line (`kube-proxy --config=... --hostname-override=...`) means `run`.
+    let args = config::implied_run(std::env::args_os().collect());
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let pins = Pins::new(&cli.bpffs);
     match cli.command {
-        Command::Run {
-            manifests,
-            kubeconfig,
-            devices,
-            node_name,
-            min_sync_period,
-            sync_period,
-            healthz_bind_address,
-            metrics_bind_address,
-            nodeport_addresses,
-            xdp,
-            xdp_mode,
-            socket_lb,
-            cgroup,
-            conntrack_max,
-            conntrack_min,
-            conntrack_max_per_core,
-            lb_map_max,
-            service_cidrs,
-            external_ip_cidrs,
-        } => {
+        Command::Run(run) => {
+            let run_matches = matches.subcommand_matches("run").expect("the run subcommand was parsed");
+            let resolved = run.resolve(run_matches, cli.bpffs)?;
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(resolved.log_filter)),
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let source = match manifests {
-                Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::ApiServer { kubeconfig },
-            };
-            let cfg = RunConfig {
-                source,
-                devices,
-                bpffs: cli.bpffs,
-                node_name: node_name.unwrap_or_else(hostname),
-                min_sync_period,
-                sync_period,
-                poll_interval: Duration::from_millis(250),
-                device_interval: Duration::from_secs(1),
-                healthz_bind_address: healthz_bind_address.0,
-                metrics_bind_address: metrics_bind_address.0,
-                nodeport_addresses,
-                xdp: xdp.then_some(xdp_mode),
-                socket_lb,
-                cgroup,
-                conntrack: proxy_agent::conntrack::Sizing { max: conntrack_max, min: conntrack_min, max_per_core: conntrack_max_per_core },
-                lb_map_max,
-                conntrack_gc_interval: Duration::from_secs(10),
-                service_cidrs,
-                external_ip_cidrs,
-            };
+            if let Some(file) = &resolved.file {
+                tracing::info!(file = %file.display(), "read kube-proxy's configuration; flags given on the command line override it");
+            }
+            for w in &resolved.warnings {
+                tracing::warn!("{w}");
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(agent::run(cfg))?;
+                .block_on(agent::run(resolved.config))?;
         }
         Command::Services { output } => {
             let maps = BpfMaps::open_pinned(&pins)

@@ -257,7 +257,7 @@ pub struct NodeInfo {
     /// `topology.kubernetes.io/zone` of the Node, when known.
     pub zone: Option<String>,
     /// The addresses `NodePorts` are served on (see `--nodeport-addresses`).
-    pub nodeport_addresses: Vec<Ipv4Addr>,
+    pub nodeport_addresses: Vec<IpAddr>,
     /// Also serve `NodePorts` on 127.0.0.1 (the socket path: node-local
     /// clients, as kube-proxy's iptables mode allows with `route_localnet`).
     pub loopback_nodeports: bool,
@@ -483,7 +483,7 @@ fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejecti
                 // allow only some ranges (DenyServiceExternalIPs-like).
                 let refused = if node.service_cidrs.iter().any(|c| cidr_contains(*c, a)) {
                     Some("is inside the Service CIDR (--service-cidrs)")
-                } else if node.nodeport_addresses.contains(&a) {
+                } else if node.nodeport_addresses.contains(&IpAddr::V4(a)) {
                     Some("is an address of this node")
                 } else if node.external_ip_cidrs.as_ref().is_some_and(|cs| !cs.iter().any(|c| cidr_contains(*c, a))) {
                     Some("is outside --external-ip-cidrs")
@@ -499,6 +499,9 @@ fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejecti
             // allow-list refuses every IPv6 address.)
             Ok(IpAddr::V6(a)) if node.external_ip_cidrs.is_some() => {
                 reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is outside --external-ip-cidrs"));
+            }
+            Ok(IpAddr::V6(a)) if node.nodeport_addresses.contains(&IpAddr::V6(a)) => {
+                reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is an address of this node"));
             }
             Ok(a @ IpAddr::V6(_)) => out.push((a, FrontendKind::ExternalIp)),
             Err(_) => reject(rejections, "Service", key, &svc.origin, Cause::Invalid, format!("invalid externalIP {ip:?}")),
@@ -576,16 +579,19 @@ fn service_frontends(
             let mut keys = vec![(FrontendKey { addr: vip, port, protocol }, FrontendKind::ClusterIp)];
             if matches!(svc_type, "NodePort" | "LoadBalancer") {
                 match sp.node_port.map(port_in_range) {
-                    // NodePorts are served on the node's IPv4 addresses (IPv6
-                    // node addresses: not yet).
-                    Some(Some(_)) if v6 => {}
-                    Some(Some(np)) => keys.extend(
-                        node.nodeport_addresses
-                            .iter()
-                            .copied()
-                            .chain((node.loopback_nodeports && !node.nodeport_addresses.contains(&Ipv4Addr::LOCALHOST)).then_some(Ipv4Addr::LOCALHOST))
-                            .map(|a| (FrontendKey { addr: IpAddr::V4(a), port: np, protocol }, FrontendKind::NodePort)),
-                    ),
+                    // On the node's addresses of this family (127.0.0.1 too
+                    // for the socket path; kube-proxy serves none on ::1).
+                    Some(Some(np)) => {
+                        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                        keys.extend(
+                            node.nodeport_addresses
+                                .iter()
+                                .copied()
+                                .chain((!v6 && node.loopback_nodeports && !node.nodeport_addresses.contains(&lo)).then_some(lo))
+                                .filter(|a| a.is_ipv6() == v6)
+                                .map(|a| (FrontendKey { addr: a, port: np, protocol }, FrontendKind::NodePort)),
+                        );
+                    }
                     Some(None) => reject(
                         rejections,
                         KIND,
@@ -657,7 +663,14 @@ fn service_frontends(
 /// closed (only the node's addresses), never open.
 fn lb_source_ranges(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
     let ranges = svc.object.spec.as_ref()?.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty())?;
-    let mut out: Vec<Cidr> = node.nodeport_addresses.iter().map(|a| (*a, 32)).collect();
+    let mut out: Vec<Cidr> = node
+        .nodeport_addresses
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some((*a, 32)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     let mut parsed = Vec::new();
     for r in ranges {
         if r.trim().contains(':') {

@@ -512,7 +512,12 @@ fn dockerfile_builds_the_agent_like_xtask_setup_and_ships_only_the_binary() {
     assert_eq!(runtime[0], "FROM debian:bookworm-slim");
     let copies: Vec<&&str> = runtime.iter().filter(|l| l.starts_with("COPY")).collect();
     assert_eq!(copies.len(), 1, "the runtime stage gets the binary only: {copies:?}");
-    assert!(copies[0].contains("--from=") && copies[0].contains("proxy-agent"));
+    // The builder's /out holds the binary and the kube-proxy link to it
+    // (kubeadm's DaemonSet runs /usr/local/bin/kube-proxy), nothing else.
+    assert_eq!(*copies[0], "COPY --from=builder /out/ /usr/local/bin/", "{copies:?}");
+    let outs: Vec<&str> = lines.iter().flat_map(|l| l.split_whitespace()).filter(|w| w.starts_with("/out/")).collect();
+    assert_eq!(outs, ["/out/proxy-agent", "/out/kube-proxy", "/out/"], "what the builder puts in /out: {outs:?}");
+    assert!(docker.contains("ln -s proxy-agent /out/kube-proxy"), "kube-proxy is a link to the agent");
     assert!(!runtime.iter().any(|l| l.starts_with("RUN")), "nothing installed in the runtime stage");
     let entry = runtime.iter().find(|l| l.starts_with("ENTRYPOINT")).expect("ENTRYPOINT");
     assert!(entry.contains("proxy-agent\"]"), "{entry}");

@@ -242,7 +242,7 @@ mod tests {
     }
 
     fn node() -> NodeInfo {
-        NodeInfo { name: "me".into(), nodeport_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)], ..NodeInfo::default() }
+        NodeInfo { name: "me".into(), nodeport_addresses: vec![Ipv4Addr::new(192, 0, 2, 1).into()], ..NodeInfo::default() }
     }
 
     /// After every random change, the tracker updated with the Services the
