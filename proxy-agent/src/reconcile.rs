@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_common::{
-    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, Backend, Backend6},
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, Svc6Key, SvcKey, SvcValue},
+    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, BACKEND6_MAP, Backend, Backend6},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, SVC6_MAP, Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -73,7 +73,11 @@ struct Programmed {
     orphan_names: Vec<u32>,
     /// Source ranges of service ids no frontend uses.
     orphan_ranges: Vec<(u32, Ipv4Addr, u8)>,
-    svc_entries: usize,
+    /// Service-map entries per family (index [`fam`]): each family's map
+    /// has its own capacity.
+    svc_entries: [usize; 2],
+    /// Backend-map entries per family.
+    backend_entries: [usize; 2],
     next_svc_id: u32,
     next_backend_id: u32,
     /// How many slots reference each backend id.
@@ -167,6 +171,11 @@ fn backend_key(b: BackendEntry) -> Option<(BackendAddr, Protocol)> {
     Some((addr, Protocol::from_number(proto)?))
 }
 
+/// The index of `a`'s family in per-family counters: 0 IPv4, 1 IPv6.
+fn fam(a: IpAddr) -> usize {
+    usize::from(a.is_ipv6())
+}
+
 fn slot_u16(i: usize) -> u16 {
     u16::try_from(i).expect("slot numbers fit u16 (MAX_BACKENDS_PER_FRONTEND)")
 }
@@ -174,7 +183,8 @@ fn slot_u16(i: usize) -> u16 {
 impl Programmed {
     fn from_dump(d: MapsDump) -> Self {
         let mut p = Self {
-            svc_entries: d.svc.len() + d.svc6.len(),
+            svc_entries: [d.svc.len(), d.svc6.len()],
+            backend_entries: [d.backends.len(), d.backends6.len()],
             ..Self::default()
         };
         // Slot 0's key → slot → value, both families.
@@ -252,14 +262,17 @@ impl Programmed {
         // (Entries counted from a dump may be fewer than `entries()` says
         // when a slot was missing: saturate, never underflow.)
         if let Some(fe) = fe {
-            self.svc_entries += fe.entries();
+            let n = &mut self.svc_entries[fam(key.addr)];
+            *n += fe.entries();
             self.add_refs(&fe.slots);
             if let Some(old) = self.frontends.insert(key, fe) {
-                self.svc_entries = self.svc_entries.saturating_sub(old.entries());
+                let n = &mut self.svc_entries[fam(key.addr)];
+                *n = n.saturating_sub(old.entries());
                 self.drop_refs(&old.slots);
             }
         } else if let Some(old) = self.frontends.remove(&key) {
-            self.svc_entries = self.svc_entries.saturating_sub(old.entries());
+            let n = &mut self.svc_entries[fam(key.addr)];
+            *n = n.saturating_sub(old.entries());
             self.drop_refs(&old.slots);
         }
     }
@@ -367,8 +380,10 @@ impl<M: ServiceMaps> Reconciler<M> {
     #[must_use]
     pub fn occupancy(&self) -> std::collections::BTreeMap<&'static str, (u64, u64)> {
         [
-            (SVC_MAP, (self.state.svc_entries as u64, self.svc_capacity as u64)),
-            (BACKEND_MAP, (self.state.backends.len() as u64, self.backend_capacity as u64)),
+            (SVC_MAP, (self.state.svc_entries[0] as u64, self.svc_capacity as u64)),
+            (BACKEND_MAP, (self.state.backend_entries[0] as u64, self.backend_capacity as u64)),
+            (SVC6_MAP, (self.state.svc_entries[1] as u64, self.svc_capacity as u64)),
+            (BACKEND6_MAP, (self.state.backend_entries[1] as u64, self.backend_capacity as u64)),
         ]
         .into_iter()
         .collect()
@@ -501,7 +516,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             match self.del_slot(k) {
                 Ok(()) => {
                     report.deletes += 1;
-                    self.state.svc_entries -= 1;
+                    let n = &mut self.state.svc_entries[usize::from(matches!(k, SlotKey::V6(_)))];
+                    *n = n.saturating_sub(1);
                 }
                 Err(e) => {
                     self.stale = true;
@@ -583,18 +599,19 @@ impl<M: ServiceMaps> Reconciler<M> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        if self.state.backends.len() + new_backends.len() > self.backend_capacity {
+        let f = fam(key.addr);
+        if self.state.backend_entries[f] + new_backends.len() > self.backend_capacity {
             return Err(Error::MapFull {
-                map: BACKEND_MAP,
+                map: [BACKEND_MAP, BACKEND6_MAP][f],
                 capacity: u32::try_from(self.backend_capacity).unwrap_or(u32::MAX),
                 what: format!("frontend {key} ({name})"),
             });
         }
         let need = 1 + fe.backends.len();
         let have = cur.as_ref().map_or(0, ProgFrontend::entries);
-        if self.state.svc_entries + need.saturating_sub(have) > svc_limit {
+        if self.state.svc_entries[f] + need.saturating_sub(have) > svc_limit {
             return Err(Error::MapFull {
-                map: SVC_MAP,
+                map: [SVC_MAP, SVC6_MAP][f],
                 capacity: u32::try_from(svc_limit).unwrap_or(u32::MAX),
                 what: format!("frontend {key} ({name})"),
             });
@@ -611,6 +628,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.state.next_backend_id += 1;
             self.state.backend_ids.insert((b, proto), id);
             self.state.backends.insert(id, value);
+            self.state.backend_entries[f] += 1;
         }
         let wanted: Vec<u32> = fe.backends.iter().map(|b| self.state.backend_ids[&(*b, proto)]).collect();
         let cur_slots = cur.as_ref().map_or(&[][..], |c| c.slots.as_slice());
@@ -736,6 +754,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Ok(()) => {
                     report.deletes += 1;
                     let b = self.state.backends.remove(&id).expect("present");
+                    let n = &mut self.state.backend_entries[usize::from(matches!(b, BackendEntry::V6(_)))];
+                    *n = n.saturating_sub(1);
                     // The address this id stood for (only if it still maps to this id).
                     if let Some(key) = backend_key(b).filter(|k| self.state.backend_ids.get(k) == Some(&id)) {
                         self.state.backend_ids.remove(&key);

@@ -1495,4 +1495,16 @@ fn ipv6_frontends_are_programmed_in_the_ipv6_maps() {
     sync_ok(&mut again, &desired([&v4]));
     assert!(again.maps().svc6.is_empty() && again.maps().backends6.is_empty(), "{:?}", again.maps().svc6);
     assert_eq!(again.maps().svc.len(), 2, "IPv4 untouched");
+
+    // Each family's map has its own capacity: 4 entries fit 2 frontends of
+    // each family, not 4 of one.
+    let mut small = reconciler(FakeMaps::default()).with_capacity(4, 100);
+    let a6 = fe("fd00::20", 80, Tcp, &["[fd00:244::3]:8080"]);
+    let v4b = fe("10.96.0.20", 80, Tcp, &["10.244.0.3:8080"]);
+    sync_ok(&mut small, &desired([&v4, &v4b, &v6b, &a6]));
+    let occ = small.occupancy();
+    assert_eq!((occ[SVC_MAP].0, occ[proxy_common::svc::SVC6_MAP].0), (4, 4), "{occ:?}");
+    let a6b = fe("fd00::21", 80, Tcp, &[]);
+    let rep = small.sync(&desired([&v4, &v4b, &v6b, &a6, &a6b]));
+    assert_one_map_full(&rep, a6b.0, proxy_common::svc::SVC6_MAP, 4);
 }
