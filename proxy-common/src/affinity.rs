@@ -7,10 +7,10 @@
 //! match) *and* the frontend's slot it names still holds its backend: a
 //! backend that left the Service is never chosen from an affinity entry.
 //!
-//! The client is its IPv4 address on the per-packet paths (TC, XDP); on the
-//! socket path, where the source address is not chosen yet at `connect()`,
-//! it is the socket's network-namespace cookie (one per pod, one for the
-//! host), as Cilium's socket LB does.
+//! The client is its IPv4 address (a hash of its IPv6 address) on the
+//! per-packet paths (TC, XDP); on the socket path, where the source address
+//! is not chosen yet at `connect()`, it is the socket's network-namespace
+//! cookie (one per pod, one for the host), as Cilium's socket LB does.
 
 pub const AFFINITY_MAP: &str = "proxy_affinity_v1";
 pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
@@ -19,6 +19,13 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_CLIENT_ADDR: u8 = 0;
 /// [`AffinityKey::client`] is a network-namespace cookie.
 pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+/// [`AffinityKey::client`] is a socket cookie (the socket path's per-socket
+/// stickiness of unconnected UDP).
+pub const AFFINITY_CLIENT_SOCKET: u8 = 2;
+/// [`AffinityKey::client`] is a 64-bit hash of an IPv6 client address (the
+/// key has no room for the address; clients that collide share a backend,
+/// which affinity allows).
+pub const AFFINITY_CLIENT_ADDR6: u8 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

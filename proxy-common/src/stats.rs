@@ -23,9 +23,14 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, ...), or IPv6 that is not for the
+    /// proxy (not to an IPv6 frontend, nor a reply of a tracked IPv6 flow):
+    /// passed untouched. (The name predates the IPv6 path; the counter keeps
+    /// counting what it always counted for IPv4-only nodes.)
     PASS_NOT_IPV4 = 0, "pass_not_ipv4";
-    /// IPv4 but neither TCP nor UDP: passed untouched.
+    /// IPv4 or IPv6 but neither TCP nor UDP (after the IPv6 extension
+    /// headers; AH and ESP count here: rewriting would break them): passed
+    /// untouched.
     PASS_OTHER_PROTO = 1, "pass_other_proto";
     /// TCP/UDP not addressed to a frontend and not a reply of a translated flow.
     PASS_NO_SERVICE = 2, "pass_no_service";
@@ -35,16 +40,20 @@ reasons! {
     DNAT_ESTABLISHED = 4, "dnat_established";
     /// Reply from a backend: source restored to the frontend.
     REV_NAT = 5, "rev_nat_reply";
-    /// Frontend without backends: answered with ICMP port unreachable.
+    /// Frontend without backends: answered with ICMP port unreachable
+    /// (ICMPv6 destination unreachable, code 4, for IPv6).
     REJECT_NO_BACKEND = 6, "reject_no_backend";
     /// Frontend without backends and the reject could not be built: dropped.
     DROP_NO_BACKEND = 7, "drop_no_backend";
-    /// Shorter than its headers claim: passed to the kernel, which drops it.
+    /// Shorter than its headers claim (IPv4 total length, IPv6 payload
+    /// length): passed to the kernel, which drops it.
     MALFORMED_TRUNCATED = 8, "malformed_truncated";
-    /// IPv4 header with version other than 4 or IHL below 5: passed to the kernel, which drops it.
+    /// IPv4 header with version other than 4 or IHL below 5 (an IPv6
+    /// Ethertype over a version other than 6): passed to the kernel, which drops it.
     MALFORMED_BAD_IHL = 9, "malformed_bad_ihl";
     /// A later IPv4 fragment whose first fragment was not seen (or of no
-    /// tracked flow): passed untouched.
+    /// tracked flow), or any later IPv6 fragment (not tracked yet): passed
+    /// untouched.
     PASS_FRAGMENT = 10, "pass_fragment";
     /// A slot points at a backend id that is not in the backend map: dropped.
     DROP_BACKEND_MISSING = 11, "drop_backend_missing";
@@ -60,20 +69,23 @@ reasons! {
     FIB_NO_ROUTE = 16, "fib_no_route";
     /// TTL would expire on the FIB redirect: left to the stack.
     PASS_TTL_EXPIRED = 17, "pass_ttl_expired";
-    /// An ICMP error (unreachable, fragmentation needed, time exceeded) about
-    /// a translated flow, translated back.
+    /// An ICMP error (unreachable, fragmentation needed, time exceeded) or
+    /// ICMPv6 error (unreachable, packet too big, time exceeded) about a
+    /// translated flow, translated back.
     ICMP_ERROR_TRANSLATED = 18, "icmp_error_translated";
     /// XDP fast path: DNAT+SNAT to a remote backend, sent out from XDP.
     XDP_FORWARD = 19, "xdp_forward";
     /// XDP fast path: reply of an SNAT flow translated back, sent out from XDP.
     XDP_REVERSE = 20, "xdp_reverse";
-    /// Too big for the device the FIB redirect would send it out of, DF set:
-    /// answered with ICMP fragmentation needed (the next-hop MTU), from the
-    /// address the sender targeted, quoting the untranslated packet.
+    /// Too big for the device the FIB redirect would send it out of, DF set
+    /// (any IPv6 packet: IPv6 routers never fragment): answered with ICMP
+    /// fragmentation needed (ICMPv6 packet too big) with the next-hop MTU,
+    /// from the address the sender targeted, quoting the untranslated packet.
     ICMP_FRAG_NEEDED = 21, "icmp_frag_needed";
     /// Too big for the device the FIB redirect would send it out of, DF not
     /// set (translated packets are not fragmented), or the ICMP error could
-    /// not be built (IP options): dropped.
+    /// not be built (IP options; IPv6 extension headers longer than the
+    /// quote): dropped.
     DROP_TOO_BIG = 22, "drop_too_big";
     /// Socket path: `connect()`/`sendmsg()` to a frontend rewritten to a backend.
     SOCK_TRANSLATED = 23, "sock_translated";
@@ -108,7 +120,19 @@ reasons! {
     /// A new flow to a `LoadBalancer` frontend from a client outside its
     /// `loadBalancerSourceRanges`: dropped (kube-proxy's KUBE-FW drop).
     DROP_SOURCE_RANGE = 34, "drop_source_range";
+    /// IPv6 whose extension-header chain cannot be walked within
+    /// `IPV6_MAX_EXT_HDRS` headers, holds an unknown header, or a routing
+    /// header with segments left (its destination is not the final one):
+    /// passed untouched, never translated.
+    PASS_IPV6_EXT = 35, "pass_ipv6_ext";
+    /// IPv6 UDP without a checksum (0, invalid in IPv6, RFC 8200; the stack
+    /// drops it): passed untouched, never translated.
+    MALFORMED_UDP6_NO_CSUM = 36, "malformed_udp6_no_checksum";
 }
+
+/// The most IPv6 extension headers the datapath walks before the upper-layer
+/// header; a longer chain is passed (`pass_ipv6_ext`).
+pub const IPV6_MAX_EXT_HDRS: usize = 6;
 
 /// ICMP errors the datapath sends, per CPU: this many per second on
 /// average (Linux's `icmp_msgs_per_sec`, per CPU here), bursts of up to

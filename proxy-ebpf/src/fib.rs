@@ -16,12 +16,15 @@
 //! device or source address; without one it only checks the skb with
 //! `is_skb_forwardable` (GSO always passes) after the route is complete, so a
 //! `FRAG_NEEDED` result still carries the route.
+//!
+//! Both families: the lookup's addresses and family come from
+//! [`Family::fib_set`] / [`Family::fib_src`]; an IPv6 packet has its hop
+//! limit decremented (no header checksum) instead of the TTL.
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
@@ -29,11 +32,16 @@ use aya_ebpf::{
 use proxy_common::stats;
 
 use crate::{
-    parse::{ETH_HLEN, IP_CSUM},
+    family::{Family, V4},
+    parse::{ETH_HLEN, IP_CSUM, IP6_HOPS},
     stats::count,
 };
 
-const AF_INET: u8 = 2;
+/// The helper's parameter block.
+pub type FibParams = aya_ebpf::bindings::bpf_fib_lookup;
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 /// BPF_FIB_LOOKUP_SKIP_NEIGH: redirect_neigh resolves it.
 const LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
 /// BPF_FIB_LOOKUP_SRC: fill in the source address for the route.
@@ -45,9 +53,9 @@ const MTU_CHK_RET_SUCCESS: i64 = 0;
 
 /// The egress device, preferred source address and (when resolved) MACs
 /// for `dst`.
-pub struct Route {
+pub struct Route<A> {
     pub ifindex: u32,
-    pub src_be: u32,
+    pub src_be: A,
     /// Whether `smac`/`dmac` are filled in (the neighbour is known).
     pub neigh: bool,
     pub smac: [u8; 6],
@@ -63,15 +71,13 @@ pub struct Route {
 /// when the skb does not fit the device: the caller checks the MTU itself
 /// ([`egress`]).
 #[inline(always)]
-pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u16, proto: u8, src_be: u32, dst_be: u32, with_neigh: bool) -> Option<Route> {
+pub fn lookup_raw<F: Family>(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u16, proto: u8, src_be: F::Addr, dst_be: F::Addr, with_neigh: bool) -> Option<Route<F::Addr>> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = proto;
     params.ifindex = ingress_ifindex;
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = src_be;
-    params.__bindgen_anon_4.ipv4_dst = dst_be;
+    F::fib_set(&mut params, src_be, dst_be);
     let flags = if with_neigh { LOOKUP_SRC } else { LOOKUP_SKIP_NEIGH | LOOKUP_SRC };
     // SAFETY: params lives on our stack for the call.
     let rc = unsafe { bpf_fib_lookup(ctx.cast(), &raw mut params, size_of::<FibParams>() as i32, flags) };
@@ -84,8 +90,7 @@ pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u1
     }
     Some(Route {
         ifindex: params.ifindex,
-        // SAFETY: the helper filled the union's IPv4 member.
-        src_be: unsafe { params.__bindgen_anon_3.ipv4_src },
+        src_be: F::fib_src(&params),
         neigh: neigh && with_neigh,
         smac: params.smac,
         dmac: params.dmac,
@@ -95,10 +100,33 @@ pub fn lookup_raw(ctx: *mut core::ffi::c_void, ingress_ifindex: u32, tot_len: u1
 /// The route for `src → dst` from a TC program (no MTU check: see
 /// [`egress`]).
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Option<Route> {
+pub fn lookup<F: Family>(ctx: &TcContext, proto: u8, src_be: F::Addr, dst_be: F::Addr) -> Option<Route<F::Addr>> {
     // SAFETY: reading the ingress ifindex of our skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    lookup_raw(ctx.skb.skb.cast(), ifindex, 0, proto, src_be, dst_be, false)
+    lookup_raw::<F>(ctx.skb.skb.cast(), ifindex, 0, proto, src_be, dst_be, false)
+}
+
+/// The source address the kernel would pick for `src → dst` (what
+/// MASQUERADE picks): the SNAT address of a new flow. For IPv6 a
+/// subprogram, as [`egress`].
+#[inline(always)]
+pub fn masquerade_src<F: Family>(ctx: &TcContext, proto: u8, src_be: F::Addr, dst_be: F::Addr) -> Option<F::Addr> {
+    if F::IS_V6 {
+        let mut out = F::ZERO;
+        return masquerade_out_of_line::<F>(ctx, proto, &src_be, &dst_be, &mut out).then_some(out);
+    }
+    lookup::<F>(ctx, proto, src_be, dst_be).map(|r| r.src_be)
+}
+
+#[inline(never)]
+fn masquerade_out_of_line<F: Family>(ctx: &TcContext, proto: u8, src_be: &F::Addr, dst_be: &F::Addr, out: &mut F::Addr) -> bool {
+    match lookup::<F>(ctx, proto, *src_be, *dst_be) {
+        Some(r) => {
+            *out = r.src_be;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Where a packet about to be translated to `src → dst` would leave.
@@ -116,9 +144,25 @@ pub enum Egress {
 
 /// The route and MTU check for the packet as it is now, before translation
 /// (translation does not change its length).
+///
+/// For IPv6 a subprogram: the lookup's parameter block is on the stack
+/// once, not at each of the paths that check a route.
 #[inline(always)]
-pub fn egress(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Egress {
-    let Some(route) = lookup(ctx, proto, src_be, dst_be) else {
+pub fn egress<F: Family>(ctx: &TcContext, proto: u8, src_be: F::Addr, dst_be: F::Addr) -> Egress {
+    if F::IS_V6 {
+        return egress_out_of_line::<F>(ctx, proto, &src_be, &dst_be);
+    }
+    egress_inline::<F>(ctx, proto, src_be, dst_be)
+}
+
+#[inline(never)]
+fn egress_out_of_line<F: Family>(ctx: &TcContext, proto: u8, src_be: &F::Addr, dst_be: &F::Addr) -> Egress {
+    egress_inline::<F>(ctx, proto, *src_be, *dst_be)
+}
+
+#[inline(always)]
+fn egress_inline<F: Family>(ctx: &TcContext, proto: u8, src_be: F::Addr, dst_be: F::Addr) -> Egress {
+    let Some(route) = lookup::<F>(ctx, proto, src_be, dst_be) else {
         return Egress::NoRoute;
     };
     // Why BPF_MTU_CHK_SEGS: a GSO skb is compared by its segments'
@@ -135,22 +179,27 @@ pub fn egress(ctx: &TcContext, proto: u8, src_be: u32, dst_be: u32) -> Egress {
     Egress::Device(route.ifindex)
 }
 
-/// Sends the (already translated) packet out as [`egress`] decided:
-/// decrements the TTL as a router does and redirects it out of the device.
-/// `NoRoute` (or `TooBig`, which callers answer before translating) leaves
-/// it to the stack. Returns the verdict.
+/// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop
+/// limit as a router does. `Err(verdict)`: the packet is left to the stack
+/// (it would expire, counted `pass_ttl_expired`, or the rewrite failed).
 #[inline(always)]
-pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
-    let Egress::Device(ifindex) = out else {
-        count(stats::FIB_NO_ROUTE, ctx.len());
-        return TC_ACT_OK as i32;
-    };
+fn decrement_ttl<F: Family>(ctx: &TcContext, l3: usize) -> Result<(), i32> {
+    if F::IS_V6 {
+        let Ok(hops) = ctx.load::<u8>(l3 + IP6_HOPS) else {
+            return Err(TC_ACT_OK as i32);
+        };
+        if hops <= 1 {
+            count(stats::PASS_TTL_EXPIRED, ctx.len());
+            return Err(TC_ACT_OK as i32);
+        }
+        return ctx.store(l3 + IP6_HOPS, &(hops - 1), 0).map_err(|_| TC_ACT_OK as i32);
+    }
     let Ok(word) = ctx.load::<[u8; 2]>(l3 + 8) else {
-        return TC_ACT_OK as i32;
+        return Err(TC_ACT_OK as i32);
     };
     if word[0] <= 1 {
         count(stats::PASS_TTL_EXPIRED, ctx.len());
-        return TC_ACT_OK as i32;
+        return Err(TC_ACT_OK as i32);
     }
     let new = [word[0] - 1, word[1]];
     let old16 = u16::from_ne_bytes(word);
@@ -158,7 +207,23 @@ pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
     if ctx.l3_csum_replace(l3 + IP_CSUM, u64::from(old16), u64::from(new16), 2).is_err()
         || ctx.store(l3 + 8, &new, 0).is_err()
     {
+        return Err(TC_ACT_OK as i32);
+    }
+    Ok(())
+}
+
+/// Sends the (already translated) packet out as [`egress`] decided:
+/// decrements the TTL (hop limit) as a router does and redirects it out of
+/// the device. `NoRoute` (or `TooBig`, which callers answer before
+/// translating) leaves it to the stack. Returns the verdict.
+#[inline(always)]
+pub fn send<F: Family>(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
+    let Egress::Device(ifindex) = out else {
+        count(stats::FIB_NO_ROUTE, ctx.len());
         return TC_ACT_OK as i32;
+    };
+    if let Err(v) = decrement_ttl::<F>(ctx, l3) {
+        return v;
     }
     // Why: `bpf_redirect_neigh` needs a link-layer header in front of the
     // network header (it drops the packet when `mac_header >=
@@ -173,7 +238,7 @@ pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
             return TC_ACT_OK as i32;
         }
         let mut eth = [0u8; ETH_HLEN];
-        eth[12] = 0x08;
+        eth[12..14].copy_from_slice(&F::ETH_P_BE.to_ne_bytes());
         if ctx.store(0, &eth, 0).is_err() {
             return TC_ACT_SHOT as i32;
         }
@@ -185,10 +250,16 @@ pub fn send(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
 /// Route lookup and [`send`] for a packet that is already translated (ICMP
 /// errors, a few hundred bytes at most: no MTU check).
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, l3: usize, proto: u8, src_be: u32, dst_be: u32) -> i32 {
-    let out = match lookup(ctx, proto, src_be, dst_be) {
+pub fn redirect<F: Family>(ctx: &TcContext, l3: usize, proto: u8, src_be: F::Addr, dst_be: F::Addr) -> i32 {
+    let out = match lookup::<F>(ctx, proto, src_be, dst_be) {
         Some(route) => Egress::Device(route.ifindex),
         None => Egress::NoRoute,
     };
-    send(ctx, l3, out)
+    send::<F>(ctx, l3, out)
+}
+
+/// [`redirect`] for IPv4 (the ICMP error path).
+#[inline(always)]
+pub fn redirect4(ctx: &TcContext, l3: usize, proto: u8, src_be: u32, dst_be: u32) -> i32 {
+    redirect::<V4>(ctx, l3, proto, src_be, dst_be)
 }

@@ -83,7 +83,7 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
     let ports: [u16; 2] = ctx.load(inner + 20).ok()?;
     // The quoted packet went from isrc to the backend idst: the flow's
     // REPLY entry is keyed the other way round.
-    let Some(e) = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
+    let Some(e) = ct::lookup_live::<crate::family::V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
         return about_reply(ctx, l3, icmp, inner, iproto, isrc, idst, ports);
     };
     let len = ctx.len();
@@ -114,7 +114,7 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
     // On egress the packet already leaves by its route.
     if e.flags & CT_F_REDIRECT != 0 && !egress {
         let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;
-        return Some(fib::redirect(ctx, l3, proto::ICMP, outer_src, outer_dst));
+        return Some(fib::redirect4(ctx, l3, proto::ICMP, outer_src, outer_dst));
     }
     Some(TC_ACT_OK as i32)
 }
@@ -125,7 +125,7 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
 /// when the flow's packets are, else forwarded by the stack).
 #[inline(always)]
 fn about_reply(ctx: &TcContext, l3: usize, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
-    let e = ct::lookup_live(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
+    let e = ct::lookup_live::<crate::family::V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
     let len = ctx.len();
     let fail = || {
         count(stats::DROP_REWRITE_FAILED, len);
@@ -151,7 +151,7 @@ fn about_reply(ctx: &TcContext, l3: usize, icmp: usize, inner: usize, iproto: u8
     // A flow whose packets the datapath sends out itself: so is its error.
     if e.flags & CT_F_REDIRECT != 0 {
         let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;
-        return Some(fib::redirect(ctx, l3, proto::ICMP, outer_src, e.nat_addr_be));
+        return Some(fib::redirect4(ctx, l3, proto::ICMP, outer_src, e.nat_addr_be));
     }
     Some(TC_ACT_OK as i32)
 }

@@ -6,18 +6,24 @@
 //! so a new path or a new selection algorithm is one new caller, not
 //! another copy (Cilium's `lb4_lookup_service` / `lb4_select_backend`
 //! play this role).
+//!
+//! Every function is generic over the address family
+//! ([`crate::family::Family`]): IPv4 and IPv6 frontends are looked up in
+//! their own maps (`proxy_svc_v1` / `proxy_svc6_v1`, `proxy_be_v1` /
+//! `proxy_be6_v1`) and decided by the same code.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
-    backend::{BACKEND_F_LOCAL, Backend},
-    ct::{CT_F_CLOSING, CtValue},
+    backend::BACKEND_F_LOCAL,
+    ct::CT_F_CLOSING,
     proto, stats,
-    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_SOURCE_RANGES, SvcKey, SvcValue},
+    svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_SOURCE_RANGES, SvcValue},
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND, SRC_RANGES, SVC},
-    parse::Packet,
+    family::{Be, CtEntry, Family},
+    maps::AFFINITY,
+    parse::Pkt,
     stats::count,
 };
 
@@ -27,31 +33,29 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// A frontend as a packet or a socket call addresses it.
-#[derive(Clone, Copy)]
-pub struct Frontend {
-    pub addr_be: u32,
+pub struct Frontend<F: Family> {
+    pub addr_be: F::Addr,
     pub port_be: u16,
     pub proto: u8,
 }
 
-impl Frontend {
+impl<F: Family> Frontend<F> {
     /// The destination of a packet (client → frontend).
     #[inline(always)]
-    pub fn of(p: &Packet) -> Self {
+    pub fn of(p: &Pkt<F>) -> Self {
         Self { addr_be: p.daddr_be, port_be: p.dport_be, proto: p.proto }
     }
 
     #[inline(always)]
-    fn key(&self, slot: u16) -> SvcKey {
-        SvcKey { addr_be: self.addr_be, port_be: self.port_be, backend_slot: slot, proto: self.proto, scope: 0, _pad: [0; 2] }
+    fn key(&self, slot: u16) -> F::SvcKey {
+        F::svc_key(self.addr_be, self.port_be, self.proto, slot)
     }
 }
 
 /// Who is asking, for session affinity.
-#[derive(Clone, Copy)]
-pub enum Client {
-    /// The client's IPv4 address (per-packet paths).
-    Addr(u32),
+pub enum Client<F: Family> {
+    /// The client's address (per-packet paths).
+    Addr(F::Addr),
     /// A network-namespace cookie (socket path: the source address is not
     /// chosen yet at `connect()`).
     Netns(u64),
@@ -59,26 +63,19 @@ pub enum Client {
 
 /// The frontend entry (slot 0), if `fe` is one.
 #[inline(always)]
-pub fn lookup_service(fe: &Frontend) -> Option<SvcValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { SVC.get(fe.key(0)).copied() }
+pub fn lookup_service<F: Family>(fe: &Frontend<F>) -> Option<SvcValue> {
+    F::svc(&fe.key(0))
 }
 
-#[inline(always)]
-pub fn lookup_backend(id: u32) -> Option<Backend> {
-    // SAFETY: the value is copied out at once.
-    unsafe { BACKEND.get(id).copied() }
-}
 
 /// Whether slot `slot` of `fe` still holds backend `id` (the backend is
 /// still an endpoint of this frontend).
 #[inline(always)]
-pub fn slot_holds(fe: &Frontend, svc: &SvcValue, slot: u16, id: u32) -> bool {
+pub fn slot_holds<F: Family>(fe: &Frontend<F>, svc: &SvcValue, slot: u16, id: u32) -> bool {
     if slot == 0 || slot > svc.count {
         return false;
     }
-    // SAFETY: the value is read at once.
-    unsafe { SVC.get(fe.key(slot)) }.is_some_and(|v| v.backend_id == id)
+    F::svc(&fe.key(slot)).is_some_and(|v| v.backend_id == id)
 }
 
 /// What a frontend without usable backends does with a new flow.
@@ -98,9 +95,9 @@ pub fn when_empty(svc: &SvcValue) -> Empty {
 }
 
 /// The backend a new flow gets.
-pub struct Chosen {
+pub struct Chosen<A> {
     pub id: u32,
-    pub backend: Backend,
+    pub backend: Be<A>,
     /// The slot it was chosen from (recorded in conntrack and affinity).
     pub slot: u16,
 }
@@ -110,20 +107,23 @@ pub struct Chosen {
 /// Why random and not a hash of the source port: Linux hands out even
 /// ephemeral ports to `connect()`, so a modulo of the port skews badly.
 #[inline(always)]
-fn random_slot(fe: &Frontend, svc: &SvcValue) -> Option<Chosen> {
+fn random_slot<F: Family>(fe: &Frontend<F>, svc: &SvcValue) -> Option<Chosen<F::Addr>> {
+    // Callers check the count; a subprogram's verifier cannot see that.
+    if svc.count == 0 {
+        return None;
+    }
     // SAFETY: helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
     let slot = (r % u32::from(svc.count)) as u16 + 1;
-    // SAFETY: the value is copied out at once.
-    let id = unsafe { SVC.get(fe.key(slot)) }?.backend_id;
-    Some(Chosen { id, backend: lookup_backend(id)?, slot })
+    let id = F::svc(&fe.key(slot))?.backend_id;
+    Some(Chosen { id, backend: F::backend(id)?, slot })
 }
 
 /// The affinity key of `client` for the frontend's Service port.
 #[inline(always)]
-fn affinity_key(svc: &SvcValue, client: Client) -> AffinityKey {
+fn affinity_key<F: Family>(svc: &SvcValue, client: Client<F>) -> AffinityKey {
     let (c, kind) = match client {
-        Client::Addr(a) => (u64::from(a), proxy_common::affinity::AFFINITY_CLIENT_ADDR),
+        Client::Addr(a) => F::affinity_client(a),
         Client::Netns(n) => (n, proxy_common::affinity::AFFINITY_CLIENT_NETNS),
     };
     AffinityKey { client: c, group: svc.backend_id, client_kind: kind, _pad: [0; 3] }
@@ -138,7 +138,7 @@ fn affinity_key(svc: &SvcValue, client: Client) -> AffinityKey {
 /// removal loses its clients' affinity once); the entry is refreshed by
 /// every new flow, so the timeout counts idle time, as kube-proxy's.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, svc: &SvcValue, client: Client, now: u64, len: u32) -> Option<Chosen> {
+pub fn select_backend<F: Family>(fe: &Frontend<F>, svc: &SvcValue, client: Client<F>, now: u64, len: u32) -> Option<Chosen<F::Addr>> {
     if svc.affinity_timeout_s == 0 {
         return random_slot(fe, svc);
     }
@@ -157,7 +157,7 @@ pub fn select_backend(fe: &Frontend, svc: &SvcValue, client: Client, now: u64, l
 /// if it was used within `timeout_ns` and the slot it came from still holds
 /// it; its last use is refreshed when older than `refresh_ns`.
 #[inline(always)]
-pub fn remembered(fe: &Frontend, svc: &SvcValue, key: &AffinityKey, timeout_ns: u64, refresh_ns: u64, now: u64) -> Option<Chosen> {
+pub fn remembered<F: Family>(fe: &Frontend<F>, svc: &SvcValue, key: &AffinityKey, timeout_ns: u64, refresh_ns: u64, now: u64) -> Option<Chosen<F::Addr>> {
     let ptr = AFFINITY.get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; a racing refresh can only
     // make last_seen newer.
@@ -168,7 +168,7 @@ pub fn remembered(fe: &Frontend, svc: &SvcValue, key: &AffinityKey, timeout_ns: 
     if age > timeout_ns || !slot_holds(fe, svc, a.slot, a.backend_id) {
         return None;
     }
-    let backend = lookup_backend(a.backend_id)?;
+    let backend = F::backend(a.backend_id)?;
     if age > refresh_ns {
         a.last_seen_ns = now;
     }
@@ -177,7 +177,7 @@ pub fn remembered(fe: &Frontend, svc: &SvcValue, key: &AffinityKey, timeout_ns: 
 
 /// Records `c` as the backend of `key`, used now.
 #[inline(always)]
-pub fn remember(key: &AffinityKey, c: &Chosen, now: u64) {
+pub fn remember<A>(key: &AffinityKey, c: &Chosen<A>, now: u64) {
     let v = AffinityValue { backend_id: c.id, slot: c.slot, _pad: [0; 2], last_seen_ns: now };
     let _ = AFFINITY.insert(key, &v, 0);
 }
@@ -197,21 +197,21 @@ pub fn remember(key: &AffinityKey, c: &Chosen, now: u64) {
 /// even while other Services still use that backend — kube-proxy deletes
 /// the UDP conntrack entries of an endpoint that leaves a Service port.
 #[inline(always)]
-pub fn flow_keeps_backend(p: &Packet, svc: &SvcValue, entry: &CtValue, len: u32) -> bool {
+pub fn flow_keeps_backend<F: Family>(p: &Pkt<F>, svc: &SvcValue, entry: &F::CtValue, len: u32) -> bool {
     if p.proto == proto::TCP {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !syn {
             return true;
         }
-        if entry.flags & CT_F_CLOSING != 0 {
+        if entry.flags() & CT_F_CLOSING != 0 {
             return false;
         }
     }
-    let present = match lookup_backend(entry.backend_id) {
-        Some(b) => b.addr_be == entry.nat_addr_be && b.port_be == entry.nat_port_be,
+    let present = match F::backend(entry.backend_id()) {
+        Some(b) => b.addr == entry.nat_addr() && b.port_be == entry.nat_port(),
         None => false,
     };
-    if p.proto == proto::UDP && present && entry.slot != 0 && !slot_holds(&Frontend::of(p), svc, entry.slot, entry.backend_id) {
+    if p.proto == proto::UDP && present && entry.slot() != 0 && !slot_holds(&Frontend::of(p), svc, entry.slot(), entry.backend_id()) {
         count(stats::UDP_FLOW_MOVED, len);
         return false;
     }
@@ -223,23 +223,23 @@ pub fn flow_keeps_backend(p: &Packet, svc: &SvcValue, entry: &CtValue, len: u32)
 /// must lie in one of them (the agent lists the node's own addresses too,
 /// so health checks and hairpin traffic pass, as with kube-proxy).
 #[inline(always)]
-pub fn source_allowed(svc: &SvcValue, client_be: u32) -> bool {
+pub fn source_allowed<F: Family>(svc: &SvcValue, client_be: F::Addr) -> bool {
     if svc.flags & SVC_FLAG_SOURCE_RANGES == 0 {
         return true;
     }
-    SRC_RANGES.get(&crate::maps::src_range_key(svc.svc_id, client_be)).is_some()
+    F::source_in_ranges(svc.svc_id, client_be)
 }
 
 /// Whether this packet may create a flow: any UDP datagram, and for TCP
 /// only a SYN (without ACK). Other TCP packets of no tracked flow create
 /// nothing (see `stats::DROP_NO_FLOW`).
 #[inline(always)]
-pub fn may_create_flow(p: &Packet) -> bool {
+pub fn may_create_flow<F: Family>(p: &Pkt<F>) -> bool {
     p.proto != proto::TCP || p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
 #[inline(always)]
-pub fn closes(p: &Packet) -> bool {
+pub fn closes<F: Family>(p: &Pkt<F>) -> bool {
     p.proto == proto::TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
@@ -253,6 +253,6 @@ pub fn closes(p: &Packet) -> bool {
 /// client is the backend) needs it too: a pod drops a packet from its own
 /// address, so kube-proxy masquerades it.
 #[inline(always)]
-pub fn needs_snat(client_be: u32, svc: &SvcValue, backend: &Backend) -> bool {
-    backend.addr_be == client_be || (svc.flags & SVC_FLAG_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0)
+pub fn needs_snat<A: PartialEq>(client_be: A, svc: &SvcValue, backend: &Be<A>) -> bool {
+    backend.addr == client_be || (svc.flags & SVC_FLAG_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0)
 }

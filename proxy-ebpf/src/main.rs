@@ -7,8 +7,10 @@
 mod csum;
 mod ct;
 mod destroy;
+mod family;
 mod fib;
 mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;
@@ -27,25 +29,21 @@ use aya_ebpf::{
 use parse::ETH_HLEN;
 
 /// TC ingress on every device named by `--devices`: DNAT of packets to a
-/// frontend, reverse NAT of replies from a backend.
+/// frontend, reverse NAT of replies from a backend; IPv4 and IPv6.
 ///
 /// Verdicts: `TC_ACT_UNSPEC` (TCX "next") for packets that are not ours,
 /// `TC_ACT_OK` after a translation, `TC_ACT_REDIRECT` for a reject sent back
 /// out of the same device, `TC_ACT_SHOT` for a counted drop.
 #[classifier]
 pub fn proxy_tc_ingress(ctx: TcContext) -> i32 {
-    match tc::handle_ingress(&ctx, ETH_HLEN) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    tc::handle_ingress::<ETH_HLEN>(&ctx)
 }
 
 /// `proxy_tc_ingress` for devices without a link-layer header (IPIP,
-/// WireGuard, GRE, TUN: the packet starts with the IPv4 header).
+/// WireGuard, GRE, TUN: the packet starts with the IP header).
 #[classifier]
 pub fn proxy_tc_ingress_l3(ctx: TcContext) -> i32 {
-    match tc::handle_ingress(&ctx, 0) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    tc::handle_ingress::<0>(&ctx)
 }
 
 /// TC egress on the same devices: ICMP errors the node itself sends about a
@@ -55,13 +53,13 @@ pub fn proxy_tc_ingress_l3(ctx: TcContext) -> i32 {
 /// uncounted.
 #[classifier]
 pub fn proxy_tc_egress(ctx: TcContext) -> i32 {
-    tc::handle_egress(&ctx, ETH_HLEN)
+    tc::handle_egress::<ETH_HLEN>(&ctx)
 }
 
 /// `proxy_tc_egress` for devices without a link-layer header.
 #[classifier]
 pub fn proxy_tc_egress_l3(ctx: TcContext) -> i32 {
-    tc::handle_egress(&ctx, 0)
+    tc::handle_egress::<0>(&ctx)
 }
 
 /// Socket LB: `connect()` to a frontend (TCP and UDP) goes to a backend.

@@ -90,6 +90,26 @@ pub static FRAG: LruHashMap<FragKey, FragValue, { FRAG_MAX_ENTRIES as usize }> =
 #[btf_map(name = "proxy_xdp_tx_v1")]
 pub static XDP_TX_PORTS: DevMapHash<256> = DevMapHash::new();
 
+/// Per-CPU work area of the conntrack functions (`ct::Work`): keys and
+/// entries too large for the stack of the IPv6 path. Not pinned: its
+/// contents live for one call.
+#[repr(C)]
+pub struct CtScratch {
+    pub words: [u64; 32],
+}
+
+#[btf_map(name = "proxy_ct_scratch")]
+pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
+
+/// Per-CPU slot of the conntrack entry a lookup hands out (see `ct`).
+#[repr(C)]
+pub struct CtEntrySlot {
+    pub words: [u64; 8],
+}
+
+#[btf_map(name = "proxy_ct_entry")]
+pub static CT_ENTRY: PerCpuArray<CtEntrySlot, 1> = PerCpuArray::new();
+
 /// `loadBalancerSourceRanges` (see `proxy_common::svc::SRC_RANGE_MAP`).
 #[btf_map(name = "proxy_src_range_v1")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32, { SRC_RANGE_MAX_ENTRIES as usize }> = LpmTrie::new();

@@ -7,10 +7,14 @@ use proxy_common::{
     proto, stats,
 };
 
-use crate::maps::FRAG;
+use crate::{
+    family::{Family, In6, V4, V6},
+    maps::FRAG,
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+pub const ETH_P_IPV6_BE: u16 = 0x86dd_u16.to_be();
 /// Offsets inside the IPv4 header.
 pub const IP_FRAG_OFF: usize = 6;
 pub const IP_PROTO: usize = 9;
@@ -25,17 +29,20 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const IP_ID: usize = 4;
 
-/// The IPv4 and L4 fields the load balancer decides on.
-pub struct Packet {
-    /// Offset of the IPv4 header: `ETH_HLEN` on Ethernet devices, 0 on L3
+/// The L3 and L4 fields the load balancer decides on, for family `F`.
+pub struct Pkt<F: Family> {
+    /// Offset of the IP header: `ETH_HLEN` on Ethernet devices, 0 on L3
     /// devices (IPIP, WireGuard, GRE, TUN), which have no link-layer header.
     pub l3_off: usize,
-    /// Offset of the L4 header (14 + IHL * 4).
+    /// Offset of the L4 header (`l3_off + ihl_len`).
     pub l4_off: usize,
+    /// Length of the L3 headers: IPv4 IHL * 4; IPv6 40 + extension headers.
     pub ihl_len: usize,
+    /// The upper-layer protocol (after any IPv6 extension headers).
     pub proto: u8,
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    /// Network order (both families).
+    pub saddr_be: F::Addr,
+    pub daddr_be: F::Addr,
     pub sport_be: u16,
     pub dport_be: u16,
     /// TCP flags byte (0 for UDP and later fragments).
@@ -49,15 +56,16 @@ pub const FRAG_NONE: u8 = 0;
 pub const FRAG_FIRST: u8 = 1;
 pub const FRAG_LATER: u8 = 2;
 
-impl Packet {
+/// An IPv4 packet (what XDP, ICMP and the socket-independent IPv4 code use).
+pub type Packet = Pkt<V4>;
+
+impl<F: Family> Pkt<F> {
     /// Whether the packet holds its L4 header (not a later fragment).
     #[inline(always)]
     pub fn has_l4(&self) -> bool {
         self.frag != FRAG_LATER
     }
-}
 
-impl Packet {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -160,5 +168,172 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         dport_be: ports[1],
         tcp_flags,
         frag,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// IPv6
+// ---------------------------------------------------------------------------
+
+/// Offsets inside the IPv6 header.
+pub const IP6_PLEN: usize = 4;
+pub const IP6_NEXT: usize = 6;
+pub const IP6_HOPS: usize = 7;
+pub const IP6_SADDR: usize = 8;
+pub const IP6_DADDR: usize = 24;
+pub const IP6_HLEN: usize = 40;
+
+/// Next-header values (IANA "IPv6 Extension Header Types" and the
+/// upper-layer protocols that matter here).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Mobility, HIP, Shim6 and the two experimental values: extension headers
+/// this parser does not walk (their payload is not the upper layer).
+const NEXTHDR_UNWALKED: [u8; 5] = [135, 139, 140, 253, 254];
+pub const NEXTHDR_ICMPV6: u8 = 58;
+
+/// Whether the packet is IPv6 (by the Ethertype, or `skb->protocol` on an
+/// L3 device; see [`is_ipv4`]).
+#[inline(always)]
+pub fn is_ipv6(ctx: &TcContext, l3: usize) -> bool {
+    if l3 == 0 {
+        // SAFETY: reading a field of our own context.
+        let proto = unsafe { (*ctx.skb.skb).protocol };
+        return proto == u32::from(ETH_P_IPV6_BE);
+    }
+    ctx.load::<u16>(12).is_ok_and(|t| t == ETH_P_IPV6_BE)
+}
+
+/// An IPv6 header with its extension headers walked.
+pub struct Ip6 {
+    pub saddr: In6,
+    pub daddr: In6,
+    /// The upper-layer protocol and where its header starts.
+    pub next: u8,
+    pub l4_off: usize,
+    /// The end of the IPv6 packet (`l3 + 40 + payload length`): bytes past
+    /// it are link-layer padding.
+    pub end: usize,
+    /// `FRAG_NONE` or `FRAG_FIRST` (later fragments are `Err(PASS_FRAGMENT)`).
+    pub frag: u8,
+}
+
+/// Walks the IPv6 header at `l3` and its extension headers (hop-by-hop,
+/// routing, fragment, destination options) up to the upper-layer header,
+/// at most `IPV6_MAX_EXT_HDRS` of them.
+///
+/// `Err`: a chain that is longer, or holds a header this walk does not know
+/// how to skip (mobility, HIP, shim6, experimental), or a routing header
+/// with segments left — the destination is then an intermediate hop and
+/// the L4 checksum covers the final one, so a rewrite would be wrong — is
+/// `PASS_IPV6_EXT`; a later fragment (no upper-layer header) is
+/// `PASS_FRAGMENT`; a header cut short or beyond the payload length is
+/// `MALFORMED_TRUNCATED`. All of them are passed untouched by the callers.
+#[inline(always)]
+pub fn walk_ipv6(ctx: &TcContext, l3: usize) -> Result<Ip6, Skip> {
+    let first: u8 = ctx.load(l3).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    // Why: the Ethertype (or skb->protocol) can say IPv6 over a header that
+    // is not; the stack drops it (ipv6_rcv), we count it and let it.
+    if first >> 4 != 6 {
+        return Err(stats::MALFORMED_BAD_IHL);
+    }
+    let plen = usize::from(u16::from_be(ctx.load::<u16>(l3 + IP6_PLEN).map_err(|_| stats::MALFORMED_TRUNCATED)?));
+    let mut next: u8 = ctx.load(l3 + IP6_NEXT).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let saddr = In6(ctx.load(l3 + IP6_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?);
+    let daddr = In6(ctx.load(l3 + IP6_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?);
+    let skb_len = ctx.len() as usize;
+    // Why the skb length when the payload length is 0: a BIG TCP (GRO/GSO
+    // beyond 64 KiB) IPv6 packet carries payload length 0 inside the stack.
+    // An ordinary packet with payload length 0 has no upper-layer header.
+    let end = if plen == 0 && skb_len > l3 + IP6_HLEN + 0xffff { skb_len } else { l3 + IP6_HLEN + plen };
+    let mut off = l3 + IP6_HLEN;
+    let mut frag = FRAG_NONE;
+    for _ in 0..stats::IPV6_MAX_EXT_HDRS {
+        if next == NEXTHDR_HOP || next == NEXTHDR_DEST || next == NEXTHDR_ROUTING {
+            // Next header, length in 8-octet units not counting the first
+            // 8, and for routing: type and segments left.
+            let h: [u8; 4] = ctx.load(off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+            if next == NEXTHDR_ROUTING && h[3] != 0 {
+                return Err(stats::PASS_IPV6_EXT);
+            }
+            next = h[0];
+            off += (usize::from(h[1]) + 1) * 8;
+        } else if next == NEXTHDR_FRAGMENT {
+            // Next header, reserved, then offset (13 bits) | res | M.
+            let h: [u8; 4] = ctx.load(off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+            let fo = u16::from_be_bytes([h[2], h[3]]);
+            if fo & 0xfff8 != 0 {
+                return Err(stats::PASS_FRAGMENT);
+            }
+            // M clear with offset 0: an atomic fragment (RFC 6946), a whole
+            // datagram.
+            if fo & 1 != 0 {
+                frag = FRAG_FIRST;
+            }
+            next = h[0];
+            off += 8;
+        } else {
+            break;
+        }
+        if off > end {
+            return Err(stats::MALFORMED_TRUNCATED);
+        }
+    }
+    if next == NEXTHDR_HOP
+        || next == NEXTHDR_DEST
+        || next == NEXTHDR_ROUTING
+        || next == NEXTHDR_FRAGMENT
+        || NEXTHDR_UNWALKED.contains(&next)
+    {
+        return Err(stats::PASS_IPV6_EXT);
+    }
+    Ok(Ip6 { saddr, daddr, next, l4_off: off, end, frag })
+}
+
+/// Parses the TCP/UDP ports of an IPv6 packet whose header `h` at `l3` was
+/// walked ([`walk_ipv6`]). `Err(reason)` = not for us (`PASS_OTHER_PROTO`
+/// for an upper layer other than TCP/UDP).
+#[inline(always)]
+pub fn parse_ipv6_ports(ctx: &TcContext, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
+    let proto = h.next;
+    if proto != proto::TCP && proto != proto::UDP {
+        return Err(stats::PASS_OTHER_PROTO);
+    }
+    let l4_off = h.l4_off;
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+    let (l4_min, tcp_flags) = if proto == proto::TCP {
+        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        (20, flags)
+    } else {
+        (8, 0)
+    };
+    // As for IPv4: the L4 header must lie within the payload length, not in
+    // padding, and be all there (the checksum we rewrite included).
+    if (ctx.len() as usize) < l4_off + l4_min || h.end < l4_off + l4_min {
+        return Err(stats::MALFORMED_TRUNCATED);
+    }
+    if proto == proto::UDP {
+        // Why: a zero UDP checksum means "none" in IPv4 only; in IPv6 it is
+        // invalid (RFC 8200 8.1) and the stack drops the datagram. An
+        // incremental update of 0 would make it a wrong non-zero checksum:
+        // it is left as it came.
+        let c: u16 = ctx.load(l4_off + UDP_CSUM).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        if c == 0 {
+            return Err(stats::MALFORMED_UDP6_NO_CSUM);
+        }
+    }
+    Ok(Pkt {
+        l3_off: l3,
+        l4_off,
+        ihl_len: l4_off - l3,
+        proto,
+        saddr_be: h.saddr,
+        daddr_be: h.daddr,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        tcp_flags,
+        frag: h.frag,
     })
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    affinity::AffinityKey,
+    affinity::{AFFINITY_CLIENT_SOCKET, AffinityKey},
     proto,
     sock::{SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SockRevKey, SockRevValue},
     stats,
@@ -33,6 +33,7 @@ use proxy_common::{
 
 use crate::{
     ct,
+    family::V4,
     lb::{self, Chosen, Client, Empty, Frontend},
     maps::{CONFIG, SOCK_REV},
     stats::count,
@@ -46,8 +47,6 @@ const EHOSTUNREACH: i32 = 113;
 /// How long an unconnected UDP socket keeps its backend without sending
 /// (the per-packet path's UDP conntrack timeout).
 const UDP_STICKY_NS: u64 = proxy_common::ct::CT_UDP_TIMEOUT_NS;
-/// The client kind of per-socket stickiness entries in the affinity map.
-const CLIENT_SOCKET: u8 = 2;
 
 /// Whether the socket is in the host's network namespace.
 #[inline(always)]
@@ -75,7 +74,7 @@ fn enabled(ctx: &SockAddrContext) -> bool {
 
 /// The frontend the call addresses (`user_ip4:user_port`, the socket's protocol).
 #[inline(always)]
-fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
+fn frontend(ctx: &SockAddrContext) -> Option<Frontend<V4>> {
     // SAFETY: reading fields of our own context.
     let (addr_be, port, protocol) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
     let proto = protocol as u8;
@@ -89,8 +88,8 @@ fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
 /// Per-socket stickiness for unconnected UDP: the backend this socket had,
 /// if it is still in the frontend and was used within `UDP_STICKY_NS`.
 #[inline(always)]
-fn sticky(fe: &Frontend, svc: &proxy_common::svc::SvcValue, cookie: u64, now: u64, len: u32) -> Option<Chosen> {
-    let key = AffinityKey { client: cookie, group: svc.svc_id, client_kind: CLIENT_SOCKET, _pad: [0; 3] };
+fn sticky(fe: &Frontend<V4>, svc: &proxy_common::svc::SvcValue, cookie: u64, now: u64, len: u32) -> Option<Chosen<u32>> {
+    let key = AffinityKey { client: cookie, group: svc.svc_id, client_kind: AFFINITY_CLIENT_SOCKET, _pad: [0; 3] };
     if let Some(c) = lb::remembered(fe, svc, &key, UDP_STICKY_NS, proxy_common::ct::CT_REFRESH_NS, now) {
         return Some(c);
     }
@@ -146,10 +145,10 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // SAFETY: writing the destination fields of our own context, which the
     // kernel allows for connect4 and sendmsg4.
     unsafe {
-        (*ctx.sock_addr).user_ip4 = c.backend.addr_be;
+        (*ctx.sock_addr).user_ip4 = c.backend.addr;
         (*ctx.sock_addr).user_port = u32::from(c.backend.port_be);
     }
-    let rk = SockRevKey { cookie, addr_be: c.backend.addr_be, port_be: c.backend.port_be, _pad: [0; 2] };
+    let rk = SockRevKey { cookie, addr_be: c.backend.addr, port_be: c.backend.port_be, _pad: [0; 2] };
     let rv = SockRevValue { addr_be: fe.addr_be, port_be: fe.port_be, _pad: [0; 2], svc_id: svc.svc_id };
     // Why only when different: every sendto() would otherwise write the map.
     // SAFETY: the value is compared at once.

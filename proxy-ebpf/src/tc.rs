@@ -2,78 +2,206 @@
 //! DNAT of packets to a frontend, reverse NAT of replies, rejects, SNAT for
 //! external frontends, ICMP errors. The decisions come from [`crate::lb`].
 //!
-//! `l3` is where the IPv4 header starts: `ETH_HLEN` on Ethernet devices
+//! `L3` is where the IP header starts: `ETH_HLEN` on Ethernet devices
 //! (pod veths, uplinks, VXLAN), 0 on L3 devices without a link-layer header
 //! (IPIP, WireGuard, GRE, TUN), which get their own program variant.
+//!
+//! Both families take the same path ([`ingress`], [`handle_reply`],
+//! [`forward`], generic over [`Family`]); only parsing and ICMP differ.
+//! Each family's handler is its own BPF subprogram (`#[inline(never)]`):
+//! the verifier then bounds the stack per call chain, so the IPv6 path's
+//! larger addresses never share a frame with the IPv4 path's, and each
+//! stays within the 512-byte limit (see also `ct::Work`).
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use proxy_common::{
-    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT},
     proto, stats,
     svc::SVC_FLAGS_EXTERNAL,
 };
 
 use crate::{
-    TC_NEXT, ct, fib,
+    TC_NEXT, ct,
+    family::{CtEntry, Family, V4, V6},
+    fib,
     lb::{self, Client, Empty, Frontend},
     nat,
-    parse::{IP_PROTO, Packet, parse_ipv4_l4},
-    reject,
+    parse::{IP_PROTO, NEXTHDR_ICMPV6, Pkt, is_ipv6, parse_ipv4_l4, parse_ipv6_ports, walk_ipv6},
     stats::count,
 };
 
+/// What the IPv6 handlers return for an ICMPv6 message: not a verdict, a
+/// request to run the ICMPv6 subprogram ([`icmp6`]).
+const ICMP6: i32 = i32::MIN;
+/// What [`ingress`] returns for a packet that starts a new flow to a
+/// frontend with backends: not a verdict, a request to run [`new_flow`].
+const NEW_FLOW: i32 = i32::MIN + 1;
+
+/// TC ingress: IPv6 to its handler, everything else to the IPv4 one (which
+/// passes what is not IPv4, as before there was an IPv6 path).
+///
+/// Why the ICMPv6 handler and the creation of a new IPv6 flow are called
+/// from here and not from `ingress6`: the verifier sums the stack frames
+/// along a call chain (512 bytes in all); each IPv6 stage is close to half
+/// of that, side by side they fit. The new-flow stage parses the packet
+/// again (the first packet of a flow only).
 #[inline(always)]
-pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
+pub fn handle_ingress<const L3: usize>(ctx: &TcContext) -> i32 {
+    if is_ipv6(ctx, L3) {
+        let v = ingress6::<L3>(TcContext::new(ctx.skb.skb));
+        if v == ICMP6 {
+            return icmp6::<L3>(TcContext::new(ctx.skb.skb), false);
+        }
+        if v == NEW_FLOW {
+            return new_flow6::<L3>(TcContext::new(ctx.skb.skb));
+        }
+        return v;
+    }
+    ingress4::<L3>(TcContext::new(ctx.skb.skb))
+}
+
+/// TC egress, dispatched the same way.
+#[inline(always)]
+pub fn handle_egress<const L3: usize>(ctx: &TcContext) -> i32 {
+    if is_ipv6(ctx, L3) {
+        let v = egress6::<L3>(TcContext::new(ctx.skb.skb));
+        if v == ICMP6 {
+            return icmp6::<L3>(TcContext::new(ctx.skb.skb), true);
+        }
+        return v;
+    }
+    egress4::<L3>(TcContext::new(ctx.skb.skb))
+}
+
+/// An ICMPv6 message ([`crate::icmp6::handle`]), walked again (cheap: the
+/// walk found it before).
+#[inline(never)]
+fn icmp6<const L3: usize>(ctx: TcContext, egress: bool) -> i32 {
+    match walk_ipv6(&ctx, L3) {
+        Ok(h) => crate::icmp6::handle(&ctx, L3, &h, egress),
+        Err(_) => TC_NEXT,
+    }
+}
+
+#[inline(never)]
+fn ingress4<const L3: usize>(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let p = match parse_ipv4_l4(ctx, l3) {
+    let p = match parse_ipv4_l4(&ctx, L3) {
         Ok(p) => p,
-        Err(stats::PASS_OTHER_PROTO) => return Ok(other_proto(ctx, l3, len)),
+        Err(stats::PASS_OTHER_PROTO) => return other_proto(&ctx, L3, len),
         Err(reason) => {
             count(reason, len);
-            return Ok(TC_NEXT);
+            return TC_NEXT;
         }
     };
+    match ingress::<V4>(&ctx, &p, len) {
+        Ok(NEW_FLOW) => match new_flow::<V4>(&ctx, &p, len) {
+            Ok(v) | Err(v) => v,
+        },
+        Ok(v) | Err(v) => v,
+    }
+}
 
-    let fe = Frontend::of(&p);
+#[inline(never)]
+fn ingress6<const L3: usize>(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let h = match walk_ipv6(&ctx, L3) {
+        Ok(h) => h,
+        Err(reason) => {
+            count(reason, len);
+            return TC_NEXT;
+        }
+    };
+    if h.next == NEXTHDR_ICMPV6 {
+        return ICMP6;
+    }
+    let p = match parse_ipv6_ports(&ctx, L3, &h) {
+        Ok(p) => p,
+        Err(reason) => {
+            count(reason, len);
+            return TC_NEXT;
+        }
+    };
+    match ingress::<V6>(&ctx, &p, len) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// The second IPv6 ingress stage: a packet [`ingress`] found to start a
+/// new flow (see [`handle_ingress`]).
+#[inline(never)]
+fn new_flow6<const L3: usize>(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let Ok(p) = walk_ipv6(&ctx, L3).and_then(|h| parse_ipv6_ports(&ctx, L3, &h)) else {
+        return TC_NEXT;
+    };
+    match new_flow::<V6>(&ctx, &p, len) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// A TCP/UDP packet at ingress: to a frontend (DNAT of a tracked flow,
+/// reject, drop), or a reply of a translated flow, or not ours. A packet
+/// that may start a new flow to a frontend with backends is `NEW_FLOW`:
+/// the caller runs [`new_flow`].
+#[inline(always)]
+fn ingress<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32> {
+    let fe = Frontend::of(p);
     let Some(svc) = lb::lookup_service(&fe) else {
-        return handle_reply(ctx, &p, len);
+        return handle_reply(ctx, p, len);
     };
     if !p.has_l4() {
         // A later fragment follows its first fragment's flow; it never
         // starts one (nor is it rejected: the first fragment was).
-        let Some(entry) = ct::service_entry(&p, ct::now_ns(), len) else {
+        let Some(entry) = ct::service_entry(p, ct::now_ns(), len) else {
             count(stats::PASS_FRAGMENT, len);
             return Ok(TC_NEXT);
         };
-        return forward(ctx, &p, &entry, len, stats::FRAGMENT_TRANSLATED);
+        return forward(ctx, p, entry, len, stats::FRAGMENT_TRANSLATED);
     }
     // Why the flow first: an established connection keeps its backend
     // while the Service has no usable endpoint for a moment (readiness
     // flapping); kube-proxy rejects only new connections then.
     let now = ct::now_ns();
-    if let Some(entry) = ct::service_entry(&p, now, len)
-        && lb::flow_keeps_backend(&p, &svc, &entry, len)
+    if let Some(entry) = ct::service_entry(p, now, len)
+        && lb::flow_keeps_backend(p, &svc, entry, len)
     {
-        if lb::closes(&p) {
-            ct::close_from_service(&p, &entry);
+        if lb::closes(p) {
+            ct::close_from_service(p, entry);
         }
-        return forward(ctx, &p, &entry, len, stats::DNAT_ESTABLISHED);
+        return forward(ctx, p, entry, len, stats::DNAT_ESTABLISHED);
     }
     if svc.count == 0 {
         if lb::when_empty(&svc) == Empty::Drop {
             count(stats::DROP_NO_LOCAL_BACKEND, len);
             return Err(TC_ACT_SHOT as i32);
         }
-        return Ok(reject::port_unreachable(ctx, &p, len));
+        return Ok(F::port_unreachable(ctx, p, len));
     }
+    Ok(NEW_FLOW)
+}
 
-    if !lb::may_create_flow(&p) {
+/// A packet to a frontend with backends that is not of a tracked flow
+/// (keeping its backend): the backend chosen, the flow recorded (with SNAT
+/// when needed), the packet translated.
+#[inline(always)]
+fn new_flow<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32> {
+    let fe = Frontend::of(p);
+    // Looked up again (not passed along): for IPv6 this runs in another
+    // subprogram. A frontend emptied in between has no slot to choose
+    // from (`drop_backend_missing`).
+    let Some(svc) = lb::lookup_service(&fe) else {
+        count(F::PASS_NO_SERVICE, len);
+        return Ok(TC_NEXT);
+    };
+    let now = ct::now_ns();
+    if !lb::may_create_flow(p) {
         count(stats::DROP_NO_FLOW, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    if !lb::source_allowed(&svc, p.saddr_be) {
+    if !lb::source_allowed::<F>(&svc, p.saddr_be) {
         count(stats::DROP_SOURCE_RANGE, len);
         return Err(TC_ACT_SHOT as i32);
     }
@@ -89,18 +217,18 @@ pub fn handle_ingress(ctx: &TcContext, l3: usize) -> Result<i32, i32> {
     let mut flow = ct::NewFlow::to(&chosen, svc.svc_id, if external { CT_F_REDIRECT } else { 0 });
     if lb::needs_snat(p.saddr_be, &svc, &backend) {
         // The address the kernel would masquerade to for this route.
-        let Some(route) = fib::lookup(ctx, p.proto, p.saddr_be, backend.addr_be) else {
+        let Some(src) = fib::masquerade_src::<F>(ctx, p.proto, p.saddr_be, backend.addr) else {
             count(stats::FIB_NO_ROUTE, len);
             return Err(TC_ACT_SHOT as i32);
         };
-        flow.snat_addr_be = route.src_be;
+        flow.snat_addr_be = src;
         flow.flags |= CT_F_REDIRECT;
     }
-    let Some(entry) = ct::create(&p, &flow, now, len) else {
+    let Some(entry) = ct::create(p, &flow, now, len) else {
         count(stats::DROP_SNAT_EXHAUSTED, len);
         return Err(TC_ACT_SHOT as i32);
     };
-    forward(ctx, &p, &entry, len, stats::DNAT_NEW)
+    forward(ctx, p, entry, len, stats::DNAT_NEW)
 }
 
 /// The IPv4 header length, when the packet is IPv4 with protocol `want`.
@@ -125,6 +253,35 @@ fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
     TC_NEXT
 }
 
+#[inline(never)]
+fn egress4<const L3: usize>(ctx: TcContext) -> i32 {
+    let p = match parse_ipv4_l4(&ctx, L3) {
+        Ok(p) => p,
+        Err(stats::PASS_OTHER_PROTO) => {
+            return match ipv4_ihl_if(&ctx, L3, proto::ICMP) {
+                Some(ihl) => crate::icmp::handle(&ctx, L3, ihl, true),
+                None => TC_NEXT,
+            };
+        }
+        Err(_) => return TC_NEXT,
+    };
+    egress(&ctx, &p)
+}
+
+#[inline(never)]
+fn egress6<const L3: usize>(ctx: TcContext) -> i32 {
+    let Ok(h) = walk_ipv6(&ctx, L3) else {
+        return TC_NEXT;
+    };
+    if h.next == NEXTHDR_ICMPV6 {
+        return ICMP6;
+    }
+    match parse_ipv6_ports(&ctx, L3, &h) {
+        Ok(p) => egress(&ctx, &p),
+        Err(_) => TC_NEXT,
+    }
+}
+
 /// TC egress: ICMP errors the node sends about translated flows, and
 /// replies the node itself sends for a flow that was translated to one of
 /// its own addresses (a hostNetwork endpoint on this node: `kubernetes.default`
@@ -133,22 +290,12 @@ fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
 /// source; it is restored here, on its way out. Packets of no tracked flow
 /// pass uncounted (egress sees everything the node sends).
 #[inline(always)]
-pub fn handle_egress(ctx: &TcContext, l3: usize) -> i32 {
-    let p = match parse_ipv4_l4(ctx, l3) {
-        Ok(p) => p,
-        Err(stats::PASS_OTHER_PROTO) => {
-            return match ipv4_ihl_if(ctx, l3, proto::ICMP) {
-                Some(ihl) => crate::icmp::handle(ctx, l3, ihl, true),
-                None => TC_NEXT,
-            };
-        }
-        Err(_) => return TC_NEXT,
-    };
-    let Some(e) = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), ct::now_ns()) else {
+fn egress<F: Family>(ctx: &TcContext, p: &Pkt<F>) -> i32 {
+    let Some(e) = ct::lookup_packet(p, CT_DIR_REPLY, ct::now_ns()) else {
         return TC_NEXT;
     };
     // Already routed: it leaves by this device as it is.
-    match rev_nat(ctx, &p, &e, ctx.len()) {
+    match rev_nat(ctx, p, e, ctx.len()) {
         Ok(()) => TC_ACT_OK as i32,
         Err(v) => v,
     }
@@ -158,13 +305,13 @@ pub fn handle_egress(ctx: &TcContext, l3: usize) -> i32 {
 /// frontend, with SNAT the destination to the client; the flow confirmed,
 /// closed on FIN/RST. Counted.
 #[inline(always)]
-fn rev_nat(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32) -> Result<(), i32> {
+fn rev_nat<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32) -> Result<(), i32> {
     ct::confirm_from_reply(p, e);
     if lb::closes(p) {
         ct::close_from_reply(p, e);
     }
-    if nat::snat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err()
-        || (e.flags & CT_F_SNAT != 0 && nat::dnat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err())
+    if nat::snat(ctx, p, e.nat_addr(), e.nat_port()).is_err()
+        || (e.flags() & CT_F_SNAT != 0 && nat::dnat(ctx, p, e.snat_addr(), e.snat_port()).is_err())
     {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
@@ -181,55 +328,54 @@ fn rev_nat(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32) -> Result<(), i32
 /// too big for the egress device is answered here, while it still is what
 /// the client sent: the error quotes it and comes from the frontend.
 #[inline(always)]
-fn forward(ctx: &TcContext, p: &Packet, e: &CtValue, len: u32, reason: u32) -> Result<i32, i32> {
+fn forward<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32, reason: u32) -> Result<i32, i32> {
     let mut out = fib::Egress::NoRoute;
-    if e.flags & CT_F_SNAT != 0 {
-        out = fib::egress(ctx, p.proto, e.snat_addr_be, e.nat_addr_be);
+    if e.flags() & CT_F_SNAT != 0 {
+        out = fib::egress::<F>(ctx, p.proto, e.snat_addr(), e.nat_addr());
         if let fib::Egress::TooBig(mtu) = out {
-            return Ok(reject::frag_needed(ctx, p, p.daddr_be, mtu, len));
+            return Ok(F::too_big(ctx, p, p.daddr_be, mtu, len));
         }
     }
-    if nat::dnat(ctx, p, e.nat_addr_be, e.nat_port_be).is_err() {
+    if nat::dnat(ctx, p, e.nat_addr(), e.nat_port()).is_err() {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
     count(reason, len);
-    if e.flags & CT_F_SNAT == 0 {
+    if e.flags() & CT_F_SNAT == 0 {
         return Ok(TC_ACT_OK as i32);
     }
-    if nat::snat(ctx, p, e.snat_addr_be, e.snat_port_be).is_err() {
+    if nat::snat(ctx, p, e.snat_addr(), e.snat_port()).is_err() {
         count(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    Ok(fib::send(ctx, p.l3_off, out))
+    Ok(fib::send::<F>(ctx, p.l3_off, out))
 }
 
 /// A packet that is not addressed to a frontend: a reply of a translated
 /// flow gets its source (and with SNAT its destination) restored; anything
 /// else passes untouched.
 #[inline(always)]
-fn handle_reply(ctx: &TcContext, p: &Packet, len: u32) -> Result<i32, i32> {
-    let key = ct::key_of(p, CT_DIR_REPLY);
-    let Some(e) = ct::lookup_live(&key, ct::now_ns()) else {
-        count(if p.has_l4() { stats::PASS_NO_SERVICE } else { stats::PASS_FRAGMENT }, len);
+fn handle_reply<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32> {
+    let Some(e) = ct::lookup_packet(p, CT_DIR_REPLY, ct::now_ns()) else {
+        count(if p.has_l4() { F::PASS_NO_SERVICE } else { stats::PASS_FRAGMENT }, len);
         return Ok(TC_NEXT);
     };
-    let snat = e.flags & CT_F_SNAT != 0;
-    let dst = if snat { e.snat_addr_be } else { p.daddr_be };
+    let snat = e.flags() & CT_F_SNAT != 0;
+    let dst = if snat { e.snat_addr() } else { p.daddr_be };
     // As in `forward`: checked before translation. The error goes back to
     // the backend, quoting its packet, from the address it sent to (the
     // node's SNAT address; the frontend when the client's own address is
     // the destination).
     let mut out = fib::Egress::NoRoute;
-    if e.flags & CT_F_REDIRECT != 0 {
-        out = fib::egress(ctx, p.proto, e.nat_addr_be, dst);
+    if e.flags() & CT_F_REDIRECT != 0 {
+        out = fib::egress::<F>(ctx, p.proto, e.nat_addr(), dst);
         if let fib::Egress::TooBig(mtu) = out {
-            return Ok(reject::frag_needed(ctx, p, if snat { p.daddr_be } else { e.nat_addr_be }, mtu, len));
+            return Ok(F::too_big(ctx, p, if snat { p.daddr_be } else { e.nat_addr() }, mtu, len));
         }
     }
-    rev_nat(ctx, p, &e, len)?;
-    if e.flags & CT_F_REDIRECT != 0 {
-        return Ok(fib::send(ctx, p.l3_off, out));
+    rev_nat(ctx, p, e, len)?;
+    if e.flags() & CT_F_REDIRECT != 0 {
+        return Ok(fib::send::<F>(ctx, p.l3_off, out));
     }
     Ok(TC_ACT_OK as i32)
 }

@@ -21,7 +21,9 @@ use proxy_common::{
 };
 
 use crate::{
-    ct, fib,
+    ct,
+    family::V4,
+    fib,
     maps::XDP_TX_PORTS,
     lb::{self, Client, Frontend},
     parse::Packet,
@@ -115,7 +117,7 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
 /// Rewrites source and destination (address and port), fixes both
 /// checksums, decrements the TTL, sets the MACs and sends the packet out.
 #[inline(always)]
-fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u16), route: &fib::Route) -> Option<u32> {
+fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u16), route: &fib::Route<u32>) -> Option<u32> {
     let ttl: u8 = read(ctx, ETH_HLEN + 8)?;
     if ttl <= 1 {
         return None;
@@ -164,7 +166,7 @@ fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u1
 /// it with fragmentation needed (DF) or drops it (no DF). XDP cannot build
 /// that reply and send it back from here in a way worth the code.
 #[inline(always)]
-fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route> {
+fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route<u32>> {
     // SAFETY: reading the ingress ifindex of our context.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // The L3 length as the header says (not data_end - data, which counts
@@ -174,7 +176,7 @@ fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route>
     // agent attached XDP to): a redirect to a device that cannot transmit
     // XDP frames (no `ndo_xdp_xmit`: a tunnel, a pod veth without XDP) is
     // dropped by the kernel. Such a flow is passed untouched to TC instead.
-    fib::lookup_raw(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true)
+    fib::lookup_raw::<V4>(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true)
         .filter(|r| r.neigh && (r.ifindex == ingress || XDP_TX_PORTS.get_ifindex(r.ifindex).is_some()))
 }
 
@@ -194,11 +196,11 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
     let fe = Frontend::of(&p);
     let Some(svc) = lb::lookup_service(&fe) else {
         // A reply from a remote backend of a SNATed flow.
-        let e = ct::lookup_live(&ct::key_of(&p, CT_DIR_REPLY), now)?;
+        let e = ct::lookup_packet(&p, CT_DIR_REPLY, now)?;
         if e.flags & CT_F_SNAT == 0 || lb::closes(&p) {
             return None;
         }
-        ct::confirm_from_reply(&p, &e);
+        ct::confirm_from_reply(&p, e);
         let r = route(ctx, &p, e.nat_addr_be, e.snat_addr_be)?;
         let v = rewrite_and_send(ctx, &p, (e.nat_addr_be, e.nat_port_be), (e.snat_addr_be, e.snat_port_be), &r)?;
         count(stats::XDP_REVERSE, len);
@@ -207,17 +209,17 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
     if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(&p) {
         return None;
     }
-    let e: CtValue = match ct::service_entry(&p, now, len) {
-        Some(e) if lb::flow_keeps_backend(&p, &svc, &e, len) => e,
+    let e: &CtValue = match ct::service_entry(&p, now, len) {
+        Some(e) if lb::flow_keeps_backend(&p, &svc, e, len) => e,
         _ => {
             // Not a flow start: TC decides (it drops it without state).
             // Not allowed by loadBalancerSourceRanges: TC drops and counts.
-            if !lb::may_create_flow(&p) || !lb::source_allowed(&svc, p.saddr_be) {
+            if !lb::may_create_flow(&p) || !lb::source_allowed::<V4>(&svc, p.saddr_be) {
                 return None;
             }
             let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;
             let backend = chosen.backend;
-            if backend.addr_be == p.saddr_be {
+            if backend.addr == p.saddr_be {
                 // A hairpin: the TC path (it needs the stack's route).
                 return None;
             }
@@ -232,7 +234,7 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
                 count(stats::XDP_LOCAL_FLOW, len);
                 return None;
             }
-            flow.snat_addr_be = route(ctx, &p, p.saddr_be, backend.addr_be)?.src_be;
+            flow.snat_addr_be = route(ctx, &p, p.saddr_be, backend.addr)?.src_be;
             ct::create(&p, &flow, now, len)?
         }
     };

@@ -13,6 +13,7 @@ pub mod manifests;
 pub mod netns;
 pub mod overlay;
 pub mod packet;
+pub mod packet6;
 pub mod sandbox;
 pub mod servers;
 pub mod xdpwire;

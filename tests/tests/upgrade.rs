@@ -163,9 +163,10 @@ fn replacing_the_agent_by_a_binary_with_a_bumped_conntrack_layout_under_load_los
         move || {
             let (start, mut ok, mut failed) = (Instant::now(), 0u32, Vec::new());
             while !stop.load(Ordering::Relaxed) && ok < 20_000 && start.elapsed() < Duration::from_mins(1) {
+                let t0 = std::time::SystemTime::now();
                 match http_get(SocketAddr::from((VIP, 80)), T) {
                     Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
+                    Err(e) => failed.push(format!("{e} (started {:?})", jiff::Timestamp::try_from(t0).map(|t| t.to_string()))),
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -243,7 +244,9 @@ fn replacing_the_agent_by_a_binary_with_a_bumped_conntrack_layout_under_load_los
     for l in log.lines().filter(|l| l.contains("migrated")) {
         println!("{l}");
     }
-    assert!(conn_failed.is_empty(), "new connections failed: {conn_failed:?}\n{log}");
+    let counters: std::collections::BTreeMap<String, u64> = sb.counters(&bin).into_iter().filter(|(_, n)| *n > 0).collect();
+    println!("datapath counters: {counters:?}");
+    assert!(conn_failed.is_empty(), "new connections failed: {conn_failed:?}\n{counters:?}\n{log}");
     assert!(ka_failed.is_empty(), "keep-alive requests failed: {ka_failed:?}\n{log}");
     assert!(udp_failed.is_empty(), "UDP exchanges failed: {udp_failed:?}\n{log}");
     assert!(node_local.iter().all(|l| !l.starts_with("ERR")), "node-local requests failed: {node_local:?}");
