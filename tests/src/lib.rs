@@ -9,6 +9,7 @@ pub mod client;
 pub mod fuzz;
 pub mod cluster;
 pub mod flood;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod overlay;

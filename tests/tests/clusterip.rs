@@ -575,40 +575,8 @@ fn ten_agent_kills_under_load_lose_no_request() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let conns = http_load(&sb, stop.clone(), 20_000, Duration::from_secs(60));
-    let keepalive = sb.client.spawn({
-        let stop = stop.clone();
-        move || {
-            let mut k = KeepAlive::connect(np, T).expect("keep-alive to the NodePort");
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) && ok < 50_000 {
-                match k.get() {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (ok, failed)
-        }
-    });
-    let udp = sb.client.spawn({
-        let stop = stop.clone();
-        move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-            s.set_read_timeout(Some(T)).expect("timeout");
-            s.connect(SocketAddr::from((VIP, 53))).expect("connect");
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) && ok < 50_000 {
-                let r = s.send(b"u").and_then(|_| s.recv(&mut buf));
-                match r {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (ok, failed)
-        }
-    });
+    let keepalive = integration_tests::load::keep_alive(&sb.client, &stop, np, T, (50_000, Duration::from_mins(1)));
+    let udp = integration_tests::load::udp_stream(&sb.client, &stop, SocketAddr::from((VIP, 53)), T, (50_000, Duration::from_mins(1)));
     let mut node_local = Vec::new();
     for round in 0..10 {
         std::thread::sleep(Duration::from_millis(300));

@@ -22,7 +22,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use integration_tests::{
     agent::{agent_bin, agent_bin_layout_next, wait_programmed},
-    client::{KeepAlive, http_get},
+    client::KeepAlive,
+    load,
     manifests::{Port, service_yaml, write_atomic},
     netns::run,
     sandbox::{NODE_IP, Sandbox, pod_ip},
@@ -141,7 +142,6 @@ fn flows_in_the_first_releases_conntrack_layout_survive_the_upgrade() {
 /// request; the old layout is unpinned; a restart of the new binary adopts
 /// the new layout.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario: load, upgrade, restart, counts")]
 fn replacing_the_agent_by_a_binary_with_a_bumped_conntrack_layout_under_load_loses_no_request() {
     let mut sb = Sandbox::new("upg", 2);
     sb.serve_http(8080);
@@ -158,54 +158,9 @@ fn replacing_the_agent_by_a_binary_with_a_bumped_conntrack_layout_under_load_los
     let np = SocketAddr::from((NODE_IP, 30080));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let conns = sb.client.spawn({
-        let stop = stop.clone();
-        move || {
-            let (start, mut ok, mut failed) = (Instant::now(), 0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) && ok < 20_000 && start.elapsed() < Duration::from_mins(1) {
-                let t0 = std::time::SystemTime::now();
-                match http_get(SocketAddr::from((VIP, 80)), T) {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(format!("{e} (started {:?})", jiff::Timestamp::try_from(t0).map(|t| t.to_string()))),
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (ok, failed)
-        }
-    });
-    let keepalive = sb.client.spawn({
-        let stop = stop.clone();
-        move || {
-            let mut k = KeepAlive::connect(np, T).expect("keep-alive to the NodePort");
-            let (start, mut ok, mut failed) = (Instant::now(), 0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) && ok < 50_000 && start.elapsed() < Duration::from_mins(1) {
-                match k.get() {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (ok, failed)
-        }
-    });
-    let udp = sb.client.spawn({
-        let stop = stop.clone();
-        move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-            s.set_read_timeout(Some(T)).expect("timeout");
-            s.connect(SocketAddr::from((VIP, 53))).expect("connect");
-            let (start, mut ok, mut failed) = (Instant::now(), 0u32, Vec::new());
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) && ok < 50_000 && start.elapsed() < Duration::from_mins(1) {
-                match s.send(b"u").and_then(|_| s.recv(&mut buf)) {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (ok, failed)
-        }
-    });
+    let conns = load::new_connections(&sb.client, &stop, SocketAddr::from((VIP, 80)), T, (20_000, Duration::from_mins(1)));
+    let keepalive = load::keep_alive(&sb.client, &stop, np, T, (50_000, Duration::from_mins(1)));
+    let udp = load::udp_stream(&sb.client, &stop, SocketAddr::from((VIP, 53)), T, (50_000, Duration::from_mins(1)));
     let sockclient = Path::new(env!("CARGO_BIN_EXE_sockclient"));
     let mut node_local = Vec::new();
     std::thread::sleep(Duration::from_millis(500));
