@@ -1205,10 +1205,8 @@ spec:
     );
 }
 
-#[test]
-fn ipv6_only_service_is_programmed_and_a_family_it_does_not_list_is_reported() {
-    check_with_good(
-        r"
+/// An IPv6-only Service with its IPv6 slice.
+const V6_ONLY: &str = r"
 apiVersion: v1
 kind: Service
 metadata: {name: v6, namespace: default}
@@ -1227,20 +1225,13 @@ metadata:
 addressType: IPv6
 ports: [{port: 8080}]
 endpoints: [{addresses: ['fd00:244::1']}]
-",
-        "[fd00::1]:80/TCP default/v6 -> [fd00:244::1]:8080",
-    );
+";
+
+#[test]
+fn ipv6_only_service_is_programmed_and_a_family_it_does_not_list_is_reported() {
+    check_with_good(V6_ONLY, "[fd00::1]:80/TCP default/v6 -> [fd00:244::1]:8080");
     check_with_good(
-        r"
-apiVersion: v1
-kind: Service
-metadata: {name: v6, namespace: default}
-spec:
-  clusterIP: fd00::1
-  clusterIPs: ['fd00::1']
-  ipFamilies: [IPv4]
-  ports: [{port: 80}]
-",
+        &V6_ONLY.replace("ipFamilies: [IPv6]", "ipFamilies: [IPv4]"),
         r#"rejected: Service default/v6 (from test.yaml): clusterIP fd00::1 is IPv6, but ipFamilies is ["IPv4"]"#,
     );
 }
