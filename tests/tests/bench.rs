@@ -4,7 +4,10 @@
 //! mode did not, and BENCHMARKS.md, bench.json and bench.svg are written;
 //! the flood cases (a short, 2,000 packets/s flood at S=1) measure under
 //! the flood, the agent keeps every established flow and its datapath
-//! counted the spoofed packets.
+//! counted the spoofed packets; the agent following the test API server
+//! (`apiserver`, 200 Services, 5 changes of each kind) gives its initial
+//! sync, per-change latencies, CPU and memory, and a forced re-list writes
+//! nothing.
 //! Runs the bench binary as a real process, as root, in its own namespaces.
 use std::process::Command;
 
@@ -17,6 +20,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--quick", "--services", "1,100", "--duration", "0.5", "--cp-services", "100", "--program-timeout", "60", "--flood-pps", "2000"])
+        .args(["--api-services", "200", "--api-changes", "5"])
         .arg("--agent")
         .arg(agent_bin())
         .arg("--out")
@@ -30,7 +34,8 @@ fn bench_quick_produces_numbers_for_every_mode() {
         stdout.contains("## Data path")
             && stdout.contains("## NodePort (north-south)")
             && stdout.contains("## NodePort under a spoofed flood")
-            && stdout.contains("## Control plane"),
+            && stdout.contains("## Control plane")
+            && stdout.contains("## Control plane through the API server"),
         "no tables on stdout:\n{stdout}"
     );
     let md = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
@@ -79,7 +84,35 @@ fn bench_quick_produces_numbers_for_every_mode() {
         assert!(ipvs["metrics"]["conn_per_s"]["median"].is_null(), "invented IPVS numbers");
     }
     flood_cases(cases, &json);
+    api_case(&json);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The `apiserver` case at 200 Services: every figure is there, every
+/// change was seen, and the re-list of unchanged objects wrote nothing.
+fn api_case(json: &serde_json::Value) {
+    let c = json["api_cases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["services"] == 200))
+        .unwrap_or_else(|| panic!("no apiserver case at S=200: {}", json["api_cases"]));
+    assert!(c["skipped"].is_null(), "apiserver not measured: {}", c["skipped"]);
+    assert_eq!(c["frontends"], 400);
+    assert!(c["initial_sync"]["seconds"].as_f64().is_some(), "initial sync: {}", c["initial_sync"]);
+    assert!(c["full_sync_agent"]["count"].as_u64().is_some_and(|n| n >= 1), "the agent's full sync: {}", c["full_sync_agent"]);
+    assert!(c["synced_mem"]["vmrss_kib"].as_u64().is_some_and(|k| k > 1024), "RSS: {}", c["synced_mem"]);
+    for kind in ["add_service", "flip_readiness", "delete_service"] {
+        let ch = c["changes"].as_array().and_then(|a| a.iter().find(|x| x["kind"] == kind)).unwrap_or_else(|| panic!("no {kind}: {c}"));
+        assert!(ch["error"].is_null(), "{kind}: {}", ch["error"]);
+        assert_eq!(ch["changes"], 5, "{kind}: {ch}");
+        assert!(ch["external_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0), "{kind}: {ch}");
+        assert!(ch["agent_change_programming"]["count"].as_u64().is_some_and(|n| n >= 5), "{kind}: every change observed by the agent: {ch}");
+        assert!(ch["sync_ms"]["p50"].as_f64().is_some(), "{kind}: the agent's synced lines: {ch}");
+        assert!(ch["cpu_s"].as_f64().is_some(), "{kind}: {ch}");
+    }
+    let r = &c["relist"];
+    assert!(r["took"]["seconds"].as_f64().is_some(), "re-list: {r}");
+    assert!(r["peak_vmhwm_kib"].as_u64().is_some_and(|k| k > 1024), "re-list peak: {r}");
+    assert_eq!(r["syncs_with_writes"], 0, "a re-list of unchanged objects writes nothing: {r}");
 }
 
 /// The flood cases ran at S=1 only (the smallest), measured under the

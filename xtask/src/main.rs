@@ -42,13 +42,15 @@ enum Task {
     },
     /// Set up, build in release mode, and run the side-by-side benchmark
     /// (`ClusterIP`: direct, iptables, nftables, ipvs, ebpf, ebpf-sock; `NodePort`:
-    /// np-direct, np-iptables, np-tc, np-xdp); writes BENCHMARKS.md,
-    /// bench.json and bench.svg to --out.
+    /// np-direct, np-iptables, np-tc, np-xdp; control plane: programming S
+    /// Services, and apiserver: the agent following a test API server);
+    /// writes BENCHMARKS.md, bench.json and bench.svg to --out. The control
+    /// plane alone: `--services 0 -- --modes iptables,nftables,ebpf,apiserver`.
     Bench {
         /// A smoke check in under 3 minutes (one short run per case).
         #[arg(long)]
         quick: bool,
-        /// Numbers of Services for the data-path cases (default 1,10000; --quick: 1,1000).
+        /// Numbers of Services for the data-path cases (default 1,10000; --quick: 1,1000; 0: none).
         #[arg(long, value_delimiter = ',')]
         services: Vec<usize>,
         /// Seconds per load phase (default 2; --quick: 1).

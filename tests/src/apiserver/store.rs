@@ -11,6 +11,9 @@ use super::{
     status::{ApiError, FieldError},
 };
 
+/// Creating many objects in one call (benchmarks).
+mod bulk;
+
 /// `(kind, namespace, name)`; namespace is empty for cluster-scoped kinds.
 /// Ordered like the etcd keys `/registry/<resource>/<namespace>/<name>`.
 pub(crate) type Key = (Kind, String, String);

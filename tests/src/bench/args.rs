@@ -6,7 +6,7 @@ use super::program::IptBackend;
 #[derive(Clone, Debug)]
 pub struct Args {
     pub quick: bool,
-    /// Numbers of Services for the data-path cases.
+    /// Numbers of Services for the data-path cases (none: `--services 0`).
     pub services: Vec<usize>,
     /// Length of each load phase.
     pub duration: Duration,
@@ -37,6 +37,17 @@ pub struct Args {
     /// Numbers of Services the flood cases run at (default: the smallest
     /// of `services`).
     pub flood_services: Vec<usize>,
+    /// Numbers of Services for the control-plane case through the test API
+    /// server (`apiserver`; 2 ports and 10 endpoints each).
+    pub api_services: Vec<usize>,
+    /// Changes of each kind (add a Service, flip an endpoint's readiness,
+    /// delete a Service) measured one by one in the `apiserver` case.
+    pub api_changes: usize,
+    /// More environment for the agent of the `apiserver` case (`K=V`, e.g.
+    /// `MALLOC_ARENA_MAX=2`), for experiments.
+    pub api_agent_env: Vec<(String, String)>,
+    /// More `run` flags for the agent of the `apiserver` case.
+    pub api_agent_args: Vec<String>,
     /// The command line, for the report.
     pub command_line: String,
 }
@@ -65,7 +76,9 @@ pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S
 [--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
 [--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--generator process|thread] \
 [--flood-pps N (0: no flood cases)] [--flood-services N,...] \
-[--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp,np-iptables-flood,np-tc-flood]";
+[--api-services N,...] [--api-changes N] [--api-agent-env K=V,...] [--api-agent-args 'FLAGS'] \
+[--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp,np-iptables-flood,np-tc-flood,apiserver]
+--services 0: no data-path cases (e.g. the control plane alone: --services 0 --modes iptables,nftables,ebpf,apiserver)";
 
 fn list(v: &str) -> Vec<usize> {
     v.split(',')
@@ -91,6 +104,7 @@ impl Args {
     }
 
     #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one flag per arm, read top to bottom")]
     pub fn parse(argv: &[String]) -> Self {
         let quick = argv.iter().any(|a| a == "--quick");
         let mut a = Self {
@@ -111,12 +125,17 @@ impl Args {
             generator: Generator::Process,
             flood_pps: 20_000,
             flood_services: Vec::new(),
+            api_services: Vec::new(),
+            api_changes: if quick { 10 } else { 100 },
+            api_agent_env: Vec::new(),
+            api_agent_args: Vec::new(),
             command_line: argv.join(" "),
         };
         let mut cp_given = false;
         let mut add_given = false;
         let mut services_given = false;
         let mut flood_services_given = false;
+        let mut api_given = false;
         let mut it = argv.iter().skip(1);
         while let Some(flag) = it.next() {
             if flag == "--quick" {
@@ -162,12 +181,29 @@ impl Args {
                     a.flood_services = list(v);
                     flood_services_given = true;
                 }
+                "--api-services" => {
+                    a.api_services = list(v);
+                    api_given = true;
+                }
+                "--api-changes" => a.api_changes = list(v)[0].max(1),
+                "--api-agent-env" => {
+                    a.api_agent_env = v
+                        .split(',')
+                        .filter(|kv| !kv.is_empty())
+                        .map(|kv| {
+                            let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("--api-agent-env K=V,...: {kv:?}\n{USAGE}"));
+                            (k.to_owned(), v.to_owned())
+                        })
+                        .collect();
+                }
+                "--api-agent-args" => a.api_agent_args = v.split_whitespace().map(str::to_owned).collect(),
                 other => panic!("unknown argument {other:?}\n{USAGE}"),
             }
         }
         if quick && !services_given {
             a.services = vec![1, 1000];
         }
+        a.services.retain(|&n| n > 0);
         a.services.sort_unstable();
         a.services.dedup();
         let largest = a.services.iter().copied().max().unwrap_or(1);
@@ -182,6 +218,12 @@ impl Args {
         if !add_given {
             a.add_one_at = if quick { largest } else { 10_000 };
         }
+        if !api_given {
+            a.api_services = if quick { vec![largest] } else { vec![1000, 10_000, 50_000] };
+        }
+        a.api_services.retain(|&n| n > 0);
+        a.api_services.sort_unstable();
+        a.api_services.dedup();
         a
     }
 }

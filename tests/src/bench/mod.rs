@@ -5,16 +5,20 @@
 //! kube-proxy's iptables `NodePort` rules and a direct route to the pods;
 //! the TC path and the iptables shape again while a spoofed flood arrives
 //! at node A (new connections, keep-alive requests, established flows
-//! kept, conntrack occupancy); plus control-plane timings, measured in one run in network namespaces the
-//! bench creates. Writes `BENCHMARKS.md`,
+//! kept, conntrack occupancy); plus control-plane timings — programming S
+//! Services from nothing and one more, and (`apiserver`) the agent following
+//! the test API server: initial sync, per-change latency, CPU and memory —
+//! measured in one run in network namespaces the bench creates. Writes `BENCHMARKS.md`,
 //! `bench.json` and `bench.svg` to `--out` and the Markdown to stdout.
 //!
 //! Modules: [`services`] (the Services every mode gets), [`rules`]
 //! (kube-proxy's iptables and nftables shapes), [`program`] (loading them,
 //! or running the agent, timed), [`traffic`] (servers and load generators),
 //! [`flood`] (the spoofed flood and what it must not break),
-//! [`run`] (the cases), [`report`] (Markdown, JSON, SVG).
+//! [`run`] (the cases), [`controlplane`] (the agent following the test API
+//! server), [`report`] (Markdown, JSON, SVG).
 pub mod args;
+pub mod controlplane;
 pub mod flood;
 pub mod program;
 pub mod report;
@@ -49,7 +53,7 @@ pub fn main(command_line: &[String]) {
     let start = Instant::now();
     let machine = Machine::read();
     progress(&format!(
-        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}; flood cases: {} packets/s at {:?}",
+        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}, through the API server at {:?}; flood cases: {} packets/s at {:?}",
         machine.cpu,
         machine.cores,
         machine.kernel,
@@ -57,6 +61,7 @@ pub fn main(command_line: &[String]) {
         args.duration.as_secs_f64(),
         args.reps,
         args.cp_services,
+        args.api_services,
         args.flood_pps,
         args.flood_services
     ));
@@ -96,7 +101,9 @@ pub fn main(command_line: &[String]) {
     for mode in missing {
         program_cases.push(run_program_only(&args, mode, args.add_one_at));
     }
-    let report = Report { args: &args, machine, cases, program_cases, elapsed: start.elapsed() };
+    let api_cases: Vec<controlplane::ApiCase> =
+        if args.wants("apiserver") { args.api_services.iter().map(|&n| controlplane::run(&args, n)).collect() } else { Vec::new() };
+    let report = Report { args: &args, machine, cases, program_cases, api_cases, elapsed: start.elapsed() };
     let md = report.markdown();
     println!("{md}");
     let write = |name: &str, content: &str| {

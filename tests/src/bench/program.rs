@@ -164,7 +164,9 @@ pub fn nftables_add_one(ns: &Netns, set: &ServiceSet, timeout: Duration) -> Resu
     in_node(ns, "nft", &["-f", "-"], &super::rules::nft_add_one(&set.extra()), timeout)
 }
 
-fn svc_key(f: &Frontend) -> SvcKey {
+/// The service-map key of `f`'s slot 0.
+#[must_use]
+pub fn svc_key(f: &Frontend) -> SvcKey {
     SvcKey {
         addr_be: u32::from(f.vip).to_be(),
         port_be: f.port.to_be(),

@@ -67,6 +67,8 @@ pub struct Report<'a> {
     pub cases: Vec<Case>,
     /// Control-plane-only cases (sizes not covered by a data-path case).
     pub program_cases: Vec<Case>,
+    /// The agent following the test API server (`apiserver`).
+    pub api_cases: Vec<super::controlplane::ApiCase>,
     pub elapsed: Duration,
 }
 
@@ -453,6 +455,32 @@ impl Report<'_> {
 
     fn targets(&self) -> Vec<(String, Option<bool>, String)> {
         let mut out = Vec::new();
+        self.data_path_targets(&mut out);
+        let s = 10_000;
+        let t = |mode| self.program_case(mode, s).and_then(|c| c.program.as_ref()).map(|p| p.result.clone());
+        if let Some(ebpf) = t(Mode::Ebpf) {
+            for (mode, tool) in [(Mode::Iptables, "iptables-restore"), (Mode::Nftables, "nft -f")] {
+                let (met, note) = match (&ebpf, t(mode)) {
+                    (Ok(e), Some(Ok(o))) => (Some(e < &o), format!("agent {} vs {tool} {} ({:.1}× faster)", secs(*e), secs(o), o.as_secs_f64() / e.as_secs_f64())),
+                    (Ok(e), Some(Err(o))) => (Some(true), format!("agent {} vs {tool}: {o}", secs(*e))),
+                    (Err(e), _) => (Some(false), format!("agent: {e}")),
+                    (Ok(_), None) => (None, format!("{tool} not measured")),
+                };
+                out.push((format!("programming {s} Services faster than {tool}"), met, note));
+            }
+        }
+        self.socket_targets(&mut out);
+        self.node_port_targets(&mut out);
+        self.flood_targets(&mut out);
+        out.extend(super::controlplane::targets(&self.api_cases));
+        out
+    }
+
+    /// The `ClusterIP` data-path targets (none without data-path cases).
+    fn data_path_targets(&self, out: &mut Vec<(String, Option<bool>, String)>) {
+        if self.cases.is_empty() {
+            return;
+        }
         let smin = self.args.services.first().copied().unwrap_or(1);
         let smax = self.args.services.last().copied().unwrap_or(1);
         for (m, what) in [(0, "new-connection rate"), (1, "keep-alive request rate")] {
@@ -493,23 +521,26 @@ impl Report<'_> {
                 e.zip(i).map_or_else(|| "no figures".into(), |(e, i)| format!("{} vs {} conn/s ({:.2}×)", fmt_num(e), fmt_num(i), e / i)),
             ));
         }
-        let s = 10_000;
-        let t = |mode| self.program_case(mode, s).and_then(|c| c.program.as_ref()).map(|p| p.result.clone());
-        if let Some(ebpf) = t(Mode::Ebpf) {
-            for (mode, tool) in [(Mode::Iptables, "iptables-restore"), (Mode::Nftables, "nft -f")] {
-                let (met, note) = match (&ebpf, t(mode)) {
-                    (Ok(e), Some(Ok(o))) => (Some(e < &o), format!("agent {} vs {tool} {} ({:.1}× faster)", secs(*e), secs(o), o.as_secs_f64() / e.as_secs_f64())),
-                    (Ok(e), Some(Err(o))) => (Some(true), format!("agent {} vs {tool}: {o}", secs(*e))),
-                    (Err(e), _) => (Some(false), format!("agent: {e}")),
-                    (Ok(_), None) => (None, format!("{tool} not measured")),
-                };
-                out.push((format!("programming {s} Services faster than {tool}"), met, note));
-            }
-        }
-        self.socket_targets(&mut out);
-        self.node_port_targets(&mut out);
-        self.flood_targets(&mut out);
-        out
+    }
+
+    /// The `apiserver` section, with this run's kube-proxy counterparts.
+    fn api_section(&self, s: &mut String) {
+        let mode_of = |name: &str| match name {
+            "iptables" => Some(Mode::Iptables),
+            "nftables" => Some(Mode::Nftables),
+            _ => None,
+        };
+        let program = |name: &str, n: usize| {
+            let mode = mode_of(name)?;
+            self.program_case(mode, n).and_then(|c| c.program.as_ref()).map(|p| p.result.clone())
+        };
+        let add_one = |name: &str| {
+            let mode = mode_of(name)?;
+            let c = self.cases.iter().chain(&self.program_cases).find(|c| c.mode == mode && c.add_one.is_some())?;
+            c.add_one.clone().map(|r| (c.services, r))
+        };
+        let kp = super::controlplane::Counterparts { program: &program, add_one: &add_one };
+        super::controlplane::markdown(s, &self.api_cases, self.args, &kp);
     }
 
     /// The Markdown report.
@@ -563,9 +594,11 @@ impl Report<'_> {
             }
         );
 
-        let _ = writeln!(s, "## Data path\n");
-        let _ = writeln!(s, "ClusterIP: client → node → pod. Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
-        self.data_table(&mut s, &MODES);
+        if !self.cases.is_empty() {
+            let _ = writeln!(s, "## Data path\n");
+            let _ = writeln!(s, "ClusterIP: client → node → pod. Median of the runs; in brackets the ratio to `direct` at the same number of Services in this run.\n");
+            self.data_table(&mut s, &MODES);
+        }
         let cluster_ip_counters: Vec<(&Case, &std::collections::BTreeMap<String, u64>)> =
             self.cases.iter().filter(|c| !c.mode.is_node_port()).filter_map(|c| c.counters.as_ref().map(|n| (c, n))).collect();
         if !cluster_ip_counters.is_empty() {
@@ -597,57 +630,61 @@ impl Report<'_> {
 
         self.flood_section(&mut s);
 
-        let _ = writeln!(s, "\n## Control plane\n");
-        let _ = writeln!(
-            s,
-            "Time to program S Services (10 endpoints each) from nothing into an empty node, and to apply one added Service at S = {}. \
-             iptables/nftables: until the last restore/`nft -f` returns; ebpf: from starting the agent until the pinned service map \
-             holds every frontend with all its backends (read with map lookups). Where a data-path case had the same S, its \
-             programming time is the one shown.\n",
-            fmt_count(a.add_one_at)
-        );
-        let mut head = String::from("| mode |");
-        let mut sep = String::from("|---|");
-        for n in &a.cp_services {
-            let _ = write!(head, " S = {} |", fmt_count(*n));
-            sep.push_str("---:|");
+        if !self.program_cases.is_empty() || self.cases.iter().any(|c| c.program.is_some()) {
+            let _ = writeln!(s, "\n## Control plane\n");
+            let _ = writeln!(
+                s,
+                "Time to program S Services (10 endpoints each) from nothing into an empty node, and to apply one added Service at S = {}. \
+                 iptables/nftables: until the last restore/`nft -f` returns; ebpf: from starting the agent until the pinned service map \
+                 holds every frontend with all its backends (read with map lookups). Where a data-path case had the same S, its \
+                 programming time is the one shown.\n",
+                fmt_count(a.add_one_at)
+            );
+            let mut head = String::from("| mode |");
+            let mut sep = String::from("|---|");
+            for n in &a.cp_services {
+                let _ = write!(head, " S = {} |", fmt_count(*n));
+                sep.push_str("---:|");
+            }
+            let _ = writeln!(s, "{head} add one at S = {} |\n{sep}---:|", fmt_count(a.add_one_at));
+            for mode in [Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf] {
+                let _ = write!(s, "| {mode} |");
+                if mode == Mode::Ipvs {
+                    let _ = writeln!(s, " not measurable here (no IPVS in this kernel) |{}", " |".repeat(a.cp_services.len()));
+                    continue;
+                }
+                for &n in &a.cp_services {
+                    match self.program_case(mode, n).and_then(|c| c.program.as_ref()) {
+                        Some(prog) => match &prog.result {
+                            Ok(took) => {
+                                let _ = write!(s, " {} ({} tx) |", secs(*took), prog.transactions);
+                            }
+                            Err(why) => {
+                                let _ = write!(s, " {why} |");
+                            }
+                        },
+                        None => s.push_str(" – |"),
+                    }
+                }
+                let add = self
+                    .cases
+                    .iter()
+                    .chain(&self.program_cases)
+                    .find(|c| c.mode == mode && c.services == a.add_one_at && c.add_one.is_some())
+                    .and_then(|c| c.add_one.clone());
+                match add {
+                    Some(Ok(d)) => {
+                        let _ = writeln!(s, " {} |", secs(d));
+                    }
+                    Some(Err(e)) => {
+                        let _ = writeln!(s, " {e} |");
+                    }
+                    None => s.push_str(" – |\n"),
+                }
+            }
         }
-        let _ = writeln!(s, "{head} add one at S = {} |\n{sep}---:|", fmt_count(a.add_one_at));
-        for mode in [Mode::Iptables, Mode::Nftables, Mode::Ipvs, Mode::Ebpf] {
-            let _ = write!(s, "| {mode} |");
-            if mode == Mode::Ipvs {
-                let _ = writeln!(s, " not measurable here (no IPVS in this kernel) |{}", " |".repeat(a.cp_services.len()));
-                continue;
-            }
-            for &n in &a.cp_services {
-                match self.program_case(mode, n).and_then(|c| c.program.as_ref()) {
-                    Some(prog) => match &prog.result {
-                        Ok(took) => {
-                            let _ = write!(s, " {} ({} tx) |", secs(*took), prog.transactions);
-                        }
-                        Err(why) => {
-                            let _ = write!(s, " {why} |");
-                        }
-                    },
-                    None => s.push_str(" – |"),
-                }
-            }
-            let add = self
-                .cases
-                .iter()
-                .chain(&self.program_cases)
-                .find(|c| c.mode == mode && c.services == a.add_one_at && c.add_one.is_some())
-                .and_then(|c| c.add_one.clone());
-            match add {
-                Some(Ok(d)) => {
-                    let _ = writeln!(s, " {} |", secs(d));
-                }
-                Some(Err(e)) => {
-                    let _ = writeln!(s, " {e} |");
-                }
-                None => s.push_str(" – |\n"),
-            }
-        }
+
+        self.api_section(&mut s);
 
         let _ = writeln!(s, "\n## Targets (reported, not asserted)\n");
         let _ = writeln!(s, "| target | met | by how much |\n|---|---|---|");
@@ -755,10 +792,12 @@ impl Report<'_> {
             "settings": {"quick": a.quick, "services": a.services, "duration_s": a.duration.as_secs_f64(), "reps": a.reps,
                 "clients": a.clients, "cp_services": a.cp_services, "add_one_at": a.add_one_at,
                 "iptables_backend": a.ipt_backend.name(), "ipt_chunk": a.ipt_chunk, "nft_chunk": a.nft_chunk,
-                "generator": a.generator.name(), "flood_pps": a.flood_pps, "flood_services": a.flood_services},
+                "generator": a.generator.name(), "flood_pps": a.flood_pps, "flood_services": a.flood_services,
+                "api_services": a.api_services, "api_changes": a.api_changes},
             "elapsed_s": self.elapsed.as_secs_f64(),
             "cases": self.cases.iter().map(case).collect::<Vec<_>>(),
             "program_cases": self.program_cases.iter().map(case).collect::<Vec<_>>(),
+            "api_cases": super::controlplane::json(&self.api_cases),
             "targets": self.targets().into_iter().map(|(w, m, n)| json!({"target": w, "met": m, "note": n})).collect::<Vec<_>>(),
         })
     }
