@@ -7,7 +7,7 @@
 //! Exiting (SIGTERM, SIGINT, or being killed) leaves programs, links and maps
 //! pinned: the kernel keeps forwarding, and the next start adopts them.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -127,13 +127,24 @@ impl NodePortAddresses {
     #[must_use]
     pub fn select(&self, addrs: &[datapath::DeviceAddr], devices: &DeviceSelector) -> Vec<std::net::IpAddr> {
         let mut out: Vec<std::net::IpAddr> = match &self.cidrs {
+            // One address per device and family, the one configured first:
+            // IPv4's primary address is listed first, but the kernel lists
+            // a device's IPv6 addresses newest first, so there the last.
             None => {
-                let mut seen = BTreeSet::new();
-                addrs
-                    .iter()
-                    .filter(|a| devices.matches(&a.device) && !a.addr.is_loopback() && seen.insert((a.device.clone(), a.addr.is_ipv4())))
-                    .map(|a| a.addr)
-                    .collect()
+                let mut first: BTreeMap<(&str, bool), std::net::IpAddr> = BTreeMap::new();
+                for a in addrs.iter().filter(|a| devices.matches(&a.device) && !a.addr.is_loopback()) {
+                    let slot = first.entry((a.device.as_str(), a.addr.is_ipv4()));
+                    match slot {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(a.addr);
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut o) if a.addr.is_ipv6() => {
+                            o.insert(a.addr);
+                        }
+                        std::collections::btree_map::Entry::Occupied(_) => {}
+                    }
+                }
+                first.into_values().collect()
             }
             // As kube-proxy: a family the list has no range of is served on
             // every address of that family.
@@ -613,10 +624,12 @@ mod tests {
         vec![
             a("lo", [127, 0, 0, 1]),
             b("lo", "::1"),
+            // As the kernel lists them when .1 was configured before .10:
+            // IPv4 primary first, IPv6 newest first.
             a("ext0", [198, 51, 100, 1]),
-            b("ext0", "2001:db8::1"),
             a("ext0", [198, 51, 100, 10]),
             b("ext0", "2001:db8::10"),
+            b("ext0", "2001:db8::1"),
             a("nodelink", [10, 0, 0, 1]),
             a("other", [172, 16, 0, 1]),
         ]
@@ -630,7 +643,7 @@ mod tests {
     fn nodeport_addresses_default_to_the_primary_address_of_each_device() {
         let sel = DeviceSelector::parse("ext0,nodelink,lxc*").unwrap();
         let got = NodePortAddresses::parse("").unwrap().select(&addrs(), &sel);
-        assert_eq!(got, ips(&["10.0.0.1", "198.51.100.1", "2001:db8::1"]), "the first of each family");
+        assert_eq!(got, ips(&["10.0.0.1", "198.51.100.1", "2001:db8::1"]), "the first configured of each family");
         assert_eq!(NodePortAddresses::parse("primary").unwrap().select(&addrs(), &sel), got);
     }
 

@@ -358,7 +358,8 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
 
 /// kube-proxy's health-check inputs: the `healthCheckNodePort` of every
 /// proxied `LoadBalancer` Service with `externalTrafficPolicy: Local`, and per
-/// Service the number of distinct ready IPv4 endpoint addresses on this node.
+/// Service the number of distinct ready endpoint addresses on this node (of
+/// its primary family).
 #[must_use]
 pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16>, BTreeMap<ObjectKey, usize>) {
     let mut ports = BTreeMap::new();
@@ -390,9 +391,13 @@ fn service_health(svc: &Stored<Service>, slices: &[&Stored<EndpointSlice>], node
         && spec.external_traffic_policy.as_deref() == Some("Local")
         && spec.ports.as_ref().is_some_and(|p| !p.is_empty());
     let port = spec.health_check_node_port.and_then(port_in_range).filter(|_| needs);
+    // The primary family's endpoints (kube-proxy's proxier of that family
+    // counts them; both families' slices normally list the same pods).
+    let v6 = cluster_ips(&svc.object).ok().and_then(|ips| ips.first().copied()).is_some_and(|a| a.is_ipv6());
+    let family = if v6 { "IPv6" } else { "IPv4" };
     let mut ips = BTreeSet::new();
     for slice in slices {
-        if slice.object.address_type != "IPv4" {
+        if slice.object.address_type != family {
             continue;
         }
         for ep in slice.object.endpoints.iter().flatten() {

@@ -24,7 +24,7 @@
 //! manifests directory. Everything — namespaces, pins, files, agents,
 //! servers — is removed on drop, also when a test panics.
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -71,6 +71,32 @@ pub const POD_CIDR_B: &str = "10.244.2.0/24";
 pub const DEVICES: &str = "ext0,nodelink,lxc*";
 /// The pods' gateway (static neighbour, never on the wire).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// IPv6 ([`Cluster::enable_ipv6`]): the client's address on its leg to node A.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 2);
+/// The client's IPv6 address on its leg to node B.
+pub const CLIENT_IP6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x101, 0, 0, 0, 0, 2);
+/// Node A's primary IPv6 address on `ext0`.
+pub const NODE_A_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+/// Node A's second IPv6 address on `ext0`.
+pub const NODE_A_IP6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+/// Node B's primary IPv6 address on `ext0`.
+pub const NODE_B_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x101, 0, 0, 0, 0, 1);
+/// Node A's IPv6 address on `nodelink`.
+pub const NODE_A_LINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
+/// Node B's IPv6 address on `nodelink`.
+pub const NODE_B_LINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 2);
+pub const EXT_A_CIDR6: &str = "2001:db8:100::/64";
+pub const EXT_B_CIDR6: &str = "2001:db8:101::/64";
+/// IPv6 externalIPs and load-balancer IPs; the client routes them to node A.
+pub const EXTERNAL_CIDR6: &str = "2001:db8:113::/64";
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
+pub const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x20);
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
+/// All pods' IPv6 addresses (both nodes).
+pub const POD_CIDR6: &str = "fd00:244::/48";
+/// The pods' IPv6 gateway (static neighbour, never on the wire).
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// Which node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -135,6 +161,44 @@ impl NodeId {
         Ipv4Addr::new(10, 244, third, 10 + u8::try_from(i).expect("few pods"))
     }
 
+    /// Primary IPv6 address on `ext0`.
+    #[must_use]
+    pub fn external_ip6(self) -> Ipv6Addr {
+        match self {
+            Self::A => NODE_A_IP6,
+            Self::B => NODE_B_IP6,
+        }
+    }
+
+    /// IPv6 address on `nodelink`.
+    #[must_use]
+    pub fn link_ip6(self) -> Ipv6Addr {
+        match self {
+            Self::A => NODE_A_LINK_IP6,
+            Self::B => NODE_B_LINK_IP6,
+        }
+    }
+
+    /// This node's IPv6 pod range: fd00:244:0:1::/64 / fd00:244:0:2::/64.
+    #[must_use]
+    pub fn pod_cidr6(self) -> &'static str {
+        match self {
+            Self::A => "fd00:244:0:1::/64",
+            Self::B => "fd00:244:0:2::/64",
+        }
+    }
+
+    /// The IPv6 address of pod `i` (1-based) on this node:
+    /// fd00:244:0:1::(10+i) / fd00:244:0:2::(10+i) (hex).
+    #[must_use]
+    pub fn pod_ip6(self, i: usize) -> Ipv6Addr {
+        let subnet = match self {
+            Self::A => 1,
+            Self::B => 2,
+        };
+        Ipv6Addr::new(0xfd00, 0x244, 0, subnet, 0, 0, 0, 0x10 + u16::try_from(i).expect("few pods"))
+    }
+
     fn letter(self) -> char {
         match self {
             Self::A => 'a',
@@ -160,6 +224,18 @@ pub fn pod_ip_a(i: usize) -> Ipv4Addr {
 #[must_use]
 pub fn pod_ip_b(i: usize) -> Ipv4Addr {
     NodeId::B.pod_ip(i)
+}
+
+/// IPv6 address of pod `i` (1-based) on node A.
+#[must_use]
+pub fn pod_ip6_a(i: usize) -> Ipv6Addr {
+    NodeId::A.pod_ip6(i)
+}
+
+/// IPv6 address of pod `i` (1-based) on node B.
+#[must_use]
+pub fn pod_ip6_b(i: usize) -> Ipv6Addr {
+    NodeId::B.pod_ip6(i)
 }
 
 /// A pod: its namespace, address and the node side of its veth.
@@ -280,6 +356,24 @@ impl Node {
         self.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth]);
         self.ns.ip(&["neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &veth]);
         self.pods.push(Pod { name, ns, ip, node: n, veth });
+    }
+
+    /// IPv6 for pod `i` (1-based): its address, the link-local gateway as
+    /// a static neighbour, routes to every IPv6 range of the topology
+    /// through it; on the node a /128 route and a static neighbour.
+    fn add_pod_ipv6(&self, i: usize) {
+        let p = &self.pods[i - 1];
+        let ip = self.id.pod_ip6(i);
+        let mac = |ns: &Netns, dev: &str| ns.ip(&["-br", "link", "show", dev]).split_whitespace().nth(2).expect("a MAC").to_owned();
+        let (node_mac, pod_mac) = (mac(&self.ns, &p.veth), mac(&p.ns, "eth0"));
+        p.ns.ip(&["-6", "addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"]);
+        let gw = POD_GATEWAY6.to_string();
+        p.ns.ip(&["-6", "neigh", "add", &gw, "lladdr", &node_mac, "dev", "eth0"]);
+        for cidr in [EXT_A_CIDR6, EXT_B_CIDR6, "fd00:10::/64", POD_CIDR6, SERVICE_CIDR6] {
+            p.ns.ip(&["-6", "route", "add", cidr, "via", &gw, "dev", "eth0"]);
+        }
+        self.ns.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &p.veth]);
+        self.ns.ip(&["-6", "neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &p.veth]);
     }
 }
 
@@ -427,6 +521,42 @@ impl Cluster {
         self.wires = links;
     }
 
+    /// Dual-stack from now on (IPv6 beside every IPv4 address, no DAD, no
+    /// default route): the client legs (`CLIENT_IP6` ↔ `NODE_A_IP6` and
+    /// `NODE_A_IP6_2`; `CLIENT_IP6_B` ↔ `NODE_B_IP6`), the node link
+    /// (fd00:10::1/2), every pod (`NodeId::pod_ip6`); the client routes
+    /// `EXTERNAL_CIDR6` and `POD_CIDR6` to node A, the nodes route each
+    /// other's pods and client leg over the node link; both forward IPv6.
+    pub fn enable_ipv6(&mut self) {
+        let (c, a, b) = (&self.client, &self.a.ns, &self.b.ns);
+        c.ip(&["-6", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"]);
+        c.ip(&["-6", "addr", "add", &format!("{CLIENT_IP6_B}/64"), "dev", "eth1", "nodad"]);
+        a.ip(&["-6", "addr", "add", &format!("{NODE_A_IP6}/64"), "dev", "ext0", "nodad"]);
+        a.ip(&["-6", "addr", "add", &format!("{NODE_A_IP6_2}/64"), "dev", "ext0", "nodad"]);
+        b.ip(&["-6", "addr", "add", &format!("{NODE_B_IP6}/64"), "dev", "ext0", "nodad"]);
+        let via_a = NODE_A_IP6.to_string();
+        for cidr in [EXTERNAL_CIDR6, POD_CIDR6] {
+            c.ip(&["-6", "route", "add", cidr, "via", &via_a]);
+        }
+        for (n, ns) in [(NodeId::A, a), (NodeId::B, b)] {
+            ns.ip(&["-6", "addr", "add", &format!("{}/64", n.link_ip6()), "dev", "nodelink", "nodad"]);
+            let peer = n.other().link_ip6().to_string();
+            let peer_ext = match n {
+                NodeId::A => EXT_B_CIDR6,
+                NodeId::B => EXT_A_CIDR6,
+            };
+            for cidr in [n.other().pod_cidr6(), peer_ext] {
+                ns.ip(&["-6", "route", "add", cidr, "via", &peer, "dev", "nodelink"]);
+            }
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        }
+        for node in [&self.a, &self.b] {
+            for i in 1..=node.pods.len() {
+                node.add_pod_ipv6(i);
+            }
+        }
+    }
+
     #[must_use]
     pub fn node(&self, n: NodeId) -> &Node {
         match n {
@@ -481,6 +611,25 @@ impl Cluster {
     /// UDP on `port` in every pod, answering `<pod> <peer-ip> <peer-port> <payload>`.
     pub fn serve_udp_peer(&mut self, port: u16) {
         let new: Vec<PeerServer> = self.pods().map(|p| udp_peer_echo(&p.ns, port, &p.name)).collect();
+        self.servers.extend(new);
+    }
+
+    /// [`Self::serve_http_peer`] and [`Self::serve_udp_peer`] on `[::]`
+    /// (both families), for [`Self::enable_ipv6`]; parse with [`SeenAny`].
+    pub fn serve_peer_dual(&mut self, http_port: u16, udp_port: u16) {
+        let mut new = Vec::new();
+        for p in self.pods() {
+            let name = p.name.clone();
+            new.push(crate::servers::http_server_on(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, http_port)), move |peer| {
+                format!("{}\n", peer_text(&name, peer))
+            }));
+            let name = p.name.clone();
+            new.push(crate::servers::udp_echo_with(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)), move |peer, payload| {
+                let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
+                reply.extend_from_slice(payload);
+                reply
+            }));
+        }
         self.servers.extend(new);
     }
 
@@ -592,6 +741,34 @@ impl Seen {
     #[must_use]
     pub fn peer_ip(&self) -> Ipv4Addr {
         *self.peer.ip()
+    }
+}
+
+/// [`Seen`] of either family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenAny {
+    pub pod: String,
+    pub peer: SocketAddr,
+    pub payload: String,
+}
+
+impl SeenAny {
+    /// Parses `<pod> <peer-ip> <peer-port>[ <payload>]`, either family.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.trim().splitn(4, ' ');
+        let pod = it.next()?.to_owned();
+        // A dual-stack server sees IPv4 peers as ::ffff:a.b.c.d.
+        let ip = it.next()?.parse::<IpAddr>().ok()?.to_canonical();
+        let port: u16 = it.next()?.parse().ok()?;
+        let payload = it.next().unwrap_or_default().to_owned();
+        Some(Self { pod, peer: SocketAddr::new(ip, port), payload })
+    }
+
+    /// The source IP the pod saw.
+    #[must_use]
+    pub fn peer_ip(&self) -> IpAddr {
+        self.peer.ip()
     }
 }
 
