@@ -3,7 +3,7 @@
 //! Layout under `--bpffs` (default `/sys/fs/bpf/proxy`):
 //! ```text
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v2 proxy_names_v1 proxy_icmp_rl_v1 proxy_frag_v1
-//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_config_v1 proxy_sock_destroy_v1
+//!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_sock_rev6_v1 proxy_config_v1 proxy_sock_destroy_v1
 //!         proxy_xdp_tx_v1 proxy_src_range_v1
 //!         proxy_svc6_v1 proxy_be6_v1 proxy_ct6_v1 proxy_ct6_new_v1 (IPv6)      maps ([`LAYOUTS`])
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
@@ -18,7 +18,7 @@ pub use proxy_common::{
     backend::BACKEND_MAP,
     ct::{CT_MAP, CT_NEW_MAP},
     names::NAMES_MAP,
-    sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_REV_MAP},
+    sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_REV_MAP, SOCK_REV6_MAP},
     stats::STATS_MAP,
     svc::SVC_MAP,
 };
@@ -77,7 +77,7 @@ const CT_NEW_RETIRES: &[Retired] = &[Retired { name: proxy_common::ct::CT_NEW_MA
 
 /// Every map the agent pins, with its layout history: the one table that
 /// loading, migration and cleanup walk.
-pub const LAYOUTS: [MapLayout; 18] = [
+pub const LAYOUTS: [MapLayout; 19] = [
     map(XDP_TX_MAP),
     map(proxy_common::svc::SRC_RANGE_MAP),
     map(proxy_common::stats::ICMP_RL_MAP),
@@ -97,6 +97,7 @@ pub const LAYOUTS: [MapLayout; 18] = [
     map(NAMES_MAP),
     map(AFFINITY_MAP),
     map(SOCK_REV_MAP),
+    map(SOCK_REV6_MAP),
     map(CONFIG_MAP),
     map(SOCK_DESTROY_MAP),
 ];
@@ -168,10 +169,24 @@ pub enum SockHook {
     Sendmsg4,
     Recvmsg4,
     Getpeername4,
+    /// IPv6 sockets (and IPv4-mapped destinations of IPv6 sockets).
+    Connect6,
+    Sendmsg6,
+    Recvmsg6,
+    Getpeername6,
 }
 
 impl SockHook {
-    pub const ALL: [SockHook; 4] = [Self::Connect4, Self::Sendmsg4, Self::Recvmsg4, Self::Getpeername4];
+    pub const ALL: [SockHook; 8] = [
+        Self::Connect4,
+        Self::Sendmsg4,
+        Self::Recvmsg4,
+        Self::Getpeername4,
+        Self::Connect6,
+        Self::Sendmsg6,
+        Self::Recvmsg6,
+        Self::Getpeername6,
+    ];
 
     /// The kernel program for this hook.
     #[must_use]
@@ -181,6 +196,10 @@ impl SockHook {
             Self::Sendmsg4 => "proxy_sock_sendmsg4",
             Self::Recvmsg4 => "proxy_sock_recvmsg4",
             Self::Getpeername4 => "proxy_sock_getpeername4",
+            Self::Connect6 => "proxy_sock_connect6",
+            Self::Sendmsg6 => "proxy_sock_sendmsg6",
+            Self::Recvmsg6 => "proxy_sock_recvmsg6",
+            Self::Getpeername6 => "proxy_sock_getpeername6",
         }
     }
 
@@ -192,6 +211,10 @@ impl SockHook {
             Self::Sendmsg4 => "sendmsg4",
             Self::Recvmsg4 => "recvmsg4",
             Self::Getpeername4 => "getpeername4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Recvmsg6 => "recvmsg6",
+            Self::Getpeername6 => "getpeername6",
         }
     }
 }

@@ -26,6 +26,13 @@ pub const AFFINITY_CLIENT_SOCKET: u8 = 2;
 /// key has no room for the address; clients that collide share a backend,
 /// which affinity allows).
 pub const AFFINITY_CLIENT_ADDR6: u8 = 3;
+/// [`AffinityKey::client`] is a network-namespace cookie, for an IPv6
+/// frontend (the socket path). Why apart from [`AFFINITY_CLIENT_NETNS`]:
+/// both families of a dual-stack Service port share the affinity group,
+/// and a backend id names a backend of one family only; one entry for both
+/// would make a client that uses both families lose its backend at every
+/// switch. kube-proxy keeps the families apart too (a proxier per family).
+pub const AFFINITY_CLIENT_NETNS6: u8 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -1,5 +1,6 @@
-//! Socket-level load balancing (cgroup `connect4`, `sendmsg4`, `recvmsg4`,
-//! `getpeername4`): the reverse-translation map and the agent's settings.
+//! Socket-level load balancing (cgroup `connect4`/`6`, `sendmsg4`/`6`,
+//! `recvmsg4`/`6`, `getpeername4`/`6`): the reverse-translation maps and the
+//! agent's settings.
 //!
 //! `connect()` / `sendmsg()` to a frontend are rewritten to the chosen
 //! backend once; `proxy_sock_rev_v1` remembers, per socket (cookie) and
@@ -57,7 +58,39 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
-crate::pod!(SockRevKey, SockRevValue, Config);
+/// IPv6 sockets (`connect6`, `sendmsg6`, `recvmsg6`, `getpeername6`): the
+/// same as [`SOCK_REV_MAP`] with IPv6 addresses. An IPv6 socket that
+/// addresses an IPv4-mapped frontend (`::ffff:a.b.c.d`) is translated
+/// through the IPv4 maps and remembered in [`SOCK_REV_MAP`], keyed by the
+/// embedded IPv4 backend.
+pub const SOCK_REV6_MAP: &str = "proxy_sock_rev6_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRev6Key {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// The backend the socket was sent to, network order.
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockRev6Key>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRev6Value {
+    /// The frontend the application addressed, network order.
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    #[expect(clippy::pub_underscore_fields, reason = "explicit padding, part of the map layout")]
+    pub _pad: [u8; 2],
+    pub svc_id: u32,
+}
+const _: () = assert!(size_of::<SockRev6Value>() == 24);
+
+crate::pod!(SockRevKey, SockRevValue, SockRev6Key, SockRev6Value, Config);
 
 /// Backends whose translated connected UDP sockets are to be destroyed
 /// (the endpoint left its Service port): key `crate::backend::Backend`

@@ -16,7 +16,7 @@
 //! converting is a copy, never a byte swap.
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_long, programs::TcContext};
 use proxy_common::{
-    affinity::{AFFINITY_CLIENT_ADDR, AFFINITY_CLIENT_ADDR6},
+    affinity::{AFFINITY_CLIENT_ADDR, AFFINITY_CLIENT_ADDR6, AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_NETNS6},
     ct::{Ct6Key, Ct6Value, CtKey, CtValue},
     svc::{Svc6Key, SvcKey, SvcValue},
 };
@@ -121,6 +121,9 @@ pub trait Family: Sized + 'static {
     /// What a packet of this family that is not for the proxy (no frontend,
     /// no tracked flow) is counted as.
     const PASS_NO_SERVICE: u32;
+    /// The affinity map's client kind of a network namespace (the socket
+    /// path's client) for a frontend of this family.
+    const AFFINITY_NETNS: u8;
     /// Offsets of the source and destination address in the L3 header.
     const SADDR_OFF: usize;
     const DADDR_OFF: usize;
@@ -286,6 +289,7 @@ impl Family for V4 {
     const IS_V6: bool = false;
     const ETH_P_BE: u16 = ETH_P_IP_BE;
     const PASS_NO_SERVICE: u32 = stats::PASS_NO_SERVICE;
+    const AFFINITY_NETNS: u8 = AFFINITY_CLIENT_NETNS;
     const SADDR_OFF: usize = crate::parse::IP_SADDR;
     const DADDR_OFF: usize = crate::parse::IP_DADDR;
 
@@ -413,6 +417,7 @@ impl Family for V6 {
     /// there; IPv6 that is not for the proxy still does, so the counter
     /// keeps its meaning on dashboards and in the tests that pin it.
     const PASS_NO_SERVICE: u32 = stats::PASS_NOT_IPV4;
+    const AFFINITY_NETNS: u8 = AFFINITY_CLIENT_NETNS6;
     const SADDR_OFF: usize = crate::parse::IP6_SADDR;
     const DADDR_OFF: usize = crate::parse::IP6_DADDR;
 

@@ -124,7 +124,7 @@ fn random_slot<F: Family>(fe: &Frontend<F>, svc: &SvcValue) -> Option<Chosen<F::
 fn affinity_key<F: Family>(svc: &SvcValue, client: Client<F>) -> AffinityKey {
     let (c, kind) = match client {
         Client::Addr(a) => F::affinity_client(a),
-        Client::Netns(n) => (n, proxy_common::affinity::AFFINITY_CLIENT_NETNS),
+        Client::Netns(n) => (n, F::AFFINITY_NETNS),
     };
     AffinityKey { client: c, group: svc.backend_id, client_kind: kind, _pad: [0; 3] }
 }

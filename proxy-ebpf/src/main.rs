@@ -65,25 +65,50 @@ pub fn proxy_tc_egress_l3(ctx: TcContext) -> i32 {
 /// Socket LB: `connect()` to a frontend (TCP and UDP) goes to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn proxy_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, false)
+    sock::forward4(&ctx, false)
 }
 
 /// Socket LB: `sendmsg()`/`sendto()` with a frontend address (UDP).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn proxy_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, true)
+    sock::forward4(&ctx, true)
 }
 
 /// Socket LB: the sender of a datagram from a backend is shown as the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn proxy_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse4(&ctx)
 }
 
 /// Socket LB: the peer of a socket connected to a backend is shown as the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn proxy_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse4(&ctx)
+}
+
+/// Socket LB for IPv6 sockets: `connect()` to an IPv6 frontend, or to an
+/// IPv4 one as an IPv4-mapped address (`::ffff:a.b.c.d`).
+#[cgroup_sock_addr(connect6)]
+pub fn proxy_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, false)
+}
+
+/// Socket LB: `sendmsg()`/`sendto()` of an IPv6 socket (UDP).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn proxy_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, true)
+}
+
+/// Socket LB: `recvmsg()` of an IPv6 socket shows the frontend.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn proxy_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// Socket LB: `getpeername()` of an IPv6 socket shows the frontend.
+#[cgroup_sock_addr(getpeername6)]
+pub fn proxy_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
 }
 
 /// XDP fast path on the `--devices` (with `--xdp`): north-south flows to

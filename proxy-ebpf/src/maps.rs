@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue},
-    sock::{Config, SOCK_DESTROY_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SockRevKey, SockRevValue},
+    sock::{Config, SOCK_DESTROY_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SockRev6Key, SockRev6Value, SockRevKey, SockRevValue},
     backend::{BACKEND_MAX_ENTRIES, Backend, Backend6},
     ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CT6_MAX_ENTRIES, CT6_NEW_MAX_ENTRIES, Ct6Key, Ct6Value, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
@@ -70,6 +70,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRI
 
 #[btf_map(name = "proxy_sock_rev_v1")]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// IPv6 sockets' reverse translation (`proxy_common::sock::SOCK_REV6_MAP`).
+#[btf_map(name = "proxy_sock_rev6_v1")]
+pub static SOCK_REV6: LruHashMap<SockRev6Key, SockRev6Value, { SOCK_REV_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 #[btf_map(name = "proxy_config_v1")]
 pub static CONFIG: Array<Config, 1> = Array::new();

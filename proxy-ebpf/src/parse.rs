@@ -1,7 +1,11 @@
 //! Header parsing with bounded loads (`bpf_skb_load_bytes`), so every read is
 //! checked against the packet length by the helper and never trips the
 //! verifier on a short packet.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    cty::c_long,
+    helpers::bpf_xdp_load_bytes,
+    programs::{TcContext, XdpContext},
+};
 use proxy_common::{
     frag::{FRAG_TIMEOUT_NS, FragKey, FragValue},
     proto, stats,
@@ -75,6 +79,49 @@ impl<F: Family> Pkt<F> {
 
 /// Why a packet is not parsed into a [`Packet`]: the stats reason to count.
 pub type Skip = u32;
+
+/// Reads of a packet through the program type's load helper, which checks
+/// the offset against the packet's length (`bpf_skb_load_bytes` for TC,
+/// `bpf_xdp_load_bytes` for XDP): no direct packet access whose bounds the
+/// verifier would have to follow through a variable offset (the IPv6
+/// extension-header walk). The walk is written once over it, for both.
+pub trait Bytes {
+    /// The `T` at `off`, or the helper's error (past the end).
+    fn load<T>(&self, off: usize) -> Result<T, c_long>;
+    /// The packet's length (from its first byte; linear data for XDP).
+    fn pkt_len(&self) -> usize;
+}
+
+impl Bytes for TcContext {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, c_long> {
+        TcContext::load(self, off)
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> usize {
+        self.len() as usize
+    }
+}
+
+impl Bytes for XdpContext {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, c_long> {
+        let mut v = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes size_of::<T>() bytes into `v` or fails.
+        let rc = unsafe { bpf_xdp_load_bytes(self.ctx, off as u32, v.as_mut_ptr().cast(), size_of::<T>() as u32) };
+        if rc < 0 {
+            return Err(rc);
+        }
+        // SAFETY: filled by the helper; every T loaded here is plain integers.
+        Ok(unsafe { v.assume_init() })
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
 
 /// Whether the packet is IPv4: by the Ethertype on an Ethernet device
 /// (`l3 == ETH_HLEN`), by `skb->protocol` on an L3 device (`l3 == 0`).
@@ -232,7 +279,7 @@ pub struct Ip6 {
 /// `PASS_FRAGMENT`; a header cut short or beyond the payload length is
 /// `MALFORMED_TRUNCATED`. All of them are passed untouched by the callers.
 #[inline(always)]
-pub fn walk_ipv6(ctx: &TcContext, l3: usize) -> Result<Ip6, Skip> {
+pub fn walk_ipv6<C: Bytes>(ctx: &C, l3: usize) -> Result<Ip6, Skip> {
     let first: u8 = ctx.load(l3).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     // Why: the Ethertype (or skb->protocol) can say IPv6 over a header that
     // is not; the stack drops it (ipv6_rcv), we count it and let it.
@@ -243,7 +290,7 @@ pub fn walk_ipv6(ctx: &TcContext, l3: usize) -> Result<Ip6, Skip> {
     let mut next: u8 = ctx.load(l3 + IP6_NEXT).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let saddr = In6(ctx.load(l3 + IP6_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?);
     let daddr = In6(ctx.load(l3 + IP6_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?);
-    let skb_len = ctx.len() as usize;
+    let skb_len = ctx.pkt_len();
     // Why the skb length when the payload length is 0: a BIG TCP (GRO/GSO
     // beyond 64 KiB) IPv6 packet carries payload length 0 inside the stack.
     // An ordinary packet with payload length 0 has no upper-layer header.
@@ -296,7 +343,7 @@ pub fn walk_ipv6(ctx: &TcContext, l3: usize) -> Result<Ip6, Skip> {
 /// walked ([`walk_ipv6`]). `Err(reason)` = not for us (`PASS_OTHER_PROTO`
 /// for an upper layer other than TCP/UDP).
 #[inline(always)]
-pub fn parse_ipv6_ports(ctx: &TcContext, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
+pub fn parse_ipv6_ports<C: Bytes>(ctx: &C, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
     let proto = h.next;
     if proto != proto::TCP && proto != proto::UDP {
         return Err(stats::PASS_OTHER_PROTO);
@@ -311,7 +358,7 @@ pub fn parse_ipv6_ports(ctx: &TcContext, l3: usize, h: &Ip6) -> Result<Pkt<V6>, 
     };
     // As for IPv4: the L4 header must lie within the payload length, not in
     // padding, and be all there (the checksum we rewrite included).
-    if (ctx.len() as usize) < l4_off + l4_min || h.end < l4_off + l4_min {
+    if ctx.pkt_len() < l4_off + l4_min || h.end < l4_off + l4_min {
         return Err(stats::MALFORMED_TRUNCATED);
     }
     if proto == proto::UDP {

@@ -9,24 +9,39 @@
 //! neighbour, IP options, fragments, a frontend without backends, a packet
 //! too big for the egress route's MTU) — is `XDP_PASS`ed untouched to the
 //! TC programs.
+//!
+//! Both families take the same decisions ([`try_handle`], generic over
+//! [`XdpFamily`], through [`crate::lb`] and [`crate::ct`] as TC does); what
+//! differs is parsing and the rewrite. IPv4 is parsed with direct packet
+//! access at constant offsets (a 20-byte header; options go to TC). IPv6 is
+//! walked with the TC path's own walk ([`crate::parse::walk_ipv6`], over
+//! `bpf_xdp_load_bytes`): its extension headers (hop-by-hop, routing
+//! without segments left, destination options; at most
+//! `IPV6_MAX_EXT_HDRS`) are skipped and the rewrite lands after them. A
+//! chain the walk refuses, a fragment, `ICMPv6`, a UDP datagram without
+//! checksum are passed untouched, uncounted here: TC walks them again and
+//! counts them once (`pass_ipv6_ext`, ...). Each family's handler is its
+//! own subprogram, so their stacks never add up.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
+    helpers::bpf_xdp_store_bytes,
     programs::XdpContext,
 };
 use proxy_common::{
     backend::BACKEND_F_LOCAL,
-    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT, CtValue},
+    ct::{CT_DIR_REPLY, CT_F_REDIRECT, CT_F_SNAT},
     proto, stats,
     svc::{SVC_FLAG_SNAT_REMOTE, SVC_FLAGS_EXTERNAL},
 };
 
 use crate::{
+    csum::diff6,
     ct,
-    family::V4,
+    family::{CtEntry, Family, In6, V4, V6},
     fib,
     maps::XDP_TX_PORTS,
     lb::{self, Client, Frontend},
-    parse::Packet,
+    parse::{Bytes, ETH_P_IPV6_BE, FRAG_NONE, IP6_DADDR, IP6_HOPS, IP6_PLEN, IP6_SADDR, Packet, Pkt, parse_ipv6_ports, walk_ipv6},
     stats::count,
 };
 
@@ -114,107 +129,213 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
     })
 }
 
-/// Rewrites source and destination (address and port), fixes both
-/// checksums, decrements the TTL, sets the MACs and sends the packet out.
-#[inline(always)]
-fn rewrite_and_send(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u16), route: &fib::Route<u32>) -> Option<u32> {
-    let ttl: u8 = read(ctx, ETH_HLEN + 8)?;
-    if ttl <= 1 {
-        return None;
+/// The parts of the fast path that differ per family: the L3 length the
+/// FIB lookup checks against the route's MTU, and the rewrite.
+trait XdpFamily: Family {
+    /// The L3 length as the header says (not `data_end - data`, which counts
+    /// Ethernet padding; never 0, which would skip the MTU check).
+    fn l3_len(ctx: &XdpContext) -> Option<u16>;
+    /// Rewrites source and destination (address and port), fixes the
+    /// checksums, decrements the TTL / hop limit and sets the MACs; `None`
+    /// (nothing written) when the packet would expire.
+    fn rewrite(ctx: &XdpContext, p: &Pkt<Self>, src: (Self::Addr, u16), dst: (Self::Addr, u16), route: &fib::Route<Self::Addr>) -> Option<()>;
+}
+
+impl XdpFamily for V4 {
+    #[inline(always)]
+    fn l3_len(ctx: &XdpContext) -> Option<u16> {
+        Some(u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).max(20))
     }
-    let ip_csum: u16 = read(ctx, ETH_HLEN + 10)?;
-    let mut c = csum_update32(ip_csum, p.saddr_be, src.0);
-    c = csum_update32(c, p.daddr_be, dst.0);
-    let old_ttl_word: u16 = read(ctx, ETH_HLEN + 8)?;
-    let new_ttl_word = u16::from_ne_bytes([ttl - 1, p.proto]);
-    c = csum_update16(c, old_ttl_word, new_ttl_word);
-    let csum_off = p.l4_off + if p.proto == proto::TCP { 16 } else { 6 };
-    let l4c: u16 = read(ctx, csum_off)?;
-    // Why: a UDP checksum of 0 means none (RFC 768): leave it so.
-    if !(p.proto == proto::UDP && l4c == 0) {
-        let mut n = csum_update32(l4c, p.saddr_be, src.0);
-        n = csum_update32(n, p.daddr_be, dst.0);
-        n = csum_update16(n, p.sport_be, src.1);
-        n = csum_update16(n, p.dport_be, dst.1);
+
+    #[inline(always)]
+    fn rewrite(ctx: &XdpContext, p: &Packet, src: (u32, u16), dst: (u32, u16), route: &fib::Route<u32>) -> Option<()> {
+        let ttl: u8 = read(ctx, ETH_HLEN + 8)?;
+        if ttl <= 1 {
+            return None;
+        }
+        let ip_csum: u16 = read(ctx, ETH_HLEN + 10)?;
+        let mut c = csum_update32(ip_csum, p.saddr_be, src.0);
+        c = csum_update32(c, p.daddr_be, dst.0);
+        let old_ttl_word: u16 = read(ctx, ETH_HLEN + 8)?;
+        let new_ttl_word = u16::from_ne_bytes([ttl - 1, p.proto]);
+        c = csum_update16(c, old_ttl_word, new_ttl_word);
+        let csum_off = p.l4_off + if p.proto == proto::TCP { 16 } else { 6 };
+        let l4c: u16 = read(ctx, csum_off)?;
+        // Why: a UDP checksum of 0 means none (RFC 768): leave it so.
+        if !(p.proto == proto::UDP && l4c == 0) {
+            let mut n = csum_update32(l4c, p.saddr_be, src.0);
+            n = csum_update32(n, p.daddr_be, dst.0);
+            n = csum_update16(n, p.sport_be, src.1);
+            n = csum_update16(n, p.dport_be, dst.1);
+            if p.proto == proto::UDP && n == 0 {
+                n = 0xffff;
+            }
+            write(ctx, csum_off, n)?;
+        }
+        write(ctx, ETH_HLEN + 8, new_ttl_word)?;
+        write(ctx, ETH_HLEN + 10, c)?;
+        write(ctx, ETH_HLEN + 12, src.0)?;
+        write(ctx, ETH_HLEN + 16, dst.0)?;
+        write(ctx, p.l4_off, src.1)?;
+        write(ctx, p.l4_off + 2, dst.1)?;
+        write(ctx, 0, route.dmac)?;
+        write(ctx, 6, route.smac)
+    }
+}
+
+impl XdpFamily for V6 {
+    #[inline(always)]
+    fn l3_len(ctx: &XdpContext) -> Option<u16> {
+        Some(u16::from_be(read::<u16>(ctx, ETH_HLEN + IP6_PLEN)?).saturating_add(40))
+    }
+
+    /// No header checksum in IPv6: the L4 checksum takes the address
+    /// changes (the pseudo-header covers both) and the port changes, in one
+    /// update. The L4 header sits after any extension headers, at a
+    /// variable offset: read and written through the helpers, which check
+    /// it against the packet.
+    #[inline(always)]
+    fn rewrite(ctx: &XdpContext, p: &Pkt<V6>, src: (In6, u16), dst: (In6, u16), route: &fib::Route<In6>) -> Option<()> {
+        let hops: u8 = read(ctx, ETH_HLEN + IP6_HOPS)?;
+        if hops <= 1 {
+            return None;
+        }
+        let csum_off = p.l4_csum_off();
+        let l4c: u16 = ctx.load(csum_off).ok()?;
+        // The one's-complement sum of the changes: words as in memory, as
+        // the checksum field itself is read.
+        let mut sum = u64::from(!l4c)
+            + u64::from(diff6(p.saddr_be, src.0))
+            + u64::from(diff6(p.daddr_be, dst.0))
+            + u64::from(!p.sport_be)
+            + u64::from(src.1)
+            + u64::from(!p.dport_be)
+            + u64::from(dst.1);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let mut n = !(sum as u16);
+        // Why: in IPv6 a UDP checksum is mandatory (RFC 8200 8.1); a
+        // computed 0 is sent as 0xffff. (A datagram that came with 0 never
+        // gets here: the parser passes it.)
         if p.proto == proto::UDP && n == 0 {
             n = 0xffff;
         }
-        write(ctx, csum_off, n)?;
+        store(ctx, csum_off, n)?;
+        store(ctx, p.l4_off, [src.1, dst.1])?;
+        write(ctx, ETH_HLEN + IP6_HOPS, hops - 1)?;
+        write(ctx, ETH_HLEN + IP6_SADDR, src.0.0)?;
+        write(ctx, ETH_HLEN + IP6_DADDR, dst.0.0)?;
+        write(ctx, 0, route.dmac)?;
+        write(ctx, 6, route.smac)
     }
-    write(ctx, ETH_HLEN + 8, new_ttl_word)?;
-    write(ctx, ETH_HLEN + 10, c)?;
-    write(ctx, ETH_HLEN + 12, src.0)?;
-    write(ctx, ETH_HLEN + 16, dst.0)?;
-    write(ctx, p.l4_off, src.1)?;
-    write(ctx, p.l4_off + 2, dst.1)?;
-    write(ctx, 0, route.dmac)?;
-    write(ctx, 6, route.smac)?;
+}
+
+/// Writes `v` at `off` through `bpf_xdp_store_bytes` (a variable offset).
+#[inline(always)]
+fn store<T>(ctx: &XdpContext, off: usize, mut v: T) -> Option<()> {
+    // SAFETY: the helper reads size_of::<T>() bytes of `v` and checks the
+    // offset against the packet.
+    let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, off as u32, (&raw mut v).cast(), size_of::<T>() as u32) };
+    (rc == 0).then_some(())
+}
+
+/// Sends a rewritten packet out of the route's device.
+#[inline(always)]
+fn send<A>(ctx: &XdpContext, route: &fib::Route<A>) -> u32 {
     // SAFETY: reading the ingress ifindex of our context.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     if route.ifindex == ingress {
-        return Some(XDP_TX);
+        return XDP_TX;
     }
     // Only to devices in the map (checked in `route` before any rewrite).
-    Some(XDP_TX_PORTS.redirect(route.ifindex, u64::from(XDP_PASS)).unwrap_or_else(|fallback| fallback))
+    XDP_TX_PORTS.redirect(route.ifindex, u64::from(XDP_PASS)).unwrap_or_else(|fallback| fallback)
+}
+
+/// Rewrites the packet to `src → dst` and sends it out by `route`.
+#[inline(always)]
+fn rewrite_and_send<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>, src: (F::Addr, u16), dst: (F::Addr, u16), route: &fib::Route<F::Addr>) -> Option<u32> {
+    F::rewrite(ctx, p, src, dst, route)?;
+    Some(send(ctx, route))
 }
 
 /// The route with a resolved neighbour, for a packet that fits it.
 ///
 /// Why `None` for a packet too big for the route's MTU: the lookup is given
-/// the IPv4 total length, so it answers `FRAG_NEEDED` for such a packet,
-/// which is then `XDP_PASS`ed untouched (before any rewrite) and TC answers
-/// it with fragmentation needed (DF) or drops it (no DF). XDP cannot build
+/// the L3 length, so it answers `FRAG_NEEDED` for such a packet, which is
+/// then `XDP_PASS`ed untouched (before any rewrite) and TC answers it with
+/// fragmentation needed / packet too big, or drops it. XDP cannot build
 /// that reply and send it back from here in a way worth the code.
 #[inline(always)]
-fn route(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Option<fib::Route<u32>> {
+fn route<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>, src: F::Addr, dst: F::Addr) -> Option<fib::Route<F::Addr>> {
     // SAFETY: reading the ingress ifindex of our context.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    // The L3 length as the header says (not data_end - data, which counts
-    // Ethernet padding; never 0 here, 0 would skip the MTU check).
-    let tot_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).max(20);
+    let tot_len = F::l3_len(ctx)?;
     // Why the egress device must be in `proxy_xdp_tx_v1` (the devices the
     // agent attached XDP to): a redirect to a device that cannot transmit
     // XDP frames (no `ndo_xdp_xmit`: a tunnel, a pod veth without XDP) is
     // dropped by the kernel. Such a flow is passed untouched to TC instead.
-    fib::lookup_raw::<V4>(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true)
+    fib::lookup_raw::<F>(ctx.ctx.cast(), ingress, tot_len, p.proto, src, dst, true)
         .filter(|r| r.neigh && (r.ifindex == ingress || XDP_TX_PORTS.get_ifindex(r.ifindex).is_some()))
 }
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
-    match try_handle(ctx) {
-        Some(v) => v,
-        None => XDP_PASS,
+    if read::<u16>(ctx, 12) == Some(ETH_P_IPV6_BE) {
+        return handle6(XdpContext::new(ctx.ctx));
     }
+    handle4(XdpContext::new(ctx.ctx))
 }
 
+#[inline(never)]
+fn handle4(ctx: XdpContext) -> u32 {
+    parse(&ctx).and_then(|p| try_handle(&ctx, &p)).unwrap_or(XDP_PASS)
+}
+
+/// IPv6: walked as on TC; what the walk or the port parse refuses is
+/// passed (see the module documentation), and so are fragments.
+#[inline(never)]
+fn handle6(ctx: XdpContext) -> u32 {
+    let Ok(h) = walk_ipv6(&ctx, ETH_HLEN) else {
+        return XDP_PASS;
+    };
+    let Ok(p) = parse_ipv6_ports(&ctx, ETH_HLEN, &h) else {
+        return XDP_PASS;
+    };
+    if p.frag != FRAG_NONE {
+        return XDP_PASS;
+    }
+    try_handle(&ctx, &p).unwrap_or(XDP_PASS)
+}
+
+/// The decisions, for either family: `None` passes the packet to TC
+/// untouched.
 #[inline(always)]
-fn try_handle(ctx: &XdpContext) -> Option<u32> {
-    let p = parse(ctx)?;
+fn try_handle<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>) -> Option<u32> {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let now = ct::now_ns();
-    let fe = Frontend::of(&p);
+    let fe = Frontend::of(p);
     let Some(svc) = lb::lookup_service(&fe) else {
         // A reply from a remote backend of a SNATed flow.
-        let e = ct::lookup_packet(&p, CT_DIR_REPLY, now)?;
-        if e.flags & CT_F_SNAT == 0 || lb::closes(&p) {
+        let e = ct::lookup_packet(p, CT_DIR_REPLY, now)?;
+        if e.flags() & CT_F_SNAT == 0 || lb::closes(p) {
             return None;
         }
-        ct::confirm_from_reply(&p, e);
-        let r = route(ctx, &p, e.nat_addr_be, e.snat_addr_be)?;
-        let v = rewrite_and_send(ctx, &p, (e.nat_addr_be, e.nat_port_be), (e.snat_addr_be, e.snat_port_be), &r)?;
+        ct::confirm_from_reply(p, e);
+        let r = route(ctx, p, e.nat_addr(), e.snat_addr())?;
+        let v = rewrite_and_send(ctx, p, (e.nat_addr(), e.nat_port()), (e.snat_addr(), e.snat_port()), &r)?;
         count(stats::XDP_REVERSE, len);
         return Some(v);
     };
-    if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(&p) {
+    if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(p) {
         return None;
     }
-    let e: &CtValue = match ct::service_entry(&p, now, len) {
-        Some(e) if lb::flow_keeps_backend(&p, &svc, e, len) => e,
+    let e: &F::CtValue = match ct::service_entry(p, now, len) {
+        Some(e) if lb::flow_keeps_backend(p, &svc, e, len) => e,
         _ => {
             // Not a flow start: TC decides (it drops it without state).
             // Not allowed by loadBalancerSourceRanges: TC drops and counts.
-            if !lb::may_create_flow(&p) || !lb::source_allowed::<V4>(&svc, p.saddr_be) {
+            if !lb::may_create_flow(p) || !lb::source_allowed::<F>(&svc, p.saddr_be) {
                 return None;
             }
             let chosen = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len)?;
@@ -224,25 +345,31 @@ fn try_handle(ctx: &XdpContext) -> Option<u32> {
                 return None;
             }
             let mut flow = ct::NewFlow::to(&chosen, svc.svc_id, CT_F_REDIRECT);
-            if backend.flags & BACKEND_F_LOCAL != 0 {
+            let local = backend.flags & BACKEND_F_LOCAL != 0;
+            if !local {
+                flow.snat_addr_be = route(ctx, p, p.saddr_be, backend.addr)?.src_be;
+            }
+            // One call site (the flow creation is the larger part of the
+            // program: inlined twice, the IPv6 handler would not fit the
+            // stack).
+            let created = ct::create(p, &flow, now, len);
+            if local {
                 // A local backend: the stack delivers it, so TC translates
                 // it. Why the flow is recorded here all the same: the choice
                 // made here is the one used — TC finds this entry and keeps
                 // it. Choosing again in TC would give a local backend
                 // (L/N)² of the new flows instead of L/N.
-                let _ = ct::create(&p, &flow, now, len);
                 count(stats::XDP_LOCAL_FLOW, len);
                 return None;
             }
-            flow.snat_addr_be = route(ctx, &p, p.saddr_be, backend.addr)?.src_be;
-            ct::create(&p, &flow, now, len)?
+            created?
         }
     };
-    if e.flags & CT_F_SNAT == 0 {
+    if e.flags() & CT_F_SNAT == 0 {
         return None;
     }
-    let r = route(ctx, &p, e.snat_addr_be, e.nat_addr_be)?;
-    let v = rewrite_and_send(ctx, &p, (e.snat_addr_be, e.snat_port_be), (e.nat_addr_be, e.nat_port_be), &r)?;
+    let r = route(ctx, p, e.snat_addr(), e.nat_addr())?;
+    let v = rewrite_and_send(ctx, p, (e.snat_addr(), e.snat_port()), (e.nat_addr(), e.nat_port()), &r)?;
     count(stats::XDP_FORWARD, len);
     Some(v)
 }

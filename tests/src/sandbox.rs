@@ -33,6 +33,14 @@ pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 2);
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc, 0, 0, 0, 0, 0, 1);
 pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 pub const POD_CIDR6: &str = "fd00:244::/64";
+/// The other node of [`Sandbox::add_remote_node6`]: the node's device
+/// towards it, both ends of that link, and the one pod it hosts (in its
+/// pod range, routed via its link address).
+pub const REMOTE_DEVICE: &str = "ext1";
+pub const NODE_LINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd, 0, 0, 0, 0, 0, 1);
+pub const REMOTE_LINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd, 0, 0, 0, 0, 0, 2);
+pub const REMOTE_POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x245, 0, 0, 0, 0, 0, 0x10);
+pub const REMOTE_POD_CIDR6: &str = "fd00:245::/64";
 
 /// The `--devices` value for the node.
 pub const DEVICES: &str = "ext0,lxc*";
@@ -60,6 +68,8 @@ pub struct Sandbox {
     pub cgroup: TestCgroup,
     keep: bool,
     ipv6: bool,
+    /// The other node's namespace ([`Self::add_remote_node6`]).
+    remote: Option<Netns>,
 }
 
 #[must_use]
@@ -99,6 +109,7 @@ impl Sandbox {
             cgroup: TestCgroup::create(&id),
             keep: false,
             ipv6: false,
+            remote: None,
         };
         let (c, n) = (&sb.client, &sb.node);
         c.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "ext0", "netns", n.name()]);
@@ -168,6 +179,32 @@ impl Sandbox {
         p.ns.ip(&["-6", "route", "add", "fd00:c::/64", "via", "fe80::1", "dev", "eth0"]);
         self.node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &lxc]);
         self.node.ip(&["-6", "neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &lxc]);
+    }
+
+    /// Another node, over IPv6 only: a namespace joined to the node by a
+    /// veth ([`REMOTE_DEVICE`] on the node, `NODE_LINK_IP6` ↔
+    /// `REMOTE_LINK_IP6`, static neighbours), hosting one pod address
+    /// (`REMOTE_POD_IP6`, in `REMOTE_POD_CIDR6`, which the node routes via
+    /// the link). It routes the client/node link back via the node; no
+    /// default route. What it serves is the caller's (servers in the
+    /// returned namespace). Removed with the sandbox.
+    pub fn add_remote_node6(&mut self) -> &Netns {
+        assert!(self.remote.is_none(), "one remote node");
+        let r = Netns::create(&format!("{}r", self.id));
+        let (node_mac, remote_mac) = ("02:00:00:00:03:01", "02:00:00:00:03:02");
+        r.ip(&["link", "add", "eth0", "address", remote_mac, "type", "veth", "peer", "name", REMOTE_DEVICE, "address", node_mac, "netns", self.node.name()]);
+        r.ip(&["-6", "addr", "add", &format!("{REMOTE_LINK_IP6}/64"), "dev", "eth0", "nodad"]);
+        r.ip(&["-6", "addr", "add", &format!("{REMOTE_POD_IP6}/128"), "dev", "eth0", "nodad"]);
+        r.ip(&["link", "set", "eth0", "up"]);
+        r.ip(&["-6", "neigh", "add", &NODE_LINK_IP6.to_string(), "lladdr", node_mac, "dev", "eth0"]);
+        r.ip(&["-6", "route", "add", "fd00:c::/64", "via", &NODE_LINK_IP6.to_string(), "dev", "eth0"]);
+        let n = &self.node;
+        n.ip(&["-6", "addr", "add", &format!("{NODE_LINK_IP6}/64"), "dev", REMOTE_DEVICE, "nodad"]);
+        n.ip(&["link", "set", REMOTE_DEVICE, "up"]);
+        n.ip(&["-6", "neigh", "add", &REMOTE_LINK_IP6.to_string(), "lladdr", remote_mac, "dev", REMOTE_DEVICE]);
+        n.ip(&["-6", "route", "add", REMOTE_POD_CIDR6, "via", &REMOTE_LINK_IP6.to_string(), "dev", REMOTE_DEVICE]);
+        n.sysctl("net.ipv6.conf.all.forwarding", "1");
+        self.remote.insert(r)
     }
 
     /// HTTP on `[::]:port` in every pod (both families), each answering
@@ -246,6 +283,13 @@ impl Sandbox {
     }
 
     fn start_agent_full(&mut self, bin: &Path, source: AgentSource<'_>, node_name: Option<&str>, extra: &[&str]) {
+        self.start_agent_on(bin, source, DEVICES, node_name, extra);
+    }
+
+    /// Starts the agent with `--devices devices` (e.g. [`DEVICES`] plus
+    /// [`REMOTE_DEVICE`]), as node `node_name` when given, with more `run`
+    /// flags.
+    pub fn start_agent_on(&mut self, bin: &Path, source: AgentSource<'_>, devices: &str, node_name: Option<&str>, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = self.agent_log_path();
         self.agent = Some(Agent::start(&AgentArgs {
@@ -253,7 +297,7 @@ impl Sandbox {
             netns: self.node.name(),
             bpffs: &self.bpffs,
             source,
-            devices: DEVICES,
+            devices,
             node_name,
             cgroup: Some(self.cgroup.path()),
             extra,
@@ -334,6 +378,9 @@ impl Drop for Sandbox {
             std::mem::forget(client);
             std::mem::forget(node);
             // The agent's socket programs stay attached to it.
+            if let Some(r) = self.remote.take() {
+                std::mem::forget(r);
+            }
             let cgroup = std::mem::replace(&mut self.cgroup, TestCgroup::detached());
             std::mem::forget(cgroup);
             return;

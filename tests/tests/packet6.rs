@@ -17,17 +17,20 @@ use std::{
 use aya::{
     Ebpf,
     maps::HashMap,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use integration_tests::{
     netns::{Netns, enter, require_root, unique_name},
-    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, NODE_MAC, hex, parse, skb_ctx, stats_by_reason, tcp_flags},
+    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, NODE_MAC, hex, parse, skb_ctx, stats_by_reason, tcp_flags, xdp_md_ctx},
     packet6::{Ext, Frame6, IPV6_HLEN, NEXTHDR_ICMPV6, NEXTHDR_MOBILITY, Parsed6, icmp6, l4_checksum6, parse6, parse6_ip},
 };
-use proxy_agent::{datapath::ebpf_object, pins::TcHook};
+use proxy_agent::{
+    datapath::ebpf_object,
+    pins::{TcHook, XDP_PROG, XDP_TX_MAP},
+};
 use proxy_common::{
     affinity::{AFFINITY_CLIENT_ADDR6, AFFINITY_MAP, AffinityKey, AffinityValue},
-    backend::{BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
+    backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
     ct::{
         CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_REDIRECT, CT_F_SNAT, CT_MAP, CT_NEW_MAP, CT6_MAP, CT6_NEW_MAP, Ct6Key, Ct6Value, CtKey,
         CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
@@ -812,6 +815,212 @@ fn on_node6<T: Send>(int0_mtu: u32, f: impl FnOnce(&Links) -> T + Send) -> T {
     });
     drop(ns);
     r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+// ---------------------------------------------------------------------------
+// XDP: the fast path on IPv6, in the same node namespace
+// ---------------------------------------------------------------------------
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+impl Datapath {
+    /// Also loads the XDP program, and lists every device of the calling
+    /// thread's namespace in `proxy_xdp_tx_v1` (what the agent does for the
+    /// devices it attaches XDP to).
+    fn load_xdp(&mut self) {
+        let x: &mut Xdp = self.ebpf.program_mut(XDP_PROG).expect("xdp program").try_into().expect("xdp");
+        x.load().unwrap_or_else(|e| panic!("loading {XDP_PROG}: {e:?}"));
+        let mut ports = aya::maps::DevMapHash::try_from(self.ebpf.map_mut(XDP_TX_MAP).expect("xdp tx map")).expect("devmap");
+        for d in proxy_agent::datapath::list_devices().expect("devices") {
+            ports.insert(d.index, d.index, None, 0).unwrap_or_else(|e| panic!("devmap insert {}: {e:?}", d.name));
+        }
+    }
+
+    /// Runs the XDP program on `input` arriving on device `ifindex`.
+    fn xdp(&self, input: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let p: &Xdp = self.ebpf.program(XDP_PROG).expect("program").try_into().expect("xdp");
+        let mut out = vec![0u8; input.len() + 512];
+        let ctx = xdp_md_ctx(input.len(), ifindex);
+        let r = p
+            .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {XDP_PROG} failed: {e:?}\ninput:\n{}", hex(input)));
+        out.truncate(usize::try_from(r.data_size_out).expect("size"));
+        (r.return_value, out)
+    }
+}
+
+/// [`node_port_datapath`] with the XDP program loaded.
+fn xdp_node_port_datapath(proto: u8) -> Datapath {
+    let mut dp = node_port_datapath(proto);
+    dp.load_xdp();
+    dp
+}
+
+/// The extension headers the fast path walks past: none, and a hop-by-hop
+/// plus destination-options chain (as on TC, the rewrite lands after them).
+fn walkable_chains() -> Vec<(&'static str, Vec<Ext>)> {
+    vec![
+        ("no extension headers", vec![]),
+        ("hop-by-hop + destination options", vec![Ext::HopByHop(vec![1, 2, 0, 0]), Ext::DestOpts(vec![1, 4, 0, 0, 0, 0])]),
+    ]
+}
+
+#[test]
+fn xdp_translates_ipv6_snat_flows_and_their_replies_past_extension_headers() {
+    on_node6(1500, |l| {
+        for (chain, exts) in walkable_chains() {
+            for (pname, proto) in [("TCP", proto::TCP), ("UDP", proto::UDP)] {
+                let what = format!("XDP {pname}, {chain}");
+                let dp = xdp_node_port_datapath(proto);
+                let mut syn = first6(proto, client(), node_port6());
+                for e in &exts {
+                    syn = syn.with_ext(e.clone());
+                }
+                // Out of int0 towards node B (another device: a redirect),
+                // source NATed to int0's address, one hop later, MACs of
+                // the route.
+                let (v, out) = dp.xdp(&syn.build(), l.ext0);
+                assert_eq!(v, XDP_REDIRECT, "{what}: verdict\n{}", hex(&out));
+                let p = parse6(&out).unwrap_or_else(|e| panic!("{what}: {e}\n{}", hex(&out)));
+                p.verify_checksums().unwrap_or_else(|e| panic!("{what}: {e}\n{}", hex(&out)));
+                let port = p.src_sa().port();
+                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{what}: SNAT port {port}");
+                let snat = SocketAddrV6::new(node_int6(), port, 0, 0);
+                let want = syn.clone().with_src(snat).with_dst(pod_b6()).with_hop_limit(63).with_macs(INT0_MAC, NODE_B_MAC).build();
+                assert!(out == want, "{what}: expected\n{}\noutput\n{}", hex(&want), hex(&out));
+                // The conntrack entries TC writes (TC carries on with them).
+                let fwd = dp.ct6_get(&ct6_key(client(), node_port6(), proto, CT_DIR_SERVICE)).expect("SERVICE entry");
+                assert_eq!(fwd.flags & (CT_F_SNAT | CT_F_REDIRECT), CT_F_SNAT | CT_F_REDIRECT, "{what}: flags");
+                assert_eq!((fwd.snat_addr, u16::from_be(fwd.snat_port_be)), (node_int6().octets(), port), "{what}");
+                assert_eq!(dp.ct6().len(), 2, "{what}: one flow");
+
+                // The backend's answer, on int0: back to the client by ext0.
+                let mut reply = if proto == proto::TCP {
+                    Frame6::tcp(pod_b6(), snat, tcp_flags::SYN | tcp_flags::ACK).with_tcp_seq(5000, 1001)
+                } else {
+                    Frame6::udp(pod_b6(), snat).with_payload(b"answer")
+                }
+                .with_macs(NODE_B_MAC, INT0_MAC);
+                for e in &exts {
+                    reply = reply.with_ext(e.clone());
+                }
+                let (v, out) = dp.xdp(&reply.build(), l.int0);
+                assert_eq!(v, XDP_REDIRECT, "{what}: reply verdict\n{}", hex(&out));
+                let want = reply.clone().with_src(node_port6()).with_dst(client()).with_hop_limit(63).with_macs(EXT0_MAC, CLIENT_MAC).build();
+                assert!(out == want, "{what}: reply expected\n{}\noutput\n{}", hex(&want), hex(&out));
+                parse6(&out).expect("reply").verify_checksums().unwrap_or_else(|e| panic!("{what}: reply {e}"));
+
+                // A later packet of the client keeps the backend and port.
+                let again = if proto == proto::TCP {
+                    Frame6::tcp(client(), node_port6(), tcp_flags::ACK).with_tcp_seq(1001, 5001).with_payload(b"GET /")
+                } else {
+                    Frame6::udp(client(), node_port6()).with_payload(b"again")
+                };
+                let (v, out) = dp.xdp(&again.build(), l.ext0);
+                assert_eq!(v, XDP_REDIRECT, "{what}: later packet verdict");
+                let want = again.clone().with_src(snat).with_dst(pod_b6()).with_hop_limit(63).with_macs(INT0_MAC, NODE_B_MAC).build();
+                assert!(out == want, "{what}: later packet expected\n{}\noutput\n{}", hex(&want), hex(&out));
+                dp.check_stats(&[(stats::XDP_FORWARD, 2), (stats::XDP_REVERSE, 1), (stats::CT_CONFIRMED, 1)]);
+            }
+        }
+    });
+}
+
+/// A new flow XDP gives a backend on this node is recorded there and
+/// passed: TC finds the entry and keeps XDP's choice (`dnat_established`,
+/// never a second choice).
+#[test]
+fn xdp_records_a_flow_to_a_local_backend_and_tc_keeps_its_choice() {
+    on_node6(1500, |l| {
+        for (pname, proto) in [("TCP", proto::TCP), ("UDP", proto::UDP)] {
+            let mut dp = Datapath::empty();
+            let local = sa6("fd00:244:86dd::11", 8080);
+            dp.add_backend(5, local, proto);
+            {
+                let mut m = HashMap::<_, u32, Backend6>::try_from(dp.ebpf.map_mut(BACKEND6_MAP).expect("be6 map")).expect("be6 type");
+                let b = Backend6 { addr: local.ip().octets(), port_be: local.port().to_be(), proto, flags: BACKEND_F_LOCAL };
+                m.insert(5, b, 0).expect("local backend");
+            }
+            dp.add_frontend(node_port6(), proto, 7, &[5], SVC_FLAG_NODE_PORT | SVC_FLAG_SNAT_REMOTE, 0);
+            dp.load_xdp();
+            let first = first6(proto, client(), node_port6());
+            let (v, out) = dp.xdp(&first.build(), l.ext0);
+            assert_eq!((v, out == first.build()), (XDP_PASS, true), "{pname}: passed untouched\n{}", hex(&out));
+            let fwd = dp.ct6_get(&ct6_key(client(), node_port6(), proto, CT_DIR_SERVICE)).expect("SERVICE entry made by XDP");
+            assert_eq!((fwd.nat_addr, fwd.flags & CT_F_SNAT), (local.ip().octets(), 0), "{pname}: to the local backend, no SNAT");
+            let (v, out) = dp.run_with(ingress(), &first.build(), Some(l.ext0));
+            assert_eq!(v, TC_ACT_OK, "{pname}: TC verdict\n{}", hex(&out));
+            let p = parse6(&out).expect("TC output");
+            assert_eq!(p.dst_sa(), local, "{pname}: TC keeps XDP's backend");
+            dp.check_stats(&[(stats::XDP_LOCAL_FLOW, 1), (stats::DNAT_ESTABLISHED, 1)]);
+        }
+    });
+}
+
+#[test]
+fn a_udp_checksum_that_computes_to_zero_leaves_xdp_as_ffff() {
+    on_node6(1500, |l| {
+        let dp = xdp_node_port_datapath(proto::UDP);
+        let syn = Frame6::udp(client(), node_port6());
+        // Find the SNAT port XDP picks for this client, then choose a
+        // payload whose translated checksum is 0 (in the same flow, the
+        // same translation).
+        let (v, out) = dp.xdp(&syn.build(), l.ext0);
+        assert_eq!(v, XDP_REDIRECT, "first datagram\n{}", hex(&out));
+        let snat = SocketAddrV6::new(node_int6(), parse6(&out).expect("out").src_sa().port(), 0, 0);
+        let payload = zero_checksum_payload(snat, pod_b6(), b"zero");
+        let dgram = Frame6::udp(client(), node_port6()).with_payload(&payload);
+        let (v, out) = dp.xdp(&dgram.build(), l.ext0);
+        assert_eq!(v, XDP_REDIRECT, "second datagram\n{}", hex(&out));
+        let p = parse6(&out).expect("out");
+        assert_eq!(p.checksum_field(), Some(0xffff), "a computed 0 goes out as 0xffff (0 is invalid in IPv6)\n{}", hex(&out));
+        p.verify_checksums().unwrap_or_else(|e| panic!("{e}\n{}", hex(&out)));
+    });
+}
+
+#[test]
+fn xdp_passes_untouched_and_uncounted_what_tc_must_handle_on_ipv6() {
+    on_node6(1500, |l| {
+        let np = node_port6();
+        let syn = || Frame6::tcp(client(), np, tcp_flags::SYN);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("a mobility header (not walked)", syn().with_ext(Ext::Raw { nexthdr: NEXTHDR_MOBILITY, body: vec![0, 0, 0, 0, 0, 0, 0] }).build()),
+            (
+                "a routing header with segments left",
+                syn().with_ext(Ext::Routing { routing_type: 4, segments_left: 1, addresses: vec![v6("fd00::99")] }).build(),
+            ),
+            (
+                "more extension headers than the walk takes",
+                (0..=stats::IPV6_MAX_EXT_HDRS).fold(syn(), |f, _| f.with_ext(Ext::DestOpts(vec![1, 4, 0, 0, 0, 0]))).build(),
+            ),
+            ("a first fragment", syn().with_ext(Ext::Fragment { offset: 0, more: true, id: 7 }).build()),
+            ("a later fragment", syn().with_ext(Ext::Fragment { offset: 8, more: false, id: 7 }).build()),
+            ("ICMPv6", Frame6::icmp6(*client().ip(), node_ext6(), icmp6::ECHO_REQUEST, 0, [0, 1, 0, 1], b"ping").build()),
+            ("UDP without checksum", Frame6::udp(client(), np).with_udp_zero_checksum().build()),
+            ("a TCP segment of no flow (not a SYN)", Frame6::tcp(client(), np, tcp_flags::ACK).build()),
+            ("a FIN (TC marks the flow closing)", Frame6::tcp(client(), np, tcp_flags::FIN | tcp_flags::ACK).build()),
+            ("hop limit 1 (TC counts it expiring)", syn().with_hop_limit(1).build()),
+            ("not to a frontend", Frame6::tcp(client(), SocketAddrV6::new(node_ext6(), 22, 0, 0), tcp_flags::SYN).build()),
+            ("truncated", syn().build()[..ETH_HLEN + IPV6_HLEN + 10].to_vec()),
+        ];
+        for (name, input) in cases {
+            let dp = xdp_node_port_datapath(proto::TCP);
+            let (v, out) = dp.xdp(&input, l.ext0);
+            assert_eq!(v, XDP_PASS, "{name}: verdict\n{}", hex(&out));
+            assert!(out == input, "{name}: the frame must pass untouched\ninput\n{}\noutput\n{}", hex(&input), hex(&out));
+            // Counted once, by TC, which walks it again.
+            dp.check_stats(&[]);
+        }
+        // A frontend without the SNAT flag (a ClusterIP): the stack's
+        // business (TC translates it), not the fast path's.
+        let mut dp = Datapath::standard();
+        dp.load_xdp();
+        let input = Frame6::tcp(client(), vip(), tcp_flags::SYN).build();
+        let (v, out) = dp.xdp(&input, l.ext0);
+        assert_eq!((v, out == input), (XDP_PASS, true), "ClusterIP\n{}", hex(&out));
+        assert!(dp.ct6().is_empty(), "XDP made no flow for a ClusterIP");
+    });
 }
 
 /// A `NodePort` on ext0's address (externalTrafficPolicy Cluster) whose

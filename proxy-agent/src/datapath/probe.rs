@@ -44,7 +44,7 @@ pub const FEATURES: [Feature; 5] = [
         required: Need::Always,
     },
     Feature {
-        name: "cgroup getpeername4/recvmsg4 hooks",
+        name: "cgroup getpeername4/6 and recvmsg4/6 hooks",
         needed_for: "socket-level load balancing (--socket-lb off runs without it)",
         since: "5.8",
         btf_name: "BPF_CGROUP_INET4_GETPEERNAME",

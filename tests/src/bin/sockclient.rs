@@ -42,6 +42,12 @@ fn udp_once(s: &UdpSocket, connected: bool, addr: SocketAddr, i: u32) -> std::io
     Ok(format!("{name} {peer}"))
 }
 
+/// The wildcard address of `addr`'s family (an IPv6 socket for an IPv6
+/// address, IPv4-mapped ones included).
+fn any(addr: SocketAddr) -> &'static str {
+    if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("usage: see the module doc (argument {i} missing)"));
@@ -62,7 +68,7 @@ fn main() {
             }
         }
         mode @ ("udp" | "udp-sendto") => {
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = UdpSocket::bind(any(addr)).expect("bind");
             s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
             let connected = mode == "udp";
             if connected && let Err(e) = s.connect(addr) {
@@ -76,7 +82,7 @@ fn main() {
         "udp-stream" => {
             let every = Duration::from_millis(arg(3).parse().expect("MS"));
             let count: u32 = arg(4).parse().expect("COUNT");
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = UdpSocket::bind(any(addr)).expect("bind");
             s.set_read_timeout(Some(every.max(Duration::from_millis(50)))).expect("timeout");
             let _ = s.connect(addr);
             let start = Instant::now();
