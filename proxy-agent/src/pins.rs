@@ -5,7 +5,8 @@
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v2 proxy_names_v1 proxy_icmp_rl_v1 proxy_frag_v1
 //!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_sock_rev6_v1 proxy_config_v1 proxy_sock_destroy_v1
 //!         proxy_xdp_tx_v1 proxy_src_range_v1
-//!         proxy_svc6_v1 proxy_be6_v1 proxy_ct6_v1 proxy_ct6_new_v1 (IPv6)      maps ([`LAYOUTS`])
+//!         proxy_svc6_v1 proxy_be6_v1 proxy_ct6_v1 proxy_ct6_new_v1 proxy_frag6_v1 (IPv6)
+//!                                                                     maps ([`LAYOUTS`])
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
 //! <bpffs>/links/cgroup_<hook>_<cgroup inode>                                  cgroup links
@@ -77,11 +78,12 @@ const CT_NEW_RETIRES: &[Retired] = &[Retired { name: proxy_common::ct::CT_NEW_MA
 
 /// Every map the agent pins, with its layout history: the one table that
 /// loading, migration and cleanup walk.
-pub const LAYOUTS: [MapLayout; 19] = [
+pub const LAYOUTS: [MapLayout; 20] = [
     map(XDP_TX_MAP),
     map(proxy_common::svc::SRC_RANGE_MAP),
     map(proxy_common::stats::ICMP_RL_MAP),
     map(proxy_common::frag::FRAG_MAP),
+    map(proxy_common::frag::FRAG6_MAP),
     map(SVC_MAP),
     map(BACKEND_MAP),
     map(proxy_common::svc::SVC6_MAP),

@@ -114,8 +114,8 @@ reasons! {
     /// An ICMP error the datapath would send (reject, fragmentation
     /// needed) suppressed by its per-CPU rate limit; the packet is dropped.
     ICMP_RATE_LIMITED = 32, "icmp_rate_limited";
-    /// A later IPv4 fragment translated like its datagram's first fragment
-    /// (ports remembered in `proxy_frag_v1`).
+    /// A later fragment translated like its datagram's first fragment
+    /// (ports remembered in `proxy_frag_v1`, IPv6: `proxy_frag6_v1`).
     FRAGMENT_TRANSLATED = 33, "fragment_translated";
     /// A new flow to a `LoadBalancer` frontend from a client outside its
     /// `loadBalancerSourceRanges`: dropped (kube-proxy's KUBE-FW drop).

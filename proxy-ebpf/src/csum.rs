@@ -105,9 +105,17 @@ pub fn l4_pseudo_diff6(ctx: &TcContext, csum_off: usize, diff: u32, flags: u64) 
 /// pseudo-header covers both addresses).
 #[inline(always)]
 pub fn rewrite_addr6(ctx: &TcContext, p: &Pkt<V6>, addr_off: usize, old: In6, new: In6) -> Result<(), c_long> {
+    let diff = diff6(old, new);
     if p.has_l4() {
-        let diff = diff6(old, new);
         l4_pseudo_diff6(ctx, p.l4_csum_off(), diff, l4_flags(p, 0, false))?;
+    } else {
+        // A later fragment: no L4 checksum here (the first fragment's took
+        // the change for the datagram) and no IPv6 header checksum to
+        // cancel the address change, so the packet's sum moves by `diff`:
+        // `skb->csum` of a CHECKSUM_COMPLETE skb must move alike, or the
+        // reassembled datagram's checksum fails against it.
+        // SAFETY: helper on our own skb.
+        let _ = unsafe { bpf_csum_update(ctx.skb.skb, diff) };
     }
     ctx.store(addr_off, &new.0, 0)
 }

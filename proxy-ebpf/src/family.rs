@@ -18,12 +18,13 @@ use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_long, programs::TcContext};
 use proxy_common::{
     affinity::{AFFINITY_CLIENT_ADDR, AFFINITY_CLIENT_ADDR6, AFFINITY_CLIENT_NETNS, AFFINITY_CLIENT_NETNS6},
     ct::{Ct6Key, Ct6Value, CtKey, CtValue},
+    frag::{Frag6Key, FragKey, FragValue},
     svc::{Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
     fib::{AF_INET, AF_INET6, FibParams},
-    maps::{BACKEND, BACKEND6, CT, CT6, CT6_NEW, CT_NEW, SRC_RANGES, SVC, SVC6},
+    maps::{BACKEND, BACKEND6, CT, CT6, CT6_NEW, CT_NEW, FRAG, FRAG6, SRC_RANGES, SVC, SVC6},
     parse::{ETH_P_IP_BE, ETH_P_IPV6_BE, Pkt},
 };
 use proxy_common::stats;
@@ -112,6 +113,8 @@ pub trait Family: Sized + 'static {
     type SvcKey;
     type CtKey: Copy;
     type CtValue: CtEntry<Addr = Self::Addr>;
+    /// The fragment map's key ([`crate::frag`]).
+    type FragKey;
 
     /// The all-zero address ("none").
     const ZERO: Self::Addr;
@@ -151,6 +154,13 @@ pub trait Family: Sized + 'static {
     fn ct_insert(confirmed: bool, key: &Self::CtKey, v: &Self::CtValue, noexist: bool) -> bool;
     fn ct_remove(confirmed: bool, key: &Self::CtKey);
     fn ct_value(i: &CtInit<Self::Addr>) -> Self::CtValue;
+
+    /// The fragment map's key of a datagram: its addresses, its
+    /// identification (network order; IPv4's 16 bits in the low-addressed
+    /// half as loaded, IPv6's 32) and its upper-layer protocol.
+    fn frag_key(saddr: Self::Addr, daddr: Self::Addr, id_be: u32, proto: u8) -> Self::FragKey;
+    fn frag_get(key: &Self::FragKey) -> Option<FragValue>;
+    fn frag_insert(key: &Self::FragKey, v: &FragValue);
 
     /// Rewrites the address at `off` (source or destination of `p`'s L3
     /// header) from `old` to `new`, fixing the checksums that cover it.
@@ -284,6 +294,7 @@ impl Family for V4 {
     type SvcKey = SvcKey;
     type CtKey = CtKey;
     type CtValue = CtValue;
+    type FragKey = FragKey;
 
     const ZERO: u32 = 0;
     const IS_V6: bool = false;
@@ -371,6 +382,23 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn frag_key(saddr: u32, daddr: u32, id_be: u32, proto: u8) -> FragKey {
+        // The low 16 bits hold the two bytes of the IPv4 id as loaded.
+        FragKey { saddr_be: saddr, daddr_be: daddr, id_be: id_be as u16, proto, _pad: 0 }
+    }
+
+    #[inline(always)]
+    fn frag_get(key: &FragKey) -> Option<FragValue> {
+        // SAFETY: the value is copied out at once.
+        unsafe { FRAG.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn frag_insert(key: &FragKey, v: &FragValue) {
+        let _ = FRAG.insert(key, v, 0);
+    }
+
+    #[inline(always)]
     fn rewrite_addr(ctx: &TcContext, p: &Pkt<Self>, off: usize, old: u32, new: u32) -> Result<(), c_long> {
         crate::csum::rewrite_addr4(ctx, p, off, old, new)
     }
@@ -409,6 +437,7 @@ impl Family for V6 {
     type SvcKey = Svc6Key;
     type CtKey = Ct6Key;
     type CtValue = Ct6Value;
+    type FragKey = Frag6Key;
 
     const ZERO: In6 = In6([0; 2]);
     const IS_V6: bool = true;
@@ -509,6 +538,22 @@ impl Family for V6 {
             svc_id: i.svc_id,
             last_seen_ns: i.now,
         }
+    }
+
+    #[inline(always)]
+    fn frag_key(saddr: In6, daddr: In6, id_be: u32, proto: u8) -> Frag6Key {
+        Frag6Key { saddr: saddr.octets(), daddr: daddr.octets(), id_be, proto, _pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn frag_get(key: &Frag6Key) -> Option<FragValue> {
+        // SAFETY: the value is copied out at once.
+        unsafe { FRAG6.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn frag_insert(key: &Frag6Key, v: &FragValue) {
+        let _ = FRAG6.insert(key, v, 0);
     }
 
     #[inline(always)]

@@ -9,6 +9,7 @@ mod ct;
 mod destroy;
 mod family;
 mod fib;
+mod frag;
 mod icmp;
 mod icmp6;
 mod lb;

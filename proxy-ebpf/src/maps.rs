@@ -13,7 +13,7 @@ use proxy_common::{
     backend::{BACKEND_MAX_ENTRIES, Backend, Backend6},
     ct::{CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, CT6_MAX_ENTRIES, CT6_NEW_MAX_ENTRIES, Ct6Key, Ct6Value, CtKey, CtValue},
     names::{NAMES_MAX_ENTRIES, SvcName},
-    frag::{FRAG_MAX_ENTRIES, FragKey, FragValue},
+    frag::{FRAG_MAX_ENTRIES, Frag6Key, FragKey, FragValue},
     stats::{IcmpBucket, STATS_MAX_ENTRIES, StatCounter},
     svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
@@ -88,6 +88,10 @@ pub static ICMP_RL: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
 /// First fragments' ports, for the later fragments of their datagram.
 #[btf_map(name = "proxy_frag_v1")]
 pub static FRAG: LruHashMap<FragKey, FragValue, { FRAG_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// The same for IPv6 (`proxy_common::frag::FRAG6_MAP`).
+#[btf_map(name = "proxy_frag6_v1")]
+pub static FRAG6: LruHashMap<Frag6Key, FragValue, { FRAG_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Devices the XDP fast path may redirect to: those the agent attached XDP
 /// to (ifindex → ifindex).

@@ -6,14 +6,11 @@ use aya_ebpf::{
     helpers::bpf_xdp_load_bytes,
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{
-    frag::{FRAG_TIMEOUT_NS, FragKey, FragValue},
-    proto, stats,
-};
+use proxy_common::{proto, stats};
 
 use crate::{
     family::{Family, In6, V4, V6},
-    maps::FRAG,
+    frag,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -52,7 +49,7 @@ pub struct Pkt<F: Family> {
     /// TCP flags byte (0 for UDP and later fragments).
     pub tcp_flags: u8,
     /// `FRAG_NONE`, `FRAG_FIRST`, or `FRAG_LATER` (no L4 header: the ports
-    /// are the first fragment's, from `proxy_frag_v1`).
+    /// are the first fragment's, from `proxy_frag_v1` / `proxy_frag6_v1`).
     pub frag: u8,
 }
 
@@ -160,8 +157,7 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let saddr_be: u32 = ctx.load(l3 + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let daddr_be: u32 = ctx.load(l3 + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let l4_off = l3 + ihl_len;
-    let id_be: u16 = ctx.load(l3 + IP_ID).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    let fkey = FragKey { saddr_be, daddr_be, id_be, proto, _pad: 0 };
+    let id_be = u32::from(ctx.load::<u16>(l3 + IP_ID).map_err(|_| stats::MALFORMED_TRUNCATED)?);
     let tot_len = usize::from(u16::from_be(ctx.load::<u16>(l3 + 2).map_err(|_| stats::MALFORMED_TRUNCATED)?));
     let (ports, tcp_flags, frag) = if frag_word & IP_OFFSET_MASK != 0 {
         // A later fragment: no L4 header; translated with its first
@@ -170,14 +166,8 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         if (ctx.len() as usize) < l4_off || tot_len < ihl_len {
             return Err(stats::MALFORMED_TRUNCATED);
         }
-        // SAFETY: the value is copied out at once.
-        let Some(f) = (unsafe { FRAG.get(&fkey).copied() }) else {
-            return Err(stats::PASS_FRAGMENT);
-        };
-        if crate::ct::now_ns().saturating_sub(f.seen_ns) > FRAG_TIMEOUT_NS {
-            return Err(stats::PASS_FRAGMENT);
-        }
-        ([f.sport_be, f.dport_be], 0, FRAG_LATER)
+        let ports = frag::recall::<V4>(saddr_be, daddr_be, id_be, proto).ok_or(stats::PASS_FRAGMENT)?;
+        (ports, 0, FRAG_LATER)
     } else {
         let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
         let (l4_min, tcp_flags) = if proto == proto::TCP {
@@ -198,8 +188,7 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         let mut frag = FRAG_NONE;
         if frag_word & IP_MF != 0 {
             // The first fragment: its ports are the datagram's.
-            let v = FragValue { sport_be: ports[0], dport_be: ports[1], _pad: 0, seen_ns: crate::ct::now_ns() };
-            let _ = FRAG.insert(&fkey, &v, 0);
+            frag::remember::<V4>(saddr_be, daddr_be, id_be, proto, ports);
             frag = FRAG_FIRST;
         }
         (ports, tcp_flags, frag)
@@ -263,8 +252,13 @@ pub struct Ip6 {
     /// The end of the IPv6 packet (`l3 + 40 + payload length`): bytes past
     /// it are link-layer padding.
     pub end: usize,
-    /// `FRAG_NONE` or `FRAG_FIRST` (later fragments are `Err(PASS_FRAGMENT)`).
+    /// `FRAG_NONE`, `FRAG_FIRST`, or `FRAG_LATER`: a fragment after the
+    /// first, of TCP or UDP (`next`), whose data starts at `l4_off` (no
+    /// upper-layer header there).
     pub frag: u8,
+    /// The Fragment header's identification, network order (0 when not a
+    /// fragment).
+    pub frag_id: u32,
 }
 
 /// Walks the IPv6 header at `l3` and its extension headers (hop-by-hop,
@@ -275,7 +269,8 @@ pub struct Ip6 {
 /// how to skip (mobility, HIP, shim6, experimental), or a routing header
 /// with segments left — the destination is then an intermediate hop and
 /// the L4 checksum covers the final one, so a rewrite would be wrong — is
-/// `PASS_IPV6_EXT`; a later fragment (no upper-layer header) is
+/// `PASS_IPV6_EXT`; a later fragment (no upper-layer header) ends the walk
+/// at its Fragment header: `FRAG_LATER` when that names TCP or UDP, else
 /// `PASS_FRAGMENT`; a header cut short or beyond the payload length is
 /// `MALFORMED_TRUNCATED`. All of them are passed untouched by the callers.
 #[inline(always)]
@@ -297,6 +292,7 @@ pub fn walk_ipv6<C: Bytes>(ctx: &C, l3: usize) -> Result<Ip6, Skip> {
     let end = if plen == 0 && skb_len > l3 + IP6_HLEN + 0xffff { skb_len } else { l3 + IP6_HLEN + plen };
     let mut off = l3 + IP6_HLEN;
     let mut frag = FRAG_NONE;
+    let mut frag_id = 0;
     for _ in 0..stats::IPV6_MAX_EXT_HDRS {
         if next == NEXTHDR_HOP || next == NEXTHDR_DEST || next == NEXTHDR_ROUTING {
             // Next header, length in 8-octet units not counting the first
@@ -308,19 +304,31 @@ pub fn walk_ipv6<C: Bytes>(ctx: &C, l3: usize) -> Result<Ip6, Skip> {
             next = h[0];
             off += (usize::from(h[1]) + 1) * 8;
         } else if next == NEXTHDR_FRAGMENT {
-            // Next header, reserved, then offset (13 bits) | res | M.
+            // Next header, reserved, then offset (13 bits) | res | M, then
+            // the identification.
             let h: [u8; 4] = ctx.load(off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+            frag_id = ctx.load(off + 4).map_err(|_| stats::MALFORMED_TRUNCATED)?;
             let fo = u16::from_be_bytes([h[2], h[3]]);
+            next = h[0];
+            off += 8;
             if fo & 0xfff8 != 0 {
-                return Err(stats::PASS_FRAGMENT);
+                // A later fragment: what follows is data, not headers. Its
+                // next header is the first header of the fragmentable part;
+                // only TCP and UDP are translated (their ports remembered
+                // from the first fragment), anything else is passed.
+                if next != proto::TCP && next != proto::UDP {
+                    return Err(stats::PASS_FRAGMENT);
+                }
+                if off > end {
+                    return Err(stats::MALFORMED_TRUNCATED);
+                }
+                return Ok(Ip6 { saddr, daddr, next, l4_off: off, end, frag: FRAG_LATER, frag_id });
             }
             // M clear with offset 0: an atomic fragment (RFC 6946), a whole
             // datagram.
             if fo & 1 != 0 {
                 frag = FRAG_FIRST;
             }
-            next = h[0];
-            off += 8;
         } else {
             break;
         }
@@ -336,17 +344,21 @@ pub fn walk_ipv6<C: Bytes>(ctx: &C, l3: usize) -> Result<Ip6, Skip> {
     {
         return Err(stats::PASS_IPV6_EXT);
     }
-    Ok(Ip6 { saddr, daddr, next, l4_off: off, end, frag })
+    Ok(Ip6 { saddr, daddr, next, l4_off: off, end, frag, frag_id })
 }
 
 /// Parses the TCP/UDP ports of an IPv6 packet whose header `h` at `l3` was
 /// walked ([`walk_ipv6`]). `Err(reason)` = not for us (`PASS_OTHER_PROTO`
-/// for an upper layer other than TCP/UDP).
+/// for an upper layer other than TCP/UDP, `PASS_FRAGMENT` for a later
+/// fragment: see [`parse_ipv6_l4`]). No map is read or written: XDP uses it.
 #[inline(always)]
 pub fn parse_ipv6_ports<C: Bytes>(ctx: &C, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
     let proto = h.next;
     if proto != proto::TCP && proto != proto::UDP {
         return Err(stats::PASS_OTHER_PROTO);
+    }
+    if h.frag == FRAG_LATER {
+        return Err(stats::PASS_FRAGMENT);
     }
     let l4_off = h.l4_off;
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
@@ -382,5 +394,32 @@ pub fn parse_ipv6_ports<C: Bytes>(ctx: &C, l3: usize, h: &Ip6) -> Result<Pkt<V6>
         dport_be: ports[1],
         tcp_flags,
         frag: h.frag,
+    })
+}
+
+/// [`parse_ipv6_ports`] on TC, with fragments as for IPv4: a first
+/// fragment's ports are remembered (`proxy_frag6_v1`), a later fragment
+/// takes them (`Err(PASS_FRAGMENT)` when its first was not seen).
+#[inline(always)]
+pub fn parse_ipv6_l4(ctx: &TcContext, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
+    if h.frag != FRAG_LATER {
+        let p = parse_ipv6_ports(ctx, l3, h)?;
+        if p.frag == FRAG_FIRST {
+            frag::remember::<V6>(h.saddr, h.daddr, h.frag_id, p.proto, [p.sport_be, p.dport_be]);
+        }
+        return Ok(p);
+    }
+    let ports = frag::recall::<V6>(h.saddr, h.daddr, h.frag_id, h.next).ok_or(stats::PASS_FRAGMENT)?;
+    Ok(Pkt {
+        l3_off: l3,
+        l4_off: h.l4_off,
+        ihl_len: h.l4_off - l3,
+        proto: h.next,
+        saddr_be: h.saddr,
+        daddr_be: h.daddr,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        tcp_flags: 0,
+        frag: FRAG_LATER,
     })
 }

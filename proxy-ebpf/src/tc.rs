@@ -28,7 +28,7 @@ use crate::{
     fib,
     lb::{self, Client, Empty, Frontend},
     nat,
-    parse::{IP_PROTO, NEXTHDR_ICMPV6, Pkt, is_ipv6, parse_ipv4_l4, parse_ipv6_ports, walk_ipv6},
+    parse::{IP_PROTO, NEXTHDR_ICMPV6, Pkt, is_ipv6, parse_ipv4_l4, parse_ipv6_l4, parse_ipv6_ports, walk_ipv6},
     stats::count,
 };
 
@@ -117,7 +117,7 @@ fn ingress6<const L3: usize>(ctx: TcContext) -> i32 {
     if h.next == NEXTHDR_ICMPV6 {
         return ICMP6;
     }
-    let p = match parse_ipv6_ports(&ctx, L3, &h) {
+    let p = match parse_ipv6_l4(&ctx, L3, &h) {
         Ok(p) => p,
         Err(reason) => {
             count(reason, len);
@@ -130,7 +130,8 @@ fn ingress6<const L3: usize>(ctx: TcContext) -> i32 {
 }
 
 /// The second IPv6 ingress stage: a packet [`ingress`] found to start a
-/// new flow (see [`handle_ingress`]).
+/// new flow (see [`handle_ingress`]); never a later fragment, and a first
+/// fragment's ports were remembered by the first stage.
 #[inline(never)]
 fn new_flow6<const L3: usize>(ctx: TcContext) -> i32 {
     let len = ctx.len();
@@ -276,7 +277,7 @@ fn egress6<const L3: usize>(ctx: TcContext) -> i32 {
     if h.next == NEXTHDR_ICMPV6 {
         return ICMP6;
     }
-    match parse_ipv6_ports(&ctx, L3, &h) {
+    match parse_ipv6_l4(&ctx, L3, &h) {
         Ok(p) => egress(&ctx, &p),
         Err(_) => TC_NEXT,
     }

@@ -520,6 +520,70 @@ impl Parsed6 {
     }
 }
 
+/// Splits `ip` (an IPv6 packet without extension headers) into fragments
+/// as a sender does (RFC 8200 4.5): a Fragment header with identification
+/// `id` after each copy of the IPv6 header, `chunk` bytes (a multiple of 8)
+/// of the upper-layer packet in each but the last.
+#[must_use]
+pub fn fragment6(ip: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk % 8 == 0 && chunk > 0, "fragment size {chunk} is not a multiple of 8");
+    let upper = ip[6];
+    assert!(!matches!(upper, NEXTHDR_HOP | NEXTHDR_DEST | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT), "fragment6 takes no extension headers");
+    let segment = &ip[IPV6_HLEN..];
+    segment
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, data)| {
+            let offset = u16::try_from(i * chunk / 8).expect("offset");
+            let more = (i + 1) * chunk < segment.len();
+            let mut f = ip[..IPV6_HLEN].to_vec();
+            f[4..6].copy_from_slice(&u16::try_from(8 + data.len()).expect("length").to_be_bytes());
+            f[6] = NEXTHDR_FRAGMENT;
+            f.extend_from_slice(&Ext::Fragment { offset, more, id }.bytes(upper));
+            f.extend_from_slice(data);
+            f
+        })
+        .collect()
+}
+
+/// A datagram put back together from its fragments (IPv6 packets, any
+/// order): the addresses of the fragments (all the same), the upper-layer
+/// protocol and packet. Errors on differing addresses, identifications or
+/// protocols, a gap, an overlap or a missing last fragment.
+pub fn reassemble6(fragments: &[Vec<u8>]) -> Result<(Ipv6Addr, Ipv6Addr, u8, Vec<u8>), String> {
+    let mut parts = Vec::new();
+    let mut key = None;
+    for (i, f) in fragments.iter().enumerate() {
+        let p = parse6_ip(f).map_err(|e| format!("fragment {i}: {e}"))?;
+        let Some((offset, more)) = p.fragment else {
+            return Err(format!("packet {i} is not a fragment"));
+        };
+        let (_, hdr) = p.ext.iter().find(|(n, _)| *n == NEXTHDR_FRAGMENT).ok_or("no fragment header")?;
+        let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let k = (p.src, p.dst, id, hdr[0]);
+        if *key.get_or_insert(k) != k {
+            return Err(format!("fragment {i} is of another datagram: {k:?}, not {key:?}"));
+        }
+        parts.push((usize::from(offset) * 8, more, p.segment));
+    }
+    parts.sort_by_key(|(at, _, _)| *at);
+    let mut whole = Vec::new();
+    for (n, (at, more, data)) in parts.iter().enumerate() {
+        if *at != whole.len() {
+            return Err(format!("fragment at {at} after {} bytes", whole.len()));
+        }
+        if !more && n + 1 != parts.len() {
+            return Err("fragments after the last".into());
+        }
+        whole.extend_from_slice(data);
+    }
+    if parts.last().is_none_or(|(_, more, _)| *more) {
+        return Err("no last fragment".into());
+    }
+    let (src, dst, _, upper) = key.ok_or("no fragments")?;
+    Ok((src, dst, upper, whole))
+}
+
 /// `ip` (an IPv6 packet) in an Ethernet frame with the default MACs.
 #[must_use]
 pub fn in_ethernet(ip: &[u8]) -> Vec<u8> {
@@ -563,6 +627,24 @@ mod tests {
         assert_eq!(p.upper_off, IPV6_HLEN + 16);
         assert_eq!(p.src_sa(), c);
         assert_eq!(p.dst_sa(), v);
+    }
+
+    #[test]
+    fn fragments_reassemble_to_the_datagram() {
+        let (c, v) = (sa("[2001:db8::2]:40000"), sa("[fd00::10]:80"));
+        let ip = Frame6::udp(c, v).with_payload(&(0..=255).cycle().take(1000).collect::<Vec<u8>>()).build_ip();
+        let frags = fragment6(&ip, 0xdead_beef, 400);
+        assert_eq!(frags.len(), 3);
+        let p = parse6_ip(&frags[1]).unwrap();
+        assert_eq!((p.fragment, p.upper, p.segment.len()), (Some((50, true)), proto::UDP, 400));
+        assert!(p.is_later_fragment());
+        let mut shuffled = frags.clone();
+        shuffled.swap(0, 2);
+        let (src, dst, upper, seg) = reassemble6(&shuffled).unwrap();
+        assert_eq!((src, dst, upper, &seg[..]), (*c.ip(), *v.ip(), proto::UDP, &ip[IPV6_HLEN..]));
+        assert_eq!(l4_checksum6(src, dst, upper, &seg), 0);
+        assert!(reassemble6(&frags[..2]).is_err(), "no last fragment");
+        assert!(reassemble6(&[frags[0].clone(), frags[2].clone()]).is_err(), "a gap");
     }
 
     #[test]

@@ -134,6 +134,34 @@ fn a_dual_stack_cluster_ip_serves_both_families_on_the_tc_path() {
     assert!(counters.get("reject_no_backend").copied().unwrap_or_default() >= 1, "{counters:?}");
 }
 
+/// A 4,000-byte UDP datagram to an IPv6 cluster IP crosses the 1,500-byte
+/// links in three fragments (the client fragments it: IPv6 routers never
+/// do); only the first carries the ports. Both directions must be
+/// translated alike (the later fragments through the ports the first left
+/// in `proxy_frag6_v1`), or the pod (and then the client) cannot reassemble
+/// the datagram. The IPv6 twin of the IPv4 test in `clusterip.rs`.
+#[test]
+fn a_4000_byte_udp_datagram_through_an_ipv6_cluster_ip_is_translated_in_fragments_both_ways() {
+    let mut sb = Sandbox::new("frag6", 2);
+    sb.enable_ipv6();
+    sb.serve_udp_dual(5353);
+    write_atomic(&sb.manifests, "dns.yaml", &dual_stack_yaml("dns", VIP4, VIP6, &[1, 2]));
+    sb.start_agent(&agent_bin());
+    wait_programmed(&sb.bpffs, Duration::from_secs(15), "both families of dns", |v| {
+        v.iter().filter(|f| f.service.starts_with("default/dns") && f.backends.len() == 2).count() == 4
+    });
+    let payload = "f".repeat(4000);
+    let sent = payload.clone();
+    let got = sb.client.run(move || udp_request(SocketAddr::new(IpAddr::V6(VIP6), 53), &sent, T));
+    let got = got.unwrap_or_else(|e| panic!("no answer to a fragmented IPv6 datagram: {e}\n{}", sb.agent_log()));
+    let (pod, echoed) = got.split_once(':').expect("<pod>:<payload>");
+    assert!(pod.starts_with("pod"), "{pod}");
+    assert!(echoed == payload, "the whole datagram came back: {} of {} bytes", echoed.len(), payload.len());
+    let c = sb.counters(&agent_bin());
+    // Two later fragments each way.
+    assert!(c.get("fragment_translated").copied().unwrap_or(0) >= 4, "{c:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The socket path: IPv6 sockets and IPv4-mapped destinations
 // ---------------------------------------------------------------------------

@@ -296,3 +296,25 @@ fn ipv6_internal_traffic_policy_local_and_terminating_fallback() {
     }
     assert_eq!(seen.len(), 2, "both serving-terminating endpoints used: {seen:?}");
 }
+
+/// A 4,000-byte UDP datagram to an IPv6 `NodePort` whose backend is on
+/// node B: the client sends it in three fragments (IPv6 routers never
+/// fragment), only the first with the ports; every fragment is DNATed and
+/// SNATed alike (the later ones through `proxy_frag6_v1`) and sent by the
+/// FIB redirect, and so are the fragments of the reply on the way back.
+/// The IPv6 twin of the IPv4 test in `northsouth.rs`.
+#[test]
+fn a_fragmented_udp_datagram_to_an_ipv6_node_port_reaches_a_remote_backend_and_back() {
+    let mut c = cluster("ns6frag", 0, 1);
+    write_atomic(&c.manifests, "web.yaml", &web6("Cluster", "", &[(pod_ip6_b(1), "node-b", "")]));
+    c.start_agent_a(&agent_bin(), &[]);
+    frontends_with(&c, 6);
+    let payload = "g".repeat(4000);
+    let sent = payload.clone();
+    let got = c.client.run(move || udp_request(SocketAddr::from((NODE_A_IP6, UDP_NODE_PORT)), &sent, T));
+    let got = got.unwrap_or_else(|e| panic!("no answer to a fragmented IPv6 datagram: {e}\n{}", c.a.agent_log()));
+    let s = SeenAny::parse(&got).unwrap_or_else(|| panic!("bad answer {:?}", &got[..got.len().min(80)]));
+    assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-b1", IpAddr::V6(NODE_A_LINK_IP6)), "SNAT to node A as for any NodePort flow");
+    assert!(s.payload == payload, "the whole datagram, both ways: {} of {} bytes", s.payload.len(), payload.len());
+    assert!(c.a.stat("fragment_translated") >= 4, "{:?}", c.a.counters(&agent_bin()));
+}

@@ -21,8 +21,11 @@ use aya::{
 };
 use integration_tests::{
     netns::{Netns, enter, require_root, unique_name},
-    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, NODE_MAC, hex, parse, skb_ctx, stats_by_reason, tcp_flags, xdp_md_ctx},
-    packet6::{Ext, Frame6, IPV6_HLEN, NEXTHDR_ICMPV6, NEXTHDR_MOBILITY, Parsed6, icmp6, l4_checksum6, parse6, parse6_ip},
+    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, L4, NODE_MAC, hex, parse, skb_ctx, stats_by_reason, tcp_flags, xdp_md_ctx},
+    packet6::{
+        Ext, Frame6, IPV6_HLEN, NEXTHDR_ICMPV6, NEXTHDR_MOBILITY, Parsed6, fragment6, icmp6, in_ethernet, l4_checksum6, parse6, parse6_ip,
+        reassemble6,
+    },
 };
 use proxy_agent::{
     datapath::ebpf_object,
@@ -395,24 +398,115 @@ fn extension_headers_are_skipped_and_the_rewrite_lands_after_them() {
     }
 }
 
+/// A fragment after the first of a UDP datagram from `src` to `dst`:
+/// `data` after a Fragment header (no UDP header).
+fn later_fragment(src: SocketAddrV6, dst: SocketAddrV6, offset: u16, more: bool, id: u32, data: &[u8]) -> Frame6 {
+    let mut f = Frame6::udp(src, dst).with_payload(data).with_ext(Ext::Fragment { offset, more, id });
+    f.l4 = L4::Other { proto: proto::UDP };
+    f
+}
+
+/// `frame` with its source or destination address replaced, nothing else
+/// (a later fragment holds no checksum that covers them).
+fn with_addr(frame: &[u8], at: usize, a: &Ipv6Addr) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[ETH_HLEN + at..ETH_HLEN + at + 16].copy_from_slice(&a.octets());
+    f
+}
+
+/// The later fragments of a datagram follow its first (remembered in
+/// `proxy_frag6_v1` by source, destination, identification and protocol):
+/// same backend, only the destination address rewritten. Fragments of a
+/// datagram whose first fragment was not seen pass untouched.
 #[test]
-fn a_first_fragment_is_translated_and_a_later_one_passes() {
+fn later_fragments_follow_their_first_fragment() {
     let dp = Datapath::standard();
     let first = udp().with_payload(&[3; 64]).with_ext(Ext::Fragment { offset: 0, more: true, id: 77 });
     let (out, p) = dp.run_translated(&first.build());
-    assert!(backend_of(p.dst_sa(), &udp_backends()).is_some(), "first fragment to {}\n{}", p.dst_sa(), hex(&out));
-    for later in [
-        udp().with_payload(&[3; 64]).with_ext(Ext::Fragment { offset: 9, more: true, id: 77 }),
-        udp().with_payload(&[3; 64]).with_ext(Ext::Fragment { offset: 18, more: false, id: 77 }),
-        // A later fragment behind a hop-by-hop header.
-        udp().with_ext(Ext::HopByHop(vec![])).with_ext(Ext::Fragment { offset: 1, more: false, id: 78 }),
+    let at = p.dst_sa();
+    assert!(backend_of(at, &udp_backends()).is_some(), "first fragment to {at}\n{}", hex(&out));
+    for (what, later) in [
+        ("middle", later_fragment(client(), vip(), 9, true, 77, &[4; 72])),
+        ("last", later_fragment(client(), vip(), 18, false, 77, &[5; 13])),
+        ("behind a hop-by-hop header", {
+            let mut f = udp().with_payload(&[6; 8]).with_ext(Ext::HopByHop(vec![])).with_ext(Ext::Fragment { offset: 27, more: false, id: 77 });
+            f.l4 = L4::Other { proto: proto::UDP };
+            f
+        }),
     ] {
         let input = later.build();
         let (verdict, out) = dp.run(&input);
-        assert_eq!(verdict, TC_NEXT, "later fragment verdict");
-        assert_eq!(out, input, "a later fragment is passed untouched");
+        assert_eq!(verdict, TC_ACT_OK, "{what} fragment verdict\n{}", hex(&out));
+        let want = with_addr(&input, 24, at.ip());
+        assert!(out == want, "{what} fragment: only the destination rewritten\nexpected\n{}\noutput\n{}", hex(&want), hex(&out));
     }
-    dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::PASS_FRAGMENT, 3)]);
+    for (what, later) in [
+        ("another identification", later_fragment(client(), vip(), 9, false, 78, &[4; 8])),
+        ("another source", later_fragment(sa6("2001:db8:86dd::3", 40000), vip(), 9, false, 77, &[4; 8])),
+        ("TCP with the same identification", {
+            let mut f = later_fragment(client(), vip(), 9, false, 77, &[4; 8]);
+            f.l4 = L4::Other { proto: proto::TCP };
+            f
+        }),
+        ("of another upper layer (ESP)", {
+            let mut f = later_fragment(client(), vip(), 9, false, 77, &[4; 8]);
+            f.l4 = L4::Other { proto: 50 };
+            f
+        }),
+    ] {
+        let input = later.build();
+        let (verdict, out) = dp.run(&input);
+        assert_eq!(verdict, TC_NEXT, "{what}: verdict");
+        assert_eq!(out, input, "{what}: passed untouched");
+    }
+    dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::FRAGMENT_TRANSLATED, 3), (stats::PASS_FRAGMENT, 4)]);
+}
+
+/// A 1,200-byte datagram in fragments both ways, each fragment through the
+/// datapath on its own: the fragments put back together hold the datagram
+/// with the translated addresses and a valid UDP checksum (the first
+/// fragment's update covers the whole datagram); the backend's fragmented
+/// answer gets the frontend as source, on ingress and on egress alike.
+#[test]
+fn a_datagram_in_fragments_is_translated_both_ways() {
+    let dp = Datapath::standard();
+    let data: Vec<u8> = (0..=255).cycle().take(1200).collect();
+    let frags = fragment6(&udp().with_payload(&data).build_ip(), 0x8765_4321, 512);
+    assert_eq!(frags.len(), 3);
+    let out: Vec<Vec<u8>> = frags
+        .iter()
+        .map(|f| {
+            let (verdict, out) = dp.run(&in_ethernet(f));
+            assert_eq!(verdict, TC_ACT_OK, "verdict\n{}", hex(&out));
+            out[ETH_HLEN..].to_vec()
+        })
+        .collect();
+    let (src, dst, upper, seg) = reassemble6(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((src, upper), (*client().ip(), proto::UDP));
+    let at = SocketAddrV6::new(dst, u16::from_be_bytes([seg[2], seg[3]]), 0, 0);
+    assert!(backend_of(at, &udp_backends()).is_some(), "datagram sent to {at}, not a backend");
+    assert_eq!(l4_checksum6(src, dst, upper, &seg), 0, "UDP checksum of the reassembled datagram");
+    assert_eq!(seg[8..], data[..], "payload");
+
+    let answer: Vec<u8> = data.iter().rev().copied().collect();
+    let reply = Frame6::udp(at, client()).with_payload(&answer).build_ip();
+    for prog in [ingress(), egress()] {
+        let out: Vec<Vec<u8>> = fragment6(&reply, 0x0bad_cafe, 256)
+            .iter()
+            .map(|f| {
+                let (verdict, out) = dp.run_on(prog, &in_ethernet(f));
+                assert_eq!(verdict, TC_ACT_OK, "{prog}: reply verdict\n{}", hex(&out));
+                out[ETH_HLEN..].to_vec()
+            })
+            .collect();
+        let (src, dst, upper, seg) = reassemble6(&out).unwrap_or_else(|e| panic!("{prog}: {e}"));
+        assert_eq!((src, dst, u16::from_be_bytes([seg[0], seg[1]])), (*vip().ip(), *client().ip(), vip().port()), "{prog}: reply");
+        assert_eq!(l4_checksum6(src, dst, upper, &seg), 0, "{prog}: UDP checksum of the reassembled reply");
+        assert_eq!(seg[8..], answer[..], "{prog}: reply payload");
+    }
+    // Datagram: 1 new flow + 2 later fragments; reply (5 fragments), twice:
+    // 1 + 4 each.
+    dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::FRAGMENT_TRANSLATED, 2 + 2 * 4), (stats::REV_NAT, 2)]);
 }
 
 // ---------------------------------------------------------------------------
