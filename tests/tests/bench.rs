@@ -1,7 +1,10 @@
 //! `cargo xtask bench --quick` with tiny sizes: every mode (`ClusterIP` and
-//! `NodePort`) produces numbers (not that they are fast), the IPVS mode says why it cannot be measured,
+//! `NodePort`) produces numbers (not that they are fast), over IPv4 at S=1
+//! and S=100 and over IPv6 at S=1 (each family's ratios over its own
+//! baseline), the IPVS mode says why it cannot be measured,
 //! the socket-path mode went through the socket programs and the TC-path
-//! mode did not, and BENCHMARKS.md, bench.json and bench.svg are written;
+//! mode did not (over IPv6 too, and the XDP mode was carried by XDP),
+//! and BENCHMARKS.md, bench.json and bench.svg are written;
 //! the flood cases (a short, 2,000 packets/s flood at S=1) measure under
 //! the flood, the agent keeps every established flow and its datapath
 //! counted the spoofed packets; the agent following the test API server
@@ -20,7 +23,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--quick", "--services", "1,100", "--duration", "0.5", "--cp-services", "100", "--program-timeout", "60", "--flood-pps", "2000"])
-        .args(["--api-services", "200", "--api-changes", "5"])
+        .args(["--api-services", "200", "--api-changes", "5", "--families", "ipv4,ipv6", "--ipv6-services", "1"])
         .arg("--agent")
         .arg(agent_bin())
         .arg("--out")
@@ -34,6 +37,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
         stdout.contains("## Data path")
             && stdout.contains("## NodePort (north-south)")
             && stdout.contains("## NodePort under a spoofed flood")
+            && stdout.contains("## IPv6 beside IPv4")
             && stdout.contains("## Control plane")
             && stdout.contains("## Control plane through the API server"),
         "no tables on stdout:\n{stdout}"
@@ -44,12 +48,15 @@ fn bench_quick_produces_numbers_for_every_mode() {
     assert!(svg.contains("<svg"), "not an SVG");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).expect("bench.json")).expect("valid JSON");
     let cases = json["cases"].as_array().expect("cases");
+    let case = |family: &str, mode: &str, s: u64| {
+        cases
+            .iter()
+            .find(|c| c["family"] == family && c["mode"] == mode && c["services"] == s)
+            .unwrap_or_else(|| panic!("no case {mode} {family} S={s}"))
+    };
     for s in [1, 100] {
         for mode in ["direct", "iptables", "nftables", "ebpf", "ebpf-sock", "np-direct", "np-iptables", "np-tc", "np-xdp"] {
-            let c = cases
-                .iter()
-                .find(|c| c["mode"] == mode && c["services"] == s)
-                .unwrap_or_else(|| panic!("no case {mode} S={s}"));
+            let c = case("IPv4", mode, s);
             assert!(c["skipped"].is_null(), "{mode} S={s} not measured: {}", c["skipped"]);
             for (key, m) in c["metrics"].as_object().expect("metrics") {
                 let median = m["median"].as_f64().unwrap_or_else(|| panic!("{mode} S={s}: no {key}: {m}"));
@@ -63,10 +70,7 @@ fn bench_quick_produces_numbers_for_every_mode() {
             }
         }
         // The XDP case went through XDP, the TC case did not.
-        let counters = |mode: &str| {
-            let c = cases.iter().find(|c| c["mode"] == mode && c["services"] == s).expect("case");
-            c["counters"].clone()
-        };
+        let counters = |mode: &str| case("IPv4", mode, s)["counters"].clone();
         let counter = |mode: &str, key: &str| counters(mode)[key].as_u64().unwrap_or_else(|| panic!("{mode}: no {key} in {}", counters(mode)));
         let forwarded = |mode: &str| counter(mode, "xdp_forward");
         assert!(forwarded("np-xdp") > 0, "np-xdp: {}", counters("np-xdp"));
@@ -78,14 +82,81 @@ fn bench_quick_produces_numbers_for_every_mode() {
         assert_eq!(counter("ebpf-sock", "dnat_new_flow"), 0, "ebpf-sock: {}", counters("ebpf-sock"));
         assert!(counter("ebpf", "dnat_new_flow") > 0, "ebpf: {}", counters("ebpf"));
         assert_eq!(counter("ebpf", "sock_translated"), 0, "ebpf: {}", counters("ebpf"));
-        let ipvs = cases.iter().find(|c| c["mode"] == "ipvs" && c["services"] == s).expect("ipvs case");
+        for mode in ["ebpf", "ebpf-sock", "np-tc", "np-xdp"] {
+            assert_eq!(case("IPv4", mode, s)["path"]["intended"], true, "{mode} IPv4 S={s}: {}", case("IPv4", mode, s)["path"]);
+        }
+        let ipvs = case("IPv4", "ipvs", s);
         let why = ipvs["skipped"].as_str().expect("ipvs gives a reason, never numbers");
         assert!(why.contains("IPVS"), "{why}");
         assert!(ipvs["metrics"]["conn_per_s"]["median"].is_null(), "invented IPVS numbers");
     }
+    ipv6_cases(cases, &json, &md);
     flood_cases(cases, &json);
     api_case(&json);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The IPv6 cases: at S=1 only (`--ipv6-services 1`), every data-path mode
+/// but the flood modes, each with numbers and its ratios over the IPv6
+/// baseline; the TC-path modes took the TC path, the socket-path and XDP
+/// modes theirs (the report's verdict agrees with the counters); the targets are
+/// evaluated for IPv6 too.
+fn ipv6_cases(cases: &[serde_json::Value], json: &serde_json::Value, md: &str) {
+    let v6 = |mode: &str, s: u64| cases.iter().find(|c| c["family"] == "IPv6" && c["mode"] == mode && c["services"] == s);
+    assert!(!cases.iter().any(|c| c["family"] == "IPv6" && c["services"] == 100), "IPv6 cases only at S=1");
+    assert!(!cases.iter().any(|c| c["family"] == "IPv6" && c["mode"].as_str().is_some_and(|m| m.ends_with("-flood"))), "flood modes over IPv4 only");
+    for mode in ["direct", "iptables", "nftables", "ebpf", "ebpf-sock", "np-direct", "np-iptables", "np-tc", "np-xdp"] {
+        let c = v6(mode, 1).unwrap_or_else(|| panic!("no case {mode} IPv6 S=1"));
+        assert!(c["skipped"].is_null(), "{mode} IPv6 not measured: {}", c["skipped"]);
+        let base = v6(c["baseline"].as_str().expect("baseline"), 1).expect("the IPv6 baseline");
+        for (key, m) in c["metrics"].as_object().expect("metrics") {
+            let median = m["median"].as_f64().unwrap_or_else(|| panic!("{mode} IPv6: no {key}: {m}"));
+            assert!(median > 0.0, "{mode} IPv6: {key} = {median}");
+            if c["baseline"] != mode {
+                // Over the IPv6 baseline, not the IPv4 one.
+                let want = median / base["metrics"][key]["median"].as_f64().expect("baseline median");
+                let got = m["ratio_to_direct"].as_f64().unwrap_or_else(|| panic!("{mode} IPv6: no ratio for {key}: {m}"));
+                assert!((got - want).abs() < 1e-9, "{mode} IPv6 {key}: ratio {got}, want {want}");
+            }
+        }
+        if !mode.ends_with("direct") {
+            assert!(c["program"]["seconds"].as_f64().is_some(), "{mode} IPv6: no programming time: {}", c["program"]);
+        }
+    }
+    let ipvs = v6("ipvs", 1).expect("ipvs IPv6 case");
+    assert!(ipvs["skipped"].as_str().is_some_and(|w| w.contains("IPVS")) && ipvs["metrics"]["conn_per_s"]["median"].is_null(), "{ipvs}");
+    let counter = |mode: &str, key: &str| {
+        let c = &v6(mode, 1).expect("case")["counters"];
+        c[key].as_u64().unwrap_or_else(|| panic!("{mode} IPv6: no {key} in {c}"))
+    };
+    // The TC path carried the IPv6 ClusterIP and NodePort cases.
+    assert!(counter("ebpf", "dnat_new_flow") > 0 && counter("ebpf", "sock_translated") == 0, "ebpf IPv6: {}", v6("ebpf", 1).expect("case")["counters"]);
+    assert!(counter("np-tc", "dnat_new_flow") > 0 && counter("np-tc", "xdp_forward") == 0, "np-tc IPv6: {}", v6("np-tc", 1).expect("case")["counters"]);
+    for mode in ["ebpf", "np-tc"] {
+        assert_eq!(v6(mode, 1).expect("case")["path"]["intended"], true, "{mode} IPv6");
+    }
+    // The socket path and XDP carried their IPv6 cases, and the report
+    // says so (a case off its path would be called out).
+    for (mode, on_path) in [
+        ("ebpf-sock", counter("ebpf-sock", "sock_translated") > 0 && counter("ebpf-sock", "dnat_new_flow") == 0),
+        ("np-xdp", counter("np-xdp", "xdp_forward") > counter("np-xdp", "dnat_new_flow") + counter("np-xdp", "dnat_established")),
+    ] {
+        let path = &v6(mode, 1).expect("case")["path"];
+        assert!(on_path, "{mode} IPv6 did not take its path: {}", v6(mode, 1).expect("case")["counters"]);
+        assert_eq!(path["intended"], true, "{mode} IPv6: {path}");
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(&format!("- {mode} IPv6 S=1: node")))
+            .unwrap_or_else(|| panic!("no counter line for {mode} IPv6 in BENCHMARKS.md"));
+        assert!(!line.contains("**did not take the intended path**"), "{line}");
+    }
+    let targets = json["targets"].as_array().expect("targets");
+    for t in ["ebpf new-connection rate ≥ 0.95 × direct at S=1", "np-tc ≥ np-iptables on every NodePort figure at S=1", "ebpf-sock ≥ 0.97 × direct"] {
+        assert!(
+            targets.iter().any(|x| x["family"] == "IPv6" && x["target"].as_str().is_some_and(|w| w.starts_with(t)) && x["met"].is_boolean()),
+            "no IPv6 target {t:?} in {targets:?}"
+        );
+    }
 }
 
 /// The `apiserver` case at 200 Services: every figure is there, every

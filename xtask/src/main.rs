@@ -42,7 +42,8 @@ enum Task {
     },
     /// Set up, build in release mode, and run the side-by-side benchmark
     /// (`ClusterIP`: direct, iptables, nftables, ipvs, ebpf, ebpf-sock; `NodePort`:
-    /// np-direct, np-iptables, np-tc, np-xdp; control plane: programming S
+    /// np-direct, np-iptables, np-tc, np-xdp — each over IPv4 and IPv6, `--
+    /// --families ipv4` for IPv4 only; control plane: programming S
     /// Services, and apiserver: the agent following a test API server);
     /// writes BENCHMARKS.md, bench.json and bench.svg to --out. The control
     /// plane alone: `--services 0 -- --modes iptables,nftables,ebpf,apiserver`.

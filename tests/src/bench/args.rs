@@ -1,13 +1,19 @@
 //! Command line of the bench binary (what `cargo xtask bench` passes on).
 use std::{path::PathBuf, time::Duration};
 
-use super::program::IptBackend;
+use super::{program::IptBackend, services::Family};
 
 #[derive(Clone, Debug)]
 pub struct Args {
     pub quick: bool,
     /// Numbers of Services for the data-path cases (none: `--services 0`).
     pub services: Vec<usize>,
+    /// The address families the data-path cases run over (`--families
+    /// ipv4,ipv6`, default both; the flood modes run over IPv4 only).
+    pub families: Vec<Family>,
+    /// The numbers of Services (out of `services`) the IPv6 cases run at
+    /// (default: all of them; `--quick`: the smallest).
+    pub ipv6_services: Vec<usize>,
     /// Length of each load phase.
     pub duration: Duration,
     pub out: PathBuf,
@@ -72,13 +78,16 @@ impl Generator {
     }
 }
 
-pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--duration S] [--out DIR] [--agent PATH] \
+pub const USAGE: &str = "usage: bench [--quick] [--services N,...] [--families ipv4,ipv6] [--ipv6-services N,...] \
+[--duration S] [--out DIR] [--agent PATH] \
 [--reps N] [--clients N] [--cp-services N,...] [--add-one-at N] [--iptables-backend nft|legacy] \
 [--ipt-chunk N] [--nft-chunk N] [--program-timeout S] [--generator process|thread] \
 [--flood-pps N (0: no flood cases)] [--flood-services N,...] \
 [--api-services N,...] [--api-changes N] [--api-agent-env K=V,...] [--api-agent-args 'FLAGS'] \
 [--modes direct,iptables,nftables,ipvs,ebpf,ebpf-sock,np-direct,np-iptables,np-tc,np-xdp,np-iptables-flood,np-tc-flood,apiserver]
---services 0: no data-path cases (e.g. the control plane alone: --services 0 --modes iptables,nftables,ebpf,apiserver)";
+--services 0: no data-path cases (e.g. the control plane alone: --services 0 --modes iptables,nftables,ebpf,apiserver)
+--families: the data-path modes run over each (default both; the flood modes over IPv4 only) at --services, IPv6 at
+--ipv6-services (out of --services; default all of them, with --quick the smallest)";
 
 fn list(v: &str) -> Vec<usize> {
     v.split(',')
@@ -100,7 +109,13 @@ impl Args {
     /// Whether the flood cases run at `services` Services.
     #[must_use]
     pub fn floods_at(&self, services: usize) -> bool {
-        self.flood_pps > 0 && self.flood_services.contains(&services)
+        self.flood_pps > 0 && self.flood_services.contains(&services) && self.families.contains(&Family::V4)
+    }
+
+    /// The families the data-path cases run over at `services` Services.
+    #[must_use]
+    pub fn families_at(&self, services: usize) -> Vec<Family> {
+        self.families.iter().copied().filter(|&f| f == Family::V4 || self.ipv6_services.contains(&services)).collect()
     }
 
     #[must_use]
@@ -110,6 +125,8 @@ impl Args {
         let mut a = Self {
             quick,
             services: vec![1, 10_000],
+            families: Family::ALL.to_vec(),
+            ipv6_services: Vec::new(),
             duration: Duration::from_secs(if quick { 1 } else { 2 }),
             out: PathBuf::from("target/bench"),
             agent: PathBuf::from("target/release/proxy-agent"),
@@ -136,6 +153,7 @@ impl Args {
         let mut services_given = false;
         let mut flood_services_given = false;
         let mut api_given = false;
+        let mut ipv6_given = false;
         let mut it = argv.iter().skip(1);
         while let Some(flag) = it.next() {
             if flag == "--quick" {
@@ -150,6 +168,17 @@ impl Args {
                 "--services" => {
                     a.services = list(v);
                     services_given = true;
+                }
+                "--families" => {
+                    a.families = v
+                        .split(',')
+                        .filter(|f| !f.is_empty())
+                        .map(|f| Family::parse(f).unwrap_or_else(|| panic!("--families ipv4,ipv6: {f:?}\n{USAGE}")))
+                        .collect();
+                }
+                "--ipv6-services" => {
+                    a.ipv6_services = list(v);
+                    ipv6_given = true;
                 }
                 "--duration" => a.duration = secs(v),
                 "--out" => a.out = PathBuf::from(v),
@@ -206,13 +235,26 @@ impl Args {
         a.services.retain(|&n| n > 0);
         a.services.sort_unstable();
         a.services.dedup();
+        a.families.sort_unstable();
+        a.families.dedup();
         let largest = a.services.iter().copied().max().unwrap_or(1);
+        if ipv6_given {
+            a.ipv6_services.retain(|&n| n > 0);
+            for n in &a.ipv6_services {
+                assert!(a.services.contains(n), "--ipv6-services {n} is not one of --services {:?}\n{USAGE}", a.services);
+            }
+        } else {
+            a.ipv6_services = if quick { a.services.first().copied().into_iter().collect() } else { a.services.clone() };
+        }
+        a.ipv6_services.sort_unstable();
+        a.ipv6_services.dedup();
         if !flood_services_given {
             a.flood_services = a.services.first().copied().into_iter().collect();
         }
         if !cp_given {
             a.cp_services = if quick { vec![largest] } else { vec![1000, 10_000, 50_000] };
         }
+        a.cp_services.retain(|&n| n > 0);
         a.cp_services.sort_unstable();
         a.cp_services.dedup();
         if !add_given {

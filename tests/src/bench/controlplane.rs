@@ -431,11 +431,11 @@ fn frontends(i: usize) -> Vec<Frontend> {
         .map(|&(port_name, port, target)| Frontend {
             service: ServiceSet::name(i),
             port_name,
-            vip: ServiceSet::vip(i),
+            vip: ServiceSet::vip(i).into(),
             port,
             proto: Proto::Tcp,
             target,
-            endpoints: (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect(),
+            endpoints: (0..ENDPOINTS).map(|j| endpoint_ip(i, j).into()).collect(),
             node_port: None,
         })
         .collect()

@@ -8,7 +8,9 @@
 //! kept, conntrack occupancy); plus control-plane timings — programming S
 //! Services from nothing and one more, and (`apiserver`) the agent following
 //! the test API server: initial sync, per-change latency, CPU and memory —
-//! measured in one run in network namespaces the bench creates. Writes `BENCHMARKS.md`,
+//! measured in one run in network namespaces the bench creates. The
+//! `ClusterIP` and `NodePort` cases run over IPv4 and IPv6 (`--families`),
+//! each family's ratios against its own direct baseline. Writes `BENCHMARKS.md`,
 //! `bench.json` and `bench.svg` to `--out` and the Markdown to stdout.
 //!
 //! Modules: [`services`] (the Services every mode gets), [`rules`]
@@ -33,6 +35,7 @@ use self::{
     args::Args,
     report::{Machine, Report},
     run::{FLOOD_MODES, MODES, Mode, NP_MODES, prepare, progress, run_program_only},
+    services::Family,
 };
 
 /// Runs the benchmark for `command_line` (the program name included).
@@ -53,11 +56,13 @@ pub fn main(command_line: &[String]) {
     let start = Instant::now();
     let machine = Machine::read();
     progress(&format!(
-        "{} on {} cores, kernel {}; Services {:?}, {} s phases, {} run(s); control plane at {:?}, through the API server at {:?}; flood cases: {} packets/s at {:?}",
+        "{} on {} cores, kernel {}; Services {:?} over {:?} (IPv6 at {:?}), {} s phases, {} run(s); control plane at {:?}, through the API server at {:?}; flood cases: {} packets/s at {:?}",
         machine.cpu,
         machine.cores,
         machine.kernel,
         args.services,
+        args.families.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        args.ipv6_services,
         args.duration.as_secs_f64(),
         args.reps,
         args.cp_services,
@@ -66,32 +71,42 @@ pub fn main(command_line: &[String]) {
         args.flood_services
     ));
     let mut cases = Vec::new();
+    // The cases of one (S, family) exist side by side and their runs are
+    // interleaved; the families one after the other, so no more sandboxes
+    // are up at once than with one family.
     for &n in &args.services {
-        let mut live: Vec<_> = MODES
-            .into_iter()
-            .chain(NP_MODES)
-            .chain(FLOOD_MODES)
-            .filter(|m| args.wants(&m.to_string()) && (!m.is_flood() || args.floods_at(n)))
-            .map(|m| prepare(&args, m, n))
-            .collect();
-        for rep in 0..args.reps {
+        for family in args.families_at(n) {
+            let mut live: Vec<_> = MODES
+                .into_iter()
+                .chain(NP_MODES)
+                .chain(FLOOD_MODES)
+                .filter(|m| args.wants(&m.to_string()) && m.runs_over(family) && (!m.is_flood() || args.floods_at(n)))
+                .map(|m| prepare(&args, m, family, n))
+                .collect();
             for l in &mut live {
-                l.measure(&args, rep);
+                l.ready(&args);
             }
+            for rep in 0..args.reps {
+                for l in &mut live {
+                    l.measure(&args, rep);
+                }
+            }
+            cases.extend(live.into_iter().map(|l| l.finish(&args)));
         }
-        cases.extend(live.into_iter().map(|l| l.finish(&args)));
     }
     let mut program_cases = Vec::new();
     for &n in args.cp_services.iter().filter(|&&n| n > 0) {
         for mode in [Mode::Iptables, Mode::Nftables, Mode::Ebpf].into_iter().filter(|m| args.wants(&m.to_string())) {
-            let covered = cases.iter().any(|c| c.mode == mode && c.services == n && c.program.is_some());
+            let covered = cases.iter().any(|c| c.mode == mode && c.family == Family::V4 && c.services == n && c.program.is_some());
             if !covered {
                 program_cases.push(run_program_only(&args, mode, n));
             }
         }
     }
     let add_measured = |mode| {
-        cases.iter().chain(&program_cases).any(|case: &run::Case| case.mode == mode && case.services == args.add_one_at && case.add_one.is_some())
+        cases.iter().chain(&program_cases).any(|case: &run::Case| {
+            case.mode == mode && case.family == Family::V4 && case.services == args.add_one_at && case.add_one.is_some()
+        })
     };
     // `--add-one-at 0`: not measured.
     let missing: Vec<Mode> = [Mode::Iptables, Mode::Nftables, Mode::Ebpf]

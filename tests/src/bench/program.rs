@@ -11,9 +11,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_agent::pins::{Pins, SVC_MAP};
-use proxy_common::svc::{SvcKey, SvcValue};
+use proxy_common::svc::{SVC6_MAP, Svc6Key, SvcKey, SvcValue};
 
-use super::services::{Frontend, Proto, ServiceSet};
+use super::services::{Family, Frontend, Proto, ServiceSet};
 use crate::netns::Netns;
 
 /// Which `iptables-restore` to use.
@@ -28,9 +28,16 @@ pub enum IptBackend {
 impl IptBackend {
     #[must_use]
     pub fn restore_bin(self) -> &'static str {
-        match self {
-            Self::Nft => "iptables-nft-restore",
-            Self::Legacy => "iptables-legacy-restore",
+        self.restore_bin_for(Family::V4)
+    }
+    /// `iptables-*-restore`, or `ip6tables-*-restore` for IPv6 rules.
+    #[must_use]
+    pub fn restore_bin_for(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Self::Nft, Family::V4) => "iptables-nft-restore",
+            (Self::Legacy, Family::V4) => "iptables-legacy-restore",
+            (Self::Nft, Family::V6) => "ip6tables-nft-restore",
+            (Self::Legacy, Family::V6) => "ip6tables-legacy-restore",
         }
     }
     #[must_use]
@@ -122,18 +129,20 @@ pub struct Programmed {
 }
 
 /// Loads kube-proxy's iptables rules for `set` from nothing: the base, then
-/// `per_chunk` Services per `iptables-restore --noflush` transaction.
+/// `per_chunk` Services per `iptables-restore --noflush` transaction
+/// (`ip6tables-restore` for IPv6 Services).
 pub fn iptables(ns: &Netns, set: &ServiceSet, backend: IptBackend, per_chunk: usize, timeout: Duration) -> Programmed {
     let start = Instant::now();
     let mut inputs = vec![super::rules::iptables_base()];
     inputs.extend(super::rules::iptables_chunks(set, per_chunk));
-    run_all(ns, backend.restore_bin(), &["--noflush", "-w", "5"], &inputs, start, timeout)
+    run_all(ns, backend.restore_bin_for(set.family), &["--noflush", "-w", "5"], &inputs, start, timeout)
 }
 
-/// Loads kube-proxy's nftables table for `set` from nothing with `nft -f -`.
+/// Loads kube-proxy's nftables table for `set` from nothing with `nft -f -`
+/// (`ip kube-proxy`, or `ip6 kube-proxy` for IPv6 Services).
 pub fn nftables(ns: &Netns, set: &ServiceSet, per_chunk: usize, timeout: Duration) -> Programmed {
     let start = Instant::now();
-    let mut inputs = vec![super::rules::nft_base()];
+    let mut inputs = vec![super::rules::nft_base(set.family)];
     inputs.extend(super::rules::nft_chunks(set, per_chunk));
     run_all(ns, "nft", &["-f", "-"], &inputs, start, timeout)
 }
@@ -156,7 +165,7 @@ fn run_all(ns: &Netns, prog: &str, args: &[&str], inputs: &[String], start: Inst
 /// kube-proxy's partial iptables sync for one added Service.
 pub fn iptables_add_one(ns: &Netns, set: &ServiceSet, backend: IptBackend, timeout: Duration) -> Result<Duration, String> {
     let input = super::rules::iptables_add_one(set, &set.extra());
-    in_node(ns, backend.restore_bin(), &["--noflush", "-w", "5"], &input, timeout)
+    in_node(ns, backend.restore_bin_for(set.family), &["--noflush", "-w", "5"], &input, timeout)
 }
 
 /// kube-proxy's nftables transaction for one added Service.
@@ -164,45 +173,74 @@ pub fn nftables_add_one(ns: &Netns, set: &ServiceSet, timeout: Duration) -> Resu
     in_node(ns, "nft", &["-f", "-"], &super::rules::nft_add_one(&set.extra()), timeout)
 }
 
-/// The service-map key of `f`'s slot 0.
+fn proto(f: &Frontend) -> u8 {
+    match f.proto {
+        Proto::Tcp => proxy_common::proto::TCP,
+        Proto::Udp => proxy_common::proto::UDP,
+    }
+}
+
+/// The service-map key of `f`'s slot 0 (an IPv4 frontend).
 #[must_use]
 pub fn svc_key(f: &Frontend) -> SvcKey {
-    SvcKey {
-        addr_be: u32::from(f.vip).to_be(),
-        port_be: f.port.to_be(),
-        backend_slot: 0,
-        proto: match f.proto {
-            Proto::Tcp => proxy_common::proto::TCP,
-            Proto::Udp => proxy_common::proto::UDP,
-        },
-        scope: 0,
-        _pad: [0; 2],
+    let std::net::IpAddr::V4(vip) = f.vip else { panic!("{}: not an IPv4 frontend", f.vip) };
+    SvcKey { addr_be: u32::from(vip).to_be(), port_be: f.port.to_be(), backend_slot: 0, proto: proto(f), scope: 0, _pad: [0; 2] }
+}
+
+/// The IPv6 service-map key of `f`'s slot 0 (an IPv6 frontend).
+#[must_use]
+pub fn svc6_key(f: &Frontend) -> Svc6Key {
+    let std::net::IpAddr::V6(vip) = f.vip else { panic!("{}: not an IPv6 frontend", f.vip) };
+    Svc6Key { addr: vip.octets(), port_be: f.port.to_be(), backend_slot: 0, proto: proto(f), scope: 0, _pad: [0; 2] }
+}
+
+/// The agent's pinned service maps (`proxy_svc_v1`, `proxy_svc6_v1`),
+/// opened once they exist.
+#[derive(Default)]
+struct SvcMaps {
+    v4: Option<HashMap<MapData, SvcKey, SvcValue>>,
+    v6: Option<HashMap<MapData, Svc6Key, SvcValue>>,
+}
+
+impl SvcMaps {
+    fn open(&mut self, bpffs: &Path) {
+        let pins = Pins::new(bpffs);
+        let open = |name: &str| MapData::from_pin(pins.map(name)).ok().map(Map::HashMap);
+        if self.v4.is_none() {
+            self.v4 = open(SVC_MAP).and_then(|m| HashMap::try_from(m).ok());
+        }
+        if self.v6.is_none() {
+            self.v6 = open(SVC6_MAP).and_then(|m| HashMap::try_from(m).ok());
+        }
+    }
+
+    /// Slot 0 of `f`: its backend count, if the frontend is there.
+    fn count(&self, f: &Frontend) -> Option<u16> {
+        match f.vip {
+            std::net::IpAddr::V4(_) => self.v4.as_ref()?.get(&svc_key(f), 0).ok().map(|v| v.count),
+            std::net::IpAddr::V6(_) => self.v6.as_ref()?.get(&svc6_key(f), 0).ok().map(|v| v.count),
+        }
     }
 }
 
 /// Waits until every frontend of `fronts` is in the agent's pinned service
-/// map under `bpffs` with all its backends (slot 0 written last, with the
-/// count). Looks each frontend up once it is reached (no map dumps), so the
-/// poll is cheap. Ok(time since `since`) or Err(how many were there).
+/// map of its family under `bpffs` with all its backends (slot 0 written
+/// last, with the count). Looks each frontend up once it is reached (no map
+/// dumps), so the poll is cheap. Ok(time since `since`) or Err(how many
+/// were there).
 pub fn wait_frontends(bpffs: &Path, fronts: &[Frontend], since: Instant, timeout: Duration) -> Result<Duration, String> {
     let mut done = 0;
-    let mut map: Option<HashMap<MapData, SvcKey, SvcValue>> = None;
+    let mut maps = SvcMaps::default();
     loop {
-        if map.is_none() {
-            map = MapData::from_pin(Pins::new(bpffs).map(SVC_MAP))
-                .ok()
-                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok());
+        maps.open(bpffs);
+        while let Some(f) = fronts.get(done) {
+            match maps.count(f) {
+                Some(n) if usize::from(n) == f.endpoints.len() => done += 1,
+                _ => break,
+            }
         }
-        if let Some(m) = &map {
-            while let Some(f) = fronts.get(done) {
-                match m.get(&svc_key(f), 0) {
-                    Ok(v) if usize::from(v.count) == f.endpoints.len() => done += 1,
-                    _ => break,
-                }
-            }
-            if done == fronts.len() {
-                return Ok(since.elapsed());
-            }
+        if done == fronts.len() {
+            return Ok(since.elapsed());
         }
         if since.elapsed() > timeout {
             return Err(format!("{done} of {} frontends programmed after {} s", fronts.len(), timeout.as_secs()));

@@ -16,7 +16,15 @@
 //! one `service-*` chain per Service port (masquerade mark, then `numgen
 //! random mod n vmap`), one `endpoint-*` chain per endpoint (`dnat to`), the
 //! `cluster-ips` set and the `filter-forward` checks.
-use super::services::{CLUSTER_CIDR, Frontend, ServiceSet, hash16, line, probability};
+//!
+//! IPv6 Services get what kube-proxy's IPv6 proxier writes: the same
+//! iptables chains for `ip6tables-restore` (`/128` matches, `[addr]:port`
+//! DNAT targets, the IPv6 `--cluster-cidr`, the same MASQUERADE), and the
+//! `ip6 kube-proxy` table (`ipv6_addr` sets and maps, `ip6 daddr` /
+//! `ip6 saddr`, the IPv6 Service CIDR).
+use std::net::IpAddr;
+
+use super::services::{Family, Frontend, SERVICE_CIDR6, ServiceSet, hash16, host_cidr, host_port, line, probability};
 
 fn svc_chain(f: &Frontend) -> String {
     format!("KUBE-SVC-{}", hash16(&format!("{}{}", f.port_name_string(), f.proto.lower())))
@@ -26,7 +34,7 @@ fn ext_chain(f: &Frontend) -> String {
     format!("KUBE-EXT-{}", hash16(&format!("{}{}", f.port_name_string(), f.proto.lower())))
 }
 
-fn sep_chain(f: &Frontend, ep: std::net::Ipv4Addr) -> String {
+fn sep_chain(f: &Frontend, ep: IpAddr) -> String {
     format!("KUBE-SEP-{}", hash16(&format!("{}{}{ep}:{}", f.port_name_string(), f.proto.lower(), f.target)))
 }
 
@@ -43,9 +51,9 @@ fn iptables_services_rule(out: &mut String, f: &Frontend) {
     line(
         out,
         &format!(
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {} --dport {} -j {}",
             f.port_name_string(),
-            f.vip,
+            host_cidr(f.vip),
             f.port,
             svc_chain(f)
         ),
@@ -77,7 +85,12 @@ fn iptables_frontend_chains(decl: &mut String, rules: &mut String, f: &Frontend,
     line(decl, &format!(":{svc} - [0:0]"));
     line(
         rules,
-        &format!("-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ", f.vip, f.port),
+        &format!(
+            "-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {} --dport {} ! -s {} -j KUBE-MARK-MASQ",
+            host_cidr(f.vip),
+            f.port,
+            Family::of(f.vip).cluster_cidr()
+        ),
     );
     let n = f.endpoints.len();
     for (k, ep) in f.endpoints.iter().enumerate() {
@@ -90,13 +103,14 @@ fn iptables_frontend_chains(decl: &mut String, rules: &mut String, f: &Frontend,
             line(rules, &format!("-A {svc} {comment}-j {sep}"));
         }
         let comment = if large { String::new() } else { format!("-m comment --comment {name} ") };
-        line(rules, &format!("-A {sep} {comment}-s {ep}/32 -j KUBE-MARK-MASQ"));
-        line(rules, &format!("-A {sep} {comment}-m {p} -p {p} -j DNAT --to-destination {ep}:{}", f.target));
+        line(rules, &format!("-A {sep} {comment}-s {} -j KUBE-MARK-MASQ", host_cidr(*ep)));
+        line(rules, &format!("-A {sep} {comment}-m {p} -p {p} -j DNAT --to-destination {}", host_port(*ep, f.target)));
     }
 }
 
 /// The first `iptables-restore --noflush` input: the fixed chains and the
 /// jumps from the built-in chains (kube-proxy adds those with `iptables -I`).
+/// The same for `ip6tables-restore`.
 #[must_use]
 pub fn iptables_base() -> String {
     let mut s = String::new();
@@ -192,47 +206,74 @@ fn nft_svc_chain(f: &Frontend) -> String {
     format!("service-{}-{base}", &hash16(&base)[..8])
 }
 
-fn nft_ep_chain(f: &Frontend, ep: std::net::Ipv4Addr) -> String {
+/// An IPv6 endpoint's colons become dots, as kube-proxy writes them (nft
+/// chain names cannot hold colons).
+fn nft_ep_chain(f: &Frontend, ep: IpAddr) -> String {
+    let ep = ep.to_string().replace(':', ".");
     let base = format!("default/{}/{}/{}__{ep}/{}", f.service, f.proto.lower(), f.port_name, f.target);
     format!("endpoint-{}-{base}", &hash16(&base)[..8])
 }
 
-const T: &str = "ip kube-proxy";
+/// The table of the family: `ip kube-proxy` / `ip6 kube-proxy`.
+fn table(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip kube-proxy",
+        Family::V6 => "ip6 kube-proxy",
+    }
+}
 
-/// The table, its fixed chains, sets and maps.
+/// What nft matches addresses of the family with: `ip` / `ip6`.
+fn nft_ip(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// The table, its fixed chains, sets and maps, for `family`'s table.
 #[must_use]
-pub fn nft_base() -> String {
+pub fn nft_base(family: Family) -> String {
     let mut s = String::new();
+    let t = table(family);
+    let ip = nft_ip(family);
+    let addr = match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    };
+    let service_cidr = match family {
+        Family::V4 => "10.96.0.0/12",
+        Family::V6 => SERVICE_CIDR6,
+    };
     for l in [
-        format!("add table {T} {{ comment \"rules for kube-proxy\" ; }}"),
-        format!("add chain {T} mark-for-masquerade"),
-        format!("add rule {T} mark-for-masquerade mark set mark or 0x4000"),
-        format!("add chain {T} masquerading"),
-        format!("add rule {T} masquerading mark and 0x4000 == 0 return"),
-        format!("add rule {T} masquerading mark set mark xor 0x4000"),
-        format!("add rule {T} masquerading masquerade fully-random"),
-        format!("add set {T} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"),
-        format!("add map {T} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"),
-        format!("add map {T} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"),
-        format!("add chain {T} services"),
-        format!("add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips"),
-        format!("add chain {T} service-endpoints-check"),
-        format!("add rule {T} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services"),
-        format!("add chain {T} cluster-ips-check"),
-        format!("add rule {T} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
-        format!("add rule {T} cluster-ips-check ip daddr 10.96.0.0/12 drop comment \"Drop traffic to unallocated ClusterIPs\""),
-        format!("add chain {T} filter-forward {{ type filter hook forward priority -110 ; }}"),
-        format!("add rule {T} filter-forward ct state new jump service-endpoints-check"),
-        format!("add rule {T} filter-forward ct state new jump cluster-ips-check"),
-        format!("add chain {T} filter-output {{ type filter hook output priority -110 ; }}"),
-        format!("add rule {T} filter-output ct state new jump service-endpoints-check"),
-        format!("add rule {T} filter-output ct state new jump cluster-ips-check"),
-        format!("add chain {T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}"),
-        format!("add rule {T} nat-prerouting jump services"),
-        format!("add chain {T} nat-output {{ type nat hook output priority -100 ; }}"),
-        format!("add rule {T} nat-output jump services"),
-        format!("add chain {T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}"),
-        format!("add rule {T} nat-postrouting jump masquerading"),
+        format!("add table {t} {{ comment \"rules for kube-proxy\" ; }}"),
+        format!("add chain {t} mark-for-masquerade"),
+        format!("add rule {t} mark-for-masquerade mark set mark or 0x4000"),
+        format!("add chain {t} masquerading"),
+        format!("add rule {t} masquerading mark and 0x4000 == 0 return"),
+        format!("add rule {t} masquerading mark set mark xor 0x4000"),
+        format!("add rule {t} masquerading masquerade fully-random"),
+        format!("add set {t} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}"),
+        format!("add map {t} service-ips {{ type {addr} . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"),
+        format!("add map {t} no-endpoint-services {{ type {addr} . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"),
+        format!("add chain {t} services"),
+        format!("add rule {t} services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
+        format!("add chain {t} service-endpoints-check"),
+        format!("add rule {t} service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+        format!("add chain {t} cluster-ips-check"),
+        format!("add rule {t} cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
+        format!("add rule {t} cluster-ips-check {ip} daddr {service_cidr} drop comment \"Drop traffic to unallocated ClusterIPs\""),
+        format!("add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}"),
+        format!("add rule {t} filter-forward ct state new jump service-endpoints-check"),
+        format!("add rule {t} filter-forward ct state new jump cluster-ips-check"),
+        format!("add chain {t} filter-output {{ type filter hook output priority -110 ; }}"),
+        format!("add rule {t} filter-output ct state new jump service-endpoints-check"),
+        format!("add rule {t} filter-output ct state new jump cluster-ips-check"),
+        format!("add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}"),
+        format!("add rule {t} nat-prerouting jump services"),
+        format!("add chain {t} nat-output {{ type nat hook output priority -100 ; }}"),
+        format!("add rule {t} nat-output jump services"),
+        format!("add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}"),
+        format!("add rule {t} nat-postrouting jump masquerading"),
     ] {
         line(&mut s, &l);
     }
@@ -240,21 +281,27 @@ pub fn nft_base() -> String {
 }
 
 fn nft_frontend(out: &mut String, f: &Frontend) {
+    let family = Family::of(f.vip);
+    let t = table(family);
+    let ip = nft_ip(family);
     let svc = nft_svc_chain(f);
     let p = f.proto.lower();
-    line(out, &format!("add chain {T} {svc}"));
-    line(out, &format!("add rule {T} {svc} ip daddr {} {p} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade", f.vip, f.port));
+    line(out, &format!("add chain {t} {svc}"));
+    line(
+        out,
+        &format!("add rule {t} {svc} {ip} daddr {} {p} dport {} {ip} saddr != {} jump mark-for-masquerade", f.vip, f.port, family.cluster_cidr()),
+    );
     let mut vmap = Vec::new();
     for (k, ep) in f.endpoints.iter().enumerate() {
         let chain = nft_ep_chain(f, *ep);
-        line(out, &format!("add chain {T} {chain}"));
-        line(out, &format!("add rule {T} {chain} ip saddr {ep} jump mark-for-masquerade"));
-        line(out, &format!("add rule {T} {chain} meta l4proto {p} dnat to {ep}:{}", f.target));
+        line(out, &format!("add chain {t} {chain}"));
+        line(out, &format!("add rule {t} {chain} {ip} saddr {ep} jump mark-for-masquerade"));
+        line(out, &format!("add rule {t} {chain} meta l4proto {p} dnat to {}", host_port(*ep, f.target)));
         vmap.push(format!("{k} : goto {chain}"));
     }
-    line(out, &format!("add rule {T} {svc} numgen random mod {} vmap {{ {} }}", f.endpoints.len(), vmap.join(" , ")));
-    line(out, &format!("add element {T} cluster-ips {{ {} }}", f.vip));
-    line(out, &format!("add element {T} service-ips {{ {} . {p} . {} : goto {svc} }}", f.vip, f.port));
+    line(out, &format!("add rule {t} {svc} numgen random mod {} vmap {{ {} }}", f.endpoints.len(), vmap.join(" , ")));
+    line(out, &format!("add element {t} cluster-ips {{ {} }}", f.vip));
+    line(out, &format!("add element {t} service-ips {{ {} . {p} . {} : goto {svc} }}", f.vip, f.port));
 }
 
 /// `nft -f` inputs that program `set` after [`nft_base`], `per_chunk`

@@ -7,8 +7,15 @@
 //! and node A forwards to the pods, which are all on node B. The flood
 //! modes (`np-*-flood`) are `np-tc` and `np-iptables` measured while a
 //! spoofed flood arrives at node A ([`super::flood`]).
+//!
+//! Every data-path mode but the flood modes also runs over IPv6 (a case is
+//! a mode, a [`Family`] and a number of Services): the same topology made
+//! dual-stack ([`Sandbox::enable_ipv6`], [`Cluster::enable_ipv6`]), the
+//! Services IPv6-only, the client talking IPv6 to the `ClusterIP`, node A's
+//! IPv6 address or the pods' IPv6 addresses.
 use std::{
     fmt,
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -18,17 +25,17 @@ use super::{
     flood::{ESTABLISHED, Established, Flood, FloodRep, LEAD_IN, Occupancy},
     program::{self, Programmed},
     services::{
-        BULK_NODE_PORT, BULK_PORT, BULK_TARGET, Frontend, HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_NODE_PORT, UDP_PORT,
-        UDP_TARGET,
+        BULK_NODE_PORT, BULK_PORT, BULK_TARGET, Family, Frontend, HTTP_NODE_PORT, HTTP_PORT, HTTP_TARGET, ServiceSet, UDP_NODE_PORT,
+        UDP_PORT, UDP_TARGET,
     },
     traffic::{Phase, PhaseResult, Target, run_phase, run_phase_process, start_servers},
 };
 use crate::{
     cgroup::TestCgroup,
-    cluster::{Cluster, NODE_A_IP},
+    cluster::{Cluster, NODE_A_IP, NODE_A_IP6, NodeId},
     manifests::write_atomic,
     netns::Netns,
-    sandbox::Sandbox,
+    sandbox::{Sandbox, pod_ip6},
 };
 
 /// Pods (the real Service's endpoints).
@@ -96,6 +103,12 @@ impl Mode {
     pub fn baseline(self) -> Self {
         if self.is_node_port() { Self::NpDirect } else { Self::Direct }
     }
+
+    /// Whether the mode runs over `family` (the flood modes: IPv4 only).
+    #[must_use]
+    pub fn runs_over(self, family: Family) -> bool {
+        family == Family::V4 || !self.is_flood()
+    }
 }
 
 impl fmt::Display for Mode {
@@ -143,6 +156,8 @@ pub struct Rep {
 #[derive(Clone, Debug)]
 pub struct Case {
     pub mode: Mode,
+    /// The family of the Services and of the traffic.
+    pub family: Family,
     pub services: usize,
     /// Why the case could not be measured.
     pub skipped: Option<String>,
@@ -157,12 +172,64 @@ pub struct Case {
 
 impl Case {
     #[must_use]
-    pub fn new(mode: Mode, services: usize) -> Self {
-        Self { mode, services, skipped: None, program: None, add_one: None, reps: Vec::new(), counters: None }
+    pub fn new(mode: Mode, family: Family, services: usize) -> Self {
+        Self { mode, family, services, skipped: None, program: None, add_one: None, reps: Vec::new(), counters: None }
     }
 
-    fn skipped(mode: Mode, services: usize, why: String) -> Self {
-        Self { skipped: Some(why), ..Self::new(mode, services) }
+    fn skipped(mode: Mode, family: Family, services: usize, why: String) -> Self {
+        Self { skipped: Some(why), ..Self::new(mode, family, services) }
+    }
+
+    /// "ebpf IPv6 S=1000", for progress lines.
+    #[must_use]
+    pub fn label(&self) -> String {
+        format!("{} {} S={}", self.mode, self.family, self.services)
+    }
+
+    /// For the agent's modes (whose node counters are read): whether the
+    /// counters show the traffic took the mode's path, and what they show.
+    /// `ebpf` and `np-tc`: the TC path translated new flows (and neither the
+    /// socket programs nor XDP carried them); `ebpf-sock`: the socket
+    /// programs translated at `connect()`/`sendto()` and the TC path no
+    /// flow; `np-xdp`: XDP forwarded more packets than the TC path
+    /// translated. None for other modes or without counters.
+    #[must_use]
+    pub fn path(&self) -> Option<(bool, String)> {
+        let c = self.counters.as_ref()?;
+        let n = |k: &str| c.get(k).copied().unwrap_or(0);
+        let (dnat, est, sock, xdp) = (n("dnat_new_flow"), n("dnat_established"), n("sock_translated"), n("xdp_forward"));
+        Some(match self.mode {
+            Mode::Ebpf => {
+                let ok = dnat > 0 && sock == 0;
+                (ok, format!("TC path: dnat_new_flow {dnat}, sock_translated {sock}"))
+            }
+            Mode::EbpfSock => {
+                let ok = sock > 0 && dnat == 0;
+                let how = if sock == 0 {
+                    format!("the socket programs translated nothing (sock_translated 0) and the TC path DNATed {dnat} new flows: these are TC-path figures")
+                } else {
+                    format!("socket path: sock_translated {sock}, dnat_new_flow {dnat}")
+                };
+                (ok, how)
+            }
+            Mode::NpTc | Mode::NpTcFlood => {
+                let ok = dnat > 0 && xdp == 0;
+                (ok, format!("TC path: dnat_new_flow {dnat}, xdp_forward {xdp}"))
+            }
+            Mode::NpXdp => {
+                let ok = xdp > dnat + est;
+                let how = if ok {
+                    format!("XDP path: xdp_forward {xdp}, TC dnat_new_flow {dnat} + dnat_established {est}")
+                } else {
+                    format!(
+                        "XDP forwarded {xdp} packets, the TC path translated {} (dnat_new_flow {dnat} + dnat_established {est}): these are mostly TC-path figures",
+                        dnat + est
+                    )
+                };
+                (ok, how)
+            }
+            _ => return None,
+        })
     }
 
     /// Median and (min, max) of metric `m` over the runs.
@@ -207,6 +274,7 @@ fn rep_values(conn: &PhaseResult, rr: &PhaseResult, bulk: &PhaseResult, udp: &Ph
 }
 
 /// Where a case runs: the one-node sandbox or the two-node topology.
+#[expect(clippy::large_enum_variant, reason = "a few live at once, one per case")]
 enum Env {
     Node(Sandbox),
     Cluster(Cluster),
@@ -245,15 +313,16 @@ fn gen_cgroup(args: &Args, mode: Mode) -> Option<TestCgroup> {
     (args.generator == Generator::Process && mode != Mode::EbpfSock).then(|| TestCgroup::create("bg"))
 }
 
-/// Builds the sandbox for one case and programs its Services.
+/// Builds the sandbox for one case (dual-stack for IPv6) and programs its
+/// Services; [`Live::ready`] before the runs.
 #[must_use]
-pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
+pub fn prepare(args: &Args, mode: Mode, family: Family, services: usize) -> Live {
     if mode.is_node_port() {
-        return prepare_node_port(args, mode, services);
+        return prepare_node_port(args, mode, family, services);
     }
-    let set0 = ServiceSet::new(services, Vec::new());
+    let set0 = ServiceSet::new(family, services, Vec::new());
     let mut live = Live {
-        case: Case::new(mode, services),
+        case: Case::new(mode, family, services),
         servers: None,
         env: None,
         target: Target { addrs: vec![set0.real_vip()], http: HTTP_PORT, bulk: BULK_PORT, udp: UDP_PORT },
@@ -265,40 +334,70 @@ pub fn prepare(args: &Args, mode: Mode, services: usize) -> Live {
         live.case.skipped = Some(ipvs_unavailable());
         return live;
     }
-    progress(&format!("{mode} S={services}: building the sandbox ({PODS} pods)"));
+    let label = live.case.label();
+    progress(&format!("{label}: building the sandbox ({PODS} pods)"));
     let mut sb = Sandbox::new("bn", PODS);
+    if family == Family::V6 {
+        sb.enable_ipv6();
+    }
     live.gen_cgroup = gen_cgroup(args, mode);
+    // Both also apply to IPv6 sockets.
     sb.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     sb.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let pods: Vec<_> = sb.pods.iter().map(|p| &p.ns).collect();
-    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, args.clients + 2));
-    live.set = ServiceSet::new(services, sb.pods.iter().map(|p| p.ip).collect());
+    live.servers = Some(start_servers(&pods, family.unspecified(), HTTP_TARGET, BULK_TARGET, UDP_TARGET, args.clients + 2));
+    let endpoints: Vec<IpAddr> = match family {
+        Family::V4 => sb.pods.iter().map(|p| p.ip.into()).collect(),
+        Family::V6 => (1..=sb.pods.len()).map(|i| pod_ip6(i).into()).collect(),
+    };
+    live.set = ServiceSet::new(family, services, endpoints);
     if mode == Mode::Direct {
         live.target = Target { addrs: live.set.real_endpoints.clone(), http: HTTP_TARGET, bulk: BULK_TARGET, udp: UDP_TARGET };
     }
-    progress(&format!("{mode} S={services}: programming {services} Services"));
+    progress(&format!("{label}: programming {services} {family} Services"));
     let programmed = match mode {
         Mode::Direct | Mode::Ipvs | Mode::NpDirect | Mode::NpIptables | Mode::NpTc | Mode::NpXdp | Mode::NpIptablesFlood | Mode::NpTcFlood => None,
         Mode::Iptables => Some(program::iptables(&sb.node, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout)),
         Mode::Nftables => Some(program::nftables(&sb.node, &live.set, args.nft_chunk, args.program_timeout)),
         Mode::Ebpf | Mode::EbpfSock => Some(program_agent(args, &mut sb, &live.set)),
     };
-    live.record_programming(&programmed);
+    live.record_programming(programmed.as_ref());
     live.case.program = programmed;
     live.env = Some(Env::Node(sb));
-    live.warm_up(args);
     live
 }
 
-/// Builds the two-node topology for one `NodePort` case and programs its
-/// Services on node A.
-fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
+/// Waits (at most 10 s) until no address in `nss` is still tentative: the
+/// link-local addresses of new links go through duplicate address detection
+/// (about 1–2 s), and until then neighbour discovery between the nodes does
+/// not complete, so the first IPv6 connections would time out. (The global
+/// addresses are added `nodad`.)
+fn wait_dad(nss: &[&Netns]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ns in nss {
+        while !ns.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Node A's address the client reaches the node ports on.
+fn node_a_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => NODE_A_IP.into(),
+        Family::V6 => NODE_A_IP6.into(),
+    }
+}
+
+/// Builds the two-node topology (dual-stack for IPv6) for one `NodePort`
+/// case and programs its Services on node A.
+fn prepare_node_port(args: &Args, mode: Mode, family: Family, services: usize) -> Live {
     let mut live = Live {
-        case: Case::new(mode, services),
+        case: Case::new(mode, family, services),
         servers: None,
         env: None,
-        target: Target { addrs: vec![NODE_A_IP], http: HTTP_NODE_PORT, bulk: BULK_NODE_PORT, udp: UDP_NODE_PORT },
-        set: ServiceSet::node_ports(services.min(10_000), Vec::new()),
+        target: Target { addrs: vec![node_a_ip(family)], http: HTTP_NODE_PORT, bulk: BULK_NODE_PORT, udp: UDP_NODE_PORT },
+        set: ServiceSet::node_ports(family, services.min(10_000), Vec::new()),
         gen_cgroup: None,
         flood_next: 0,
     };
@@ -306,10 +405,14 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         live.case.skipped = Some("at most 10,000 NodePort Services are generated (node ports 20000-29999)".into());
         return live;
     }
-    progress(&format!("{mode} S={services}: building two nodes ({PODS} pods on node B)"));
+    let label = live.case.label();
+    progress(&format!("{label}: building two nodes ({PODS} pods on node B)"));
     // Node A's links go through XDP wires, so it receives frames as from a
     // NIC (the same in every NodePort mode; see Cluster::new_wired).
     let mut c = Cluster::new_wired("bq", 0, PODS);
+    if family == Family::V6 {
+        c.enable_ipv6();
+    }
     live.gen_cgroup = gen_cgroup(args, mode);
     c.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     c.client.sysctl("net.ipv4.tcp_tw_reuse", "1");
@@ -317,12 +420,16 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
     // A flood case also holds its established connections open (a server
     // worker each) while the load runs.
     let workers = args.clients + 2 + if mode.is_flood() { ESTABLISHED } else { 0 };
-    live.servers = Some(start_servers(&pods, HTTP_TARGET, BULK_TARGET, UDP_TARGET, workers));
-    live.set = ServiceSet::node_ports(services, c.pods_b().iter().map(|p| p.ip).collect());
+    live.servers = Some(start_servers(&pods, family.unspecified(), HTTP_TARGET, BULK_TARGET, UDP_TARGET, workers));
+    let endpoints: Vec<IpAddr> = match family {
+        Family::V4 => c.pods_b().iter().map(|p| p.ip.into()).collect(),
+        Family::V6 => (1..=c.pods_b().len()).map(|i| NodeId::B.pod_ip6(i).into()).collect(),
+    };
+    live.set = ServiceSet::node_ports(family, services, endpoints);
     if mode == Mode::NpDirect {
         live.target = Target { addrs: live.set.real_endpoints.clone(), http: HTTP_TARGET, bulk: BULK_TARGET, udp: UDP_TARGET };
     }
-    progress(&format!("{mode} S={services}: programming {services} NodePort Services on node A"));
+    progress(&format!("{label}: programming {services} {family} NodePort Services on node A"));
     let programmed = match mode {
         Mode::NpIptables | Mode::NpIptablesFlood => {
             Some(program::iptables(&c.a.ns, &live.set, args.ipt_backend, args.ipt_chunk, args.program_timeout))
@@ -331,13 +438,12 @@ fn prepare_node_port(args: &Args, mode: Mode, services: usize) -> Live {
         Mode::NpXdp => Some(program_node_port_agent(args, &mut c, &live.set, true)),
         _ => None,
     };
-    live.record_programming(&programmed);
+    live.record_programming(programmed.as_ref());
     if mode == Mode::NpXdp && live.case.skipped.is_none() && !c.a.agent_log().contains("XDP fast path attached") {
         live.case.skipped = Some(format!("native XDP did not attach: {}", last_warning(&c.a.agent_log())));
     }
     live.case.program = programmed;
     live.env = Some(Env::Cluster(c));
-    live.warm_up(args);
     live
 }
 
@@ -357,7 +463,7 @@ fn program_node_port_agent(args: &Args, c: &mut Cluster, set: &ServiceSet, xdp: 
     let node_ports: Vec<Frontend> = set
         .frontends(set.real)
         .into_iter()
-        .map(|f| Frontend { vip: NODE_A_IP, port: f.node_port.unwrap_or_default(), ..f })
+        .map(|f| Frontend { vip: node_a_ip(set.family), port: f.node_port.unwrap_or_default(), ..f })
         .collect();
     fronts.extend(node_ports);
     let result = program::wait_frontends(&c.a.bpffs, &fronts, start, args.program_timeout);
@@ -366,13 +472,13 @@ fn program_node_port_agent(args: &Args, c: &mut Cluster, set: &ServiceSet, xdp: 
 
 impl Live {
     /// Reports how programming went; a failure skips the case.
-    fn record_programming(&mut self, programmed: &Option<Programmed>) {
-        let (mode, services) = (self.case.mode, self.case.services);
+    fn record_programming(&mut self, programmed: Option<&Programmed>) {
+        let (label, services) = (self.case.label(), self.case.services);
         if let Some(p) = programmed {
             match &p.result {
-                Ok(d) => progress(&format!("{mode} S={services}: programmed in {:.2} s", d.as_secs_f64())),
+                Ok(d) => progress(&format!("{label}: programmed in {:.2} s", d.as_secs_f64())),
                 Err(e) => {
-                    progress(&format!("{mode} S={services}: programming failed: {e}"));
+                    progress(&format!("{label}: programming failed: {e}"));
                     self.case.skipped = Some(format!("programming {services} Services failed: {e}"));
                 }
             }
@@ -397,13 +503,27 @@ impl Live {
         }
     }
 
+    /// Ready for the runs, once every case of its round is built: for IPv6,
+    /// duplicate address detection over; then a warm-up, which checks that
+    /// the target answers at all.
+    pub fn ready(&mut self, args: &Args) {
+        let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
+        if self.case.family == Family::V6 {
+            match env {
+                Env::Node(sb) => wait_dad(&[&sb.client, &sb.node]),
+                Env::Cluster(c) => wait_dad(&[&c.client, &c.a.ns, &c.b.ns]),
+            }
+        }
+        self.warm_up(args);
+    }
+
     /// Warm-up, and a check that the target answers at all.
     fn warm_up(&mut self, args: &Args) {
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
         let warm = self.load(env, Phase::Connections, args.clients, Duration::from_millis(300));
         if warm.ops == 0 {
             self.case.skipped = Some(format!("no request answered: {}", warm.first_error.unwrap_or_default()));
-            progress(&format!("{} S={}: {}", self.case.mode, self.case.services, self.case.skipped.as_deref().unwrap_or_default()));
+            progress(&format!("{}: {}", self.case.label(), self.case.skipped.as_deref().unwrap_or_default()));
         }
     }
 
@@ -414,9 +534,8 @@ impl Live {
             return;
         }
         let Some(env) = self.env.as_ref().filter(|_| self.case.skipped.is_none()) else { return };
-        let (mode, services) = (self.case.mode, self.case.services);
         let d = args.duration;
-        progress(&format!("{mode} S={services}: run {}/{} ({:.1} s of load)", rep + 1, args.reps, (d * 9 / 2).as_secs_f64()));
+        progress(&format!("{}: run {}/{} ({:.1} s of load)", self.case.label(), rep + 1, args.reps, (d * 9 / 2).as_secs_f64()));
         let conn = self.load(env, Phase::Connections, args.clients, d);
         let rr = self.load(env, Phase::KeepAlive, args.clients, d);
         let bulk = self.load(env, Phase::Bulk, 1, d / 2);
@@ -481,13 +600,14 @@ impl Live {
         self.case.reps.push(Rep { values, errors, first_error, flood: Some(flood) });
     }
 
-    /// Measures "apply one added Service" when this is the size for it, then
-    /// tears the sandbox down and returns the case.
+    /// Measures "apply one added Service" when this is the size for it
+    /// (IPv4 cases only), then tears the sandbox down and returns the case.
     #[must_use]
     pub fn finish(mut self, args: &Args) -> Case {
         // ebpf-sock programs the agent exactly as ebpf does: measured there.
         if let Some(Env::Node(sb)) = self.env.as_ref()
             && self.case.services == args.add_one_at
+            && self.case.family == Family::V4
             && self.case.mode != Mode::EbpfSock
             && self.case.program.as_ref().is_some_and(|p| p.result.is_ok())
         {
@@ -505,9 +625,12 @@ impl Live {
         {
             self.case.counters = Some(c.a.counters(&args.agent));
         }
+        if let Some((false, how)) = self.case.path() {
+            progress(&format!("{}: did not take the intended path: {how}", self.case.label()));
+        }
         self.servers = None;
         if self.env.take().is_some() {
-            progress(&format!("{} S={}: torn down", self.case.mode, self.case.services));
+            progress(&format!("{}: torn down", self.case.label()));
         }
         self.case
     }
@@ -574,7 +697,7 @@ fn add_one(args: &Args, mode: Mode, sb: &Sandbox, set: &ServiceSet) -> Result<Du
 pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
     progress(&format!("control plane: {mode}, {services} Services from nothing"));
     let mut sb = Sandbox::new("bp", 0);
-    let set = ServiceSet::new(services, vec![std::net::Ipv4Addr::new(10, 244, 0, 11)]);
+    let set = ServiceSet::new(Family::V4, services, vec![std::net::Ipv4Addr::new(10, 244, 0, 11).into()]);
     let program = match mode {
         Mode::Iptables => program::iptables(&sb.node, &set, args.ipt_backend, args.ipt_chunk, args.program_timeout),
         Mode::Nftables => program::nftables(&sb.node, &set, args.nft_chunk, args.program_timeout),
@@ -588,7 +711,7 @@ pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
         | Mode::NpXdp
         | Mode::NpIptablesFlood
         | Mode::NpTcFlood => {
-            return Case::skipped(mode, services, ipvs_unavailable());
+            return Case::skipped(mode, Family::V4, services, ipvs_unavailable());
         }
     };
     match &program.result {
@@ -596,5 +719,5 @@ pub fn run_program_only(args: &Args, mode: Mode, services: usize) -> Case {
         Err(e) => progress(&format!("control plane: {mode}, {services} Services: {e}")),
     }
     let add_one = (services == args.add_one_at && program.result.is_ok()).then(|| add_one(args, mode, &sb, &set));
-    Case { program: Some(program), add_one, ..Case::new(mode, services) }
+    Case { program: Some(program), add_one, ..Case::new(mode, Family::V4, services) }
 }

@@ -10,7 +10,16 @@
 //! `20000 + i` (a cluster with 10,000 `NodePort`s needs a wider
 //! `--service-node-port-range` than the default 30000–32767), and every
 //! endpoint on node B.
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+//!
+//! Each set is of one address family ([`Family`]): IPv4 Services as above,
+//! or IPv6-only Services (`ipFamilies: [IPv6]`, `addressType: IPv6`
+//! slices) with the same names, ports and node ports, their `ClusterIP`s in
+//! `fd00:96::/112` and the never-reached endpoints in `fd00:64::/96`.
+use std::{
+    fmt::{self, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use crate::manifests::{Port, service_yaml, write_atomic};
 
@@ -33,8 +42,97 @@ pub const ENDPOINT_NODE: &str = "node-b";
 pub const ENDPOINTS: usize = 10;
 /// The pod CIDR (kube-proxy's `--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The IPv6 pod CIDR (kube-proxy's `--cluster-cidr` for IPv6; it holds the
+/// IPv6 pods of both test topologies).
+pub const CLUSTER_CIDR6: &str = "fd00:244::/48";
+/// The IPv6 Service CIDR ([`crate::sandbox::SERVICE_CIDR6`]).
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 16]);
 const FAKE_EP_BASE: u32 = u32::from_be_bytes([10, 64, 0, 0]);
+/// `fd00:96::10`: the first IPv6 `ClusterIP` (the low 16 bits count up).
+const VIP6_BASE: u128 = 0xfd00_0096_0000_0000_0000_0000_0000_0010;
+/// `fd00:64::/96`: the IPv6 endpoints that are never reached.
+const FAKE_EP6_BASE: u128 = 0xfd00_0064_0000_0000_0000_0000_0000_0000;
+
+/// The address family of a set of Services and of the traffic of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Both, in report order.
+    pub const ALL: [Self; 2] = [Self::V4, Self::V6];
+
+    /// `IPv4` / `IPv6`, as Kubernetes spells them (`ipFamilies`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// `ipv4` / `ipv6` (also `4`, `6`, any case).
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ipv4" | "v4" | "4" => Some(Self::V4),
+            "ipv6" | "v6" | "6" => Some(Self::V6),
+            _ => None,
+        }
+    }
+
+    /// The family of `ip`.
+    #[must_use]
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+
+    /// The unspecified address of the family (servers bind to it).
+    #[must_use]
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Self::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Self::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    /// kube-proxy's `--cluster-cidr` of the family.
+    #[must_use]
+    pub fn cluster_cidr(self) -> &'static str {
+        match self {
+            Self::V4 => CLUSTER_CIDR,
+            Self::V6 => CLUSTER_CIDR6,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `ip/32` or `ip/128`: one host, as iptables and nft match it.
+#[must_use]
+pub fn host_cidr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+/// `ip:port`, IPv6 in brackets (Go's `net.JoinHostPort`, which kube-proxy
+/// writes DNAT targets with).
+#[must_use]
+pub fn host_port(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -64,11 +162,11 @@ impl Proto {
 pub struct Frontend {
     pub service: String,
     pub port_name: &'static str,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: Proto,
     pub target: u16,
-    pub endpoints: Vec<Ipv4Addr>,
+    pub endpoints: Vec<IpAddr>,
     /// The node port (north-south cases), or `None` (`ClusterIP`).
     pub node_port: Option<u16>,
 }
@@ -87,36 +185,65 @@ pub struct ServiceSet {
     /// Services in order; index `real` is the real one.
     pub count: usize,
     pub real: usize,
-    pub real_endpoints: Vec<Ipv4Addr>,
+    pub real_endpoints: Vec<IpAddr>,
     /// Every Service is a `NodePort` with its endpoints on [`ENDPOINT_NODE`].
     pub node_ports: bool,
+    /// IPv4 Services, or IPv6-only ones.
+    pub family: Family,
 }
 
 impl ServiceSet {
+    /// `count` Services of `family`; the real one's endpoints (of the same
+    /// family) are `real_endpoints`.
     #[must_use]
-    pub fn new(count: usize, real_endpoints: Vec<Ipv4Addr>) -> Self {
+    pub fn new(family: Family, count: usize, real_endpoints: Vec<IpAddr>) -> Self {
         assert!(count >= 1, "at least one Service");
         assert!(count <= 52_000, "at most 52,000 Services (address plan)");
-        Self { count, real: count / 2, real_endpoints, node_ports: false }
+        assert!(real_endpoints.iter().all(|ip| Family::of(*ip) == family), "{family} endpoints only: {real_endpoints:?}");
+        Self { count, real: count / 2, real_endpoints, node_ports: false, family }
     }
 
     /// The same Services, each of type `NodePort` (north-south cases).
     #[must_use]
-    pub fn node_ports(count: usize, real_endpoints: Vec<Ipv4Addr>) -> Self {
+    pub fn node_ports(family: Family, count: usize, real_endpoints: Vec<IpAddr>) -> Self {
         assert!(count <= 10_000, "at most 10,000 NodePort Services (node ports 20000-29999)");
-        Self { node_ports: true, ..Self::new(count, real_endpoints) }
+        Self { node_ports: true, ..Self::new(family, count, real_endpoints) }
     }
 
-    /// The `ClusterIP` of Service `i`.
+    /// The IPv4 `ClusterIP` of Service `i`.
     #[must_use]
     pub fn vip(i: usize) -> Ipv4Addr {
         Ipv4Addr::from(VIP_BASE + u32::try_from(i).expect("index"))
     }
 
+    /// The IPv6 `ClusterIP` of Service `i` (`fd00:96::10` + i).
+    #[must_use]
+    pub fn vip6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::from(VIP6_BASE + u128::try_from(i).expect("index"))
+    }
+
+    /// The `ClusterIP` of Service `i` in this set's family.
+    #[must_use]
+    pub fn vip_of(&self, i: usize) -> IpAddr {
+        match self.family {
+            Family::V4 => Self::vip(i).into(),
+            Family::V6 => Self::vip6(i).into(),
+        }
+    }
+
     /// The real Service's `ClusterIP`.
     #[must_use]
-    pub fn real_vip(&self) -> Ipv4Addr {
-        Self::vip(self.real)
+    pub fn real_vip(&self) -> IpAddr {
+        self.vip_of(self.real)
+    }
+
+    /// Endpoint `j` of (not real) Service `i`: never reached.
+    fn fake_endpoint(&self, i: usize, j: usize) -> IpAddr {
+        let k = i * ENDPOINTS + j;
+        match self.family {
+            Family::V4 => Ipv4Addr::from(FAKE_EP_BASE + u32::try_from(k).expect("index")).into(),
+            Family::V6 => Ipv6Addr::from(FAKE_EP6_BASE + u128::try_from(k).expect("index")).into(),
+        }
     }
 
     #[must_use]
@@ -128,7 +255,7 @@ impl ServiceSet {
     #[must_use]
     pub fn frontends(&self, i: usize) -> Vec<Frontend> {
         let service = Self::name(i);
-        let vip = Self::vip(i);
+        let vip = self.vip_of(i);
         let np = |p: u16| self.node_ports.then_some(p);
         if i == self.real {
             let eps = self.real_endpoints.clone();
@@ -156,8 +283,7 @@ impl ServiceSet {
                 Frontend { service, port_name: "udp", vip, port: UDP_PORT, proto: Proto::Udp, target: UDP_TARGET, endpoints: eps, node_port: np(UDP_NODE_PORT) },
             ]
         } else {
-            let base = FAKE_EP_BASE + u32::try_from(i * ENDPOINTS).expect("index");
-            let endpoints = (0..ENDPOINTS).map(|j| Ipv4Addr::from(base + u32::try_from(j).expect("small"))).collect();
+            let endpoints = (0..ENDPOINTS).map(|j| self.fake_endpoint(i, j)).collect();
             let node_port = np(NODE_PORT_BASE + u16::try_from(i).expect("at most 10,000 NodePort Services"));
             vec![Frontend { service, port_name: "http", vip, port: HTTP_PORT, proto: Proto::Tcp, target: HTTP_TARGET, endpoints, node_port }]
         }
@@ -172,7 +298,7 @@ impl ServiceSet {
     /// A Service that is not in the set (for "apply one added Service").
     #[must_use]
     pub fn extra(&self) -> Frontend {
-        let mut f = Self { count: self.count + 1, real: usize::MAX, real_endpoints: Vec::new(), node_ports: false }.frontends(self.count);
+        let mut f = Self { count: self.count + 1, real: usize::MAX, real_endpoints: Vec::new(), node_ports: false, family: self.family }.frontends(self.count);
         f.remove(0)
     }
 
@@ -200,8 +326,20 @@ pub fn manifest_of(fronts: &[Frontend]) -> String {
         .iter()
         .map(|f| Port { name: f.port_name, port: f.port, target: f.target, protocol: f.proto.upper() })
         .collect();
-    let eps: Vec<(Ipv4Addr, bool)> = fronts[0].endpoints.iter().map(|ip| (*ip, true)).collect();
-    let y = service_yaml(&fronts[0].service, fronts[0].vip, &ports, &eps);
+    let y = match fronts[0].vip {
+        IpAddr::V4(vip) => {
+            let eps: Vec<(Ipv4Addr, bool)> = fronts[0]
+                .endpoints
+                .iter()
+                .map(|ip| match ip {
+                    IpAddr::V4(a) => (*a, true),
+                    IpAddr::V6(a) => panic!("IPv6 endpoint {a} of an IPv4 Service"),
+                })
+                .collect();
+            service_yaml(&fronts[0].service, vip, &ports, &eps)
+        }
+        IpAddr::V6(vip) => service_yaml6(&fronts[0].service, vip, &ports, &fronts[0].endpoints),
+    };
     if fronts[0].node_port.is_none() {
         return y;
     }
@@ -213,6 +351,37 @@ pub fn manifest_of(fronts: &[Frontend]) -> String {
         y = y.replacen(&target, &with, 1);
     }
     y.replace("  conditions:\n", &format!("  nodeName: {ENDPOINT_NODE}\n  conditions:\n"))
+}
+
+/// [`service_yaml`] of an IPv6-only Service: `ipFamilies: [IPv6]`,
+/// `ipFamilyPolicy: SingleStack`, an `addressType: IPv6` slice of ready
+/// `endpoints`; the same layout otherwise (so [`manifest_of`] turns either
+/// into a `NodePort` the same way).
+fn service_yaml6(name: &str, vip: Ipv6Addr, ports: &[Port<'_>], endpoints: &[IpAddr]) -> String {
+    let mut y = String::new();
+    let _ = writeln!(
+        y,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: '{vip}'\n  clusterIPs: ['{vip}']\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  ports:"
+    );
+    for p in ports {
+        let _ = writeln!(y, "  - name: {}\n    port: {}\n    targetPort: {}\n    protocol: {}", p.name, p.port, p.target, p.protocol);
+    }
+    let _ = writeln!(
+        y,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv6\nports:"
+    );
+    for p in ports {
+        let _ = writeln!(y, "- name: {}\n  port: {}\n  protocol: {}", p.name, p.target, p.protocol);
+    }
+    if endpoints.is_empty() {
+        y.push_str("endpoints: []\n");
+    } else {
+        y.push_str("endpoints:\n");
+        for ip in endpoints {
+            let _ = writeln!(y, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true");
+        }
+    }
+    y
 }
 
 /// kube-proxy's chain-name hash: 16 base32 characters of a hash of the

@@ -11,7 +11,7 @@
 //! the bench process itself must stay out of it.
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     path::Path,
     process::Stdio,
@@ -96,18 +96,19 @@ fn set_accept_timeout(l: &TcpListener, t: Duration) {
 }
 
 /// Starts, in every pod namespace: an HTTP server on `http` (keep-alive, a
-/// fixed 3-byte body), a TCP sink on `bulk`, a UDP echo on `udp`. Workers
-/// share one listener each (blocking accept with a timeout, no spawn per
-/// connection), so the servers cost the same in every mode.
+/// fixed 3-byte body), a TCP sink on `bulk`, a UDP echo on `udp`, all bound
+/// to `any` (0.0.0.0, or [::] for the IPv6 cases). Workers share one
+/// listener each (blocking accept with a timeout, no spawn per connection),
+/// so the servers cost the same in every mode.
 #[must_use]
-pub fn start_servers(pods: &[&Netns], http: u16, bulk: u16, udp: u16, http_workers: usize) -> Servers {
+pub fn start_servers(pods: &[&Netns], any: IpAddr, http: u16, bulk: u16, udp: u16, http_workers: usize) -> Servers {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (index, ns) in pods.iter().enumerate() {
         let answer: Arc<[u8]> = response(index + 1).into();
         let (tx, rx) = std::sync::mpsc::channel();
         threads.push(ns.spawn(move || {
-            let any = |p| SocketAddr::from(([0, 0, 0, 0], p));
+            let any = |p| SocketAddr::new(any, p);
             let web = TcpListener::bind(any(http)).expect("bind http");
             let sink = TcpListener::bind(any(bulk)).expect("bind bulk");
             let echo = UdpSocket::bind(any(udp)).expect("bind udp");
@@ -187,11 +188,11 @@ fn serve_sink(mut s: TcpStream, stop: &AtomicBool) {
     }
 }
 
-/// What the client targets: one address (a `ClusterIP`) or the pods
-/// themselves in turn (direct).
+/// What the client targets: one address (a `ClusterIP`, a node address) or
+/// the pods themselves in turn (direct); of one family.
 #[derive(Clone, Debug)]
 pub struct Target {
-    pub addrs: Vec<Ipv4Addr>,
+    pub addrs: Vec<IpAddr>,
     pub http: u16,
     pub bulk: u16,
     pub udp: u16,
@@ -199,7 +200,7 @@ pub struct Target {
 
 impl Target {
     fn pick(&self, n: usize, port: u16) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(self.addrs[n % self.addrs.len()], port))
+        SocketAddr::new(self.addrs[n % self.addrs.len()], port)
     }
 }
 
@@ -539,9 +540,11 @@ fn bulk(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
 
 fn udp(target: &Target, thread: usize, deadline: Instant) -> PhaseResult {
     let mut r = PhaseResult::default();
-    let sock = match UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+    let to = target.pick(thread, target.udp);
+    let any = if to.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)) };
+    let sock = match UdpSocket::bind(any).and_then(|s| {
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        s.connect(target.pick(thread, target.udp))?;
+        s.connect(to)?;
         Ok(s)
     }) {
         Ok(s) => s,
