@@ -555,6 +555,24 @@ impl Cluster {
                 node.add_pod_ipv6(i);
             }
         }
+        self.wait_ipv6_settled();
+    }
+
+    /// Waits (at most 10 s) until no namespace of the cluster has a
+    /// tentative IPv6 address: the link-local addresses of new links go
+    /// through duplicate address detection (~1–2 s), and until then
+    /// neighbour discovery from them fails, so the first flows would find
+    /// no neighbour (XDP passes them to TC, TC's FIB lookup defers to the
+    /// stack).
+    fn wait_ipv6_settled(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let all: Vec<&Netns> = [&self.client, &self.a.ns, &self.b.ns].into_iter().chain(self.pods().map(|p| &p.ns)).collect();
+        while all.iter().any(|ns| !ns.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty()) {
+            if std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     #[must_use]
@@ -691,6 +709,29 @@ impl Cluster {
             args.extend_from_slice(features);
             crate::netns::run("ip", &args);
         }
+    }
+
+    /// Waits (at most 20 s) until node A's agent has at least `n` frontends
+    /// with backends programmed.
+    pub fn wait_frontends(&self, n: usize) {
+        crate::agent::wait_programmed(&self.a.bpffs, std::time::Duration::from_secs(20), &format!("{n} frontends with backends"), |v| {
+            v.iter().filter(|f| !f.backends.is_empty()).count() >= n
+        });
+    }
+
+    /// One raw HTTP/1.1 GET from the client to `addr` (a health-check port,
+    /// say): the status and the body.
+    pub fn client_http_status(&self, addr: SocketAddr, timeout: std::time::Duration) -> std::io::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        self.client.run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+        })
     }
 
     /// The names of every namespace of this cluster (client, nodes, pods).

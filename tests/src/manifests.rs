@@ -1,5 +1,9 @@
 //! Writing Service and `EndpointSlice` manifests the way users have them.
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 #[derive(Clone, Debug)]
 pub struct Port<'a> {
@@ -84,6 +88,52 @@ ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protoco
         y.push_str("endpoints:\n");
         for (ip, node) in endpoints {
             let _ = writeln!(y, "- {{addresses: [\"{ip}\"], nodeName: {node}}}");
+        }
+    }
+    y
+}
+
+/// [`web_yaml`] over IPv6: an IPv6-only (`ipFamilies: [IPv6]`,
+/// `SingleStack`) Service `web` of `ty` with the same ports and node ports,
+/// `spec_extra` after `ipFamilyPolicy`, the load-balancer ingress `lb_ip`,
+/// and an `addressType: IPv6` slice of `endpoints` (address, node, more
+/// fields of the endpoint written after `nodeName`, e.g. `, conditions:
+/// {...}`).
+#[must_use]
+pub fn web6_yaml(ty: &str, vip: Ipv6Addr, spec_extra: &str, lb_ip: Option<Ipv6Addr>, endpoints: &[(Ipv6Addr, &str, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: {ty}
+  clusterIP: '{vip}'
+  clusterIPs: ['{vip}']
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+{spec_extra}  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+"
+    );
+    if let Some(ip) = lb_ip {
+        let _ = writeln!(y, "status:\n  loadBalancer:\n    ingress: [{{ip: '{ip}'}}]");
+    }
+    y.push_str(
+        "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+",
+    );
+    if endpoints.is_empty() {
+        y.push_str("endpoints: []\n");
+    } else {
+        y.push_str("endpoints:\n");
+        for (ip, node, extra) in endpoints {
+            let _ = writeln!(y, "- {{addresses: ['{ip}'], nodeName: {node}{extra}}}");
         }
     }
     y

@@ -98,12 +98,6 @@ fn serve(mut c: Cluster) -> Cluster {
     c
 }
 
-fn frontends_with(c: &Cluster, n: usize) {
-    wait_programmed(&c.a.bpffs, Duration::from_secs(20), &format!("{n} frontends with backends"), |v| {
-        v.iter().filter(|f| !f.backends.is_empty()).count() >= n
-    });
-}
-
 fn get(c: &Cluster, addr: Ipv4Addr, port: u16) -> std::io::Result<Seen> {
     c.client.run(move || {
         let body = http_get(SocketAddr::from((addr, port)), T)?;
@@ -118,17 +112,8 @@ fn udp(c: &Cluster, addr: Ipv4Addr, port: u16, msg: &'static str) -> std::io::Re
     })
 }
 
-/// Raw HTTP GET from the client; returns (status, body).
 fn health(c: &Cluster, addr: Ipv4Addr, port: u16) -> std::io::Result<(u16, String)> {
-    c.client.run(move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), T)?;
-        s.set_read_timeout(Some(T))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-    })
+    c.client_http_status(SocketAddr::from((addr, port)), T)
 }
 
 #[test]
@@ -155,7 +140,7 @@ fn nodeport_local_and_remote(path: Path) {
     let mut c = if path == Path::XdpNativeWired { serve(Cluster::new_wired("nsw", 1, 1)) } else { cluster("nsc", 1, 1) };
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
     start(&mut c, path, &[]);
-    frontends_with(&c, 6);
+    c.wait_frontends(6);
 
     let mut seen = BTreeSet::new();
     for _ in 0..40 {
@@ -205,7 +190,7 @@ fn external_traffic_policy_local(path: Path) {
     write_atomic(&c.manifests, "web.yaml", &web("Local", &[(pod_ip_b(1), "node-b")]));
     start(&mut c, path, &[]);
     // The ClusterIP frontends have the remote backend; the external ones none.
-    frontends_with(&c, 2);
+    c.wait_frontends(2);
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, body) = loop {
         match health(&c, NODE_A_IP, HC_PORT) {
@@ -225,7 +210,7 @@ fn external_traffic_policy_local(path: Path) {
 
     // A local endpoint appears: it answers and sees the client itself.
     write_atomic(&c.manifests, "web.yaml", &web("Local", &[(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b")]));
-    frontends_with(&c, 10);
+    c.wait_frontends(10);
     for addr_port in [(NODE_A_IP, NODE_PORT), (EXTERNAL_IP, 80), (LB_IP, 80)] {
         for _ in 0..10 {
             let s = get(&c, addr_port.0, addr_port.1).unwrap_or_else(|e| panic!("{addr_port:?}: {e}"));
@@ -262,7 +247,7 @@ fn nodeport_addresses_narrow(path: Path) {
     let mut c = cluster("nsn", 1, 1);
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_b(1), "node-b")]));
     start(&mut c, path, &["--nodeport-addresses", &format!("{NODE_A_IP2}/32")]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let s = get(&c, NODE_A_IP2, NODE_PORT).expect("NodePort on the listed address");
     assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-b1", NODE_A_LINK_IP));
     let r = get(&c, NODE_A_IP, NODE_PORT);
@@ -287,7 +272,7 @@ fn hairpin(path: Path) {
     let mut c = cluster("nsh", 1, 0);
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_a(1), "node-a")]));
     start(&mut c, path, &[]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let pod = &c.pods_a()[0];
     for _ in 0..10 {
         let body = pod.ns.run(|| http_get(SocketAddr::from((VIP, 80)), T)).unwrap_or_else(|e| panic!("hairpin failed: {e}\n{}", c.a.agent_log()));
@@ -317,7 +302,7 @@ fn snat_ports(path: Path) {
     let mut c = cluster("nss", 0, 1);
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_b(1), "node-b")]));
     start(&mut c, path, &[]);
-    frontends_with(&c, 6);
+    c.wait_frontends(6);
     // 200 connections open at once from one client to the remote backend.
     let seen: Vec<SocketAddrV4> = c.client.run(|| {
         let mut conns = Vec::new();
@@ -364,7 +349,7 @@ fn xdp_keeps_its_choice_of_a_local_backend_and_auto_mode_works_on_veth() {
     let eps = [(pod_ip_a(1), "node-a"), (pod_ip_b(1), "node-b"), (pod_ip_b(2), "node-b"), (pod_ip_b(3), "node-b")];
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &eps));
     c.start_agent_a(&agent_bin(), &["--xdp"]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     assert!(c.a.agent_log().contains("XDP in generic mode"), "auto mode on a veth: {}", c.a.agent_log());
     const N: usize = 400;
     let answers: Vec<String> = c.client.run(|| {
@@ -389,7 +374,7 @@ fn a_fragmented_udp_datagram_to_a_node_port_reaches_a_remote_backend_and_back() 
     let mut c = cluster("npfrag", 0, 1);
     write_atomic(&c.manifests, "web.yaml", &web("Cluster", &[(pod_ip_b(1), "node-b")]));
     start(&mut c, Path::Tc, &[]);
-    frontends_with(&c, 4);
+    c.wait_frontends(4);
     let payload = "g".repeat(4000);
     let sent = payload.clone();
     let got = c.client.run(move || udp_request(SocketAddr::from((NODE_A_IP, UDP_NODE_PORT)), &sent, T));
@@ -411,7 +396,7 @@ fn session_affinity_holds_on_the_xdp_path() {
     let yaml = web("Cluster", &eps).replace("  externalTrafficPolicy: Cluster\n", "  externalTrafficPolicy: Cluster\n  sessionAffinity: ClientIP\n");
     write_atomic(&c.manifests, "web.yaml", &yaml);
     start(&mut c, Path::XdpGeneric, &[]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let pods: Vec<String> = c.client.run(|| {
         (0..20)
             .map(|_| http_get(SocketAddr::from((NODE_A_IP, NODE_PORT)), T).map_or_else(|e| format!("error: {e}"), |b| Seen::parse(&b).map(|s| s.pod).unwrap_or(b)))
@@ -438,7 +423,7 @@ fn load_balancer_source_ranges_are_enforced_on_the_lb_ip() {
     };
     write_atomic(&c.manifests, "web.yaml", &with_ranges("\"198.51.100.0/24\""));
     start(&mut c, Path::Tc, &[]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let lb = programmed(&c.a.bpffs).into_iter().find(|f| f.address == LB_IP.to_string() && f.port == 80).expect("LB frontend");
     assert!(lb.source_ranges.as_ref().is_some_and(|r| r.contains(&"198.51.100.0/24".to_owned())), "{lb:?}");
     get(&c, LB_IP, 80).expect("a client inside the range reaches the LB IP");

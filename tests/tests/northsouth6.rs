@@ -9,9 +9,7 @@
 //! the source address they see.
 use std::{
     collections::BTreeSet,
-    fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -19,7 +17,7 @@ use integration_tests::{
     agent::{agent_bin, programmed, wait_programmed},
     client::{http_get, udp_request},
     cluster::{CLIENT_IP6, Cluster, EXTERNAL_IP6, LB_IP6, NODE_A_IP6, NODE_A_IP6_2, NODE_A_LINK_IP6, SeenAny, pod_ip6_a, pod_ip6_b},
-    manifests::write_atomic,
+    manifests::{web6_yaml, write_atomic},
 };
 use proxy_common::ct::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
@@ -35,45 +33,8 @@ const HC_PORT: u16 = 32000;
 /// an `addressType: IPv6` slice of `endpoints` (address, node, extra
 /// endpoint fields).
 fn web6(etp: &str, spec_extra: &str, endpoints: &[(Ipv6Addr, &str, &str)]) -> String {
-    let mut y = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: LoadBalancer
-  clusterIP: '{VIP6}'
-  clusterIPs: ['{VIP6}']
-  ipFamilies: [IPv6]
-  ipFamilyPolicy: SingleStack
-  externalIPs: ['{EXTERNAL_IP6}']
-  externalTrafficPolicy: {etp}
-  healthCheckNodePort: {HC_PORT}
-{spec_extra}  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
-status:
-  loadBalancer:
-    ingress: [{{ip: '{LB_IP6}'}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-v6
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv6
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-"
-    );
-    if endpoints.is_empty() {
-        y.push_str("endpoints: []\n");
-    } else {
-        y.push_str("endpoints:\n");
-        for (ip, node, extra) in endpoints {
-            let _ = writeln!(y, "- {{addresses: ['{ip}'], nodeName: {node}{extra}}}");
-        }
-    }
-    y
+    let extra = format!("  externalIPs: ['{EXTERNAL_IP6}']\n  externalTrafficPolicy: {etp}\n  healthCheckNodePort: {HC_PORT}\n{spec_extra}");
+    web6_yaml("LoadBalancer", VIP6, &extra, Some(LB_IP6), endpoints)
 }
 
 fn cluster(prefix: &str, a: usize, b: usize) -> Cluster {
@@ -81,12 +42,6 @@ fn cluster(prefix: &str, a: usize, b: usize) -> Cluster {
     c.enable_ipv6();
     c.serve_peer_dual(8080, 5353);
     c
-}
-
-fn frontends_with(c: &Cluster, n: usize) {
-    wait_programmed(&c.a.bpffs, Duration::from_secs(20), &format!("{n} frontends with backends"), |v| {
-        v.iter().filter(|f| !f.backends.is_empty()).count() >= n
-    });
 }
 
 fn get(c: &Cluster, addr: Ipv6Addr, port: u16) -> std::io::Result<SeenAny> {
@@ -103,17 +58,8 @@ fn udp(c: &Cluster, addr: Ipv6Addr, port: u16, msg: &'static str) -> std::io::Re
     })
 }
 
-/// Raw HTTP GET from the client; returns (status, body).
 fn health(c: &Cluster, addr: Ipv6Addr, port: u16) -> std::io::Result<(u16, String)> {
-    c.client.run(move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), T)?;
-        s.set_read_timeout(Some(T))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-    })
+    c.client_http_status(SocketAddr::from((addr, port)), T)
 }
 
 /// The health check's answer, waiting (bounded) until it has `status`.
@@ -141,7 +87,7 @@ fn an_ipv6_nodeport_reaches_local_and_remote_backends_and_remote_ones_see_the_no
     let mut c = cluster("ns6c", 1, 1);
     write_atomic(&c.manifests, "web.yaml", &web6("Cluster", "", &[(pod_ip6_a(1), "node-a", ""), (pod_ip6_b(1), "node-b", "")]));
     c.start_agent_a(&agent_bin(), &[]);
-    frontends_with(&c, 6);
+    c.wait_frontends(6);
 
     for proto in ["TCP", "UDP"] {
         let mut seen = BTreeSet::new();
@@ -181,7 +127,7 @@ fn external_traffic_policy_local_over_ipv6_keeps_the_client_address_and_health_c
     let mut c = cluster("ns6l", 1, 1);
     write_atomic(&c.manifests, "web.yaml", &web6("Local", "", &[(pod_ip6_b(1), "node-b", "")]));
     c.start_agent_a(&agent_bin(), &[]);
-    frontends_with(&c, 2);
+    c.wait_frontends(2);
     let v = health_until(&c, NODE_A_IP6, 503);
     assert_eq!((v["localEndpoints"].as_u64(), v["service"]["name"].as_str()), (Some(0), Some("web")), "{v}");
     let r = c.client.run(|| http_get(SocketAddr::from((NODE_A_IP6, NODE_PORT)), Duration::from_millis(500)));
@@ -189,7 +135,7 @@ fn external_traffic_policy_local_over_ipv6_keeps_the_client_address_and_health_c
     assert!(c.a.stat("drop_no_local_backend") > 0, "{:?}", c.a.counters(&agent_bin()));
 
     write_atomic(&c.manifests, "web.yaml", &web6("Local", "", &[(pod_ip6_a(1), "node-a", ""), (pod_ip6_b(1), "node-b", "")]));
-    frontends_with(&c, 10);
+    c.wait_frontends(10);
     for (addr, port) in [(NODE_A_IP6, NODE_PORT), (EXTERNAL_IP6, 80), (LB_IP6, 80)] {
         for _ in 0..10 {
             let s = get(&c, addr, port).unwrap_or_else(|e| panic!("[{addr}]:{port}: {e}\n{}", c.a.agent_log()));
@@ -212,7 +158,7 @@ fn an_ipv6_nodeport_address_narrows_where_node_ports_and_health_checks_answer() 
     write_atomic(&c.manifests, "web.yaml", &web6("Local", "", &[(pod_ip6_a(1), "node-a", "")]));
     let narrow = format!("198.51.100.1/32,{NODE_A_IP6_2}/128");
     c.start_agent_a(&agent_bin(), &["--nodeport-addresses", &narrow]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let s = get(&c, NODE_A_IP6_2, NODE_PORT).unwrap_or_else(|e| panic!("NodePort on the listed address: {e}\n{}", c.a.agent_log()));
     assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-a1", IpAddr::V6(CLIENT_IP6)));
     let r = get(&c, NODE_A_IP6, NODE_PORT);
@@ -234,7 +180,7 @@ fn ipv6_hairpin_and_session_affinity() {
     let mut c = cluster("ns6h", 1, 3);
     write_atomic(&c.manifests, "web.yaml", &web6("Cluster", "", &[(pod_ip6_a(1), "node-a", "")]));
     c.start_agent_a(&agent_bin(), &[]);
-    frontends_with(&c, 5);
+    c.wait_frontends(5);
     let pod = &c.pods_a()[0];
     for _ in 0..10 {
         let body = pod.ns.run(|| http_get(SocketAddr::from((VIP6, 80)), T)).unwrap_or_else(|e| panic!("hairpin failed: {e}\n{}", c.a.agent_log()));
@@ -268,7 +214,7 @@ fn ipv6_internal_traffic_policy_local_and_terminating_fallback() {
     let itp = "  internalTrafficPolicy: Local\n";
     write_atomic(&c.manifests, "web.yaml", &web6("Cluster", itp, &[(pod_ip6_a(1), "node-a", ""), (pod_ip6_b(1), "node-b", "")]));
     c.start_agent_a(&agent_bin(), &[]);
-    frontends_with(&c, 2);
+    c.wait_frontends(2);
     let client_pod = &c.pods_a()[1];
     for _ in 0..10 {
         let body = client_pod.ns.run(|| http_get(SocketAddr::from((VIP6, 80)), T)).unwrap_or_else(|e| panic!("iTP Local: {e}\n{}", c.a.agent_log()));
@@ -308,7 +254,7 @@ fn a_fragmented_udp_datagram_to_an_ipv6_node_port_reaches_a_remote_backend_and_b
     let mut c = cluster("ns6frag", 0, 1);
     write_atomic(&c.manifests, "web.yaml", &web6("Cluster", "", &[(pod_ip6_b(1), "node-b", "")]));
     c.start_agent_a(&agent_bin(), &[]);
-    frontends_with(&c, 6);
+    c.wait_frontends(6);
     let payload = "g".repeat(4000);
     let sent = payload.clone();
     let got = c.client.run(move || udp_request(SocketAddr::from((NODE_A_IP6, UDP_NODE_PORT)), &sent, T));

@@ -8,7 +8,6 @@
 //! XDP's own counters must show it carried the remote flows both ways.
 use std::{
     collections::BTreeSet,
-    fmt::Write as _,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
@@ -17,7 +16,7 @@ use integration_tests::{
     agent::{agent_bin, wait_programmed},
     client::{http_get, udp_request},
     cluster::{CLIENT_IP6, Cluster, NODE_A_IP6, NODE_A_LINK_IP6, SeenAny, pod_ip6_a, pod_ip6_b},
-    manifests::write_atomic,
+    manifests::{web6_yaml, write_atomic},
 };
 use proxy_common::ct::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
@@ -29,32 +28,7 @@ const UDP_NODE_PORT: u16 = 30053;
 /// An IPv6-only `NodePort` `web` (HTTP 80→8080 on 30080, UDP 53→5353 on
 /// 30053, externalTrafficPolicy Cluster) with one endpoint per node.
 fn web6() -> String {
-    let mut y = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: '{VIP6}'
-  clusterIPs: ['{VIP6}']
-  ipFamilies: [IPv6]
-  ipFamilyPolicy: SingleStack
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: {UDP_NODE_PORT}, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv6
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-endpoints:
-"
-    );
-    for (ip, node) in [(pod_ip6_a(1), "node-a"), (pod_ip6_b(1), "node-b")] {
-        let _ = writeln!(y, "- {{addresses: ['{ip}'], nodeName: {node}}}");
-    }
-    y
+    web6_yaml("NodePort", VIP6, "", None, &[(pod_ip6_a(1), "node-a", ""), (pod_ip6_b(1), "node-b", "")])
 }
 
 #[test]
