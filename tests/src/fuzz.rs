@@ -2117,12 +2117,17 @@ struct Walk6 {
     end: usize,
     /// A fragment header with offset 0 and more fragments.
     first_fragment: bool,
+    /// A fragment after the first (offset > 0) of TCP or UDP: no upper-layer
+    /// header, `l4` is where its data starts; TC may translate it with the
+    /// ports its first fragment left in `proxy_frag6_v1`.
+    later_fragment: bool,
 }
 
 /// `None` when the datapath must pass the packet untouched: not version 6,
 /// an extension chain longer than 6 or with a header it does not walk, a
-/// routing header with segments left, a later fragment, headers cut short
-/// or beyond the payload length, a UDP checksum of 0.
+/// routing header with segments left, a later fragment of anything but TCP
+/// or UDP, headers cut short or beyond the payload length, a UDP checksum
+/// of 0.
 fn walk6(a: &[u8]) -> Option<Walk6> {
     if a.len() < 40 || a[0] >> 4 != 6 {
         return None;
@@ -2144,12 +2149,16 @@ fn walk6(a: &[u8]) -> Option<Walk6> {
             44 => {
                 let h = a.get(off..off + 4)?;
                 let fo = u16::from_be_bytes([h[2], h[3]]);
-                if fo & 0xfff8 != 0 {
-                    return None;
-                }
-                first_fragment |= fo & 1 != 0;
                 next = h[0];
                 off += 8;
+                if fo & 0xfff8 != 0 {
+                    // Data follows, not headers.
+                    if !matches!(next, proto::TCP | proto::UDP) || off > end {
+                        return None;
+                    }
+                    return Some(Walk6 { next, l4: off, end, first_fragment: false, later_fragment: true });
+                }
+                first_fragment |= fo & 1 != 0;
             }
             _ => break,
         }
@@ -2168,7 +2177,7 @@ fn walk6(a: &[u8]) -> Option<Walk6> {
     if min > 0 && (a.len() < off + min || end < off + min || (next == proto::UDP && be16(a, off + 6) == 0)) {
         return None;
     }
-    Some(Walk6 { next, l4: off, end, first_fragment })
+    Some(Walk6 { next, l4: off, end, first_fragment, later_fragment: false })
 }
 
 /// L4 residual over the IPv6 pseudo-header and the bytes `l4..` of `ip`.
@@ -2219,7 +2228,16 @@ pub type Ct6Lookup<'a> = &'a dyn Fn(&Ct6Key) -> Option<Ct6Value>;
 fn check_forwarded6(model: &Model, prog: Prog, input: &[u8], verdict: u32, out: &[u8], ct6: Ct6Lookup<'_>) -> Result<(), String> {
     let l3 = prog.l3();
     let a = input.get(l3..).unwrap_or_default();
-    let w = walk6(a).ok_or("an IPv6 packet the datapath must pass untouched (unwalkable, a later fragment, malformed) was not passed")?;
+    let w = walk6(a).ok_or("an IPv6 packet the datapath must pass untouched (unwalkable, a later fragment of neither TCP nor UDP, malformed) was not passed")?;
+    if w.later_fragment {
+        if prog.is_xdp() {
+            return Err("XDP translated an IPv6 later fragment".into());
+        }
+        if verdict != TC_ACT_OK {
+            return Err(format!("IPv6 later fragment {}: only a translation may forward one", verdict_name(prog, verdict)));
+        }
+        return check_later_fragment6(model, a, out.get(l3..).unwrap_or_default(), &w);
+    }
     // An error built in place of the packet: ICMPv6 out, TCP/UDP in (the
     // length alone does not tell: a padded frame can have the error's).
     if verdict == TC_ACT_REDIRECT && prog.is_ingress() && out.len() > l3 + 40 && out[l3 + 6] == 58 && w.next != 58 {
@@ -2274,6 +2292,37 @@ fn check_forwarded6(model: &Model, prog: Prog, input: &[u8], verdict: u32, out: 
     {
         let pout = crate::packet6::parse6_ip(b).map_err(|e| format!("a valid IPv6 input became unparsable: {e}"))?;
         pout.verify_checksums().map_err(|e| format!("valid IPv6 input, invalid output: {e}"))?;
+    }
+    Ok(())
+}
+
+/// An IPv6 fragment after the first has no ports (they live in the first
+/// fragment): TC may change only the addresses and the hop limit, never a
+/// byte of the extension headers or the data; the new destination is a
+/// backend of a frontend at the old one, or a new source is a frontend
+/// that has the old one as a backend (a reply). XDP passes it to TC.
+fn check_later_fragment6(model: &Model, a: &[u8], b: &[u8], w: &Walk6) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("translated IPv6 later fragment changed length {} -> {}", a.len(), b.len()));
+    }
+    if let Some(i) = (0..a.len()).find(|i| a[*i] != b[*i] && !(7..40).contains(i)) {
+        return Err(format!("byte {i} of an IPv6 later fragment changed ({:#04x} -> {:#04x}): only addresses and hop limit may", a[i], b[i]));
+    }
+    if a == b {
+        return Err("IPv6 later fragment forwarded without any translation".into());
+    }
+    if b[7] != a[7] && !(a[7] >= 2 && b[7] == a[7] - 1) {
+        return Err(format!("later fragment: hop limit {} -> {}", a[7], b[7]));
+    }
+    let p = w.next;
+    let (s, d, s2, d2) = (addr6_at(a, 8), addr6_at(a, 24), addr6_at(b, 8), addr6_at(b, 24));
+    let frontends = |x: Ipv6Addr| model.frontends6.iter().filter(move |f| f.proto == p && *f.addr.ip() == x);
+    let backend_of = |f: &Frontend6Def, x: Ipv6Addr| f.backends.iter().any(|id| *model.backends6[id].addr.ip() == x);
+    if d2 != d && !frontends(d).any(|f| backend_of(f, d2)) {
+        return Err(format!("IPv6 later fragment to {d} readdressed to {d2}: not a backend of a frontend at {d}"));
+    }
+    if s2 != s && !frontends(s2).any(|f| backend_of(f, s)) {
+        return Err(format!("IPv6 later fragment from {s} readdressed from {s2}: not a frontend that has backend {s}"));
     }
     Ok(())
 }
@@ -2713,8 +2762,24 @@ mod tests6 {
             long = long.with_ext(Ext::DestOpts(vec![]));
         }
         assert!(check(&long.build(), TC_ACT_OK, &long.clone().with_dst(b1).build()).is_err(), "an unwalkable chain translated");
-        let later = Frame6::udp(client(), clusterip6()).with_ext(Ext::Fragment { offset: 3, more: false, id: 1 });
-        assert!(check(&later.build(), TC_ACT_OK, &later.clone().with_dst(b1).build()).is_err(), "a later fragment translated");
+        // A later fragment: TC may readdress it to a backend of the frontend
+        // (its first fragment's ports are remembered), nothing more.
+        let later = Frame6::udp(client(), clusterip6()).with_ext(Ext::Fragment { offset: 3, more: false, id: 1 }).build();
+        // The builder would fill in a checksum; a later fragment has none.
+        let readdress = |to: Ipv6Addr| {
+            let mut f = later.clone();
+            f[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&to.octets());
+            f
+        };
+        check(&later, TC_ACT_OK, &readdress(*b1.ip())).expect("a later fragment readdressed to a backend");
+        assert!(check(&later, TC_ACT_OK, &readdress(ip6("fd00:244:86dd::99"))).is_err(), "a later fragment readdressed to a non-backend");
+        let mut data = readdress(*b1.ip());
+        let last = data.len() - 1;
+        data[last] ^= 1;
+        assert!(check(&later, TC_ACT_OK, &data).is_err(), "a later fragment's data changed");
+        let model = Model::standard();
+        let xdp = check_packet_with(&model, Prog::Xdp, &later, XDP_TX, &readdress(*b1.ip()), &|_| None, &|_| None);
+        assert!(xdp.is_err(), "XDP translated a later fragment");
         let zero = Frame6::udp(client(), clusterip6()).with_udp_zero_checksum();
         assert!(check(&zero.build(), TC_ACT_OK, &zero.clone().with_dst(sa6("fd00:244:86dd::11", 8080)).build()).is_err(), "UDP without checksum translated");
     }
