@@ -362,18 +362,7 @@ impl Node {
     /// a static neighbour, routes to every IPv6 range of the topology
     /// through it; on the node a /128 route and a static neighbour.
     fn add_pod_ipv6(&self, i: usize) {
-        let p = &self.pods[i - 1];
-        let ip = self.id.pod_ip6(i);
-        let mac = |ns: &Netns, dev: &str| ns.ip(&["-br", "link", "show", dev]).split_whitespace().nth(2).expect("a MAC").to_owned();
-        let (node_mac, pod_mac) = (mac(&self.ns, &p.veth), mac(&p.ns, "eth0"));
-        p.ns.ip(&["-6", "addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"]);
-        let gw = POD_GATEWAY6.to_string();
-        p.ns.ip(&["-6", "neigh", "add", &gw, "lladdr", &node_mac, "dev", "eth0"]);
-        for cidr in [EXT_A_CIDR6, EXT_B_CIDR6, "fd00:10::/64", POD_CIDR6, SERVICE_CIDR6] {
-            p.ns.ip(&["-6", "route", "add", cidr, "via", &gw, "dev", "eth0"]);
-        }
-        self.ns.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &p.veth]);
-        self.ns.ip(&["-6", "neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &p.veth]);
+        add_pod_ipv6(&self.ns, &self.pods[i - 1], self.id.pod_ip6(i), &[EXT_A_CIDR6, EXT_B_CIDR6, "fd00:10::/64", POD_CIDR6, SERVICE_CIDR6]);
     }
 }
 
@@ -565,14 +554,8 @@ impl Cluster {
     /// no neighbour (XDP passes them to TC, TC's FIB lookup defers to the
     /// stack).
     fn wait_ipv6_settled(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let all: Vec<&Netns> = [&self.client, &self.a.ns, &self.b.ns].into_iter().chain(self.pods().map(|p| &p.ns)).collect();
-        while all.iter().any(|ns| !ns.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty()) {
-            if std::time::Instant::now() > deadline {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_ipv6_settled(&all);
     }
 
     #[must_use]
@@ -635,19 +618,7 @@ impl Cluster {
     /// [`Self::serve_http_peer`] and [`Self::serve_udp_peer`] on `[::]`
     /// (both families), for [`Self::enable_ipv6`]; parse with [`SeenAny`].
     pub fn serve_peer_dual(&mut self, http_port: u16, udp_port: u16) {
-        let mut new = Vec::new();
-        for p in self.pods() {
-            let name = p.name.clone();
-            new.push(crate::servers::http_server_on(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, http_port)), move |peer| {
-                format!("{}\n", peer_text(&name, peer))
-            }));
-            let name = p.name.clone();
-            new.push(crate::servers::udp_echo_with(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)), move |peer, payload| {
-                let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
-                reply.extend_from_slice(payload);
-                reply
-            }));
-        }
+        let new = peer_servers_dual(self.pods(), http_port, udp_port);
         self.servers.extend(new);
     }
 
@@ -811,6 +782,57 @@ impl SeenAny {
     pub fn peer_ip(&self) -> IpAddr {
         self.peer.ip()
     }
+}
+
+/// Gives `pod` (on the node `node_ns`) the IPv6 address `ip` (/128, no
+/// duplicate address detection), the gateway [`POD_GATEWAY6`] as a static
+/// neighbour at the node end of its veth, `routes` via that gateway; the
+/// node gets the /128 route and neighbour to the pod.
+pub fn add_pod_ipv6(node_ns: &Netns, pod: &Pod, ip: Ipv6Addr, routes: &[&str]) {
+    let mac = |ns: &Netns, dev: &str| ns.ip(&["-br", "link", "show", dev]).split_whitespace().nth(2).expect("a MAC").to_owned();
+    let (node_mac, pod_mac) = (mac(node_ns, &pod.veth), mac(&pod.ns, "eth0"));
+    pod.ns.ip(&["-6", "addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"]);
+    let gw = POD_GATEWAY6.to_string();
+    pod.ns.ip(&["-6", "neigh", "add", &gw, "lladdr", &node_mac, "dev", "eth0"]);
+    for cidr in routes {
+        pod.ns.ip(&["-6", "route", "add", cidr, "via", &gw, "dev", "eth0"]);
+    }
+    node_ns.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &pod.veth]);
+    node_ns.ip(&["-6", "neigh", "add", &ip.to_string(), "lladdr", &pod_mac, "dev", &pod.veth]);
+}
+
+/// Waits (at most 10 s) until none of `namespaces` has a tentative IPv6
+/// address (see [`Cluster::enable_ipv6`]: new links' link-local addresses
+/// go through duplicate address detection, and neighbour discovery from
+/// them fails until it ends).
+pub fn wait_ipv6_settled(namespaces: &[&Netns]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while namespaces.iter().any(|ns| !ns.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty()) {
+        if std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// HTTP on `[::]:http_port` and UDP on `[::]:udp_port` in each of `pods`
+/// (both families), answering as [`http_peer_server`] and
+/// [`udp_peer_echo`]; parse with [`SeenAny`].
+pub fn peer_servers_dual<'a>(pods: impl Iterator<Item = &'a Pod>, http_port: u16, udp_port: u16) -> Vec<PeerServer> {
+    let mut new = Vec::new();
+    for p in pods {
+        let name = p.name.clone();
+        new.push(crate::servers::http_server_on(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, http_port)), move |peer| {
+            format!("{}\n", peer_text(&name, peer))
+        }));
+        let name = p.name.clone();
+        new.push(crate::servers::udp_echo_with(&p.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)), move |peer, payload| {
+            let mut reply = format!("{} ", peer_text(&name, peer)).into_bytes();
+            reply.extend_from_slice(payload);
+            reply
+        }));
+    }
+    new
 }
 
 /// A server that reports the peer it sees; stopped (threads joined) on drop.

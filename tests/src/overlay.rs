@@ -45,7 +45,10 @@ use proxy_agent::pins::Pins;
 use crate::{
     agent::{Agent, AgentArgs, AgentSource},
     cgroup::TestCgroup,
-    cluster::{CLIENT_IP, NODE_A_IP, NodeId, POD_CIDR, POD_GATEWAY, PeerServer, Pod, SERVICE_CIDR, http_peer_server, udp_peer_echo},
+    cluster::{
+        CLIENT_IP, CLIENT_IP6, NODE_A_IP, NODE_A_IP6, NodeId, POD_CIDR, POD_CIDR6, POD_GATEWAY, PeerServer, Pod, SERVICE_CIDR,
+        SERVICE_CIDR6, add_pod_ipv6, http_peer_server, peer_servers_dual, udp_peer_echo, wait_ipv6_settled,
+    },
     netns::{Netns, unique_name},
 };
 
@@ -99,6 +102,18 @@ pub fn overlay_ip(n: NodeId) -> std::net::Ipv4Addr {
     match n {
         NodeId::A => std::net::Ipv4Addr::new(10, 244, 1, 0),
         NodeId::B => std::net::Ipv4Addr::new(10, 244, 2, 0),
+    }
+}
+
+/// Node `n`'s IPv6 address on its overlay device
+/// ([`Overlay::enable_ipv6`]): the first address of its IPv6 pod range
+/// (fd00:244:0:1:: / fd00:244:0:2::), the source of what the node sends
+/// to the other node's pods over IPv6.
+#[must_use]
+pub fn overlay_ip6(n: NodeId) -> std::net::Ipv6Addr {
+    match n {
+        NodeId::A => std::net::Ipv6Addr::new(0xfd00, 0x244, 0, 1, 0, 0, 0, 0),
+        NodeId::B => std::net::Ipv6Addr::new(0xfd00, 0x244, 0, 2, 0, 0, 0, 0),
     }
 }
 
@@ -214,6 +229,33 @@ impl OverlayNode {
         ns.ip(&["link", "set", TUN_DEV, "up"]);
         ns.ip(&["route", "add", other(n).pod_cidr(), "dev", TUN_DEV]);
         fd
+    }
+
+    /// IPv6 beside IPv4 on this node's overlay device and pods: the node's
+    /// [`overlay_ip6`], the other node's IPv6 pod range through the overlay
+    /// (via its VTEP's IPv6 address, onlink, with the static neighbour
+    /// flannel would write, on VXLAN; straight into `tun0` on TUN), and
+    /// every pod's `NodeId::pod_ip6` with routes for the IPv6 pod and
+    /// service ranges.
+    fn add_ipv6(&self, kind: OverlayKind) {
+        let (n, ns) = (self.id, &self.ns);
+        let peer = other(n);
+        let dev = kind.device();
+        ns.ip(&["-6", "addr", "add", &format!("{}/128", overlay_ip6(n)), "dev", dev, "nodad"]);
+        match kind {
+            OverlayKind::Vxlan => {
+                let gw = overlay_ip6(peer).to_string();
+                ns.ip(&["-6", "route", "add", peer.pod_cidr6(), "via", &gw, "dev", dev, "onlink"]);
+                ns.ip(&["-6", "neigh", "add", &gw, "lladdr", vtep_mac(peer), "dev", dev]);
+            }
+            OverlayKind::Tun => {
+                ns.ip(&["-6", "route", "add", peer.pod_cidr6(), "dev", dev]);
+            }
+        }
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        for (i, pod) in self.pods.iter().enumerate() {
+            add_pod_ipv6(ns, pod, n.pod_ip6(i + 1), &[POD_CIDR6, SERVICE_CIDR6]);
+        }
     }
 
     fn start_agent(&mut self, bin: &Path, manifests: &Path, devices: &str, extra: &[&str]) {
@@ -429,6 +471,29 @@ impl Overlay {
     /// UDP on `port` in every pod, answering `<pod> <peer-ip> <peer-port> <payload>`.
     pub fn serve_udp_peer(&mut self, port: u16) {
         let new: Vec<PeerServer> = self.pods().map(|p| udp_peer_echo(&p.ns, port, &p.name)).collect();
+        self.servers.extend(new);
+    }
+
+    /// IPv6 beside IPv4, as a dual-stack flannel lays it out over one
+    /// overlay device: the client's [`CLIENT_IP6`] and node A's
+    /// [`NODE_A_IP6`] on the uplink (the client has no other route), each
+    /// node's [`overlay_ip6`] on its overlay device and routes to the other
+    /// node's IPv6 pod range through it, IPv6 on every pod. The underlay
+    /// stays IPv4 (VXLAN carries the IPv6 frames in IPv4 UDP). Call before
+    /// starting servers and agents.
+    pub fn enable_ipv6(&mut self) {
+        self.client.ip(&["-6", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"]);
+        self.a.ns.ip(&["-6", "addr", "add", &format!("{NODE_A_IP6}/64"), "dev", "ext0", "nodad"]);
+        self.a.add_ipv6(self.kind);
+        self.b.add_ipv6(self.kind);
+        let all: Vec<&Netns> = [&self.client, &self.a.ns, &self.b.ns].into_iter().chain(self.pods().map(|p| &p.ns)).collect();
+        wait_ipv6_settled(&all);
+    }
+
+    /// HTTP and UDP peer servers on `[::]` (both families) in every pod;
+    /// parse with [`crate::cluster::SeenAny`].
+    pub fn serve_peer_dual(&mut self, http_port: u16, udp_port: u16) {
+        let new = peer_servers_dual(self.pods(), http_port, udp_port);
         self.servers.extend(new);
     }
 

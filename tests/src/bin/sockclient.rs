@@ -37,7 +37,10 @@ fn udp_once(s: &UdpSocket, connected: bool, addr: SocketAddr, i: u32) -> std::io
     let mut buf = [0u8; 2048];
     let (n, from) = s.recv_from(&mut buf)?;
     let reply = String::from_utf8_lossy(&buf[..n]);
-    let name = reply.split(':').next().unwrap_or("").to_owned();
+    // `<name>:<payload>` from the echo servers; a peer server's
+    // `<name> <peer-ip> <peer-port> <payload>` (an IPv6 peer has colons)
+    // is kept whole.
+    let name = if reply.contains(' ') { reply.trim_end().to_owned() } else { reply.split(':').next().unwrap_or("").to_owned() };
     let peer = if connected { s.peer_addr()? } else { from };
     Ok(format!("{name} {peer}"))
 }
