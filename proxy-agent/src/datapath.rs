@@ -31,7 +31,7 @@ use tracing::{info, warn};
 pub use self::{
     cgroup::{SocketLb, cgroup2_root, cgroup2_root_in, kernel_release, netns_cookie, open_cgroup},
     fake::FakeMaps,
-    maps::{BpfMaps, MapsDump, ServiceMaps, read_stats},
+    maps::{BatchError, BpfMaps, Delete, MapsDump, ServiceMaps, SrcRange, Update, read_stats},
 };
 use crate::{
     error::{Error, Result},

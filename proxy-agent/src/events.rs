@@ -83,17 +83,17 @@ pub struct Request {
 /// A reference to a stored object of the kind a [`Rejection`] names.
 fn reference(kind: &str, key: &ObjectKey, store: &Store) -> ObjectReference {
     let (api_version, meta) = match kind {
-        "Service" => ("v1", store.services.get(key).map(|s| &s.object.metadata)),
-        "EndpointSlice" => ("discovery.k8s.io/v1", store.slices.get(key).map(|s| &s.object.metadata)),
+        "Service" => ("v1", store.services.get(key).map(|s| &s.meta)),
+        "EndpointSlice" => ("discovery.k8s.io/v1", store.slices.get(key).map(|s| &s.meta)),
         _ => ("v1", None),
     };
     ObjectReference {
         api_version: Some(api_version.to_owned()),
         kind: Some(kind.to_owned()),
-        namespace: Some(key.namespace.clone()),
-        name: Some(key.name.clone()),
-        uid: meta.and_then(|m| m.uid.clone()),
-        resource_version: meta.and_then(|m| m.resource_version.clone()),
+        namespace: Some(key.namespace.to_string()),
+        name: Some(key.name.to_string()),
+        uid: meta.and_then(|m| m.uid.as_ref().map(ToString::to_string)),
+        resource_version: meta.and_then(|m| m.resource_version.as_ref().map(ToString::to_string)),
         field_path: None,
     }
 }
@@ -314,7 +314,7 @@ mod tests {
     use k8s_openapi::api::core::v1::Service;
 
     use super::*;
-    use crate::store::{SourceEvent, Stored};
+    use crate::store::SourceEvent;
 
     fn store_with(name: &str, uid: &str) -> Store {
         let mut store = Store::default();
@@ -323,7 +323,7 @@ mod tests {
         svc.metadata.namespace = Some("default".to_owned());
         svc.metadata.uid = Some(uid.to_owned());
         svc.metadata.resource_version = Some("42".to_owned());
-        store.apply(SourceEvent::ServiceApplied(Stored { object: svc, origin: "apiserver".to_owned() }));
+        store.apply(SourceEvent::service(&svc, "apiserver"));
         store
     }
 

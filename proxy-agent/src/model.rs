@@ -36,12 +36,12 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use proxy_common::svc::{
     MAX_BACKENDS_PER_FRONTEND, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
-use crate::store::{ObjectKey, Store, Stored};
+use crate::store::{AddressType, ObjectKey, ServiceRecord, ServiceType, SliceRecord, Store};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -325,9 +325,9 @@ pub fn desired_state(store: &Store, node: &NodeInfo) -> (Desired, Vec<Rejection>
         let slices = store.slices_of(key);
         let mut mine = Vec::new();
         service_frontends(key, svc, &slices, node, &mut mine, &mut rejections);
-        let age = (svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0), key.clone());
+        let age = (svc.created, key.clone());
         for (fk, fe) in mine {
-            candidates.push((fe.kind != FrontendKind::ClusterIp, age.clone(), svc.origin.as_str(), fk, fe));
+            candidates.push((fe.kind != FrontendKind::ClusterIp, age.clone(), &svc.meta.origin, fk, fe));
         }
     }
     // Why: a Service must never take another's address (CVE-2020-8554 with
@@ -376,35 +376,33 @@ pub fn health_checks(store: &Store, node: &NodeInfo) -> (BTreeMap<ObjectKey, u16
     (ports, local)
 }
 
-fn proxied(svc: &Stored<Service>) -> bool {
-    !svc.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-        && cluster_ips(&svc.object).is_ok_and(|v| !v.is_empty())
+fn proxied(svc: &ServiceRecord) -> bool {
+    !svc.other_proxy && svc.cluster_ips.as_ref().is_ok_and(|v| !v.is_empty())
 }
 
 /// One Service's health-check inputs: its `healthCheckNodePort` when it
 /// needs one, and its ready endpoint addresses on this node.
-fn service_health(svc: &Stored<Service>, slices: &[&Stored<EndpointSlice>], node: &NodeInfo) -> (Option<u16>, usize) {
-    let Some(spec) = svc.object.spec.as_ref().filter(|_| proxied(svc)) else {
+fn service_health(svc: &ServiceRecord, slices: &[&SliceRecord], node: &NodeInfo) -> (Option<u16>, usize) {
+    if !proxied(svc) {
         return (None, 0);
-    };
-    let needs = spec.type_.as_deref() == Some("LoadBalancer")
-        && spec.external_traffic_policy.as_deref() == Some("Local")
-        && spec.ports.as_ref().is_some_and(|p| !p.is_empty());
-    let port = spec.health_check_node_port.and_then(port_in_range).filter(|_| needs);
+    }
+    let needs = svc.type_ == ServiceType::LoadBalancer && svc.external_local && !svc.ports.is_empty();
+    let port = svc.health_check_node_port.filter(|_| needs);
+    // Distinct addresses as given.
     // The primary family's endpoints (kube-proxy's proxier of that family
     // counts them; both families' slices normally list the same pods).
-    let v6 = cluster_ips(&svc.object).ok().and_then(|ips| ips.first().copied()).is_some_and(|a| a.is_ipv6());
-    let family = if v6 { "IPv6" } else { "IPv4" };
+    let v6 = svc.cluster_ips.as_ref().ok().and_then(|ips| ips.first()).is_some_and(IpAddr::is_ipv6);
+    let family = if v6 { AddressType::IPv6 } else { AddressType::IPv4 };
     let mut ips = BTreeSet::new();
     for slice in slices {
-        if slice.object.address_type != family {
+        if slice.address_type != family {
             continue;
         }
-        for ep in slice.object.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if ready && ep.node_name.as_deref() == Some(node.name.as_str())
-                && let Some(ip) = ep.addresses.first() {
-                    ips.insert(ip.clone());
+        for ep in &slice.endpoints {
+            let ready = ep.ready.unwrap_or(true);
+            if ready && ep.node_name() == Some(node.name.as_str())
+                && let Some(ip) = &ep.address {
+                    ips.insert(ip);
                 }
         }
     }
@@ -421,7 +419,7 @@ fn reject(out: &mut Vec<Rejection>, kind: &'static str, key: &ObjectKey, origin:
     });
 }
 
-fn parse_protocol(p: Option<&str>) -> Result<Protocol, (Cause, String)> {
+pub(crate) fn parse_protocol(p: Option<&str>) -> Result<Protocol, (Cause, String)> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
@@ -430,7 +428,7 @@ fn parse_protocol(p: Option<&str>) -> Result<Protocol, (Cause, String)> {
     }
 }
 
-fn port_in_range(p: i32) -> Option<u16> {
+pub(crate) fn port_in_range(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|&p| p != 0)
 }
 
@@ -438,7 +436,7 @@ fn port_in_range(p: i32) -> Option<u16> {
 /// order (dual-stack: one IPv4 and one IPv6); empty when it is not proxied
 /// (headless, `ExternalName`). A cluster IP of a family `spec.ipFamilies`
 /// does not list is an error naming both.
-fn cluster_ips(svc: &Service) -> Result<Vec<IpAddr>, (Cause, String)> {
+pub(crate) fn cluster_ips(svc: &Service) -> Result<Vec<IpAddr>, (Cause, String)> {
     let invalid = |why: String| (Cause::Invalid, why);
     let spec = svc.spec.as_ref().ok_or_else(|| invalid("has no spec".to_owned()))?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -476,11 +474,11 @@ fn cluster_ips(svc: &Service) -> Result<Vec<IpAddr>, (Cause, String)> {
 /// externalIPs and `LoadBalancer` ingress IPs, of both families (an
 /// ingress whose `ipMode` is `Proxy` is skipped, as kube-proxy does: the
 /// load balancer itself proxies to the nodes).
-fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Vec<(IpAddr, FrontendKind)> {
+fn external_ips(svc: &ServiceRecord, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Vec<(IpAddr, FrontendKind)> {
     let mut out = Vec::new();
-    let spec = svc.object.spec.as_ref();
-    for ip in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten() {
-        match ip.parse::<IpAddr>() {
+    let origin = &*svc.meta.origin;
+    for ip in &svc.external_ips {
+        match ip.parse() {
             Ok(IpAddr::V4(a)) => {
                 // Why: an externalIP inside the Service range could take a
                 // ClusterIP not allocated yet, one on a node address the
@@ -496,93 +494,79 @@ fn external_ips(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejecti
                     None
                 };
                 match refused {
-                    Some(why) => reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it {why}")),
+                    Some(why) => reject(rejections, "Service", key, origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it {why}")),
                     None => out.push((IpAddr::V4(a), FrontendKind::ExternalIp)),
                 }
             }
             // (--service-cidrs and --external-ip-cidrs are IPv4 lists: an
             // allow-list refuses every IPv6 address.)
             Ok(IpAddr::V6(a)) if node.external_ip_cidrs.is_some() => {
-                reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is outside --external-ip-cidrs"));
+                reject(rejections, "Service", key, origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is outside --external-ip-cidrs"));
             }
             Ok(IpAddr::V6(a)) if node.nodeport_addresses.contains(&IpAddr::V6(a)) => {
-                reject(rejections, "Service", key, &svc.origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is an address of this node"));
+                reject(rejections, "Service", key, origin, Cause::ExternalIpRefused, format!("externalIP {a} refused: it is an address of this node"));
             }
             Ok(a @ IpAddr::V6(_)) => out.push((a, FrontendKind::ExternalIp)),
-            Err(_) => reject(rejections, "Service", key, &svc.origin, Cause::Invalid, format!("invalid externalIP {ip:?}")),
+            Err(_) => reject(rejections, "Service", key, origin, Cause::Invalid, format!("invalid externalIP {:?}", ip.text())),
         }
     }
-    let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-    for ing in ingress.into_iter().flatten() {
-        if ing.ip_mode.as_deref() == Some("Proxy") {
-            continue;
-        }
-        if let Some(Ok(a)) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
-            out.push((a, FrontendKind::LoadBalancer));
-        }
-    }
+    // (Those with ipMode Proxy are left out of the record.)
+    out.extend(svc.ingress_ips.iter().map(|a| (*a, FrontendKind::LoadBalancer)));
     out
 }
 
 #[expect(clippy::too_many_lines, reason = "one Service's frontends: per port, per family, per address, in one readable pass")]
 fn service_frontends(
     key: &ObjectKey,
-    svc: &Stored<Service>,
-    slices: &[&Stored<EndpointSlice>],
+    svc: &ServiceRecord,
+    slices: &[&SliceRecord],
     node: &NodeInfo,
     out: &mut Vec<(FrontendKey, Frontend)>,
     rejections: &mut Vec<Rejection>,
 ) {
     const KIND: &str = "Service";
-    let labels = svc.object.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+    if svc.other_proxy {
         return;
     }
-    let vips = match cluster_ips(&svc.object) {
+    let origin = &*svc.meta.origin;
+    let vips = match &svc.cluster_ips {
         Ok(v) if v.is_empty() => return,
         Ok(v) => v,
-        Err((cause, reason)) => return reject(rejections, KIND, key, &svc.origin, cause, reason),
+        Err(e) => return reject(rejections, KIND, key, origin, e.0.clone(), e.1.clone()),
     };
-    let ports = svc
-        .object
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_ref())
-        .map_or(&[][..], Vec::as_slice);
+    let ports = &svc.ports;
     // A port out of range makes the whole object invalid (the API server
     // would have refused it): skip it entirely rather than half of it.
     if let Some(bad) = ports.iter().find(|p| port_in_range(p.port).is_none()) {
-        return reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {} is out of range 1-65535", bad.port));
+        return reject(rejections, KIND, key, origin, Cause::Invalid, format!("port {} is out of range 1-65535", bad.port));
     }
-    let spec = svc.object.spec.as_ref();
-    let itp_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
-    let etp_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-    let prefer_same_node = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferSameNode");
-    let svc_type = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
+    let itp_local = svc.internal_local;
+    let etp_local = svc.external_local;
+    let prefer_same_node = svc.prefer_same_node;
     let external_ips = external_ips(svc, key, node, rejections);
     // An address of a family the Service has no cluster IP of is not
     // served (kube-proxy programs each family from its own clusterIP).
     for (a, kind) in external_ips.iter().filter(|(a, _)| !vips.iter().any(|v| v.is_ipv4() == a.is_ipv4())) {
-        reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("{} {a} is {}, a family the Service has no clusterIP of (ipFamilies)", kind.name(), if a.is_ipv4() { "IPv4" } else { "IPv6" }));
+        reject(rejections, KIND, key, origin, Cause::Invalid, format!("{} {a} is {}, a family the Service has no clusterIP of (ipFamilies)", kind.name(), if a.is_ipv4() { "IPv4" } else { "IPv6" }));
     }
-    let affinity_timeout = session_affinity_timeout(spec);
+    let affinity_timeout = svc.affinity_timeout_s;
     let source_ranges = lb_source_ranges(svc, key, node, rejections);
     let mut mine: Vec<(FrontendKey, Frontend)> = Vec::new();
     for sp in ports {
-        let port_name = sp.name.clone().unwrap_or_default();
-        let protocol = match parse_protocol(sp.protocol.as_deref()) {
-            Ok(p) => p,
-            Err((cause, reason)) => {
-                reject(rejections, KIND, key, &svc.origin, cause, format!("port {port_name:?} ({}): {reason}", sp.port));
+        let port_name = &*sp.name;
+        let protocol = match &sp.protocol {
+            Ok(p) => *p,
+            Err(e) => {
+                reject(rejections, KIND, key, origin, e.0.clone(), format!("port {port_name:?} ({}): {}", sp.port, e.1));
                 continue;
             }
         };
         let port = port_in_range(sp.port).expect("checked above");
-        for &vip in &vips {
+        for &vip in vips {
             let v6 = vip.is_ipv6();
             // Every address this port is reachable on, with its kind.
             let mut keys = vec![(FrontendKey { addr: vip, port, protocol }, FrontendKind::ClusterIp)];
-            if matches!(svc_type, "NodePort" | "LoadBalancer") {
+            if matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer) {
                 match sp.node_port.map(port_in_range) {
                     // On the node's addresses of this family (127.0.0.1 too
                     // for the socket path; kube-proxy serves none on ::1).
@@ -601,7 +585,7 @@ fn service_frontends(
                         rejections,
                         KIND,
                         key,
-                        &svc.origin,
+                        origin,
                         Cause::Invalid,
                         format!("port {port_name:?}: nodePort {} is out of range", sp.node_port.unwrap_or_default()),
                     ),
@@ -609,20 +593,20 @@ fn service_frontends(
                 }
             }
             keys.extend(external_ips.iter().filter(|(a, _)| a.is_ipv6() == v6).map(|(a, kind)| (FrontendKey { addr: *a, port, protocol }, *kind)));
-            let endpoints = endpoints_for_port(&port_name, protocol, v6, slices, rejections);
-            let group = affinity_group(key, &port_name, protocol);
+            let endpoints = endpoints_for_port(port_name, protocol, v6, slices, rejections);
+            let group = affinity_group(key, port_name, protocol);
             for (fk, kind) in keys {
                 // Why: two ports of one Service on the same frontend (the API
                 // server refuses it, a manifest may not) would silently replace
                 // each other; keep the first.
                 if mine.iter().any(|(k, _)| *k == fk) {
-                    reject(rejections, KIND, key, &svc.origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
+                    reject(rejections, KIND, key, origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
                     continue;
                 }
                 if v6 && kind == FrontendKind::LoadBalancer && source_ranges.is_some() {
                     // Not served rather than served open.
                     let why = format!("LoadBalancer IP {} with loadBalancerSourceRanges: not served (source ranges are enforced on IPv4 only yet)", fk.addr);
-                    reject(rejections, KIND, key, &svc.origin, Cause::Unsupported, why);
+                    reject(rejections, KIND, key, origin, Cause::Unsupported, why);
                     continue;
                 }
                 let external = kind != FrontendKind::ClusterIp;
@@ -633,7 +617,7 @@ fn service_frontends(
                         rejections,
                         KIND,
                         key,
-                        &svc.origin,
+                        origin,
                         Cause::TooManyEndpoints,
                         format!("port {port_name:?} has {} endpoints; only the first {MAX_BACKENDS_PER_FRONTEND} are used", backends.len()),
                     );
@@ -643,7 +627,7 @@ fn service_frontends(
                     fk,
                     Frontend {
                         service: key.clone(),
-                        port_name: port_name.clone(),
+                        port_name: port_name.to_owned(),
                         kind,
                         backends,
                         drop_when_empty,
@@ -666,8 +650,8 @@ fn service_frontends(
 /// addresses (as /32: health checks and hairpin traffic come from them). A
 /// range that does not parse is reported by name and the Service is served
 /// closed (only the node's addresses), never open.
-fn lb_source_ranges(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
-    let ranges = svc.object.spec.as_ref()?.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty())?;
+fn lb_source_ranges(svc: &ServiceRecord, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
+    let ranges = svc.source_ranges.as_ref()?;
     let mut out: Vec<Cidr> = node
         .nodeport_addresses
         .iter()
@@ -688,7 +672,7 @@ fn lb_source_ranges(svc: &Stored<Service>, key: &ObjectKey, node: &NodeInfo, rej
                     rejections,
                     "Service",
                     key,
-                    &svc.origin,
+                    &svc.meta.origin,
                     Cause::InvalidSourceRange,
                     format!("loadBalancerSourceRanges {r:?}: {e}; its LoadBalancer IPs accept no client but the node (served closed)"),
                 );
@@ -711,7 +695,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// `sessionAffinity: ClientIP` → its timeout in seconds (default 10800,
 /// the API's range 1..=86400 enforced by clamping); anything else → 0.
-fn session_affinity_timeout(spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>) -> u32 {
+pub(crate) fn session_affinity_timeout(spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>) -> u32 {
     let Some(spec) = spec.filter(|s| s.session_affinity.as_deref() == Some("ClientIP")) else {
         return 0;
     };
@@ -741,74 +725,74 @@ pub fn affinity_group(svc: &ObjectKey, port_name: &str, protocol: Protocol) -> u
 
 /// One endpoint of a Service port, as the slices describe it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Endpoint {
+struct Endpoint<'a> {
     backend: BackendAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
-    node_name: Option<String>,
-    zone_hints: BTreeSet<String>,
-    node_hints: BTreeSet<String>,
+    node_name: Option<&'a str>,
+    zone_hints: &'a [std::sync::Arc<str>],
+    node_hints: &'a [std::sync::Arc<str>],
+}
+
+/// Whether `hints` name `name`.
+fn hinted(hints: &[std::sync::Arc<str>], name: &str) -> bool {
+    hints.iter().any(|h| **h == *name)
 }
 
 /// The endpoints of one Service port in the slices of one family
 /// (`addressType` IPv4, or IPv6 with `v6`).
-fn endpoints_for_port(
+fn endpoints_for_port<'a>(
     port_name: &str,
     protocol: Protocol,
     v6: bool,
-    slices: &[&Stored<EndpointSlice>],
+    slices: &[&'a SliceRecord],
     rejections: &mut Vec<Rejection>,
-) -> Vec<Endpoint> {
+) -> Vec<Endpoint<'a>> {
     const KIND: &str = "EndpointSlice";
-    let mut out: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
-    let family = if v6 { "IPv6" } else { "IPv4" };
-    for slice in slices {
-        let es = &slice.object;
-        let key = ObjectKey::of(&es.metadata);
-        if es.address_type == "FQDN" && !v6 {
+    let mut out: BTreeMap<BackendAddr, Endpoint<'a>> = BTreeMap::new();
+    let (family, address_type) = if v6 { ("IPv6", AddressType::IPv6) } else { ("IPv4", AddressType::IPv4) };
+    for &slice in slices {
+        let key = slice.key();
+        let origin = &*slice.meta.origin;
+        if slice.address_type == AddressType::Fqdn && !v6 {
             // (Reported once, with the IPv4 pass.)
-            reject(rejections, KIND, &key, &slice.origin, Cause::Unsupported, "addressType FQDN is not proxied (as kube-proxy)".to_owned());
+            reject(rejections, KIND, key, origin, Cause::Unsupported, "addressType FQDN is not proxied (as kube-proxy)".to_owned());
         }
         // The other family's slices serve the other family's frontends.
-        if es.address_type != family {
+        if slice.address_type != address_type {
             continue;
         }
-        let Some(target) = es.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && parse_protocol(p.protocol.as_deref()).ok() == Some(protocol)
-        }) else {
+        let Some(target) = slice.ports.iter().find(|p| *p.name == *port_name && p.protocol == Some(protocol)) else {
             continue;
         };
         let Some(port) = target.port.and_then(port_in_range) else {
             reject(
                 rejections,
                 KIND,
-                &key,
-                &slice.origin,
+                key,
+                origin,
                 Cause::Invalid,
                 format!("port {port_name:?} has no valid port number ({:?})", target.port),
             );
             continue;
         };
-        for ep in es.endpoints.iter().flatten() {
-            let Some(first) = ep.addresses.first() else {
+        for ep in &slice.endpoints {
+            let Some(first) = &ep.address else {
                 continue;
             };
-            let addr = match first.parse::<IpAddr>() {
+            let addr = match first.parse() {
                 Ok(a) if a.is_ipv6() == v6 => a,
                 _ => {
-                    reject(rejections, KIND, &key, &slice.origin, Cause::Invalid, format!("endpoint address {first:?} is not an {family} address"));
+                    reject(rejections, KIND, key, origin, Cause::Invalid, format!("endpoint address {:?} is not an {family} address", first.text()));
                     continue;
                 }
             };
-            let c = ep.conditions.as_ref();
             // Unset `ready` means ready; unset `serving` means the same as
             // ready; unset `terminating` means not terminating (API docs).
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let hints = ep.hints.as_ref();
+            let ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(ready);
+            let terminating = ep.terminating.unwrap_or(false);
             let backend = BackendAddr { addr, port, local: false };
             // The same address:port in two slices counts once (the first).
             out.entry(backend).or_insert_with(|| Endpoint {
@@ -816,9 +800,9 @@ fn endpoints_for_port(
                 ready,
                 serving,
                 terminating,
-                node_name: ep.node_name.clone(),
-                zone_hints: hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect(),
-                node_hints: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
+                node_name: ep.node_name(),
+                zone_hints: ep.zone_hints(),
+                node_hints: ep.node_hints(),
             });
         }
     }
@@ -839,12 +823,12 @@ enum TopologyMode {
 fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo, prefer_same_node: bool) -> TopologyMode {
     let ready = || endpoints.iter().filter(|e| e.ready);
     let all_node_hints = ready().all(|e| !e.node_hints.is_empty());
-    let for_node = ready().any(|e| e.node_hints.contains(&node.name));
+    let for_node = ready().any(|e| hinted(e.node_hints, &node.name));
     if prefer_same_node && all_node_hints && for_node {
         return TopologyMode::SameNode;
     }
     let all_zone_hints = ready().all(|e| !e.zone_hints.is_empty());
-    let for_zone = node.zone.as_ref().is_some_and(|z| ready().any(|e| e.zone_hints.contains(z)));
+    let for_zone = node.zone.as_ref().is_some_and(|z| ready().any(|e| hinted(e.zone_hints, z)));
     if ready().next().is_some() && all_zone_hints && for_zone {
         return TopologyMode::SameZone;
     }
@@ -859,13 +843,12 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo, prefer_same_node: bool
 /// - `internalTrafficPolicy: Local`: this node's ready endpoints, else its
 ///   serving-and-terminating ones; none → dropped, not rejected.
 fn select_backends(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, prefer_same_node: bool) -> (Vec<BackendAddr>, bool) {
-    let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(node.name.as_str());
+    let is_local = |e: &Endpoint| e.node_name == Some(node.name.as_str());
+    // (Of the exact length: the desired state keeps these lists.)
     let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<BackendAddr> {
-        endpoints
-            .iter()
-            .filter(|e| f(e))
-            .map(|e| BackendAddr { local: is_local(e), ..e.backend })
-            .collect()
+        let mut v = Vec::with_capacity(endpoints.iter().filter(|e| f(e)).count());
+        v.extend(endpoints.iter().filter(|e| f(e)).map(|e| BackendAddr { local: is_local(e), ..e.backend }));
+        v
     };
     let has_any = endpoints.iter().any(|e| e.ready || (e.serving && e.terminating));
     if local_only {
@@ -881,8 +864,8 @@ fn select_backends(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, pr
         e.ready
             && match mode {
                 TopologyMode::All => true,
-                TopologyMode::SameNode => e.node_hints.contains(&node.name),
-                TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+                TopologyMode::SameNode => hinted(e.node_hints, &node.name),
+                TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| hinted(e.zone_hints, z)),
             }
     });
     if v.is_empty() {

@@ -13,8 +13,24 @@
 //! are read back from the pinned maps on start, so a restart reshuffles
 //! nothing and conntrack entries (which hold backend ids) stay valid.
 //!
+//! The writes of a sync are staged, then made stage by stage, one batch per
+//! map and stage (one bpf(2) call for thousands of entries, see
+//! `datapath::maps`): the order above holds for every frontend, and a
+//! stage's entries never depend on each other. Removing: every slot 0,
+//! then the other slots, then ranges and names. Programming: every new
+//! backend; then names, source ranges and the slots that differ; then every
+//! slot 0; then the slots beyond the counts and the ranges no longer
+//! wanted. A large sync is staged and written in chunks of
+//! [`FLUSH_ENTRIES`], each frontend within one chunk.
+//!
 //! A failed write marks the programmed view stale; the next sync re-reads the
-//! maps and retries what is still different.
+//! maps and retries what is still different. A batch that stops part-way
+//! (the kernel writes the entries in order and stops at the first that
+//! fails) fails the frontend that entry is for: the later stages skip that
+//! frontend's writes and every slot that would point at a backend not
+//! written, and the batch goes on after the entry. So a failure leaves each
+//! frontend as it was or as wanted, or in between in a way a packet cannot
+//! tell (slots within the old count rewritten to backends that exist).
 //!
 //! A frontend that does not fit in a map is never programmed half: it is
 //! programmed *closed* instead — slot 0 alone, no backends, no
@@ -25,15 +41,18 @@
 //! ([`closed_reserve`]); the sync reports them (and `/healthz` fails) until a
 //! later sync finds room for the whole frontend.
 use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use aya::{maps::MapError, sys::SyscallError};
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_MAP, BACKEND_MAX_ENTRIES, BACKEND6_MAP, Backend, Backend6},
+    names::SvcName,
     svc::{SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC_MAX_ENTRIES, SVC6_MAP, Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
-    datapath::{MapsDump, ServiceMaps},
+    datapath::{BatchError, Delete, MapsDump, ServiceMaps, SrcRange, Update},
     error::{Error, Result},
     model::{BackendAddr, Desired, Frontend, FrontendKey, Protocol},
 };
@@ -65,7 +84,7 @@ impl ProgFrontend {
 #[derive(Clone, Debug, Default)]
 struct Programmed {
     frontends: BTreeMap<FrontendKey, ProgFrontend>,
-    backend_ids: BTreeMap<(BackendAddr, Protocol), u32>,
+    backend_ids: BTreeMap<BackendIdKey, u32>,
     backends: BTreeMap<u32, BackendEntry>,
     /// Service-map keys that belong to no valid frontend.
     orphan_svc: Vec<SlotKey>,
@@ -171,6 +190,26 @@ fn backend_key(b: BackendEntry) -> Option<(BackendAddr, Protocol)> {
     Some((addr, Protocol::from_number(proto)?))
 }
 
+/// A backend (address, port, protocol, locality) as the key of the id
+/// index: integers, cheap to compare (the index may hold a million), and
+/// smaller than the model's types (20 bytes, 4-aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct BackendIdKey([u32; 5]);
+
+impl BackendIdKey {
+    fn new(b: BackendAddr, proto: Protocol) -> Self {
+        let (a, v6) = match b.addr {
+            IpAddr::V4(a) => ([0, 0, 0, u32::from(a)], 0),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                ([w(0), w(4), w(8), w(12)], 1)
+            }
+        };
+        Self([a[0], a[1], a[2], a[3], v6 << 25 | u32::from(b.local) << 24 | u32::from(proto.number()) << 16 | u32::from(b.port)])
+    }
+}
+
 /// The index of `a`'s family in per-family counters: 0 IPv4, 1 IPv6.
 fn fam(a: IpAddr) -> usize {
     usize::from(a.is_ipv6())
@@ -224,10 +263,10 @@ impl Programmed {
         for (id, b) in backends.chain(d.backends6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b)))) {
             p.next_backend_id = p.next_backend_id.max(id);
             p.backends.insert(id, b);
-            if let Some(key) = backend_key(b) {
+            if let Some((addr, proto)) = backend_key(b) {
                 // Two ids for one address (should not happen): keep the first;
                 // the other is deleted once nothing references it.
-                p.backend_ids.entry(key).or_insert(id);
+                p.backend_ids.entry(BackendIdKey::new(addr, proto)).or_insert(id);
             }
         }
         p.next_svc_id += 1;
@@ -257,24 +296,280 @@ impl Programmed {
     }
 
     /// Sets (or removes) frontend `key`, keeping the entry count and the
-    /// backends' reference counts.
-    fn set_frontend(&mut self, key: FrontendKey, fe: Option<ProgFrontend>) {
+    /// backends' reference counts. Returns what it replaces.
+    fn set_frontend(&mut self, key: FrontendKey, fe: Option<ProgFrontend>) -> Option<ProgFrontend> {
         // (Entries counted from a dump may be fewer than `entries()` says
         // when a slot was missing: saturate, never underflow.)
-        if let Some(fe) = fe {
+        let old = if let Some(fe) = fe {
             let n = &mut self.svc_entries[fam(key.addr)];
             *n += fe.entries();
             self.add_refs(&fe.slots);
-            if let Some(old) = self.frontends.insert(key, fe) {
-                let n = &mut self.svc_entries[fam(key.addr)];
-                *n = n.saturating_sub(old.entries());
-                self.drop_refs(&old.slots);
-            }
-        } else if let Some(old) = self.frontends.remove(&key) {
+            self.frontends.insert(key, fe)
+        } else {
+            self.frontends.remove(&key)
+        };
+        if let Some(old) = &old {
             let n = &mut self.svc_entries[fam(key.addr)];
             *n = n.saturating_sub(old.entries());
             self.drop_refs(&old.slots);
         }
+        old
+    }
+}
+
+/// Who a staged entry is written for: a failure is reported against it.
+#[derive(Clone, Copy, Debug)]
+enum Owner {
+    /// A frontend programmed or removed ([`SyncReport::errors`]).
+    Frontend(FrontendKey),
+    /// A frontend programmed closed ([`SyncReport::other_errors`]; it is
+    /// then not reported closed).
+    Closed(FrontendKey),
+    /// Entries no frontend owns: leftovers, unreferenced backends
+    /// ([`SyncReport::other_errors`], each).
+    Cleanup,
+}
+
+/// Entries for one map, in order, each with the index of its owner.
+#[derive(Debug)]
+struct Batch<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+    owners: Vec<u32>,
+}
+
+impl<K, V> Default for Batch<K, V> {
+    fn default() -> Self {
+        Self { keys: Vec::new(), values: Vec::new(), owners: Vec::new() }
+    }
+}
+
+impl<K, V> Batch<K, V> {
+    fn push(&mut self, owner: u32, key: K, value: V) {
+        self.keys.push(key);
+        self.values.push(value);
+        self.owners.push(owner);
+    }
+}
+
+/// One stage of writes, per map. Entries of a stage do not depend on each
+/// other; they may depend on earlier stages.
+#[derive(Debug, Default)]
+struct Stage {
+    backends: Batch<u32, Backend>,
+    backends6: Batch<u32, Backend6>,
+    names: Batch<u32, SvcName>,
+    ranges: Batch<SrcRange, ()>,
+    svc: Batch<SvcKey, SvcValue>,
+    svc6: Batch<Svc6Key, SvcValue>,
+    del_svc: Batch<SvcKey, ()>,
+    del_svc6: Batch<Svc6Key, ()>,
+    del_ranges: Batch<SrcRange, ()>,
+    del_names: Batch<u32, ()>,
+    del_backends: Batch<u32, ()>,
+    del_backends6: Batch<u32, ()>,
+}
+
+impl Stage {
+    fn put_slot(&mut self, owner: u32, k: SlotKey, v: SvcValue) {
+        match k {
+            SlotKey::V4(k) => self.svc.push(owner, k, v),
+            SlotKey::V6(k) => self.svc6.push(owner, k, v),
+        }
+    }
+
+    fn del_slot(&mut self, owner: u32, k: SlotKey) {
+        match k {
+            SlotKey::V4(k) => self.del_svc.push(owner, k, ()),
+            SlotKey::V6(k) => self.del_svc6.push(owner, k, ()),
+        }
+    }
+
+    fn entries(&self) -> usize {
+        self.backends.keys.len()
+            + self.backends6.keys.len()
+            + self.names.keys.len()
+            + self.ranges.keys.len()
+            + self.svc.keys.len()
+            + self.svc6.keys.len()
+            + self.del_svc.keys.len()
+            + self.del_svc6.keys.len()
+            + self.del_ranges.keys.len()
+            + self.del_names.keys.len()
+            + self.del_backends.keys.len()
+            + self.del_backends6.keys.len()
+    }
+}
+
+/// The stages of programming frontends, in order.
+const NEW_BACKENDS: usize = 0;
+/// Names, source ranges and the slots that differ.
+const SLOTS: usize = 1;
+/// Slot 0 with the count.
+const HEADS: usize = 2;
+/// Slots beyond the count, ranges no longer wanted.
+const BEYOND: usize = 3;
+/// The stages of removing frontends: slot 0 first, then the other slots,
+/// then the ranges and the name.
+const GONE_HEADS: usize = 0;
+const GONE_SLOTS: usize = 1;
+const GONE_REST: usize = 2;
+
+/// Staged entries after which they are written (a chunk of a large sync):
+/// bounds the memory the staging takes and the entries the service map
+/// holds in between, and still writes thousands per bpf(2) call.
+pub const FLUSH_ENTRIES: usize = 65_536;
+
+/// Writes staged, not made yet.
+#[derive(Debug, Default)]
+struct Plan {
+    owners: Vec<Owner>,
+    stages: [Stage; 4],
+    /// Service-map entries (per family) the last stage deletes: until it
+    /// runs, the map holds them as well as what the stages before add.
+    transient: [usize; 2],
+}
+
+impl Plan {
+    fn owner(&mut self, o: Owner) -> u32 {
+        let i = u32::try_from(self.owners.len()).expect("fewer than 2^32 frontends in a plan");
+        self.owners.push(o);
+        i
+    }
+
+    fn entries(&self) -> usize {
+        self.stages.iter().map(Stage::entries).sum()
+    }
+}
+
+/// A copy of `e`, for another frontend that needed the entry that failed
+/// (errors are reported once per frontend and are not `Clone`).
+fn same_failure(e: &Error) -> Error {
+    let copy = |io_error: &io::Error| io_error.raw_os_error().map_or_else(|| io::Error::new(io_error.kind(), io_error.to_string()), io::Error::from_raw_os_error);
+    match e {
+        Error::Map { name, op, source: MapError::SyscallError(SyscallError { call, io_error }) } => {
+            Error::Map { name, op, source: MapError::SyscallError(SyscallError { call, io_error: copy(io_error) }) }
+        }
+        Error::Injected(what) => Error::Injected(what),
+        // (Map writes fail with the two above; anything else keeps its text.)
+        other => Error::Map { name: "(service maps)", op: "write", source: MapError::SyscallError(SyscallError { call: "bpf", io_error: io::Error::other(other.to_string()) }) },
+    }
+}
+
+fn needs_nothing<K, V>(_: &K, _: &V) -> Option<u32> {
+    None
+}
+
+/// Writes a plan's batches: the failure handling of [`Reconciler::flush`].
+struct Run<'a, M> {
+    maps: &'a mut M,
+    batch_max: usize,
+    owners: &'a [Owner],
+    /// Owners that failed: their later entries are skipped.
+    failed: Vec<bool>,
+    /// Backend ids whose write failed in this sync (with the error): slots
+    /// that would point at them are skipped.
+    failed_backends: &'a mut BTreeMap<u32, Error>,
+    report: &'a mut SyncReport,
+    stale: &'a mut bool,
+}
+
+impl<M: ServiceMaps> Run<'_, M> {
+    fn fail(&mut self, owner: u32, error: Error) {
+        *self.stale = true;
+        let i = owner as usize;
+        match self.owners[i] {
+            Owner::Cleanup => self.report.other_errors.push(error),
+            _ if self.failed[i] => {}
+            Owner::Frontend(key) => {
+                self.failed[i] = true;
+                self.report.errors.push((key, error));
+            }
+            Owner::Closed(key) => {
+                self.failed[i] = true;
+                self.report.closed.remove(&key);
+                self.report.other_errors.push(error);
+            }
+        }
+    }
+
+    /// Writes (or deletes) `b` in batches of at most `batch_max`, without
+    /// the entries of owners that failed and without those that `needs` a
+    /// backend whose write failed. After a failed entry the batch goes on
+    /// with the next one. Returns the keys that failed (with copies of the
+    /// errors, which went to the report).
+    fn run<K: Copy, V: Copy>(
+        &mut self,
+        mut b: Batch<K, V>,
+        delete: bool,
+        needs: impl Fn(&K, &V) -> Option<u32>,
+        call: impl Fn(&mut M, &[K], &[V]) -> Result<(), BatchError>,
+    ) -> Vec<(K, Error)> {
+        if !self.failed_backends.is_empty() {
+            for i in 0..b.keys.len() {
+                if let Some(e) = needs(&b.keys[i], &b.values[i]).and_then(|id| self.failed_backends.get(&id)).map(same_failure) {
+                    self.fail(b.owners[i], e);
+                }
+            }
+        }
+        // (After the pass above: a frontend that needs a backend not
+        // written gets none of this stage's entries, not even the ones
+        // before that slot.)
+        if self.failed.contains(&true) {
+            let mut kept = Batch::default();
+            for ((k, v), o) in b.keys.into_iter().zip(b.values).zip(b.owners) {
+                if !self.failed[o as usize] {
+                    kept.push(o, k, v);
+                }
+            }
+            b = kept;
+        }
+        let mut failures = Vec::new();
+        let (mut at, mut done) = (0, 0);
+        while at < b.keys.len() {
+            let end = b.keys.len().min(at + self.batch_max.max(1));
+            match call(self.maps, &b.keys[at..end], &b.values[at..end]) {
+                Ok(()) => {
+                    done += end - at;
+                    at = end;
+                }
+                Err(BatchError { written, error }) => {
+                    let i = at + written.min(end - at - 1);
+                    done += i - at;
+                    failures.push((b.keys[i], same_failure(&error)));
+                    self.fail(b.owners[i], error);
+                    at = i + 1;
+                }
+            }
+        }
+        if delete {
+            self.report.deletes += done;
+        } else {
+            self.report.writes += done;
+        }
+        failures
+    }
+
+    fn stage(&mut self, st: Stage) {
+        // A slot (not slot 0, whose id is the affinity group) needs its backend.
+        let slot4 = |k: &SvcKey, v: &SvcValue| (k.backend_slot != 0).then_some(v.backend_id);
+        let slot6 = |k: &Svc6Key, v: &SvcValue| (k.backend_slot != 0).then_some(v.backend_id);
+        for (id, e) in self.run(st.backends, false, needs_nothing, |m, k, v| m.update(Update::Backends(k, v))) {
+            self.failed_backends.insert(id, e);
+        }
+        for (id, e) in self.run(st.backends6, false, needs_nothing, |m, k, v| m.update(Update::Backends6(k, v))) {
+            self.failed_backends.insert(id, e);
+        }
+        self.run(st.names, false, needs_nothing, |m, k, v| m.update(Update::Names(k, v)));
+        self.run(st.ranges, false, needs_nothing, |m, k, _| m.update(Update::Ranges(k)));
+        self.run(st.svc, false, slot4, |m, k, v| m.update(Update::Svc(k, v)));
+        self.run(st.svc6, false, slot6, |m, k, v| m.update(Update::Svc6(k, v)));
+        self.run(st.del_svc, true, needs_nothing, |m, k, _| m.delete(Delete::Svc(k)));
+        self.run(st.del_svc6, true, needs_nothing, |m, k, _| m.delete(Delete::Svc6(k)));
+        self.run(st.del_ranges, true, needs_nothing, |m, k, _| m.delete(Delete::Ranges(k)));
+        self.run(st.del_names, true, needs_nothing, |m, k, _| m.delete(Delete::Names(k)));
+        self.run(st.del_backends, true, needs_nothing, |m, k, _| m.delete(Delete::Backends(k)));
+        self.run(st.del_backends6, true, needs_nothing, |m, k, _| m.delete(Delete::Backends6(k)));
     }
 }
 
@@ -313,6 +608,12 @@ pub struct Reconciler<M: ServiceMaps> {
     /// Frontends that did not fit at the last attempt: retried by every
     /// sync, partial ones included, so room made elsewhere is used.
     unfit: BTreeSet<FrontendKey>,
+    /// Writes staged and not made yet.
+    plan: Plan,
+    /// Entries per map call at most.
+    batch_max: usize,
+    /// Backend ids whose write failed in the current sync.
+    failed_backends: BTreeMap<u32, Error>,
 }
 
 /// The service-map entries held back for closed frontends (one entry
@@ -348,7 +649,18 @@ impl<M: ServiceMaps> Reconciler<M> {
             svc_reserve: closed_reserve(SVC_MAX_ENTRIES as usize),
             backend_capacity: BACKEND_MAX_ENTRIES as usize,
             unfit: BTreeSet::new(),
+            plan: Plan::default(),
+            batch_max: FLUSH_ENTRIES,
+            failed_backends: BTreeMap::new(),
         })
+    }
+
+    /// Writes at most `entries` per map call (1: entry by entry, one
+    /// bpf(2) call each, as before batching).
+    #[must_use]
+    pub fn with_batch_max(mut self, entries: usize) -> Self {
+        self.batch_max = entries.max(1);
+        self
     }
 
     /// Sets the capacities checked before writing (the maps' real sizes,
@@ -425,7 +737,9 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
             }
         }
+        self.failed_backends.clear();
         self.remove_gone(desired, keys, &mut report);
+        self.flush(&mut report);
         let open_limit = self.svc_capacity - self.svc_reserve;
         let mut unfit = Vec::new();
         let retry = std::mem::take(&mut self.unfit);
@@ -436,41 +750,55 @@ impl<M: ServiceMaps> Reconciler<M> {
             ),
         };
         for (key, fe) in todo {
-            match self.program_frontend(*key, fe, open_limit, &mut report) {
-                Ok(()) => {}
-                Err(e @ Error::MapFull { .. }) => {
-                    unfit.push(*key);
-                    report.errors.push((*key, e));
-                }
-                Err(e) => {
-                    self.stale = true;
-                    report.errors.push((*key, e));
-                }
+            if self.plan.entries() >= FLUSH_ENTRIES {
+                self.flush(&mut report);
+            }
+            // (Staging fails only for room: the writes come later.)
+            if let Err(e) = self.program_frontend(*key, fe, open_limit, Owner::Frontend(*key), &mut report) {
+                unfit.push(*key);
+                report.errors.push((*key, e));
             }
         }
+        self.flush(&mut report);
         // After every frontend that fits, so closing one never takes the
         // room another needed.
         self.unfit = unfit.iter().copied().collect();
         for key in unfit {
-            match self.program_frontend(key, &closed(&desired.frontends[&key]), self.svc_capacity, &mut report) {
-                Ok(()) => {
-                    report.closed.insert(key);
-                }
-                Err(Error::MapFull { .. }) => {}
-                Err(e) => {
-                    self.stale = true;
-                    report.other_errors.push(e);
-                }
+            if self.plan.entries() >= FLUSH_ENTRIES {
+                self.flush(&mut report);
+            }
+            if self.program_frontend(key, &closed(&desired.frontends[&key]), self.svc_capacity, Owner::Closed(key), &mut report).is_ok() {
+                // (Taken back if its writes fail.)
+                report.closed.insert(key);
             }
         }
+        self.flush(&mut report);
         // Why: after a failed write the programmed view may miss slots that
         // were written (pointing at new backends); deleting "unreferenced"
         // backends now could leave such a slot dangling. The next sync
         // re-reads the maps and removes them safely.
         if !self.stale {
-            self.remove_unreferenced_backends(&mut report);
+            self.remove_unreferenced_backends();
+            self.flush(&mut report);
         }
         report
+    }
+
+    /// Writes what is staged, stage by stage.
+    fn flush(&mut self, report: &mut SyncReport) {
+        let Plan { owners, stages, .. } = std::mem::take(&mut self.plan);
+        let mut run = Run {
+            maps: &mut self.maps,
+            batch_max: self.batch_max,
+            failed: vec![false; owners.len()],
+            owners: &owners,
+            failed_backends: &mut self.failed_backends,
+            report,
+            stale: &mut self.stale,
+        };
+        for st in stages {
+            run.stage(st);
+        }
     }
 
     fn remove_gone(&mut self, desired: &Desired, keys: Option<&BTreeSet<FrontendKey>>, report: &mut SyncReport) {
@@ -483,70 +811,45 @@ impl<M: ServiceMaps> Reconciler<M> {
                 .collect(),
         };
         for key in gone {
-            let fe = self.state.frontends[&key].clone();
+            if self.plan.entries() >= FLUSH_ENTRIES {
+                self.flush(report);
+            }
+            let Some(fe) = self.state.set_frontend(key, None) else { continue };
             if key.protocol == Protocol::Udp {
                 self.note_removed(&fe.slots, &[], report);
             }
-            let res = (|| -> Result<()> {
-                self.del_slot(slot_key(key, 0))?;
-                report.deletes += 1;
-                for s in (1..=fe.slots.len()).map(slot_u16).chain(fe.stale_slots.iter().copied()) {
-                    self.del_slot(slot_key(key, s))?;
-                    report.deletes += 1;
-                }
-                for r in &fe.ranges {
-                    self.maps.delete_range(fe.svc_id, *r)?;
-                    report.deletes += 1;
-                }
-                if fe.name.is_some() {
-                    self.maps.delete_name(fe.svc_id)?;
-                    report.deletes += 1;
-                }
-                Ok(())
-            })();
-            match res {
-                Ok(()) => self.state.set_frontend(key, None),
-                Err(e) => {
-                    self.stale = true;
-                    report.errors.push((key, e));
-                }
+            let o = self.plan.owner(Owner::Frontend(key));
+            let st = &mut self.plan.stages;
+            st[GONE_HEADS].del_slot(o, slot_key(key, 0));
+            for s in (1..=fe.slots.len()).map(slot_u16).chain(fe.stale_slots.iter().copied()) {
+                st[GONE_SLOTS].del_slot(o, slot_key(key, s));
+            }
+            for r in &fe.ranges {
+                st[GONE_REST].del_ranges.push(o, (fe.svc_id, *r), ());
+            }
+            if fe.name.is_some() {
+                st[GONE_REST].del_names.push(o, fe.svc_id, ());
             }
         }
+        let o = self.plan.owner(Owner::Cleanup);
         for k in std::mem::take(&mut self.state.orphan_svc) {
-            match self.del_slot(k) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    let n = &mut self.state.svc_entries[usize::from(matches!(k, SlotKey::V6(_)))];
-                    *n = n.saturating_sub(1);
-                }
-                Err(e) => {
-                    self.stale = true;
-                    report.other_errors.push(e);
-                }
-            }
+            self.plan.stages[GONE_SLOTS].del_slot(o, k);
+            let n = &mut self.state.svc_entries[usize::from(matches!(k, SlotKey::V6(_)))];
+            *n = n.saturating_sub(1);
         }
         for (id, a, l) in std::mem::take(&mut self.state.orphan_ranges) {
-            match self.maps.delete_range(id, (a, l)) {
-                Ok(()) => report.deletes += 1,
-                Err(e) => {
-                    self.stale = true;
-                    report.other_errors.push(e);
-                }
-            }
+            self.plan.stages[GONE_REST].del_ranges.push(o, (id, (a, l)), ());
         }
         for id in std::mem::take(&mut self.state.orphan_names) {
-            match self.maps.delete_name(id) {
-                Ok(()) => report.deletes += 1,
-                Err(e) => {
-                    self.stale = true;
-                    report.other_errors.push(e);
-                }
-            }
+            self.plan.stages[GONE_REST].del_names.push(o, id, ());
         }
     }
 
     /// The slot layout for `wanted` ids that moves as few as possible from `cur`.
     fn plan_slots(cur: &[u32], wanted: &[u32]) -> Vec<u32> {
+        if cur.is_empty() {
+            return wanted.to_vec();
+        }
         let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
         let mut slots: Vec<Option<u32>> = cur
             .iter()
@@ -584,91 +887,130 @@ impl<M: ServiceMaps> Reconciler<M> {
         out.into_iter().flatten().collect()
     }
 
+    /// Whether `cur` already is `fe` with backend `ids` (`ranges` and `name`
+    /// as wanted): nothing to write.
+    fn unchanged(cur: &ProgFrontend, fe: &Frontend, ids: &[Option<u32>], name: &str, ranges: &BTreeSet<(Ipv4Addr, u8)>) -> bool {
+        if !(cur.stale_slots.is_empty()
+            && cur.slots.len() == ids.len()
+            && cur.flags == frontend_flags(fe)
+            && cur.affinity_group == fe.affinity_group
+            && cur.affinity_timeout_s == fe.affinity_timeout_s
+            && cur.name.as_deref() == Some(name)
+            && cur.ranges == *ranges)
+        {
+            return false;
+        }
+        // The same ids in any slot order (ids are unique per address, so
+        // equal sorted lists hold no id twice and no missing slot, 0).
+        let Some(mut want) = ids.iter().copied().collect::<Option<Vec<u32>>>() else { return false };
+        let mut have = cur.slots.clone();
+        want.sort_unstable();
+        have.sort_unstable();
+        want == have
+    }
+
+    /// Stages the writes that bring frontend `key` to `fe`, and records it
+    /// as programmed. Fails (staging nothing) if it does not fit.
     #[expect(clippy::too_many_lines, reason = "one ordered sequence of writes; split up, the order would be harder to see")]
-    fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, svc_limit: usize, report: &mut SyncReport) -> Result<()> {
+    fn program_frontend(&mut self, key: FrontendKey, fe: &Frontend, svc_limit: usize, owner: Owner, report: &mut SyncReport) -> Result<()> {
         let proto = key.protocol;
-        let cur = self.state.frontends.get(&key).cloned();
-        // As the names map stores it (truncated), so an adopted name compares equal.
-        let name = proxy_common::names::SvcName::new(&fe.display_name()).as_str().to_owned();
-        // Capacity checks before any write: all or nothing.
-        let new_backends: Vec<BackendAddr> = fe
-            .backends
-            .iter()
-            .filter(|b| !self.state.backend_ids.contains_key(&(**b, proto)))
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
         let f = fam(key.addr);
-        if self.state.backend_entries[f] + new_backends.len() > self.backend_capacity {
+        // As the names map stores it (truncated), so an adopted name compares equal.
+        let name = SvcName::new(&fe.display_name());
+        let want_ranges: BTreeSet<(Ipv4Addr, u8)> = fe.source_ranges.iter().flatten().copied().collect();
+        // Each backend's id; none yet for new ones.
+        let mut ids: Vec<Option<u32>> = fe.backends.iter().map(|b| self.state.backend_ids.get(&BackendIdKey::new(*b, proto)).copied()).collect();
+        let cur = self.state.frontends.get(&key);
+        if cur.is_some_and(|c| Self::unchanged(c, fe, &ids, name.as_str(), &want_ranges)) {
+            return Ok(());
+        }
+        // Capacity checks before anything is staged: all or nothing.
+        let new_backends = ids.iter().filter(|id| id.is_none()).count();
+        if self.state.backend_entries[f] + new_backends > self.backend_capacity {
             return Err(Error::MapFull {
                 map: [BACKEND_MAP, BACKEND6_MAP][f],
                 capacity: u32::try_from(self.backend_capacity).unwrap_or(u32::MAX),
-                what: format!("frontend {key} ({name})"),
+                what: format!("frontend {key} ({})", name.as_str()),
             });
         }
         let need = 1 + fe.backends.len();
-        let have = cur.as_ref().map_or(0, ProgFrontend::entries);
-        if self.state.svc_entries[f] + need.saturating_sub(have) > svc_limit {
+        let have = cur.map_or(0, ProgFrontend::entries);
+        let after = self.state.svc_entries[f] + need.saturating_sub(have);
+        if after > svc_limit {
             return Err(Error::MapFull {
                 map: [SVC_MAP, SVC6_MAP][f],
                 capacity: u32::try_from(svc_limit).unwrap_or(u32::MAX),
-                what: format!("frontend {key} ({name})"),
+                what: format!("frontend {key} ({})", name.as_str()),
             });
         }
-        // 1. Backends.
-        for b in new_backends {
-            let id = self.state.next_backend_id;
-            let value = BackendEntry::new(b, proto);
-            match value {
-                BackendEntry::V4(v) => self.maps.write_backend(id, v)?,
-                BackendEntry::V6(v) => self.maps.write_backend6(id, v)?,
-            }
-            report.writes += 1;
-            self.state.next_backend_id += 1;
-            self.state.backend_ids.insert((b, proto), id);
-            self.state.backends.insert(id, value);
-            self.state.backend_entries[f] += 1;
+        let beyond = |c: &ProgFrontend| {
+            let n = fe.backends.len();
+            c.slots.len().saturating_sub(n) + c.stale_slots.iter().filter(|&&s| usize::from(s) > n).count()
+        };
+        let beyond = cur.map_or(0, beyond);
+        if self.plan.transient[f] > 0 && after + self.plan.transient[f] + beyond > self.svc_capacity {
+            // The slots the last stage deletes stay in the map while the
+            // stages before add theirs: write what is staged first, so the
+            // map never needs more room than this frontend alone.
+            self.flush(report);
         }
-        let wanted: Vec<u32> = fe.backends.iter().map(|b| self.state.backend_ids[&(*b, proto)]).collect();
-        let cur_slots = cur.as_ref().map_or(&[][..], |c| c.slots.as_slice());
+        self.plan.transient[f] += beyond;
+        let o = self.plan.owner(owner);
+        // 1. Backends (ids in the model's order: sorted by address).
+        for (b, id) in fe.backends.iter().zip(&mut ids) {
+            if id.is_some() {
+                continue;
+            }
+            let next = &mut self.state.next_backend_id;
+            // (An address twice in the list gets the id of the first.)
+            let std::collections::btree_map::Entry::Vacant(e) = self.state.backend_ids.entry(BackendIdKey::new(*b, proto)) else {
+                *id = self.state.backend_ids.get(&BackendIdKey::new(*b, proto)).copied();
+                continue;
+            };
+            let value = BackendEntry::new(*b, proto);
+            match value {
+                BackendEntry::V4(v) => self.plan.stages[NEW_BACKENDS].backends.push(o, *next, v),
+                BackendEntry::V6(v) => self.plan.stages[NEW_BACKENDS].backends6.push(o, *next, v),
+            }
+            e.insert(*next);
+            self.state.backends.insert(*next, value);
+            self.state.backend_entries[f] += 1;
+            *id = Some(*next);
+            *next += 1;
+        }
+        let wanted: Vec<u32> = ids.into_iter().map(|id| id.expect("every backend has an id")).collect();
+        let cur = self.state.frontends.get(&key);
+        let cur_slots = cur.map_or(&[][..], |c| c.slots.as_slice());
         if proto == Protocol::Udp {
             self.note_removed(cur_slots, &wanted, report);
         }
         let slots = Self::plan_slots(cur_slots, &wanted);
-        let svc_id = if let Some(c) = &cur { c.svc_id } else {
+        let svc_id = if let Some(c) = cur { c.svc_id } else {
             let id = self.state.next_svc_id;
             self.state.next_svc_id += 1;
             id
         };
+        let st = &mut self.plan.stages;
         // Name before the frontend exists, so a reader never sees an unnamed id.
-        if cur.as_ref().and_then(|c| c.name.as_deref()) != Some(name.as_str()) {
-            self.maps.write_name(svc_id, &name)?;
-            report.writes += 1;
+        if cur.and_then(|c| c.name.as_deref()) != Some(name.as_str()) {
+            st[SLOTS].names.push(o, svc_id, name);
         }
         // 2. Slots that differ.
         for (i, id) in slots.iter().enumerate() {
             if cur_slots.get(i) != Some(id) {
                 let v = SvcValue { backend_id: *id, svc_id, ..SvcValue::default() };
-                self.put_slot(slot_key(key, slot_u16(i + 1)), v)?;
-                report.writes += 1;
+                st[SLOTS].put_slot(o, slot_key(key, slot_u16(i + 1)), v);
             }
         }
         // Source ranges before slot 0 says to check them.
-        let want_ranges: BTreeSet<(Ipv4Addr, u8)> = fe.source_ranges.iter().flatten().copied().collect();
-        let cur_ranges = cur.as_ref().map(|c| c.ranges.clone()).unwrap_or_default();
-        for r in want_ranges.difference(&cur_ranges) {
-            self.maps.write_range(svc_id, *r)?;
-            report.writes += 1;
+        let no_ranges = BTreeSet::new();
+        let cur_ranges = cur.map_or(&no_ranges, |c| &c.ranges);
+        for r in want_ranges.difference(cur_ranges) {
+            st[SLOTS].ranges.push(o, (svc_id, *r), ());
         }
         // 3. Slot 0 with the count.
-        let flags = fe.kind.flags()
-            | if fe.source_ranges.is_some() { proxy_common::svc::SVC_FLAG_SOURCE_RANGES } else { 0 }
-            | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 }
-            | if fe.snat_remote { SVC_FLAG_SNAT_REMOTE } else { 0 }
-            | if fe.policy_local { SVC_FLAG_POLICY_LOCAL } else { 0 };
-        let count = slot_u16(slots.len());
-        let head_same = cur.as_ref().is_some_and(|c| {
+        let flags = frontend_flags(fe);
+        let head_same = cur.is_some_and(|c| {
             c.svc_id == svc_id
                 && c.flags == flags
                 && c.slots.len() == slots.len()
@@ -678,29 +1020,22 @@ impl<M: ServiceMaps> Reconciler<M> {
         if !head_same {
             let v = SvcValue {
                 backend_id: fe.affinity_group,
-                count,
+                count: slot_u16(slots.len()),
                 flags,
                 svc_id,
                 affinity_timeout_s: fe.affinity_timeout_s,
             };
-            self.put_slot(slot_key(key, 0), v)?;
-            report.writes += 1;
+            st[HEADS].put_slot(o, slot_key(key, 0), v);
         }
-        // 4. Slots beyond the new count.
-        let mut extra: Vec<u16> = (slots.len() + 1..=cur_slots.len()).map(slot_u16).collect();
-        if let Some(c) = &cur {
-            // Only leftovers beyond the new count: one within it was just
-            // written above.
-            extra.extend(c.stale_slots.iter().copied().filter(|&s| usize::from(s) > slots.len()));
-        }
-        for s in extra {
-            self.del_slot(slot_key(key, s))?;
-            report.deletes += 1;
+        // 4. Slots beyond the new count; only leftovers beyond it (one
+        // within it was just written above).
+        let stale_beyond = cur.iter().flat_map(|c| c.stale_slots.iter().copied()).filter(|&s| usize::from(s) > slots.len());
+        for s in (slots.len() + 1..=cur_slots.len()).map(slot_u16).chain(stale_beyond) {
+            st[BEYOND].del_slot(o, slot_key(key, s));
         }
         // Ranges no longer wanted, after slot 0 stopped asking for them.
         for r in cur_ranges.difference(&want_ranges) {
-            self.maps.delete_range(svc_id, *r)?;
-            report.deletes += 1;
+            st[BEYOND].del_ranges.push(o, (svc_id, *r), ());
         }
         let prog = ProgFrontend {
             svc_id,
@@ -710,24 +1045,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             ranges: want_ranges,
             slots,
             stale_slots: Vec::new(),
-            name: Some(name),
+            name: Some(name.as_str().to_owned()),
         };
         self.state.set_frontend(key, Some(prog));
         Ok(())
-    }
-
-    fn put_slot(&mut self, k: SlotKey, v: SvcValue) -> Result<()> {
-        match k {
-            SlotKey::V4(k) => self.maps.write_svc(k, v),
-            SlotKey::V6(k) => self.maps.write_svc6(k, v),
-        }
-    }
-
-    fn del_slot(&mut self, k: SlotKey) -> Result<()> {
-        match k {
-            SlotKey::V4(k) => self.maps.delete_svc(k),
-            SlotKey::V6(k) => self.maps.delete_svc6(k),
-        }
     }
 
     /// Records the backends of `before` that are not in `after`.
@@ -740,34 +1061,37 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
     }
 
-    fn remove_unreferenced_backends(&mut self, report: &mut SyncReport) {
+    /// Stages the deletion of the backends no slot references.
+    fn remove_unreferenced_backends(&mut self) {
         let unused: Vec<u32> = std::mem::take(&mut self.state.unref)
             .into_iter()
             .filter(|id| !self.state.refs.contains_key(id) && self.state.backends.contains_key(id))
             .collect();
+        let o = self.plan.owner(Owner::Cleanup);
         for id in unused {
-            let res = match self.state.backends[&id] {
-                BackendEntry::V4(_) => self.maps.delete_backend(id),
-                BackendEntry::V6(_) => self.maps.delete_backend6(id),
-            };
-            match res {
-                Ok(()) => {
-                    report.deletes += 1;
-                    let b = self.state.backends.remove(&id).expect("present");
-                    let n = &mut self.state.backend_entries[usize::from(matches!(b, BackendEntry::V6(_)))];
-                    *n = n.saturating_sub(1);
-                    // The address this id stood for (only if it still maps to this id).
-                    if let Some(key) = backend_key(b).filter(|k| self.state.backend_ids.get(k) == Some(&id)) {
-                        self.state.backend_ids.remove(&key);
-                    }
-                }
-                Err(e) => {
-                    self.stale = true;
-                    report.other_errors.push(e);
-                }
+            let b = self.state.backends.remove(&id).expect("present");
+            let st = &mut self.plan.stages[0];
+            match b {
+                BackendEntry::V4(_) => st.del_backends.push(o, id, ()),
+                BackendEntry::V6(_) => st.del_backends6.push(o, id, ()),
+            }
+            let n = &mut self.state.backend_entries[usize::from(matches!(b, BackendEntry::V6(_)))];
+            *n = n.saturating_sub(1);
+            // The address this id stood for (only if it still maps to this id).
+            if let Some(key) = backend_key(b).map(|(a, p)| BackendIdKey::new(a, p)).filter(|k| self.state.backend_ids.get(k) == Some(&id)) {
+                self.state.backend_ids.remove(&key);
             }
         }
     }
+}
+
+/// Slot 0's flags for `fe`.
+fn frontend_flags(fe: &Frontend) -> u16 {
+    fe.kind.flags()
+        | if fe.source_ranges.is_some() { proxy_common::svc::SVC_FLAG_SOURCE_RANGES } else { 0 }
+        | if fe.drop_when_empty { SVC_FLAG_DROP_WHEN_EMPTY } else { 0 }
+        | if fe.snat_remote { SVC_FLAG_SNAT_REMOTE } else { 0 }
+        | if fe.policy_local { SVC_FLAG_POLICY_LOCAL } else { 0 }
 }
 
 #[cfg(test)]

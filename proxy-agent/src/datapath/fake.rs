@@ -1,13 +1,19 @@
 //! An in-memory [`ServiceMaps`] with capacity limits and fault injection, for
 //! reconciler tests (Cilium's fake `LBMaps` plays the same role).
+//!
+//! A batch is taken entry by entry, in order, as the kernel takes it
+//! (`generic_map_update_batch`): a failing entry stops it part-way, with
+//! the entries before it written, which is what the reconciler must cope
+//! with.
 use std::collections::BTreeMap;
 
 use proxy_common::{
     backend::{Backend, Backend6},
+    names::SvcName,
     svc::{Svc6Key, SvcKey, SvcValue},
 };
 
-use super::maps::{MapsDump, ServiceMaps};
+use super::maps::{BatchError, Delete, MapsDump, ServiceMaps, Update};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Default, Clone)]
@@ -20,9 +26,13 @@ pub struct FakeMaps {
     pub ranges: std::collections::BTreeSet<(u32, std::net::Ipv4Addr, u8)>,
     /// Every write in order, for asserting write order and minimality.
     pub log: Vec<String>,
-    /// Fail the n-th write from now (0 = the next one).
+    /// Fail the n-th write (entry) from now (0 = the next one); a batch
+    /// holding it stops there.
     pub fail_write_at: Option<usize>,
     pub svc_capacity: Option<usize>,
+    /// Calls made (a batch is one call), and the largest batch.
+    pub calls: usize,
+    pub largest_batch: usize,
 }
 
 impl FakeMaps {
@@ -35,6 +45,16 @@ impl FakeMaps {
             self.fail_write_at = Some(n - 1);
         }
         self.log.push(what);
+        Ok(())
+    }
+
+    /// One call over `items`, entry by entry; stops at the first failure.
+    fn batch<T>(&mut self, items: impl ExactSizeIterator<Item = T>, mut one: impl FnMut(&mut Self, T) -> Result<()>) -> Result<(), BatchError> {
+        self.calls += 1;
+        self.largest_batch = self.largest_batch.max(items.len());
+        for (written, item) in items.enumerate() {
+            one(self, item).map_err(|error| BatchError { written, error })?;
+        }
         Ok(())
     }
 }
@@ -51,6 +71,31 @@ impl ServiceMaps for FakeMaps {
         })
     }
 
+    fn update(&mut self, batch: Update<'_>) -> Result<(), BatchError> {
+        match batch {
+            Update::Backends(k, v) => self.batch(k.iter().zip(v), |m, (k, v)| m.write_backend(*k, *v)),
+            Update::Backends6(k, v) => self.batch(k.iter().zip(v), |m, (k, v)| m.write_backend6(*k, *v)),
+            Update::Svc(k, v) => self.batch(k.iter().zip(v), |m, (k, v)| m.write_svc(*k, *v)),
+            Update::Svc6(k, v) => self.batch(k.iter().zip(v), |m, (k, v)| m.write_svc6(*k, *v)),
+            Update::Names(k, v) => self.batch(k.iter().zip(v), |m, (k, v)| m.write_name(*k, v)),
+            Update::Ranges(r) => self.batch(r.iter(), |m, &(id, r)| m.write_range(id, r)),
+        }
+    }
+
+    fn delete(&mut self, batch: Delete<'_>) -> Result<(), BatchError> {
+        match batch {
+            Delete::Backends(k) => self.batch(k.iter(), |m, k| m.delete_backend(*k)),
+            Delete::Backends6(k) => self.batch(k.iter(), |m, k| m.delete_backend6(*k)),
+            Delete::Svc(k) => self.batch(k.iter(), |m, k| m.delete_svc(*k)),
+            Delete::Svc6(k) => self.batch(k.iter(), |m, k| m.delete_svc6(*k)),
+            Delete::Names(k) => self.batch(k.iter(), |m, k| m.delete_name(*k)),
+            Delete::Ranges(r) => self.batch(r.iter(), |m, &(id, r)| m.delete_range(id, r)),
+        }
+    }
+}
+
+/// One entry each.
+impl FakeMaps {
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
         self.step(format!("backend+ {id}"))?;
         self.backends.insert(id, backend);
@@ -107,9 +152,9 @@ impl ServiceMaps for FakeMaps {
         Ok(())
     }
 
-    fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()> {
+    fn write_name(&mut self, svc_id: u32, name: &SvcName) -> Result<()> {
         self.step(format!("name+ {svc_id}"))?;
-        self.names.insert(svc_id, name.to_owned());
+        self.names.insert(svc_id, name.as_str().to_owned());
         Ok(())
     }
 

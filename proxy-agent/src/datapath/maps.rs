@@ -1,7 +1,13 @@
-//! Typed access to the pinned service maps.
+//! Typed access to the pinned service maps, written and read in batches (see
+//! [`batch`]).
+mod batch;
+
+use std::os::fd::AsFd as _;
+
 use aya::{
-    Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    Ebpf, Pod,
+    maps::{HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    sys::SyscallError,
 };
 use proxy_common::{
     backend::{BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
@@ -28,22 +34,47 @@ pub struct MapsDump {
     pub ranges: Vec<(u32, std::net::Ipv4Addr, u8)>,
 }
 
-/// The writes the reconciler makes. Deleting an absent key succeeds, so
-/// every step can be retried.
+/// A source range of a frontend: (service id, (range address, prefix length)).
+pub type SrcRange = (u32, (std::net::Ipv4Addr, u8));
+
+/// Entries to write to one map, in order: `keys[i]` → `values[i]`.
+#[derive(Clone, Copy, Debug)]
+pub enum Update<'a> {
+    Backends(&'a [u32], &'a [Backend]),
+    Backends6(&'a [u32], &'a [Backend6]),
+    Svc(&'a [SvcKey], &'a [SvcValue]),
+    Svc6(&'a [Svc6Key], &'a [SvcValue]),
+    Names(&'a [u32], &'a [SvcName]),
+    Ranges(&'a [SrcRange]),
+}
+
+/// Keys to delete from one map, in order.
+#[derive(Clone, Copy, Debug)]
+pub enum Delete<'a> {
+    Backends(&'a [u32]),
+    Backends6(&'a [u32]),
+    Svc(&'a [SvcKey]),
+    Svc6(&'a [Svc6Key]),
+    Names(&'a [u32]),
+    Ranges(&'a [SrcRange]),
+}
+
+/// A batch that stopped part-way: its first `written` entries are written
+/// (or deleted), entry `written` failed with `error`, the rest were not
+/// tried.
+#[derive(Debug)]
+pub struct BatchError {
+    pub written: usize,
+    pub error: Error,
+}
+
+/// The writes the reconciler makes, each a batch of entries of one map,
+/// taken in order (one bpf(2) call for the whole batch where the kernel
+/// can). Deleting an absent key succeeds, so every step can be retried.
 pub trait ServiceMaps {
     fn dump(&self) -> Result<MapsDump>;
-    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
-    fn delete_backend(&mut self, id: u32) -> Result<()>;
-    fn write_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<()>;
-    fn delete_svc(&mut self, key: SvcKey) -> Result<()>;
-    fn write_backend6(&mut self, id: u32, backend: Backend6) -> Result<()>;
-    fn delete_backend6(&mut self, id: u32) -> Result<()>;
-    fn write_svc6(&mut self, key: Svc6Key, value: SvcValue) -> Result<()>;
-    fn delete_svc6(&mut self, key: Svc6Key) -> Result<()>;
-    fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()>;
-    fn delete_name(&mut self, svc_id: u32) -> Result<()>;
-    fn write_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()>;
-    fn delete_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()>;
+    fn update(&mut self, batch: Update<'_>) -> Result<(), BatchError>;
+    fn delete(&mut self, batch: Delete<'_>) -> Result<(), BatchError>;
 }
 
 /// The LPM key of range `(addr, len)` of frontend `svc_id`.
@@ -59,6 +90,7 @@ pub struct BpfMaps {
     backends6: HashMap<MapData, u32, Backend6>,
     names: HashMap<MapData, u32, SvcName>,
     ranges: LpmTrie<MapData, SrcRangeKey, u32>,
+    batching: Batching,
 }
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -90,7 +122,22 @@ impl BpfMaps {
             backends6: HashMap::try_from(take(ebpf, BACKEND6_MAP)?).map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(take(ebpf, NAMES_MAP)?).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(take(ebpf, SRC_RANGE_MAP)?).map_err(map_err(SRC_RANGE_MAP, "open"))?,
+            batching: Batching::default(),
         })
+    }
+
+    /// bpf(2) calls the writes made so far: one per batch where the kernel
+    /// batches, one per entry where it does not.
+    #[must_use]
+    pub fn write_calls(&self) -> u64 {
+        self.batching.calls
+    }
+
+    /// The maps whose updates (`false`) or deletes (`true`) the kernel
+    /// refused to batch, so they go entry by entry.
+    #[must_use]
+    pub fn unbatched(&self) -> &[(&'static str, bool)] {
+        &self.batching.refused
     }
 
     /// Opens the maps pinned under `pins` (for `proxy-agent services`).
@@ -104,30 +151,18 @@ impl BpfMaps {
                 .map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(Map::HashMap(from_pin(pins, NAMES_MAP)?)).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(from_pin(pins, SRC_RANGE_MAP)?)).map_err(map_err(SRC_RANGE_MAP, "open"))?,
+            batching: Batching::default(),
         })
     }
 }
 
 impl ServiceMaps for BpfMaps {
     fn dump(&self) -> Result<MapsDump> {
-        let svc = self.svc.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(SVC_MAP, "dump"))?;
-        let backends = self
-            .backends
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(BACKEND_MAP, "dump"))?;
-        let svc6 = self.svc6.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(SVC6_MAP, "dump"))?;
-        let backends6 = self
-            .backends6
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(BACKEND6_MAP, "dump"))?;
-        let names = self
-            .names
-            .iter()
-            .map(|r| r.map(|(id, n)| (id, n.as_str().to_owned())))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(NAMES_MAP, "dump"))?;
+        let svc = dump_hash(SVC_MAP, &self.svc)?;
+        let backends = dump_hash(BACKEND_MAP, &self.backends)?;
+        let svc6 = dump_hash(SVC6_MAP, &self.svc6)?;
+        let backends6 = dump_hash(BACKEND6_MAP, &self.backends6)?;
+        let names = dump_hash(NAMES_MAP, &self.names)?.into_iter().map(|(id, n)| (id, n.as_str().to_owned())).collect();
         let ranges = self
             .ranges
             .keys()
@@ -143,52 +178,136 @@ impl ServiceMaps for BpfMaps {
         Ok(MapsDump { svc, backends, svc6, backends6, names, ranges })
     }
 
-    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        self.backends.insert(id, backend, 0).map_err(map_err(BACKEND_MAP, "update"))
+    fn update(&mut self, batch: Update<'_>) -> Result<(), BatchError> {
+        let on = &mut self.batching;
+        match batch {
+            Update::Backends(k, v) => on
+                .update(BACKEND_MAP, self.backends.map(), k, v)
+                .unwrap_or_else(|| each(&mut on.calls, BACKEND_MAP, false, k.iter().zip(v), |(k, v)| self.backends.insert(k, v, 0))),
+            Update::Backends6(k, v) => on
+                .update(BACKEND6_MAP, self.backends6.map(), k, v)
+                .unwrap_or_else(|| each(&mut on.calls, BACKEND6_MAP, false, k.iter().zip(v), |(k, v)| self.backends6.insert(k, v, 0))),
+            Update::Svc(k, v) => on
+                .update(SVC_MAP, self.svc.map(), k, v)
+                .unwrap_or_else(|| each(&mut on.calls, SVC_MAP, false, k.iter().zip(v), |(k, v)| self.svc.insert(k, v, 0))),
+            Update::Svc6(k, v) => on
+                .update(SVC6_MAP, self.svc6.map(), k, v)
+                .unwrap_or_else(|| each(&mut on.calls, SVC6_MAP, false, k.iter().zip(v), |(k, v)| self.svc6.insert(k, v, 0))),
+            Update::Names(k, v) => on
+                .update(NAMES_MAP, self.names.map(), k, v)
+                .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, false, k.iter().zip(v), |(k, v)| self.names.insert(k, v, 0))),
+            Update::Ranges(r) => {
+                let keys: Vec<Key<SrcRangeKey>> = r.iter().map(|&(id, r)| range_key(id, r)).collect();
+                on.update(SRC_RANGE_MAP, self.ranges.map(), &keys, &vec![1u32; keys.len()])
+                    .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, false, keys.iter(), |k| self.ranges.insert(k, 1, 0)))
+            }
+        }
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<()> {
-        ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKEND_MAP, "delete"))
+    fn delete(&mut self, batch: Delete<'_>) -> Result<(), BatchError> {
+        let on = &mut self.batching;
+        match batch {
+            Delete::Backends(k) => on
+                .delete(BACKEND_MAP, self.backends.map(), k)
+                .unwrap_or_else(|| each(&mut on.calls, BACKEND_MAP, true, k.iter(), |k| self.backends.remove(k))),
+            Delete::Backends6(k) => on
+                .delete(BACKEND6_MAP, self.backends6.map(), k)
+                .unwrap_or_else(|| each(&mut on.calls, BACKEND6_MAP, true, k.iter(), |k| self.backends6.remove(k))),
+            Delete::Svc(k) => on
+                .delete(SVC_MAP, self.svc.map(), k)
+                .unwrap_or_else(|| each(&mut on.calls, SVC_MAP, true, k.iter(), |k| self.svc.remove(k))),
+            Delete::Svc6(k) => on
+                .delete(SVC6_MAP, self.svc6.map(), k)
+                .unwrap_or_else(|| each(&mut on.calls, SVC6_MAP, true, k.iter(), |k| self.svc6.remove(k))),
+            Delete::Names(k) => on
+                .delete(NAMES_MAP, self.names.map(), k)
+                .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, true, k.iter(), |k| self.names.remove(k))),
+            Delete::Ranges(r) => {
+                let keys: Vec<Key<SrcRangeKey>> = r.iter().map(|&(id, r)| range_key(id, r)).collect();
+                on.delete(SRC_RANGE_MAP, self.ranges.map(), &keys)
+                    .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, true, keys.iter(), |k| self.ranges.remove(k)))
+            }
+        }
+    }
+}
+
+/// Every entry of hash map `map`: in batches where the kernel can, else
+/// key by key (aya's walk: two bpf(2) calls per entry).
+fn dump_hash<K: Pod, V: Pod>(name: &'static str, map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
+    match batch::lookup_all(map.map().fd().as_fd()) {
+        Ok(entries) => Ok(entries),
+        Err(s) if s.unsupported => map.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(name, "dump")),
+        Err(s) => Err(Error::Map { name, op: "dump", source: MapError::SyscallError(SyscallError { call: "BPF_MAP_LOOKUP_BATCH", io_error: s.error }) }),
+    }
+}
+
+/// Writes (or deletes) `items` one bpf(2) call each, stopping at the first
+/// failure. A delete of an absent key succeeds.
+fn each<T>(calls: &mut u64, name: &'static str, delete: bool, items: impl Iterator<Item = T>, mut one: impl FnMut(T) -> Result<(), MapError>) -> Result<(), BatchError> {
+    for (written, item) in items.enumerate() {
+        *calls += 1;
+        let res = one(item);
+        let res = if delete { ignore_missing(res) } else { res };
+        res.map_err(|source| BatchError { written, error: Error::Map { name, op: if delete { "delete" } else { "update" }, source } })?;
+    }
+    Ok(())
+}
+
+/// Which maps the kernel writes in batches: all of them until it refuses
+/// one (a kernel before 5.6, or a map type without batch operations), then
+/// that map's writes (or deletes) go entry by entry, with a warning saying
+/// why.
+#[derive(Debug, Default)]
+struct Batching {
+    /// (map, delete?) the kernel refused to batch.
+    refused: Vec<(&'static str, bool)>,
+    /// bpf(2) write calls made (a batch is one per `batch::MAX_PER_CALL`
+    /// entries).
+    calls: u64,
+}
+
+impl Batching {
+    /// `None`: write these entry by entry (a single one, or the kernel
+    /// cannot batch this map).
+    fn update<K: Pod, V: Pod>(&mut self, name: &'static str, map: &MapData, keys: &[K], values: &[V]) -> Option<Result<(), BatchError>> {
+        if keys.len() < 2 || self.refused.contains(&(name, false)) {
+            return None;
+        }
+        self.calls += batch::calls(keys.len());
+        self.outcome(name, false, batch::update(map.fd().as_fd(), keys, values))
     }
 
-    fn write_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
-        self.svc.insert(key, value, 0).map_err(map_err(SVC_MAP, "update"))
+    fn delete<K: Pod>(&mut self, name: &'static str, map: &MapData, keys: &[K]) -> Option<Result<(), BatchError>> {
+        if keys.len() < 2 || self.refused.contains(&(name, true)) {
+            return None;
+        }
+        self.calls += batch::calls(keys.len());
+        self.outcome(name, true, batch::delete(map.fd().as_fd(), keys))
     }
 
-    fn delete_svc(&mut self, key: SvcKey) -> Result<()> {
-        ignore_missing(self.svc.remove(&key)).map_err(map_err(SVC_MAP, "delete"))
-    }
-
-    fn write_backend6(&mut self, id: u32, backend: Backend6) -> Result<()> {
-        self.backends6.insert(id, backend, 0).map_err(map_err(BACKEND6_MAP, "update"))
-    }
-
-    fn delete_backend6(&mut self, id: u32) -> Result<()> {
-        ignore_missing(self.backends6.remove(&id)).map_err(map_err(BACKEND6_MAP, "delete"))
-    }
-
-    fn write_svc6(&mut self, key: Svc6Key, value: SvcValue) -> Result<()> {
-        self.svc6.insert(key, value, 0).map_err(map_err(SVC6_MAP, "update"))
-    }
-
-    fn delete_svc6(&mut self, key: Svc6Key) -> Result<()> {
-        ignore_missing(self.svc6.remove(&key)).map_err(map_err(SVC6_MAP, "delete"))
-    }
-
-    fn write_name(&mut self, svc_id: u32, name: &str) -> Result<()> {
-        self.names.insert(svc_id, SvcName::new(name), 0).map_err(map_err(NAMES_MAP, "update"))
-    }
-
-    fn delete_name(&mut self, svc_id: u32) -> Result<()> {
-        ignore_missing(self.names.remove(&svc_id)).map_err(map_err(NAMES_MAP, "delete"))
-    }
-
-    fn write_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()> {
-        self.ranges.insert(&range_key(svc_id, range), 1, 0).map_err(map_err(SRC_RANGE_MAP, "update"))
-    }
-
-    fn delete_range(&mut self, svc_id: u32, range: (std::net::Ipv4Addr, u8)) -> Result<()> {
-        ignore_missing(self.ranges.remove(&range_key(svc_id, range))).map_err(map_err(SRC_RANGE_MAP, "delete"))
+    fn outcome(&mut self, name: &'static str, delete: bool, res: Result<(), batch::Stopped>) -> Option<Result<(), BatchError>> {
+        let call = if delete { "BPF_MAP_DELETE_BATCH" } else { "BPF_MAP_UPDATE_BATCH" };
+        match res {
+            Ok(()) => Some(Ok(())),
+            Err(s) if s.unsupported => {
+                tracing::warn!(
+                    map = name,
+                    error = %s.error,
+                    kernel = %super::kernel_release(),
+                    "the kernel has no {call} for this map (Linux 5.6 has it for hash maps): writing its entries one bpf(2) call each"
+                );
+                self.refused.push((name, delete));
+                None
+            }
+            Err(s) => Some(Err(BatchError {
+                written: s.done,
+                error: Error::Map {
+                    name,
+                    op: if delete { "batch delete" } else { "batch update" },
+                    source: MapError::SyscallError(SyscallError { call, io_error: s.error }),
+                },
+            })),
+        }
     }
 }
 

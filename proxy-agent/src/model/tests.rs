@@ -15,7 +15,7 @@ use std::{fmt::Write as _, path::Path};
 use super::{BackendAddr, Cause, Desired, FrontendKind, NodeInfo, Rejection, desired_state};
 use crate::{
     source::manifests::{Object, parse_file},
-    store::{SourceEvent, Store, Stored},
+    store::{SourceEvent, Store},
 };
 
 const ORIGIN: &str = "test.yaml";
@@ -34,14 +34,8 @@ fn store_from(yaml: &str) -> Store {
     let mut store = Store::default();
     for o in objects {
         let event = match o {
-            Object::Service(s) => SourceEvent::ServiceApplied(Stored {
-                object: s,
-                origin: ORIGIN.into(),
-            }),
-            Object::Slice(s) => SourceEvent::SliceApplied(Stored {
-                object: s,
-                origin: ORIGIN.into(),
-            }),
+            Object::Service(s) => SourceEvent::service(&s, ORIGIN),
+            Object::Slice(s) => SourceEvent::slice(&s, ORIGIN),
         };
         store.apply(event);
     }
@@ -1859,12 +1853,12 @@ spec:
     let node = NodeInfo { service_cidrs: super::parse_cidrs("10.96.0.0/12").unwrap(), ..NodeInfo::default() };
     let (_, rejections) = desired_state(&store_from(yaml), &node);
     let of = |name: &str| -> Vec<(&'static str, &str)> {
-        rejections.iter().filter(|r| r.object.name == name).map(|r| (r.cause.code(), r.reason.as_str())).collect()
+        rejections.iter().filter(|r| &*r.object.name == name).map(|r| (r.cause.code(), r.reason.as_str())).collect()
     };
     let young = of("young");
     assert_eq!(young.len(), 2, "{young:?}");
     assert!(young.iter().any(|(c, t)| *c == "ExternalIPRefused" && t.contains("10.96.7.7")), "{young:?}");
-    let conflict = rejections.iter().find(|r| r.object.name == "young" && r.cause.code() == "FrontendConflict").expect("a conflict");
+    let conflict = rejections.iter().find(|r| &*r.object.name == "young" && r.cause.code() == "FrontendConflict").expect("a conflict");
     assert_eq!(conflict.cause, Cause::FrontendConflict { owner: crate::store::ObjectKey::new("default", "old") });
     let text = conflict.to_string();
     assert!(text.contains("default/young") && text.contains("default/old"), "names both Services: {text}");

@@ -122,11 +122,20 @@ fn sync_ok(r: &mut Reconciler<FakeMaps>, d: &Desired) -> (SyncReport, Vec<String
 
 /// A reconciler that has cleanly programmed `d` into empty maps.
 fn programmed(d: &Desired) -> Reconciler<FakeMaps> {
-    let mut r = reconciler(FakeMaps::default());
+    programmed_with(d, super::FLUSH_ENTRIES)
+}
+
+/// [`programmed`], writing at most `batch_max` entries per map call.
+fn programmed_with(d: &Desired, batch_max: usize) -> Reconciler<FakeMaps> {
+    let mut r = reconciler(FakeMaps::default()).with_batch_max(batch_max);
     sync_ok(&mut r, d);
     assert_consistent(r.maps(), "after the initial sync");
     r
 }
+
+/// The two ways of writing: one entry per map call (as before batching),
+/// and batches, where a failed entry stops a batch part-way.
+const MODES: [(usize, &str); 2] = [(1, "entry by entry"), (super::FLUSH_ENTRIES, "in batches")];
 
 fn assert_no_writes(r: &mut Reconciler<FakeMaps>, d: &Desired, what: &str) {
     let (rep, log) = sync_ok(r, d);
@@ -993,20 +1002,35 @@ fn backend_entries(maps: &FakeMaps) -> BTreeSet<(u32, u16, u8, u8)> {
         .collect()
 }
 
-/// Number of map operations of the clean change, and its resulting maps.
+/// Number of map operations of the clean change, and its resulting maps
+/// (the same entry by entry and in batches).
 fn clean_change() -> (usize, FakeMaps) {
     let (before, after) = fault_scenario();
-    let mut r = programmed(&before);
-    let (rep, _) = sync_ok(&mut r, &after);
-    assert_consistent(r.maps(), "clean reference");
-    (rep.writes + rep.deletes, r.maps().clone())
+    let runs: Vec<(usize, FakeMaps)> = MODES
+        .iter()
+        .map(|&(batch_max, _)| {
+            let mut r = programmed_with(&before, batch_max);
+            let (rep, _) = sync_ok(&mut r, &after);
+            assert_consistent(r.maps(), "clean reference");
+            (rep.writes + rep.deletes, r.maps().clone())
+        })
+        .collect();
+    let [(ops, single), (ops_b, batched)] = &runs[..] else { unreachable!() };
+    assert_eq!(ops, ops_b, "map operations entry by entry and in batches");
+    assert_eq!(
+        (&single.svc, &single.backends, &single.names),
+        (&batched.svc, &batched.backends, &batched.names),
+        "the change leaves the same maps entry by entry and in batches"
+    );
+    assert!(batched.calls < single.calls, "batches take fewer calls: {} vs {}", batched.calls, single.calls);
+    runs[1].clone()
 }
 
 /// One fault-injection run: the change with map operation `n` failing, then
 /// a retry without fault, then a sync that must write nothing.
-fn fault_then_retry(n: usize, before: &Desired, after: &Desired, reference: &FakeMaps) {
-    let ctx = format!("fault at map operation {n}");
-    let mut r = programmed(before);
+fn fault_then_retry(n: usize, batch_max: usize, before: &Desired, after: &Desired, reference: &FakeMaps) {
+    let ctx = format!("fault at map operation {n}, batch_max {batch_max}");
+    let mut r = programmed_with(before, batch_max);
     let old = r.maps().clone();
     r.maps_mut().fail_write_at = Some(n);
     let rep = r.sync(after);
@@ -1086,19 +1110,22 @@ fn failed_write_then_retry_converges_to_the_clean_result() {
         "the scenario should make at least 10 map operations, makes {ops}"
     );
     assert_eq!(view(&reference), expected_view(&after));
-    // Every operation of the change, not just the first 10.
-    let failed: Vec<usize> = (0..ops)
-        .filter(|&n| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                fault_then_retry(n, &before, &after, &reference);
-            }))
-            .is_err()
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "with a fault at these map operations (of {ops}) the retry does not converge (messages above): {failed:?}"
-    );
+    // Every operation of the change, not just the first 10, in both modes
+    // (in batches, the fault stops a batch part-way).
+    for (batch_max, mode) in MODES {
+        let failed: Vec<usize> = (0..ops)
+            .filter(|&n| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fault_then_retry(n, batch_max, &before, &after, &reference);
+                }))
+                .is_err()
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{mode}: with a fault at these map operations (of {ops}) the retry does not converge (messages above): {failed:?}"
+        );
+    }
 }
 
 // Regression (fixed): a sync in which one write fails can leave a slot, within the
@@ -1120,14 +1147,16 @@ fn failed_sync_never_leaves_a_slot_pointing_at_a_missing_backend() {
     let (before, after) = fault_scenario();
     let (ops, _) = clean_change();
     let mut failures = Vec::new();
-    for n in 0..ops {
-        let mut r = programmed(&before);
+    for (n, (batch_max, mode)) in (0..ops).flat_map(|n| MODES.map(|m| (n, m))) {
+        let mut r = programmed_with(&before, batch_max);
         r.maps_mut().fail_write_at = Some(n);
-        let _ = r.sync(&after);
+        let before_log = r.maps().log.len();
+        let rep = r.sync(&after);
+        assert_report_matches_log(&rep, &log_since(&r, before_log));
         let problems = datapath_problems(r.maps());
         if !problems.is_empty() {
             failures.push(format!(
-                "fault at map operation {n}: {}\n{}",
+                "{mode}: fault at map operation {n}: {}\n{}",
                 problems.join("; "),
                 view(r.maps())
             ));
@@ -1415,6 +1444,12 @@ fn udp_backends_leaving_a_frontend_are_reported_for_socket_destruction() {
 /// afterwards writes nothing — and delete backends nobody uses any more.
 #[test]
 fn partial_syncs_of_the_changed_keys_converge_like_full_ones() {
+    for (batch_max, mode) in MODES {
+        partial_syncs_converge(batch_max, mode);
+    }
+}
+
+fn partial_syncs_converge(batch_max: usize, mode: &str) {
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = |n: u64| {
         seed ^= seed << 13;
@@ -1423,7 +1458,7 @@ fn partial_syncs_of_the_changed_keys_converge_like_full_ones() {
         seed % n
     };
     let mut want = Desired::default();
-    let mut rec = reconciler(FakeMaps::default());
+    let mut rec = reconciler(FakeMaps::default()).with_batch_max(batch_max);
     for step in 0..400 {
         let mut keys = BTreeSet::new();
         for _ in 0..=next(3) {
@@ -1441,12 +1476,12 @@ fn partial_syncs_of_the_changed_keys_converge_like_full_ones() {
         }
         let before = rec.maps().log.len();
         let rep = rec.sync_keys(&want, &keys);
-        assert!(rep.errors.is_empty() && rep.other_errors.is_empty(), "step {step}: {:?}", rep.errors);
+        assert!(rep.errors.is_empty() && rep.other_errors.is_empty(), "{mode} step {step}: {:?}", rep.errors);
         assert_report_matches_log(&rep, &log_since(&rec, before));
-        assert_eq!(view(rec.maps()), expected_view(&want), "step {step}");
+        assert_eq!(view(rec.maps()), expected_view(&want), "{mode} step {step}");
         let used: BTreeSet<u32> = rec.maps().svc.iter().filter(|(k, _)| k.backend_slot != 0).map(|(_, v)| v.backend_id).collect();
         let present: BTreeSet<u32> = rec.maps().backends.keys().copied().collect();
-        assert_eq!(present, used, "step {step}: exactly the referenced backends exist");
+        assert_eq!(present, used, "{mode} step {step}: exactly the referenced backends exist");
     }
     assert_no_writes(&mut rec, &want, "a full sync after partial ones");
     assert_consistent(rec.maps(), "after partial syncs");
@@ -1507,4 +1542,152 @@ fn ipv6_frontends_are_programmed_in_the_ipv6_maps() {
     let a6b = fe("fd00::21", 80, Tcp, &[]);
     let rep = small.sync(&desired([&v4, &v4b, &v6b, &a6, &a6b]));
     assert_one_map_full(&rep, a6b.0, proxy_common::svc::SVC6_MAP, 4);
+}
+
+// ---------------------------------------------------------------------------
+// Batches
+// ---------------------------------------------------------------------------
+
+/// `n` TCP and UDP frontends of two backends of their own and one shared
+/// per protocol.
+fn many(n: usize, port: u16) -> Vec<Fe> {
+    (0..n)
+        .map(|i| {
+            let (a, b) = (format!("10.244.{}.{}:8080", i / 200, i % 200 + 1), format!("10.245.{}.{}:8080", i / 200, i % 200 + 1));
+            let proto = if i % 2 == 0 { Tcp } else { Udp };
+            fe(&format!("10.96.{}.{}", i / 200, i % 200 + 1), port, proto, &[&a, &b, "10.246.0.1:8080"])
+        })
+        .collect()
+}
+
+#[test]
+fn a_sync_writes_each_map_once_per_stage_and_the_same_entries_as_entry_by_entry() {
+    let first = desired(&many(40, 80));
+    // Half the frontends go, a quarter change backends, new ones come.
+    let mut second = desired(&many(40, 80)[20..]);
+    for (k, f) in many(10, 80) {
+        second.frontends.insert(k, Frontend { backends: vec![baddr("10.247.0.1:8080")], ..f });
+    }
+    second.frontends.extend(many(5, 81));
+    let mut batched = reconciler(FakeMaps::default());
+    let mut single = reconciler(FakeMaps::default()).with_batch_max(1);
+    for (step, d) in [("first", &first), ("second", &second), ("empty", &Desired::default())] {
+        let calls = (batched.maps().calls, single.maps().calls);
+        let (_, log) = sync_ok(&mut batched, d);
+        let (_, single_log) = sync_ok(&mut single, d);
+        let (b, s) = (batched.maps(), single.maps());
+        assert_eq!((&b.svc, &b.backends, &b.names), (&s.svc, &s.backends, &s.names), "{step}: the same maps, ids included");
+        assert_eq!(view(b), expected_view(d), "{step}");
+        assert_consistent(b, step);
+        assert_eq!(s.calls - calls.1, single_log.len(), "{step}: entry by entry, one call per entry");
+        assert_eq!(log.len(), single_log.len(), "{step}: the same writes");
+        if step == "first" {
+            // New backends; names and slots; slots 0: one call per map and stage.
+            assert_eq!(b.calls - calls.0, 4, "{step}: {log:#?}");
+            assert_eq!(b.largest_batch, 40 * 3, "{step}: the slots in one batch");
+        }
+    }
+}
+
+#[test]
+fn a_batch_that_stops_part_way_fails_only_the_frontends_of_the_failed_entry() {
+    const SHARED: &str = "10.244.0.9:80";
+    let first = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80", "10.244.0.2:80"]);
+    let second = fe("10.96.0.2", 80, Tcp, &["10.244.0.3:80", SHARED]);
+    let third = fe("10.96.0.3", 80, Tcp, &["10.244.0.4:80", SHARED]);
+    let d = desired([&first, &second, &third]);
+    for (batch_max, mode) in MODES {
+        let mut r = reconciler(FakeMaps::default()).with_batch_max(batch_max);
+        // The new backends, in order: first's two, second's two (the
+        // shared one last), third's own. Entry 3, the shared one, fails.
+        r.maps_mut().fail_write_at = Some(3);
+        let rep = r.sync(&d);
+        assert_report_matches_log(&rep, &r.maps().log);
+        let failed: BTreeSet<FrontendKey> = rep.errors.iter().map(|(k, _)| *k).collect();
+        assert_eq!(failed, BTreeSet::from([second.0, third.0]), "{mode}: second wrote the shared backend, third needs it: {:?}", rep.errors);
+        assert!(rep.errors.iter().all(|(_, e)| matches!(e, Error::Injected(_))), "{mode}: {:?}", rep.errors);
+        assert!(rep.other_errors.is_empty(), "{mode}: {:?}", rep.other_errors);
+        let m = r.maps();
+        assert_eq!(view(m), expected_view(&desired([&first])), "{mode}: first is programmed, second and third not at all");
+        assert!(!has_any_entry(m, second.0) && !has_any_entry(m, third.0), "{mode}: {:#?}", m.svc);
+        assert_datapath_valid(m, mode);
+        // The batch went on after the failed entry: third's own backend is written.
+        backend_id(m, "10.244.0.4:80", Tcp);
+        if batch_max > 1 {
+            assert_eq!(m.calls, 1 + 1 + 3, "{mode}: the backend batch, its rest after the failure, then names, slots, slot 0s: {:#?}", m.log);
+        }
+        // The next sync re-reads the maps and completes the rest.
+        let (_, log) = sync_ok(&mut r, &d);
+        assert!(!log.is_empty(), "{mode}");
+        assert_eq!(view(r.maps()), expected_view(&d), "{mode}");
+        assert_consistent(r.maps(), mode);
+        assert_no_writes(&mut r, &d, mode);
+    }
+}
+
+#[test]
+fn a_closed_frontend_whose_writes_fail_is_not_reported_closed() {
+    let small = fe("10.96.0.1", 80, Tcp, &["10.244.0.1:80", "10.244.0.2:80"]); // 3 entries
+    let big = fe("10.96.0.2", 80, Tcp, &["10.244.1.1:80", "10.244.1.2:80", "10.244.1.3:80"]); // 4 entries
+    let want = desired([&small, &big]);
+    for (batch_max, mode) in MODES {
+        let mut rec = reconciler(FakeMaps::default()).with_capacity(6, 100).with_closed_reserve(2).with_batch_max(batch_max);
+        // `small`: 2 backends, its name, 2 slots, slot 0; then `big`
+        // closed: its name (6), its slot 0 (7), which fails.
+        rec.maps_mut().fail_write_at = Some(7);
+        let rep = rec.sync(&want);
+        assert_one_map_full(&SyncReport { other_errors: Vec::new(), ..rep }, big.0, SVC_MAP, 4);
+        let rep = rec.sync(&want);
+        assert!(rep.closed.contains(&big.0), "{mode}: closed by the retry");
+        assert_eq!(head_and_entries(rec.maps(), big.0).1, 1, "{mode}");
+        let mut rec = reconciler(FakeMaps::default()).with_capacity(6, 100).with_closed_reserve(2).with_batch_max(batch_max);
+        rec.maps_mut().fail_write_at = Some(7);
+        let rep = rec.sync(&want);
+        assert!(rep.closed.is_empty(), "{mode}: its slot 0 was not written: {:?}", rep.closed);
+        assert_eq!(rep.other_errors.len(), 1, "{mode}: {:?}", rep.other_errors);
+        assert!(!has_any_entry(rec.maps(), big.0), "{mode}");
+        assert_datapath_valid(rec.maps(), mode);
+    }
+}
+
+/// The slots a shrinking frontend gives up are deleted in the last stage:
+/// staging stops (and writes) before the map would need more room than
+/// programming the frontends one by one.
+#[test]
+fn staged_writes_never_need_more_room_than_the_map_has() {
+    let five = ["10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80", "10.244.0.4:80", "10.244.0.5:80"];
+    let five_b = ["10.244.1.1:80", "10.244.1.2:80", "10.244.1.3:80", "10.244.1.4:80", "10.244.1.5:80"];
+    let before = desired(&[fe("10.96.0.1", 80, Tcp, &five), fe("10.96.0.2", 80, Tcp, &five_b[..1])]); // 6 + 2 entries
+    // The first shrinks by 4 slots, the second grows by 4: 8 entries again,
+    // but 12 if the second's slots came before the first's deletes.
+    let after = desired(&[fe("10.96.0.1", 80, Tcp, &five[..1]), fe("10.96.0.2", 80, Tcp, &five_b)]);
+    for (batch_max, mode) in MODES {
+        let maps = FakeMaps { svc_capacity: Some(10), ..FakeMaps::default() };
+        let mut rec = reconciler(maps).with_capacity(10, 100).with_batch_max(batch_max);
+        sync_ok(&mut rec, &before);
+        sync_ok(&mut rec, &after);
+        assert_eq!(view(rec.maps()), expected_view(&after), "{mode}");
+        assert_consistent(rec.maps(), mode);
+    }
+}
+
+/// A sync of more than [`super::FLUSH_ENTRIES`] entries is written in
+/// chunks, each frontend within one.
+#[test]
+fn a_large_sync_is_written_in_chunks() {
+    let fes: Vec<Fe> = (0..17_000u32)
+        .map(|i| {
+            let vip = std::net::Ipv4Addr::from(0x0a60_0000 + i).to_string();
+            let b = format!("{}:8080", std::net::Ipv4Addr::from(0x0af4_0000 + i));
+            fe(&vip, 80, Tcp, &[&b])
+        })
+        .collect();
+    // 4 entries each (backend, name, slot, slot 0): 68,000.
+    let d = desired(&fes);
+    let r = programmed(&d);
+    let m = r.maps();
+    assert!(m.largest_batch <= super::FLUSH_ENTRIES, "{}", m.largest_batch);
+    assert_eq!(m.calls, 2 * 4, "two chunks of 4 batches");
+    assert_eq!(m.svc.len(), 2 * 17_000);
+    assert_eq!(view(m), expected_view(&d));
 }

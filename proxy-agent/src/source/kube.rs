@@ -8,11 +8,20 @@
 //! dropped watch it resumes, on 410 Gone it lists again, with kube-rs'
 //! default backoff on errors. A re-list is turned into the applies and
 //! deletes that bring the store to the new list, so nothing downstream sees
-//! the difference from an ordinary update. While the API server is
-//! unreachable nothing is sent: the datapath keeps the last known state.
-use std::{collections::BTreeSet, path::Path};
+//! the difference from an ordinary update: it is streamed as it arrives —
+//! each listed object is sent as an apply (one the store holds unchanged is
+//! a replay, which writes nothing), and once the list is complete the
+//! objects it did not show are deleted — so the new list is never held
+//! beside the store. While the API server is unreachable nothing is sent:
+//! the datapath keeps the last known state (deletes come only from a
+//! complete list or a watch event).
+//!
+//! What is kept of a Service or `EndpointSlice` is its record
+//! ([`crate::store::ServiceRecord`], [`crate::store::SliceRecord`]), built as
+//! the object arrives; the decoded object is dropped at once.
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use futures::TryStreamExt as _;
+use futures::{FutureExt as _, TryStreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{Node, Service},
@@ -33,13 +42,16 @@ use tracing::{info, warn};
 
 use crate::{
     error::{Error, Result},
-    store::{ObjectKey, SourceEvent, Stored},
+    store::{Interner, ObjectKey, ServiceRecord, SliceRecord, SourceEvent},
 };
 
 /// kube-proxy's label selector for Services and `EndpointSlices`.
 pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 /// Where objects from the API server say they came from.
 pub const ORIGIN: &str = "apiserver";
+/// Most listed objects sent in one batch (a list page is sent as soon as
+/// the next one has to be fetched).
+const BATCH: usize = 100;
 
 /// Finds the API server the way kubectl does: `--kubeconfig`, else
 /// `$KUBECONFIG` / `~/.kube/config`, else the in-cluster service account.
@@ -56,26 +68,17 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 }
 
 trait Kind: kube::Resource + Clone + Sized {
-    /// Drops what the agent never reads, before the object is kept (see
-    /// [`strip_meta`]).
-    fn strip(self) -> Self;
-    fn applied(s: Stored<Self>) -> SourceEvent;
+    /// The applied event for `obj`, as the store keeps it, and its key.
+    fn applied(obj: Self, origin: &Arc<str>, strings: &mut Interner) -> (ObjectKey, SourceEvent);
     fn deleted(k: ObjectKey) -> SourceEvent;
     fn synced() -> Option<SourceEvent>;
     const NAME: &'static str;
 }
 
 impl Kind for Service {
-    fn strip(mut self) -> Self {
-        strip_meta(&mut self.metadata);
-        // The model reads `status.loadBalancer` only.
-        if let Some(st) = self.status.as_mut() {
-            st.conditions = None;
-        }
-        self
-    }
-    fn applied(s: Stored<Self>) -> SourceEvent {
-        SourceEvent::ServiceApplied(s)
+    fn applied(obj: Self, origin: &Arc<str>, strings: &mut Interner) -> (ObjectKey, SourceEvent) {
+        let r = ServiceRecord::new(&obj, origin.clone(), strings);
+        (r.key().clone(), SourceEvent::ServiceApplied(Box::new(r)))
     }
     fn deleted(k: ObjectKey) -> SourceEvent {
         SourceEvent::ServiceDeleted(k)
@@ -87,20 +90,9 @@ impl Kind for Service {
 }
 
 impl Kind for EndpointSlice {
-    fn strip(mut self) -> Self {
-        strip_meta(&mut self.metadata);
-        // The model reads `addresses`, `conditions`, `hints` and `nodeName`
-        // of an endpoint; `zone` is kept as well (small, and the field
-        // topology-aware routing is about).
-        for ep in self.endpoints.iter_mut().flatten() {
-            ep.target_ref = None;
-            ep.hostname = None;
-            ep.deprecated_topology = None;
-        }
-        self
-    }
-    fn applied(s: Stored<Self>) -> SourceEvent {
-        SourceEvent::SliceApplied(s)
+    fn applied(obj: Self, origin: &Arc<str>, strings: &mut Interner) -> (ObjectKey, SourceEvent) {
+        let r = SliceRecord::new(&obj, origin.clone(), strings);
+        (r.key().clone(), SourceEvent::SliceApplied(Box::new(r)))
     }
     fn deleted(k: ObjectKey) -> SourceEvent {
         SourceEvent::SliceDeleted(k)
@@ -112,15 +104,13 @@ impl Kind for EndpointSlice {
 }
 
 impl Kind for Node {
-    fn strip(mut self) -> Self {
-        strip_meta(&mut self.metadata);
+    fn applied(mut obj: Self, _: &Arc<str>, _: &mut Interner) -> (ObjectKey, SourceEvent) {
         // Labels (the zone), `deletionTimestamp` and `spec.taints` are read;
-        // the status (images, conditions, addresses) is not.
-        self.status = None;
-        self
-    }
-    fn applied(s: Stored<Self>) -> SourceEvent {
-        SourceEvent::NodeApplied(Box::new(s.object))
+        // the status (images, conditions, addresses) and the metadata of
+        // other tools are not.
+        strip_meta(&mut obj.metadata);
+        obj.status = None;
+        (key_of(&obj), SourceEvent::NodeApplied(Box::new(obj)))
     }
     fn deleted(_: ObjectKey) -> SourceEvent {
         SourceEvent::NodeDeleted
@@ -131,33 +121,104 @@ impl Kind for Node {
     const NAME: &'static str = "Node";
 }
 
-/// The one annotation the agent reads (`EndpointSlices`' network
-/// programming latency).
-const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-/// Drops the metadata the agent never reads, so that what it keeps of
-/// tens of thousands of objects is what the model needs: `managedFields`,
-/// every annotation but [`TRIGGER_TIME`] (kubectl's
-/// `last-applied-configuration` repeats the whole object),
-/// `ownerReferences`, `finalizers`, `generateName`. Kept: name, namespace,
-/// `uid` (Events), `resourceVersion` (replays), `creationTimestamp`
-/// (precedence), labels (selectors, the zone), `deletionTimestamp`.
+/// Drops the metadata of the Node the agent never reads: `managedFields`,
+/// annotations, `ownerReferences`, `finalizers`, `generateName`.
 fn strip_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
     meta.generate_name = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == TRIGGER_TIME);
-        if a.is_empty() {
-            meta.annotations = None;
-        }
-    }
+    meta.annotations = None;
 }
 
+/// The key of an object as the store keys it (`default` namespace when
+/// unset; the API server always sets it on namespaced objects).
 fn key_of<K: kube::Resource>(obj: &K) -> ObjectKey {
-    let m = obj.meta();
-    ObjectKey::new(m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+    ObjectKey::of(obj.meta())
+}
+
+/// What [`follow`] does with the watcher's events, apart from the I/O:
+/// turns them into batches of [`SourceEvent`]s, a list streamed as it
+/// arrives (see the module documentation).
+struct Follower<K> {
+    origin: Arc<str>,
+    strings: Interner,
+    /// What the store holds of this kind (applied, not deleted since), with
+    /// the number of the last list that showed each.
+    known: BTreeMap<ObjectKey, u64>,
+    /// The number of the list under way (or of the last one).
+    list: u64,
+    listing: bool,
+    synced: bool,
+    batch: Vec<SourceEvent>,
+    kind: std::marker::PhantomData<K>,
+}
+
+impl<K: Kind> Follower<K> {
+    fn new() -> Self {
+        Self {
+            origin: ORIGIN.into(),
+            strings: Interner::default(),
+            known: BTreeMap::new(),
+            list: 0,
+            listing: false,
+            synced: false,
+            batch: Vec::new(),
+            kind: std::marker::PhantomData,
+        }
+    }
+
+    /// Takes one event; `true` when the batch is to be sent now (listed
+    /// objects wait for more, up to [`BATCH`]).
+    fn event(&mut self, ev: Event<K>) -> bool {
+        match ev {
+            Event::Init => {
+                // (A list that failed half-way starts again: what it sent
+                // stays applied, as the newer state of those objects.)
+                self.list += 1;
+                self.listing = true;
+                false
+            }
+            Event::InitApply(obj) => {
+                let (key, ev) = K::applied(obj, &self.origin, &mut self.strings);
+                self.known.insert(key, self.list);
+                self.batch.push(ev);
+                self.batch.len() >= BATCH
+            }
+            Event::InitDone => {
+                // What the list did not show is gone. (The map is rebuilt
+                // from its sorted entries: full nodes.)
+                let (list, listing) = (self.list, self.listing);
+                let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.known).into_iter().partition(|(_, l)| !listing || *l == list);
+                self.batch.extend(gone.into_iter().map(|(k, _)| K::deleted(k)));
+                self.known = kept.into_iter().collect();
+                self.listing = false;
+                info!(kind = K::NAME, objects = self.known.len(), "listed");
+                if !self.synced {
+                    self.synced = true;
+                    self.batch.extend(K::synced());
+                }
+                true
+            }
+            Event::Apply(obj) => {
+                let (key, ev) = K::applied(obj, &self.origin, &mut self.strings);
+                self.known.insert(key, self.list);
+                self.batch.push(ev);
+                true
+            }
+            Event::Delete(obj) => {
+                let key = key_of(&obj);
+                self.known.remove(&key);
+                self.batch.push(K::deleted(key));
+                true
+            }
+        }
+    }
+
+    /// The batch so far.
+    fn take(&mut self) -> Vec<SourceEvent> {
+        std::mem::take(&mut self.batch)
+    }
 }
 
 /// Follows one kind until the receiver is gone.
@@ -166,13 +227,21 @@ where
     K: Kind + kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
-    let mut relist: Option<(Vec<K>, BTreeSet<ObjectKey>)> = None;
-    let mut synced = false;
+    let mut f = Follower::<K>::new();
     let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     loop {
-        let ev = match stream.try_next().await {
+        // Listed objects go in batches: what the watcher has at hand (a
+        // page) is sent before it waits for more.
+        let next = if let Some(next) = stream.try_next().now_or_never() {
+            next
+        } else {
+            if !f.batch.is_empty() && tx.send(f.take()).await.is_err() {
+                return;
+            }
+            stream.try_next().await
+        };
+        let ev = match next {
             Ok(Some(ev)) => ev,
             Ok(None) => return,
             Err(e) => {
@@ -181,44 +250,7 @@ where
                 continue;
             }
         };
-        let batch = match ev {
-            Event::Init => {
-                relist = Some((Vec::new(), BTreeSet::new()));
-                continue;
-            }
-            Event::InitApply(obj) => {
-                if let Some((objs, keys)) = relist.as_mut() {
-                    keys.insert(key_of(&obj));
-                    objs.push(obj.strip());
-                }
-                continue;
-            }
-            Event::InitDone => {
-                let (objs, keys) = relist.take().unwrap_or_default();
-                let mut batch: Vec<SourceEvent> = objs
-                    .into_iter()
-                    .map(|o| K::applied(Stored { object: o, origin: ORIGIN.to_owned() }))
-                    .collect();
-                batch.extend(known.difference(&keys).cloned().map(K::deleted));
-                info!(kind = K::NAME, objects = keys.len(), "listed");
-                known = keys;
-                if !synced {
-                    synced = true;
-                    batch.extend(K::synced());
-                }
-                batch
-            }
-            Event::Apply(obj) => {
-                known.insert(key_of(&obj));
-                vec![K::applied(Stored { object: obj.strip(), origin: ORIGIN.to_owned() })]
-            }
-            Event::Delete(obj) => {
-                let key = key_of(&obj);
-                known.remove(&key);
-                vec![K::deleted(key)]
-            }
-        };
-        if tx.send(batch).await.is_err() {
+        if f.event(ev) && tx.send(f.take()).await.is_err() {
             return;
         }
     }
@@ -237,9 +269,91 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Vec<SourceE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Address, AddressType, ServiceType};
 
+    fn svc(name: &str, rv: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": rv},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+        }))
+        .expect("service")
+    }
+
+    /// The events of a batch, as `+name@rv` (applied), `-name` (deleted)
+    /// and `synced`.
+    fn shown(batch: &[SourceEvent]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|e| match e {
+                SourceEvent::ServiceApplied(s) => {
+                    format!("+{}@{}", s.key().name, s.meta.resource_version.as_ref().map(ToString::to_string).unwrap_or_default())
+                }
+                SourceEvent::ServiceDeleted(k) => format!("-{}", k.name),
+                SourceEvent::ServicesSynced => "synced".to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A list is streamed as it arrives — every listed object is an apply
+    /// (the store skips those it holds unchanged), in batches of at most
+    /// [`BATCH`] — and nothing is deleted until the list is complete: then
+    /// exactly what it did not show. A list that fails half-way and starts
+    /// again deletes nothing it showed the second time.
     #[test]
-    fn stripping_keeps_what_the_model_reads() {
+    fn lists_stream_as_applies_and_delete_what_they_did_not_show_once_complete() {
+        let mut f = Follower::<Service>::new();
+        assert!(!f.event(Event::Init));
+        assert!(!f.event(Event::InitApply(svc("a", "1"))));
+        assert!(!f.event(Event::InitApply(svc("b", "2"))));
+        assert!(f.event(Event::InitDone));
+        assert_eq!(shown(&f.take()), ["+a@1", "+b@2", "synced"]);
+        assert!(f.event(Event::Apply(svc("c", "3"))));
+        assert_eq!(shown(&f.take()), ["+c@3"]);
+
+        // A re-list (after 410): b changed, a is gone, d is new; nothing is
+        // deleted before InitDone.
+        assert!(!f.event(Event::Init));
+        for (name, rv) in [("b", "4"), ("c", "3"), ("d", "5")] {
+            assert!(!f.event(Event::InitApply(svc(name, rv))));
+        }
+        assert_eq!(shown(&f.take()), ["+b@4", "+c@3", "+d@5"], "sent as they come, no delete yet");
+        assert!(f.event(Event::InitDone));
+        assert_eq!(shown(&f.take()), ["-a"], "what the list did not show, once it is complete");
+
+        // A list that fails half-way (the watcher starts it again with
+        // Init): what the second one shows stays.
+        assert!(!f.event(Event::Init));
+        assert!(!f.event(Event::InitApply(svc("b", "4"))));
+        assert!(!f.event(Event::Init));
+        for name in ["c", "d"] {
+            assert!(!f.event(Event::InitApply(svc(name, if name == "c" { "3" } else { "5" }))));
+        }
+        assert!(f.event(Event::InitDone));
+        assert_eq!(shown(&f.take()), ["+b@4", "+c@3", "+d@5", "-b"], "b was not in the complete list");
+
+        // A long list goes in batches of BATCH.
+        assert!(!f.event(Event::Init));
+        let mut batches = Vec::new();
+        for i in 0..=2 * BATCH {
+            if f.event(Event::InitApply(svc(&format!("s{i}"), "9"))) {
+                batches.push(f.take().len());
+            }
+        }
+        assert_eq!(batches, [BATCH, BATCH]);
+        assert!(f.event(Event::InitDone));
+        let last = shown(&f.take());
+        assert_eq!(last.len(), 1 + 2, "the rest, then the deletes of c and d: {last:?}");
+        assert_eq!(last[1..], ["-c", "-d"]);
+        assert!(f.event(Event::Delete(svc("s0", "10"))));
+        assert_eq!(shown(&f.take()), ["-s0"]);
+    }
+
+    /// A Service and a slice as a real cluster stores them (kubectl's
+    /// last-applied annotation, managed fields, owner references): the
+    /// records keep what the model, the Events and the metrics read.
+    #[test]
+    fn records_keep_what_the_model_reads() {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": "web", "namespace": "default", "uid": "u1", "resourceVersion": "7",
@@ -250,63 +364,82 @@ mod tests {
                 "finalizers": ["f"],
                 "managedFields": [{"manager": "kubectl", "operation": "Update"}],
             },
-            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.9", "banana"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}, {"port": 53, "protocol": "SCTP"}],
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
+                "sessionAffinity": "ClientIP", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+            },
             "status": {
-                "loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]},
+                "loadBalancer": {"ingress": [{"ip": "203.0.113.1"}, {"ip": "203.0.113.2", "ipMode": "Proxy"}]},
                 "conditions": [{"type": "T", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "R", "message": "m"}],
             },
         }))
         .expect("service");
-        let s = svc.strip();
-        let m = &s.metadata;
-        assert_eq!((m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref(), m.resource_version.as_deref()), (Some("web"), Some("default"), Some("u1"), Some("7")));
-        assert!(m.creation_timestamp.is_some());
-        assert_eq!(m.labels.as_ref().map(std::collections::BTreeMap::len), Some(2), "labels are kept");
-        assert!(m.annotations.is_none() && m.owner_references.is_none() && m.finalizers.is_none() && m.managed_fields.is_none() && m.generate_name.is_none());
-        assert_eq!(s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("10.96.0.1"));
-        let st = s.status.as_ref().expect("status");
-        assert!(st.conditions.is_none());
-        assert_eq!(st.load_balancer.as_ref().and_then(|l| l.ingress.as_ref()).map(Vec::len), Some(1));
+        let (key, ev) = Service::applied(svc, &ORIGIN.into(), &mut Interner::default());
+        assert_eq!(key, ObjectKey::new("default", "web"));
+        let SourceEvent::ServiceApplied(r) = ev else { panic!("a Service") };
+        let m = &r.meta;
+        let text = |s: &Option<crate::store::MetaStr>| s.as_ref().map(ToString::to_string);
+        assert_eq!((text(&m.uid).as_deref(), text(&m.resource_version).as_deref(), &*m.origin), (Some("u1"), Some("7"), ORIGIN));
+        assert_eq!(r.created, Some("2026-01-01T00:00:00Z".parse().expect("time")));
+        assert!(r.other_proxy, "the service-proxy-name label is kept");
+        assert_eq!(r.cluster_ips.as_ref().ok(), Some(&vec!["10.96.0.1".parse().expect("ip")]));
+        assert_eq!(r.type_, ServiceType::LoadBalancer);
+        assert_eq!((r.external_local, r.internal_local, r.health_check_node_port), (true, false, Some(31000)));
+        assert_eq!(r.affinity_timeout_s, crate::model::DEFAULT_AFFINITY_TIMEOUT_S);
+        assert_eq!(r.external_ips[..], [Address::Ip("203.0.113.9".parse().expect("ip")), Address::Text("banana".into())]);
+        assert_eq!(r.ingress_ips[..], ["203.0.113.1".parse::<std::net::IpAddr>().expect("ip")], "ipMode Proxy is left out");
+        assert_eq!(r.source_ranges.as_deref().map(<[Box<str>]>::len), Some(1));
+        assert_eq!((&*r.ports[0].name, r.ports[0].port, r.ports[0].node_port), ("http", 80, Some(30080)));
+        assert_eq!(r.ports[1].protocol.as_ref().err().map(|e| e.0.clone()), Some(crate::model::Cause::Unsupported));
 
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {
-                "name": "web-abcde", "namespace": "default", "resourceVersion": "8",
+                "name": "web-abcde", "namespace": "default", "resourceVersion": "8", "uid": "u2",
                 "labels": {"kubernetes.io/service-name": "web"},
-                "annotations": {TRIGGER_TIME: "2026-01-01T00:00:00.5Z", "other": "y"},
+                "annotations": {crate::store::TRIGGER_TIME: "2026-01-01T00:00:00.5Z", "other": "y"},
                 "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}],
                 "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}],
             },
             "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
+            "ports": [{"name": "http", "port": 8080}, {"name": "x", "protocol": "SCTP"}],
             "endpoints": [{
-                "addresses": ["10.244.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                "addresses": ["10.244.0.1", "10.244.0.2"], "conditions": {"ready": true, "serving": true, "terminating": false},
                 "nodeName": "n1", "zone": "z1", "hostname": "h", "deprecatedTopology": {"a": "b"},
                 "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "n1"}]},
                 "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default", "uid": "p1"},
-            }],
+            }, {"addresses": ["banana"]}],
         }))
         .expect("slice");
-        let s = slice.strip();
-        let a = s.metadata.annotations.as_ref().expect("the trigger time is kept");
-        assert_eq!(a.keys().collect::<Vec<_>>(), vec![TRIGGER_TIME]);
-        assert!(s.metadata.owner_references.is_none() && s.metadata.managed_fields.is_none());
-        assert_eq!(s.metadata.labels.as_ref().and_then(|l| l.get(crate::model::LABEL_SERVICE_NAME)).map(String::as_str), Some("web"));
-        let ep = &s.endpoints.as_ref().expect("endpoints")[0];
-        assert_eq!(ep.addresses, vec!["10.244.0.1".to_owned()]);
-        assert_eq!(ep.conditions.as_ref().and_then(|c| c.serving), Some(true));
-        assert_eq!((ep.node_name.as_deref(), ep.zone.as_deref()), (Some("n1"), Some("z1")));
-        assert!(ep.hints.as_ref().is_some_and(|h| h.for_zones.is_some() && h.for_nodes.is_some()));
-        assert!(ep.target_ref.is_none() && ep.hostname.is_none() && ep.deprecated_topology.is_none());
-        assert_eq!(s.ports.as_ref().map(Vec::len), Some(1));
+        let (key, ev) = EndpointSlice::applied(slice, &ORIGIN.into(), &mut Interner::default());
+        assert_eq!(key, ObjectKey::new("default", "web-abcde"));
+        let SourceEvent::SliceApplied(s) = ev else { panic!("a slice") };
+        assert_eq!((text(&s.meta.uid).as_deref(), text(&s.meta.resource_version).as_deref()), (Some("u2"), Some("8")));
+        assert_eq!(s.owner(), Some(ObjectKey::new("default", "web")));
+        assert_eq!(s.trigger_time, Some("2026-01-01T00:00:00.5Z".parse().expect("time")));
+        assert_eq!(s.address_type, AddressType::IPv4);
+        assert_eq!((&*s.ports[0].name, s.ports[0].protocol, s.ports[0].port), ("http", Some(crate::model::Protocol::Tcp), Some(8080)));
+        assert_eq!((s.ports[1].protocol, s.ports[1].port), (None, None));
+        let ep = &s.endpoints[0];
+        assert_eq!(ep.address, Some(Address::Ip("10.244.0.1".parse().expect("ip"))), "the first address");
+        assert_eq!((ep.ready, ep.serving, ep.terminating), (Some(true), Some(true), Some(false)));
+        assert_eq!(ep.node_name(), Some("n1"));
+        assert_eq!((&*ep.zone_hints()[0], &*ep.node_hints()[0]), ("z1", "n1"));
+        assert_eq!(s.endpoints[1].address, Some(Address::Text("banana".into())), "kept as given, refused by the model");
+        assert!(s.endpoints[1].topology.is_none() && s.endpoints[1].ready.is_none());
 
         let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}, "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}, "deletionTimestamp": "2026-01-01T00:00:00Z",
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
             "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
             "status": {"images": [{"names": ["a"], "sizeBytes": 1}]},
         }))
         .expect("node");
-        let n = node.strip();
-        assert!(n.status.is_none() && n.metadata.deletion_timestamp.is_some() && n.spec.and_then(|s| s.taints).is_some());
+        let (_, ev) = Node::applied(node, &ORIGIN.into(), &mut Interner::default());
+        let SourceEvent::NodeApplied(n) = ev else { panic!("a Node") };
+        assert!(n.status.is_none() && n.metadata.managed_fields.is_none() && n.metadata.deletion_timestamp.is_some());
+        assert!(n.spec.and_then(|s| s.taints).is_some());
         assert!(n.metadata.labels.is_some_and(|l| l.contains_key("topology.kubernetes.io/zone")));
     }
 }

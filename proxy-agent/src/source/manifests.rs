@@ -8,6 +8,8 @@
 //! no longer parses keeps its last good objects (as a watch keeps the last
 //! known state when the API server errs); an object that does not decode is
 //! skipped with one log line naming the file, the object and the reason.
+//! What is kept of a file is the records the store keeps
+//! ([`ServiceRecord`], [`SliceRecord`]), built when it is read.
 use std::{
     collections::{BTreeMap, hash_map::DefaultHasher},
     fs,
@@ -21,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::store::{ObjectKey, SourceEvent, Stored};
+use crate::store::{Interner, ObjectKey, ServiceRecord, SliceRecord, SourceEvent};
 
 /// One decoded object.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,12 +136,19 @@ fn is_manifest(path: &Path) -> bool {
             .is_some_and(|n| n.starts_with('.'))
 }
 
+/// An object of a file, as the store keeps it.
+#[derive(Clone, Debug)]
+enum Record {
+    Service(Box<ServiceRecord>),
+    Slice(Box<SliceRecord>),
+}
+
 struct CachedFile {
     /// Size, modification time and inode when last read: a file whose stamp
     /// is unchanged is not read again.
     stamp: Option<(u64, i64, i64, u64)>,
     hash: u64,
-    objects: Vec<Object>,
+    objects: Vec<Record>,
 }
 
 /// What tells a file changed without reading it: size, mtime (s, ns) and
@@ -154,8 +163,9 @@ fn stamp(path: &Path) -> Option<(u64, i64, i64, u64)> {
 pub struct ManifestsDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, CachedFile>,
-    services: BTreeMap<ObjectKey, Stored<Service>>,
-    slices: BTreeMap<ObjectKey, Stored<EndpointSlice>>,
+    services: BTreeMap<ObjectKey, Box<ServiceRecord>>,
+    slices: BTreeMap<ObjectKey, Box<SliceRecord>>,
+    strings: Interner,
     synced: bool,
 }
 
@@ -167,6 +177,7 @@ impl ManifestsDir {
             files: BTreeMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
+            strings: Interner::default(),
             synced: false,
         }
     }
@@ -220,6 +231,14 @@ impl ManifestsDir {
                     for p in problems {
                         warn!("skipping {p}");
                     }
+                    let origin = self.strings.get(&path.display().to_string());
+                    let objects = objects
+                        .iter()
+                        .map(|o| match o {
+                            Object::Service(s) => Record::Service(Box::new(ServiceRecord::new(s, origin.clone(), &mut self.strings))),
+                            Object::Slice(s) => Record::Slice(Box::new(SliceRecord::new(s, origin.clone(), &mut self.strings))),
+                        })
+                        .collect();
                     self.files.insert(path.clone(), CachedFile { stamp: st, hash, objects });
                 }
                 Err(p) => {
@@ -244,22 +263,21 @@ impl ManifestsDir {
     }
 
     fn diff(&mut self) -> Vec<SourceEvent> {
-        let mut services = BTreeMap::new();
-        let mut slices = BTreeMap::new();
-        for (path, file) in &self.files {
-            let origin = path.display().to_string();
+        let mut services: BTreeMap<ObjectKey, Box<ServiceRecord>> = BTreeMap::new();
+        let mut slices: BTreeMap<ObjectKey, Box<SliceRecord>> = BTreeMap::new();
+        for file in self.files.values() {
             for o in &file.objects {
                 match o {
-                    Object::Service(s) => {
-                        let key = ObjectKey::of(&s.metadata);
-                        if let Some(prev) = services.insert(key.clone(), Stored { object: s.clone(), origin: origin.clone() }) {
-                            warn!(service = %key, first = %prev.origin, second = %origin, "Service defined twice; the later file wins");
+                    Record::Service(s) => {
+                        let key = s.key().clone();
+                        if let Some(prev) = services.insert(key.clone(), s.clone()) {
+                            warn!(service = %key, first = %prev.meta.origin, second = %s.meta.origin, "Service defined twice; the later file wins");
                         }
                     }
-                    Object::Slice(s) => {
-                        let key = ObjectKey::of(&s.metadata);
-                        if let Some(prev) = slices.insert(key.clone(), Stored { object: s.clone(), origin: origin.clone() }) {
-                            warn!(endpointslice = %key, first = %prev.origin, second = %origin, "EndpointSlice defined twice; the later file wins");
+                    Record::Slice(s) => {
+                        let key = s.key().clone();
+                        if let Some(prev) = slices.insert(key.clone(), s.clone()) {
+                            warn!(endpointslice = %key, first = %prev.meta.origin, second = %s.meta.origin, "EndpointSlice defined twice; the later file wins");
                         }
                     }
                 }
@@ -692,11 +710,11 @@ addressType: IPv4
             .iter()
             .map(|e| match e {
                 SourceEvent::ServiceApplied(s) => {
-                    format!("ServiceApplied {} from {}", ObjectKey::of(&s.object.metadata), rel(&s.origin))
+                    format!("ServiceApplied {} from {}", s.key(), rel(&s.meta.origin))
                 }
                 SourceEvent::ServiceDeleted(k) => format!("ServiceDeleted {k}"),
                 SourceEvent::SliceApplied(s) => {
-                    format!("SliceApplied {} from {}", ObjectKey::of(&s.object.metadata), rel(&s.origin))
+                    format!("SliceApplied {} from {}", s.key(), rel(&s.meta.origin))
                 }
                 SourceEvent::SliceDeleted(k) => format!("SliceDeleted {k}"),
                 SourceEvent::ServicesSynced => "ServicesSynced".to_owned(),
@@ -757,8 +775,8 @@ addressType: IPv4
         assert!(store.synced());
         assert_eq!(keys(&store.services), ["shop/api", "shop/web"]);
         assert_eq!(keys(&store.slices), ["shop/web-1"]);
-        let origin = &store.services[&ObjectKey::new("shop", "web")].origin;
-        assert_eq!(Path::new(origin), dir.0.join("web.yaml"), "origin is the file's path");
+        let origin = &store.services[&ObjectKey::new("shop", "web")].meta.origin;
+        assert_eq!(Path::new(&**origin), dir.0.join("web.yaml"), "origin is the file's path");
 
         // Nothing changed: nothing to say (and no second "synced").
         assert_eq!(scan(&mut src, &dir, &mut store), Vec::<String>::new());
@@ -770,8 +788,8 @@ addressType: IPv4
             &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web-1", "web", "10.244.0.99")),
         );
         assert_eq!(scan(&mut src, &dir, &mut store), ["SliceApplied shop/web-1 from web.yaml"]);
-        let eps = store.slices[&ObjectKey::new("shop", "web-1")].object.endpoints.clone().unwrap_or_default();
-        assert_eq!(eps[0].addresses, ["10.244.0.99"]);
+        let eps = &store.slices[&ObjectKey::new("shop", "web-1")].endpoints;
+        assert_eq!(eps[0].address.as_ref().map(|a| a.text().into_owned()).as_deref(), Some("10.244.0.99"));
 
         // Same objects, different text (a comment, reordered documents): no events.
         dir.write(
@@ -927,11 +945,7 @@ addressType: IPv4
             ["ServiceApplied shop/web from b.yaml", "ServicesSynced", "SlicesSynced"]
         );
         let ip = |store: &Store| {
-            store.services[&ObjectKey::new("shop", "web")]
-                .object
-                .spec
-                .as_ref()
-                .and_then(|s| s.cluster_ip.clone())
+            store.services[&ObjectKey::new("shop", "web")].cluster_ips.as_ref().ok().and_then(|ips| ips.first().map(ToString::to_string))
         };
         assert_eq!(ip(&store).as_deref(), Some("10.96.0.11"));
         // The winner goes away: the other definition takes over, no delete.

@@ -247,9 +247,10 @@ impl Store {
 
     /// Every current object of `kind` (in `ns` when given), in key order.
     pub fn current(&self, kind: Kind, ns: Option<&str>) -> impl Iterator<Item = &Value> {
+        let from = (kind, ns.unwrap_or("").to_owned(), String::new());
         self.objects
-            .iter()
-            .filter(move |((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+            .range(from..)
+            .take_while(move |((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
             .map(|(_, v)| v)
     }
 
@@ -258,7 +259,9 @@ impl Store {
         if after < self.floor {
             return Err(ApiError::expired(format!("too old resource version: {after} ({})", self.floor)));
         }
-        Ok(self.history.iter().filter(move |e| e.rv > after))
+        // The history is in resourceVersion order: start at the first newer event.
+        let first = self.history.partition_point(|e| e.rv <= after);
+        Ok(self.history.range(first..))
     }
 
     fn commit(&mut self, key: Key, ty: EventType, mut object: Value, prev: Option<Value>) -> Value {
@@ -489,25 +492,70 @@ impl Store {
         Ok(self.commit(key, EventType::Deleted, old.clone(), Some(old)))
     }
 
-    /// The objects of `kind` as they were at `rv` (`rv >= floor`), by undoing
-    /// the newer events.
-    fn snapshot(&self, kind: Kind, rv: u64) -> BTreeMap<Key, Value> {
-        let mut objs: BTreeMap<Key, Value> =
-            self.objects.iter().filter(|(k, _)| k.0 == kind).map(|(k, v)| (k.clone(), v.clone())).collect();
+    /// The objects of `kind` that changed after `rv` (`rv >= floor`), as they
+    /// were at `rv` (`None`: absent then): the earliest newer event's
+    /// previous state. Costs the events after `rv`, not the objects.
+    fn changed_since(&self, kind: Kind, rv: u64) -> BTreeMap<&Key, Option<&Value>> {
+        let mut then = BTreeMap::new();
+        // Newest first: the last insert for a key is its earliest event.
         for e in self.history.iter().rev().take_while(|e| e.rv > rv).filter(|e| e.key.0 == kind) {
-            match (&e.ty, &e.prev) {
-                (EventType::Added, _) | (_, None) => {
-                    objs.remove(&e.key);
-                }
-                (_, Some(prev)) => {
-                    objs.insert(e.key.clone(), prev.clone());
-                }
-            }
+            let before = match (&e.ty, &e.prev) {
+                (EventType::Added, _) | (_, None) => None,
+                (_, Some(prev)) => Some(prev),
+            };
+            then.insert(&e.key, before);
         }
-        objs
+        then
     }
 
-    /// `GET` on a collection (the caller waits for a future resourceVersion first).
+    /// The objects of `kind` as they were at `rv` (`rv >= floor`), in key
+    /// order from `from` (exclusive with `after`): the current objects with
+    /// the changes since `rv` undone ([`Store::changed_since`]). Lazy: a
+    /// page costs its own objects and the events after `rv`, not a copy of
+    /// every object of the kind.
+    fn snapshot_from<'a>(
+        &'a self,
+        kind: Kind,
+        rv: u64,
+        from: &Key,
+        after: bool,
+    ) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+        use std::ops::Bound;
+        let lower = if after { Bound::Excluded(from.clone()) } else { Bound::Included(from.clone()) };
+        let changed = if rv < self.rv { self.changed_since(kind, rv) } else { BTreeMap::new() };
+        let of_kind = move |k: &&Key| k.0 == kind;
+        let mut now = self.objects.range((lower.clone(), Bound::Unbounded)).map(|(k, v)| (k, Some(v))).take_while(move |(k, _)| of_kind(k)).peekable();
+        let mut then: Vec<(&Key, Option<&Value>)> = changed.into_iter().filter(|(k, _)| match &lower {
+            Bound::Included(f) => *k >= f,
+            Bound::Excluded(f) => *k > f,
+            Bound::Unbounded => true,
+        }).collect();
+        then.reverse();
+        // Merges the two key-ordered streams; a key changed since `rv`
+        // takes its state at `rv` (or is skipped when it did not exist).
+        std::iter::from_fn(move || loop {
+            let next_then = then.last().map(|(k, _)| *k);
+            let next_now = now.peek().map(|(k, _)| *k);
+            let (key, value) = match (next_now, next_then) {
+                (None, None) => return None,
+                (Some(a), Some(b)) if a == b => {
+                    now.next();
+                    then.pop().expect("peeked")
+                }
+                (Some(a), Some(b)) if b < a => then.pop().expect("peeked"),
+                (None, Some(_)) => then.pop().expect("peeked"),
+                (Some(_), _) => now.next().expect("peeked"),
+            };
+            if let Some(v) = value {
+                return Some((key, v));
+            }
+        })
+    }
+
+    /// `GET` on a collection (the caller waits for a future resourceVersion
+    /// first). A page costs its own objects (and the events since the
+    /// snapshot's resourceVersion), not the whole collection: it starts at
+    /// the continue token's key in the ordered map, as etcd's range read does.
     pub fn list(&self, kind: Kind, q: &ListQuery) -> Result<ListResult, ApiError> {
         let (at, start) = if let Some(token) = &q.continue_token {
             if q.resource_version.is_some() {
@@ -539,37 +587,41 @@ impl Store {
         // resourceVersion=0 (any) is served from the watch cache, which ignores limit.
         let from_cache = q.continue_token.is_none() && q.resource_version == Some(0);
         let limit = if from_cache { None } else { q.limit.filter(|l| *l > 0) };
-        let objs = if at == self.rv {
-            self.objects.iter().filter(|(k, _)| k.0 == kind).map(|(k, v)| (k.clone(), v.clone())).collect()
-        } else {
-            self.snapshot(kind, at)
+        // A key relative to the listed collection: `namespace/name` across
+        // namespaces, the name within one (or of a cluster-scoped kind).
+        let across = kind.namespaced() && q.namespace.is_none();
+        let rel = |k: &Key| -> String { if across { format!("{}/{}", k.1, k.2) } else { k.2.clone() } };
+        let ns = q.namespace.clone().unwrap_or_default();
+        let (from, after) = match &start {
+            Some(s) if across => {
+                let (n, name) = s.split_once('/').ok_or_else(|| ApiError::bad_request("continue key is not valid: incorrect encoding"))?;
+                ((kind, n.to_owned(), name.to_owned()), true)
+            }
+            Some(s) => ((kind, ns.clone(), s.clone()), true),
+            None => ((kind, ns.clone(), String::new()), false),
         };
-        let rel = |k: &Key| -> String {
-            if kind.namespaced() && q.namespace.is_none() { format!("{}/{}", k.1, k.2) } else { k.2.clone() }
-        };
-        let mut matching = objs.into_iter().filter(|(k, v)| {
-            q.namespace.as_ref().is_none_or(|ns| *ns == k.1)
-                && start.as_ref().is_none_or(|s| rel(k) > *s)
-                && q.labels.matches(v.pointer("/metadata/labels").and_then(Value::as_object))
-                && q.fields.matches(kind, v)
-        });
+        let mut matching = self
+            .snapshot_from(kind, at, &from, after)
+            .take_while(|(k, _)| q.namespace.as_ref().is_none_or(|ns| *ns == k.1))
+            .filter(|(_, v)| q.labels.matches(v.pointer("/metadata/labels").and_then(Value::as_object)) && q.fields.matches(kind, v));
         let mut items = Vec::new();
         let mut last = None;
         for (k, v) in matching.by_ref() {
             if limit.is_some_and(|l| items.len() == l) {
-                // One more exists: the page is full.
-                let rest = 1 + matching.count() as u64;
-                let token = json!({ "v": "meta.k8s.io/v1", "rv": at, "start": format!("{}\0", last.unwrap_or_default()) });
+                // One more exists: the page is full. (The count of the rest,
+                // only given without selectors, walks them; not cloned.)
                 let selectors = !q.labels.is_empty() || !q.fields.is_empty();
+                let rest = if selectors { None } else { Some(1 + matching.count() as u64) };
+                let token = json!({ "v": "meta.k8s.io/v1", "rv": at, "start": format!("{}\0", last.unwrap_or_default()) });
                 return Ok(ListResult {
                     items,
                     resource_version: at,
                     continue_token: Some(b64_encode(token.to_string().as_bytes())),
-                    remaining: (!selectors).then_some(rest),
+                    remaining: rest,
                 });
             }
-            last = Some(rel(&k));
-            items.push(v);
+            last = Some(rel(k));
+            items.push(v.clone());
         }
         Ok(ListResult { items, resource_version: at, continue_token: None, remaining: None })
     }
@@ -739,6 +791,61 @@ mod tests {
             assert_eq!(b64_decode(&b64_encode(s.as_bytes())).as_deref(), Some(s.as_bytes()));
         }
         assert_eq!(b64_encode(b"hello?>"), "aGVsbG8_Pg");
+    }
+
+    /// Every page of a paged list, whatever changes between the pages,
+    /// comes from the first page's snapshot: together they are exactly the
+    /// list at that resourceVersion (across namespaces, within one, with a
+    /// label selector), in key order.
+    #[test]
+    fn pages_make_up_the_snapshot_of_the_first_page() {
+        let mut s = Store::new(100_000);
+        let svc = |ns: &str, name: &str, tier: &str| {
+            json!({"metadata": {"name": name, "namespace": ns, "labels": {"tier": tier}}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})
+        };
+        let names = |r: &ListResult| -> Vec<String> {
+            r.items.iter().map(|o| format!("{}/{}", meta(o, "namespace").unwrap_or_default(), meta(o, "name").unwrap_or_default())).collect()
+        };
+        for i in 0..60 {
+            let ns = ["a", "a-b", "b"][i % 3];
+            s.create(Kind::Service, ns, svc(ns, &format!("s{i:02}"), ["web", "db"][i % 2]), Writer::Test).expect("create");
+            s.create(Kind::Node, "", json!({"metadata": {"name": format!("n{i}")}}), Writer::Test).expect("node");
+        }
+        for (ns, labels) in [(None, ""), (Some("a-b"), ""), (None, "tier=web"), (Some("b"), "tier!=web")] {
+            let q = |limit, token: Option<String>| ListQuery {
+                namespace: ns.map(str::to_owned),
+                labels: LabelSelector::parse(labels).expect("selector"),
+                limit,
+                continue_token: token,
+                ..ListQuery::default()
+            };
+            let whole = s.list(Kind::Service, &q(None, None)).expect("list");
+            let mut step = s.clone();
+            let mut got = Vec::new();
+            let mut token = None;
+            let mut n = 0;
+            loop {
+                let page = step.list(Kind::Service, &q(Some(7), token.take())).expect("page");
+                assert_eq!(page.resource_version, whole.resource_version, "{ns:?} {labels}");
+                got.extend(names(&page));
+                // Between pages: deletes, updates and creates on both sides
+                // of the next page's start.
+                n += 1;
+                let victim = format!("s{:02}", (n * 11) % 60);
+                for ns in ["a", "a-b", "b"] {
+                    let _ = step.delete(Kind::Service, ns, &victim, &Preconditions::default());
+                    let _ = step.create(Kind::Service, ns, svc(ns, &format!("t{n:02}"), "web"), Writer::Test);
+                }
+                match page.continue_token {
+                    Some(t) => token = Some(t),
+                    None => break,
+                }
+            }
+            assert_eq!(got, names(&whole), "{ns:?} {labels}");
+            assert!(!got.is_empty());
+        }
+        // Keys in order within the kind only: the Nodes listed apart.
+        assert_eq!(s.list(Kind::Node, &ListQuery { limit: Some(100), ..ListQuery::default() }).expect("nodes").items.len(), 60);
     }
 
     #[test]
