@@ -552,7 +552,7 @@ fn sync_once(
     events: Option<&crate::events::Publisher>,
     shared: &SharedState,
     triggers: &mut Vec<SystemTime>,
-) -> (bool, BTreeSet<(std::net::Ipv4Addr, u16)>) {
+) -> (bool, BTreeSet<(std::net::IpAddr, u16)>) {
     let started = Instant::now();
     let keys = changed.map(|services| tracker.update(store, node, services));
     if keys.is_none() {

@@ -404,41 +404,29 @@ impl Datapath {
     }
 
     /// Destroys the connected UDP sockets the socket path translated to one
-    /// of `backends` (endpoints that left their Service port), in every
-    /// network namespace the agent can enter: its own, `/run/netns/*` and
-    /// those of `/proc/*/ns/net` (the host's processes with `hostPID`).
-    /// Returns how many namespaces were walked.
-    pub fn destroy_udp_sockets(&mut self, backends: &[(std::net::Ipv4Addr, u16)]) -> usize {
+    /// of `backends` (endpoints that left their Service port; IPv4 and
+    /// IPv6), in every network namespace the agent can enter: its own,
+    /// `/run/netns/*` and those of `/proc/*/ns/net` (the host's processes
+    /// with `hostPID`). Returns how many namespaces were walked.
+    pub fn destroy_udp_sockets(&mut self, backends: &[(std::net::IpAddr, u16)]) -> usize {
         use std::io::Read as _;
         if !self.sock_destroy || backends.is_empty() {
             tracing::debug!(enabled = self.sock_destroy, ?backends, "no UDP sockets to destroy");
             return 0;
         }
-        let keys: Vec<proxy_common::backend::Backend> = backends
-            .iter()
-            .map(|(a, p)| proxy_common::backend::Backend {
-                addr_be: u32::from(*a).to_be(),
-                port_be: p.to_be(),
-                proto: proxy_common::proto::UDP,
-                flags: 0,
-            })
-            .collect();
-        let name = proxy_common::sock::SOCK_DESTROY_MAP;
-        let Some(map) = self.ebpf.map_mut(name) else {
-            warn!(map = name, "map missing: connected UDP sockets are not destroyed");
+        let udp = proxy_common::proto::UDP;
+        let mut keys: Vec<proxy_common::backend::Backend> = Vec::new();
+        let mut keys6: Vec<proxy_common::backend::Backend6> = Vec::new();
+        for (a, p) in backends {
+            match a {
+                std::net::IpAddr::V4(a) => keys.push(proxy_common::backend::Backend { addr_be: u32::from(*a).to_be(), port_be: p.to_be(), proto: udp, flags: 0 }),
+                std::net::IpAddr::V6(a) => keys6.push(proxy_common::backend::Backend6 { addr: a.octets(), port_be: p.to_be(), proto: udp, flags: 0 }),
+            }
+        }
+        let (name, name6) = (proxy_common::sock::SOCK_DESTROY_MAP, proxy_common::sock::SOCK_DESTROY6_MAP);
+        if !list_for_destruction(&mut self.ebpf, name, &keys, true) || !list_for_destruction(&mut self.ebpf, name6, &keys6, true) {
+            list_for_destruction(&mut self.ebpf, name, &keys, false);
             return 0;
-        };
-        let mut targets = match aya::maps::HashMap::<_, proxy_common::backend::Backend, u32>::try_from(map) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(map = name, error = %e, "connected UDP sockets are not destroyed");
-                return 0;
-            }
-        };
-        for k in &keys {
-            if let Err(e) = targets.insert(*k, 0, 0) {
-                warn!(map = name, error = %e, "cannot list a backend for socket destruction");
-            }
         }
         let mut walked = 0;
         if let Some(prog) = self.ebpf.program_mut(SOCK_DESTROY_PROG)
@@ -474,13 +462,8 @@ impl Datapath {
                 walked += usize::from(ok);
             }
         }
-        if let Some(map) = self.ebpf.map_mut(name)
-            && let Ok(mut targets) = aya::maps::HashMap::<_, proxy_common::backend::Backend, u32>::try_from(map)
-        {
-            for k in &keys {
-                let _ = targets.remove(k);
-            }
-        }
+        list_for_destruction(&mut self.ebpf, name, &keys, false);
+        list_for_destruction(&mut self.ebpf, name6, &keys6, false);
         info!(backends = ?backends, namespaces = walked, "destroyed connected UDP sockets of removed endpoints");
         walked
     }
@@ -743,6 +726,35 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
 
 /// The agent's own network namespace.
 const OWN_NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Lists `keys` in the socket-destroy map `name` (`add`), or removes them
+/// again; `false` (with a warning) when the map cannot be used.
+fn list_for_destruction<K: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str, keys: &[K], add: bool) -> bool {
+    if keys.is_empty() {
+        return true;
+    }
+    let Some(map) = ebpf.map_mut(name) else {
+        warn!(map = name, "map missing: connected UDP sockets are not destroyed");
+        return false;
+    };
+    let mut targets = match aya::maps::HashMap::<_, K, u32>::try_from(map) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(map = name, error = %e, "connected UDP sockets are not destroyed");
+            return false;
+        }
+    };
+    for k in keys {
+        if add {
+            if let Err(e) = targets.insert(*k, 0, 0) {
+                warn!(map = name, error = %e, "cannot list a backend for socket destruction");
+            }
+        } else {
+            let _ = targets.remove(k);
+        }
+    }
+    true
+}
 
 /// Every network namespace the agent can see, once each (by device and
 /// inode): its own first, then `/run/netns/*`, then `/proc/<pid>/ns/net`.

@@ -100,7 +100,8 @@ pub fn services_view(dump: &MapsDump) -> Vec<FrontendView> {
             snat_remote: head.flags & SVC_FLAG_SNAT_REMOTE != 0,
             affinity_timeout_s: head.affinity_timeout_s,
             source_ranges: (head.flags & proxy_common::svc::SVC_FLAG_SOURCE_RANGES != 0).then(|| {
-                dump.ranges.iter().filter(|(id, _, _)| *id == head.svc_id).map(|(_, a, l)| format!("{a}/{l}")).collect()
+                // Only the frontend's family: the datapath looks nowhere else.
+                dump.ranges.iter().filter(|(id, a, _)| *id == head.svc_id && a.is_ipv4() == addr.is_ipv4()).map(|(_, a, l)| format!("{a}/{l}")).collect()
             }),
             backends,
         });

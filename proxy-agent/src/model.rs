@@ -33,7 +33,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::core::v1::Service;
@@ -171,10 +171,12 @@ pub struct Frontend {
     /// one Service port, so a client keeps its backend across them
     /// ([`affinity_group`]).
     pub affinity_group: u32,
-    /// `loadBalancerSourceRanges` of a `LoadBalancer` frontend, with the
-    /// node's addresses added (health checks, hairpin); `None`: open. An
-    /// invalid range makes the list just the node's addresses (closed).
-    pub source_ranges: Option<Vec<Cidr>>,
+    /// `loadBalancerSourceRanges` of a `LoadBalancer` frontend of its own
+    /// family, with the node's addresses of that family added (health
+    /// checks, hairpin); `None`: open. An invalid range makes the list just
+    /// the node's addresses (closed); so does a Service whose ranges are all
+    /// of the other family (closed, never open).
+    pub source_ranges: Option<Vec<IpCidr>>,
 }
 
 impl Frontend {
@@ -223,7 +225,7 @@ pub enum Cause {
     InvalidSourceRange,
     /// More endpoints than a frontend holds (the first ones are used).
     TooManyEndpoints,
-    /// Valid Kubernetes, not supported here (SCTP, IPv6-only).
+    /// Valid Kubernetes, not supported here (SCTP).
     Unsupported,
     /// Malformed: what the API server would have refused.
     Invalid,
@@ -269,6 +271,9 @@ pub struct NodeInfo {
 
 /// An IPv4 CIDR: network address and prefix length.
 pub type Cidr = (Ipv4Addr, u8);
+
+/// A CIDR of either family: network address and prefix length.
+pub type IpCidr = (IpAddr, u8);
 
 /// Whether `cidr` holds `a`.
 #[must_use]
@@ -603,12 +608,6 @@ fn service_frontends(
                     reject(rejections, KIND, key, origin, Cause::Invalid, format!("port {port_name:?}: frontend {fk} is already used by another port of this Service"));
                     continue;
                 }
-                if v6 && kind == FrontendKind::LoadBalancer && source_ranges.is_some() {
-                    // Not served rather than served open.
-                    let why = format!("LoadBalancer IP {} with loadBalancerSourceRanges: not served (source ranges are enforced on IPv4 only yet)", fk.addr);
-                    reject(rejections, KIND, key, origin, Cause::Unsupported, why);
-                    continue;
-                }
                 let external = kind != FrontendKind::ClusterIp;
                 let policy_local = if external { etp_local } else { itp_local };
                 let (mut backends, drop_when_empty) = select_backends(&endpoints, node, policy_local, prefer_same_node);
@@ -636,7 +635,12 @@ fn service_frontends(
                         snat_remote: external && !etp_local,
                         affinity_timeout_s: affinity_timeout,
                         affinity_group: group,
-                        source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { None },
+                        // The ranges of the frontend's family only.
+                        source_ranges: if kind == FrontendKind::LoadBalancer {
+                            source_ranges.as_ref().map(|r| r.iter().filter(|(a, _)| a.is_ipv6() == v6).copied().collect())
+                        } else {
+                            None
+                        },
                     },
                 ));
         }
@@ -646,26 +650,22 @@ fn service_frontends(
 }
 
 /// `spec.loadBalancerSourceRanges` as kube-proxy applies them to the LB
-/// ingress IPs: `None` when unset (open); else the ranges plus the node's
-/// addresses (as /32: health checks and hairpin traffic come from them). A
+/// ingress IPs: `None` when unset (open); else the ranges of both families
+/// plus the node's addresses (as /32 and /128: health checks and hairpin
+/// traffic come from them); each frontend keeps those of its own family. A
 /// range that does not parse is reported by name and the Service is served
 /// closed (only the node's addresses), never open.
-fn lb_source_ranges(svc: &ServiceRecord, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
+fn lb_source_ranges(svc: &ServiceRecord, key: &ObjectKey, node: &NodeInfo, rejections: &mut Vec<Rejection>) -> Option<Vec<IpCidr>> {
     let ranges = svc.source_ranges.as_ref()?;
-    let mut out: Vec<Cidr> = node
-        .nodeport_addresses
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(a) => Some((*a, 32)),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let mut out: Vec<IpCidr> = node.nodeport_addresses.iter().map(|a| (*a, if a.is_ipv4() { 32 } else { 128 })).collect();
     let mut parsed = Vec::new();
     for r in ranges {
-        if r.trim().contains(':') {
-            continue; // IPv6: not ours (IPv4 only for now)
-        }
-        match parse_cidrs(r) {
+        let one = if r.trim().contains(':') {
+            parse_cidr6(r.trim()).map(|(a, l)| vec![(IpAddr::V6(a), l)])
+        } else {
+            parse_cidrs(r).map(|c| c.into_iter().map(|(a, l)| (IpAddr::V4(a), l)).collect())
+        };
+        match one {
             Ok(c) => parsed.extend(c),
             Err(e) => {
                 reject(
@@ -676,18 +676,39 @@ fn lb_source_ranges(svc: &ServiceRecord, key: &ObjectKey, node: &NodeInfo, rejec
                     Cause::InvalidSourceRange,
                     format!("loadBalancerSourceRanges {r:?}: {e}; its LoadBalancer IPs accept no client but the node (served closed)"),
                 );
+                out.sort();
+                out.dedup();
                 return Some(out);
             }
         }
     }
-    // Normalised (host bits cleared), as the LPM trie stores them.
-    for (a, len) in parsed {
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-        out.push((Ipv4Addr::from(u32::from(a) & mask), len));
-    }
+    // Normalised (host bits cleared), as the LPM tries store them.
+    out.extend(parsed.into_iter().map(|(a, len)| (cidr_network(a, len), len)));
     out.sort();
     out.dedup();
     Some(out)
+}
+
+/// The network address of `addr/len` (host bits cleared).
+fn cidr_network(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+/// Parses one IPv6 CIDR (`"2001:db8::/64"`).
+fn parse_cidr6(part: &str) -> Result<(Ipv6Addr, u8), String> {
+    let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not a CIDR"))?;
+    let ip: Ipv6Addr = ip.parse().map_err(|_| format!("{part:?}: not an IPv6 address"))?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 128).ok_or_else(|| format!("{part:?}: bad prefix length"))?;
+    Ok((ip, len))
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.

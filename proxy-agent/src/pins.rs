@@ -5,7 +5,8 @@
 //! <bpffs>/proxy_svc_v1 proxy_be_v1 proxy_ct_v2 proxy_ct_new_v1 proxy_stats_v2 proxy_names_v1 proxy_icmp_rl_v1 proxy_frag_v1
 //!         proxy_affinity_v1 proxy_sock_rev_v1 proxy_sock_rev6_v1 proxy_config_v1 proxy_sock_destroy_v1
 //!         proxy_xdp_tx_v1 proxy_src_range_v1
-//!         proxy_svc6_v1 proxy_be6_v1 proxy_ct6_v1 proxy_ct6_new_v1 proxy_frag6_v1 (IPv6)
+//!         proxy_svc6_v1 proxy_be6_v1 proxy_ct6_v1 proxy_ct6_new_v1 proxy_frag6_v1
+//!         proxy_src_range6_v1 proxy_sock_destroy6_v1 (IPv6)
 //!                                                                     maps ([`LAYOUTS`])
 //! <bpffs>/links/tcx_{ingress,egress}_<ifindex>_<ifname>                       TCX links
 //! <bpffs>/links/xdp_<ifindex>_<ifname>                                        XDP links
@@ -19,7 +20,7 @@ pub use proxy_common::{
     backend::BACKEND_MAP,
     ct::{CT_MAP, CT_NEW_MAP},
     names::NAMES_MAP,
-    sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_REV_MAP, SOCK_REV6_MAP},
+    sock::{CONFIG_MAP, SOCK_DESTROY_MAP, SOCK_DESTROY6_MAP, SOCK_REV_MAP, SOCK_REV6_MAP},
     stats::STATS_MAP,
     svc::SVC_MAP,
 };
@@ -78,9 +79,10 @@ const CT_NEW_RETIRES: &[Retired] = &[Retired { name: proxy_common::ct::CT_NEW_MA
 
 /// Every map the agent pins, with its layout history: the one table that
 /// loading, migration and cleanup walk.
-pub const LAYOUTS: [MapLayout; 20] = [
+pub const LAYOUTS: [MapLayout; 22] = [
     map(XDP_TX_MAP),
     map(proxy_common::svc::SRC_RANGE_MAP),
+    map(proxy_common::svc::SRC_RANGE6_MAP),
     map(proxy_common::stats::ICMP_RL_MAP),
     map(proxy_common::frag::FRAG_MAP),
     map(proxy_common::frag::FRAG6_MAP),
@@ -102,6 +104,7 @@ pub const LAYOUTS: [MapLayout; 20] = [
     map(SOCK_REV6_MAP),
     map(CONFIG_MAP),
     map(SOCK_DESTROY_MAP),
+    map(SOCK_DESTROY6_MAP),
 ];
 
 /// The names of every current map.

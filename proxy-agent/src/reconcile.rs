@@ -54,7 +54,7 @@ use proxy_common::{
 use crate::{
     datapath::{BatchError, Delete, MapsDump, ServiceMaps, SrcRange, Update},
     error::{Error, Result},
-    model::{BackendAddr, Desired, Frontend, FrontendKey, Protocol},
+    model::{BackendAddr, Desired, Frontend, FrontendKey, IpCidr, Protocol},
 };
 
 /// A frontend as it is in the maps.
@@ -66,7 +66,7 @@ struct ProgFrontend {
     affinity_group: u32,
     affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges` entries of this frontend's service id.
-    ranges: BTreeSet<(Ipv4Addr, u8)>,
+    ranges: BTreeSet<IpCidr>,
     /// Backend id of slot i + 1 (0 = slot missing in the map).
     slots: Vec<u32>,
     /// Slot numbers present in the map beyond `slots.len()`.
@@ -91,7 +91,7 @@ struct Programmed {
     /// Names of service ids no frontend uses.
     orphan_names: Vec<u32>,
     /// Source ranges of service ids no frontend uses.
-    orphan_ranges: Vec<(u32, Ipv4Addr, u8)>,
+    orphan_ranges: Vec<(u32, IpAddr, u8)>,
     /// Service-map entries per family (index [`fam`]): each family's map
     /// has its own capacity.
     svc_entries: [usize; 2],
@@ -233,7 +233,7 @@ impl Programmed {
             groups.entry(k.with_slot(0)).or_default().insert(k.slot(), v);
         }
         let names: BTreeMap<u32, String> = d.names.into_iter().collect();
-        let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
+        let mut ranges: BTreeMap<u32, BTreeSet<IpCidr>> = BTreeMap::new();
         for (id, a, l) in d.ranges {
             ranges.entry(id).or_default().insert((a, l));
         }
@@ -584,7 +584,7 @@ pub struct SyncReport {
     pub other_errors: Vec<Error>,
     /// UDP backends (address, port) that left a frontend in this sync:
     /// connected UDP sockets translated to them are to be destroyed.
-    pub removed_udp_backends: BTreeSet<(Ipv4Addr, u16)>,
+    pub removed_udp_backends: BTreeSet<(IpAddr, u16)>,
     /// Frontends of `errors` that did not fit and are programmed closed
     /// (their traffic is rejected).
     pub closed: BTreeSet<FrontendKey>,
@@ -889,7 +889,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Whether `cur` already is `fe` with backend `ids` (`ranges` and `name`
     /// as wanted): nothing to write.
-    fn unchanged(cur: &ProgFrontend, fe: &Frontend, ids: &[Option<u32>], name: &str, ranges: &BTreeSet<(Ipv4Addr, u8)>) -> bool {
+    fn unchanged(cur: &ProgFrontend, fe: &Frontend, ids: &[Option<u32>], name: &str, ranges: &BTreeSet<IpCidr>) -> bool {
         if !(cur.stale_slots.is_empty()
             && cur.slots.len() == ids.len()
             && cur.flags == frontend_flags(fe)
@@ -917,7 +917,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         let f = fam(key.addr);
         // As the names map stores it (truncated), so an adopted name compares equal.
         let name = SvcName::new(&fe.display_name());
-        let want_ranges: BTreeSet<(Ipv4Addr, u8)> = fe.source_ranges.iter().flatten().copied().collect();
+        let want_ranges: BTreeSet<IpCidr> = fe.source_ranges.iter().flatten().copied().collect();
         // Each backend's id; none yet for new ones.
         let mut ids: Vec<Option<u32>> = fe.backends.iter().map(|b| self.state.backend_ids.get(&BackendIdKey::new(*b, proto)).copied()).collect();
         let cur = self.state.frontends.get(&key);
@@ -1054,9 +1054,8 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// Records the backends of `before` that are not in `after`.
     fn note_removed(&self, before: &[u32], after: &[u32], report: &mut SyncReport) {
         for id in before.iter().filter(|id| !after.contains(id)) {
-            // (Connected UDP sockets are destroyed for IPv4 backends only yet.)
-            if let Some((BackendAddr { addr: IpAddr::V4(a), port, .. }, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
-                report.removed_udp_backends.insert((a, port));
+            if let Some((BackendAddr { addr, port, .. }, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
+                report.removed_udp_backends.insert((addr, port));
             }
         }
     }

@@ -99,3 +99,8 @@ crate::pod!(SockRevKey, SockRevValue, SockRev6Key, SockRev6Value, Config);
 /// namespace, then emptied.
 pub const SOCK_DESTROY_MAP: &str = "proxy_sock_destroy_v1";
 pub const SOCK_DESTROY_MAX_ENTRIES: u32 = 4096;
+
+/// The same for IPv6 backends: key `crate::backend::Backend6` with `flags`
+/// 0. An IPv6 socket connected to an IPv4 backend (IPv4-mapped) is found
+/// through [`SOCK_DESTROY_MAP`].
+pub const SOCK_DESTROY6_MAP: &str = "proxy_sock_destroy6_v1";

@@ -32,7 +32,8 @@ pub const SVC_FLAG_SNAT_REMOTE: u16 = 1 << 5;
 pub const SVC_FLAG_POLICY_LOCAL: u16 = 1 << 6;
 /// A `LoadBalancer` frontend with `loadBalancerSourceRanges`: a new flow is
 /// accepted only from a client inside one of its ranges in
-/// [`SRC_RANGE_MAP`] (the node's own addresses are always listed).
+/// [`SRC_RANGE_MAP`] (IPv4 frontends) or [`SRC_RANGE6_MAP`] (IPv6 ones); the
+/// node's own addresses of the family are always listed.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 7;
 /// Any external kind (`NodePort`, externalIP, `LoadBalancer`).
 pub const SVC_FLAGS_EXTERNAL: u16 = SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
@@ -113,3 +114,21 @@ pub struct Svc6Key {
 const _: () = assert!(size_of::<Svc6Key>() == 24);
 
 crate::pod!(Svc6Key);
+
+/// `loadBalancerSourceRanges` of IPv6 frontends: the twin of
+/// [`SRC_RANGE_MAP`], an LPM trie whose key data is [`SrcRange6Key`] and
+/// prefix length 32 + the range's. Value unused (1). A frontend's ranges
+/// are those of its own family: an IPv4 range never admits an IPv6 client.
+pub const SRC_RANGE6_MAP: &str = "proxy_src_range6_v1";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange6Key {
+    /// The frontend's service id, network order (matched whole).
+    pub svc_id_be: u32,
+    /// The range's address, network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<SrcRange6Key>() == 20);
+
+crate::pod!(SrcRange6Key);

@@ -24,7 +24,7 @@ use proxy_common::{
 
 use crate::{
     fib::{AF_INET, AF_INET6, FibParams},
-    maps::{BACKEND, BACKEND6, CT, CT6, CT6_NEW, CT_NEW, FRAG, FRAG6, SRC_RANGES, SVC, SVC6},
+    maps::{BACKEND, BACKEND6, CT, CT6, CT6_NEW, CT_NEW, FRAG, FRAG6, SRC_RANGES, SRC_RANGES6, SVC, SVC6},
     parse::{ETH_P_IP_BE, ETH_P_IPV6_BE, Pkt},
 };
 use proxy_common::stats;
@@ -484,13 +484,9 @@ impl Family for V6 {
         (h, AFFINITY_CLIENT_ADDR6)
     }
 
-    /// Why closed: there is no IPv6 source-range map yet, and an
-    /// unsatisfiable range is served closed, never open (DESIGN.md). The
-    /// agent must not set `SVC_FLAG_SOURCE_RANGES` on an IPv6 frontend it
-    /// wants open.
     #[inline(always)]
-    fn source_in_ranges(_svc_id: u32, _client: In6) -> bool {
-        false
+    fn source_in_ranges(svc_id: u32, client: In6) -> bool {
+        SRC_RANGES6.get(&crate::maps::src_range6_key(svc_id, client.octets())).is_some()
     }
 
     #[inline(always)]

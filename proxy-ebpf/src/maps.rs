@@ -15,7 +15,7 @@ use proxy_common::{
     names::{NAMES_MAX_ENTRIES, SvcName},
     frag::{FRAG_MAX_ENTRIES, Frag6Key, FragKey, FragValue},
     stats::{IcmpBucket, STATS_MAX_ENTRIES, StatCounter},
-    svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAX_ENTRIES, SVC_MAX_ENTRIES, SrcRange6Key, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -81,6 +81,11 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "proxy_sock_destroy_v1")]
 pub static SOCK_DESTROY: HashMap<Backend, u32, { SOCK_DESTROY_MAX_ENTRIES as usize }> = HashMap::new();
 
+/// IPv6 backends whose connected UDP sockets are destroyed
+/// (`proxy_common::sock::SOCK_DESTROY6_MAP`).
+#[btf_map(name = "proxy_sock_destroy6_v1")]
+pub static SOCK_DESTROY6: HashMap<Backend6, u32, { SOCK_DESTROY_MAX_ENTRIES as usize }> = HashMap::new();
+
 /// Per-CPU token bucket of the ICMP errors the datapath sends.
 #[btf_map(name = "proxy_icmp_rl_v1")]
 pub static ICMP_RL: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
@@ -126,4 +131,15 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32, { SRC_RANGE_MAX_ENTRIES as usiz
 #[inline(always)]
 pub fn src_range_key(svc_id: u32, addr_be: u32) -> Key<SrcRangeKey> {
     Key::new(64, SrcRangeKey { svc_id_be: svc_id.to_be(), addr_be })
+}
+
+/// `loadBalancerSourceRanges` of IPv6 frontends (see
+/// `proxy_common::svc::SRC_RANGE6_MAP`).
+#[btf_map(name = "proxy_src_range6_v1")]
+pub static SRC_RANGES6: LpmTrie<SrcRange6Key, u32, { SRC_RANGE_MAX_ENTRIES as usize }> = LpmTrie::new();
+
+/// The LPM key of an IPv6 client of a frontend.
+#[inline(always)]
+pub fn src_range6_key(svc_id: u32, addr: [u8; 16]) -> Key<SrcRange6Key> {
+    Key::new(32 + 128, SrcRange6Key { svc_id_be: svc_id.to_be(), addr })
 }

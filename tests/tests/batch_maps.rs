@@ -29,7 +29,7 @@ use proxy_agent::{
 use proxy_common::{
     backend::{BACKEND_MAP, BACKEND6_MAP, Backend},
     names::{NAMES_MAP, SvcName},
-    svc::{SRC_RANGE_MAP, SVC_MAP, SVC6_MAP},
+    svc::{SRC_RANGE_MAP, SRC_RANGE6_MAP, SVC_MAP, SVC6_MAP},
 };
 
 /// The six service maps of a fresh object, pinned under a directory of
@@ -46,7 +46,7 @@ impl PinnedMaps {
         let maps = Self { dir };
         let pins = Pins::new(&maps.dir);
         let mut loader = EbpfLoader::new();
-        for name in [SVC_MAP, BACKEND_MAP, SVC6_MAP, BACKEND6_MAP, NAMES_MAP, SRC_RANGE_MAP] {
+        for name in [SVC_MAP, BACKEND_MAP, SVC6_MAP, BACKEND6_MAP, NAMES_MAP, SRC_RANGE_MAP, SRC_RANGE6_MAP] {
             loader.map_pin_path(name, pins.map(name));
         }
         for (name, entries) in [(SVC_MAP, svc), (SVC6_MAP, svc), (BACKEND_MAP, backends), (BACKEND6_MAP, backends)] {
@@ -161,7 +161,7 @@ fn services(first: usize, services: usize, endpoints: u32, shift: u32) -> Desire
         for (port, proto, target, name) in [(80, Protocol::Tcp, 8080, "http"), (53, Protocol::Udp, 5353, "dns")] {
             let mut fe = frontend(i, name, eps.iter().map(|&a| v4(a, target)).collect());
             if i % 5 == 0 {
-                fe.source_ranges = Some(vec![(Ipv4Addr::new(192, 0, 2, 0), 24), (Ipv4Addr::new(198, 51, 100, u8::try_from(i % 256).expect("byte")), 32)]);
+                fe.source_ranges = Some(vec![(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 24), (IpAddr::V4(Ipv4Addr::new(198, 51, 100, u8::try_from(i % 256).expect("byte"))), 32)]);
                 fe.affinity_timeout_s = 600;
                 fe.affinity_group = n + 1;
             }
@@ -170,7 +170,11 @@ fn services(first: usize, services: usize, endpoints: u32, shift: u32) -> Desire
         if i % 3 == 0 {
             let vip6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::try_from(i % 65_536).expect("u16")));
             let eps6 = (0..endpoints).map(|j| BackendAddr { addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, u16::try_from(i % 65_536).expect("u16"), u16::try_from(j + shift).expect("u16"))), port: 8080, local: false });
-            d.frontends.insert(FrontendKey { addr: vip6, port: 80, protocol: Protocol::Tcp }, frontend(i, "http", eps6.collect()));
+            let mut fe6 = frontend(i, "http", eps6.collect());
+            if i % 5 == 0 {
+                fe6.source_ranges = Some(vec![(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)), 32), (IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::try_from(i % 65_536).expect("u16"))), 128)]);
+            }
+            d.frontends.insert(FrontendKey { addr: vip6, port: 80, protocol: Protocol::Tcp }, fe6);
         }
     }
     d
@@ -214,6 +218,7 @@ fn a_sync_in_batches_leaves_the_maps_exactly_as_entry_by_entry_writes() {
     }
     // The first sync wrote every map: each took batches.
     assert!(first.frontends.values().any(|f| f.source_ranges.is_some()));
+    assert!(first.frontends.iter().any(|(k, f)| k.addr.is_ipv6() && f.source_ranges.is_some()), "IPv6 ranges too");
 }
 
 #[test]

@@ -263,6 +263,106 @@ fn node_local_ipv6_sockets_are_translated_at_connect_and_see_the_cluster_ip() {
     assert!(rev4.iter().any(|(_, v)| v.addr_be == vip4_be && u16::from_be(v.port_be) == 53), "{SOCK_REV_MAP}: {rev4:?}");
 }
 
+/// Where a connected UDP socket of the node sends, at each line of a
+/// `sockclient udp-stream` run: `(ms, reply name or "ERR", rest)`.
+fn stream_lines(lines: &[String]) -> Vec<(u64, String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            Some((w.next()?.parse().ok()?, w.next()?.to_owned(), w.next().unwrap_or("").to_owned()))
+        })
+        .collect()
+}
+
+/// The IPv6 twin of `socketlb.rs`'s connected-UDP test: a node-local
+/// process's connected IPv6 UDP socket to the IPv6 cluster IP (translated
+/// at `connect()`) whose endpoint leaves the Service port (the pod stays an
+/// endpoint of another Service, so its backend stays in the maps) is
+/// destroyed by the agent: the process sees the socket aborted
+/// (ECONNABORTED, or EDESTADDRREQ when its next call is a send), connects
+/// the same socket again and is answered by another endpoint within a
+/// second. A socket the process connected to that pod's address directly
+/// is left alone: answered by the pod throughout, never aborted.
+#[test]
+fn a_connected_ipv6_udp_socket_is_destroyed_when_its_endpoint_leaves_and_one_connected_to_the_pod_is_not() {
+    const OTHER4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+    const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x12);
+    let mut sb = Sandbox::new("ip6destroy", 3);
+    sb.enable_ipv6();
+    sb.serve_udp_dual(5353);
+    write_atomic(&sb.manifests, "web.yaml", &dual_stack_yaml("web", VIP4, VIP6, &[1, 2, 3]));
+    write_atomic(&sb.manifests, "other.yaml", &dual_stack_yaml("other", OTHER4, OTHER6, &[1, 2, 3]));
+    sb.start_agent(&agent_bin());
+    wait_programmed(&sb.bpffs, Duration::from_secs(15), "web and other", |v| {
+        v.iter().filter(|f| f.family == "IPv6" && f.port == 53 && f.backends.len() == 3).count() == 2
+    });
+    let dns6 = SocketAddr::new(IpAddr::V6(VIP6), 53).to_string();
+    // 40 datagrams at 100 ms: 4 s; the endpoint is removed after ~1 s.
+    let mut cmd = sb.cgroup.command(&sb.node, sockclient(), &["udp-stream", &dns6, "100", "40"]);
+    let t0 = Instant::now();
+    let stream = std::thread::spawn(move || {
+        let out = cmd.output().expect("udp-stream");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<String>>()
+    });
+    // The backend the socket path connected it to, from its reverse entry.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let busy = loop {
+        let rev6: Vec<(SockRev6Key, SockRev6Value)> = pinned_entries(&sb.bpffs, SOCK_REV6_MAP);
+        let to = rev6.iter().find(|(_, v)| v.addr == VIP6.octets() && u16::from_be(v.port_be) == 53).map(|(k, _)| k.addr);
+        if let Some(i) = to.and_then(|a| (1..=3).find(|&i| pod_ip6(i).octets() == a)) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no {SOCK_REV6_MAP} entry for the stream: {rev6:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed()));
+    let gone_name = format!("pod{busy}");
+    // Connected to that pod directly (no translation): 30 datagrams, 3 s.
+    let direct_to = SocketAddr::new(IpAddr::V6(pod_ip6(busy)), 5353).to_string();
+    let mut direct_cmd = sb.cgroup.command(&sb.node, sockclient(), &["udp-stream", &direct_to, "100", "30"]);
+    let direct = std::thread::spawn(move || {
+        let out = direct_cmd.output().expect("direct udp-stream");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<String>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let rest: Vec<usize> = (1..=3).filter(|&i| i != busy).collect();
+    write_atomic(&sb.manifests, "web.yaml", &dual_stack_yaml("web", VIP4, VIP6, &rest));
+    wait_programmed(&sb.bpffs, Duration::from_secs(10), "web's IPv6 DNS port without the endpoint", |v| {
+        v.iter().any(|f| f.address == VIP6.to_string() && f.port == 53 && f.backends.len() == 2)
+    });
+    let programmed_ms = u64::try_from(t0.elapsed().as_millis()).expect("ms");
+    let lines = stream.join().expect("stream thread");
+    let direct = direct.join().expect("direct stream thread");
+    let parsed = stream_lines(&lines);
+    let log = sb.agent_log();
+    assert!(parsed.len() >= 35, "udp-stream output: {lines:?}");
+    assert!(parsed.iter().any(|(_, n, _)| *n == gone_name), "the stream talked to {gone_name}: {lines:?}");
+    let late: Vec<&(u64, String, String)> = parsed.iter().filter(|(t, _, _)| *t > programmed_ms + 1000).collect();
+    assert!(!late.is_empty(), "the stream outlived the removal by a second: {lines:?}");
+    assert!(
+        late.iter().all(|(_, n, peer)| n.starts_with("pod") && *n != gone_name && *peer == dns6),
+        "a second after the removal ({programmed_ms} ms) only other endpoints answer, on the same socket, shown as the cluster IP: {lines:?}\n{log}"
+    );
+    let errs: Vec<&(u64, String, String)> = parsed.iter().filter(|(_, n, _)| n == "ERR").collect();
+    assert!(!errs.is_empty() && errs.len() <= 2, "the socket is aborted once (one or two failed calls): {lines:?}");
+    assert!(
+        errs.iter().any(|(_, _, e)| e.contains(&format!("os error {}", libc::ECONNABORTED)) || e.contains(&format!("os error {}", libc::EDESTADDRREQ))),
+        "aborted by the agent, not timed out: {lines:?}"
+    );
+    assert!(log.contains("destroyed connected UDP sockets"), "agent log: {log}");
+
+    let direct = stream_lines(&direct);
+    assert!(direct.len() >= 25, "direct udp-stream output: {direct:?}");
+    let want_peer = direct_to.clone();
+    assert!(
+        direct.iter().all(|(_, n, peer)| *n == gone_name && *peer == want_peer),
+        "a socket connected to the pod itself is never destroyed nor moved: {direct:?}"
+    );
+    let c = sb.counters(&agent_bin());
+    assert_eq!(c.get("dnat_new_flow").copied().unwrap_or(0), 0, "socket path: no per-packet NAT: {c:?}");
+}
+
 /// `sessionAffinity: ClientIP` on the socket path, where the client is the
 /// socket's network namespace: a node-local process keeps one backend over
 /// IPv6 and one over IPv4, also when its connections alternate between

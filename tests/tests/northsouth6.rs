@@ -4,8 +4,8 @@
 //! to a remote backend over the node link, externalTrafficPolicy Local with
 //! the client's IPv6 address kept, healthCheckNodePort answering on node
 //! A's IPv6 address, `--nodeport-addresses` with an IPv6 CIDR, hairpin,
-//! session affinity, and internalTrafficPolicy / terminating endpoints on an
-//! IPv6 `ClusterIP`. The agent runs on node A (TC path); pods answer with
+//! session affinity, internalTrafficPolicy / terminating endpoints on an
+//! IPv6 `ClusterIP`, and `loadBalancerSourceRanges` on an IPv6 LB IP. The agent runs on node A (TC path); pods answer with
 //! the source address they see.
 use std::{
     collections::BTreeSet,
@@ -15,8 +15,8 @@ use std::{
 
 use integration_tests::{
     agent::{agent_bin, programmed, wait_programmed},
-    client::{http_get, udp_request},
-    cluster::{CLIENT_IP6, Cluster, EXTERNAL_IP6, LB_IP6, NODE_A_IP6, NODE_A_IP6_2, NODE_A_LINK_IP6, SeenAny, pod_ip6_a, pod_ip6_b},
+    client::{http_get, http_get_from, udp_request, udp_request_from},
+    cluster::{CLIENT_IP6, CLIENT_IP6_B, Cluster, EXTERNAL_IP6, LB_IP6, NODE_A_IP6, NODE_A_IP6_2, NODE_A_LINK_IP6, SeenAny, pod_ip6_a, pod_ip6_b},
     manifests::{web6_yaml, write_atomic},
 };
 use proxy_common::ct::{SNAT_PORT_MAX, SNAT_PORT_MIN};
@@ -263,4 +263,67 @@ fn a_fragmented_udp_datagram_to_an_ipv6_node_port_reaches_a_remote_backend_and_b
     assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-b1", IpAddr::V6(NODE_A_LINK_IP6)), "SNAT to node A as for any NodePort flow");
     assert!(s.payload == payload, "the whole datagram, both ways: {} of {} bytes", s.payload.len(), payload.len());
     assert!(c.a.stat("fragment_translated") >= 4, "{:?}", c.a.counters(&agent_bin()));
+}
+
+/// From the client's other address (`CLIENT_IP6_B`, its leg to node B),
+/// still through node A: client "B" beside client "A" (`CLIENT_IP6`).
+fn get_from_b(c: &Cluster, addr: Ipv6Addr, port: u16, timeout: Duration) -> std::io::Result<SeenAny> {
+    c.client.run(move || {
+        let body = http_get_from(IpAddr::V6(CLIENT_IP6_B), SocketAddr::from((addr, port)), timeout)?;
+        SeenAny::parse(&body).ok_or_else(|| std::io::Error::other(format!("bad answer {body:?}")))
+    })
+}
+
+/// `loadBalancerSourceRanges` on an IPv6 LB IP, as on an IPv4 one
+/// (`northsouth.rs`): with a range admitting client A's IPv6 address and
+/// not client B's (B's IPv4 leg is listed: a range of the other family
+/// admits nobody here), A connects over TCP and UDP and B's connections
+/// are dropped (counted) while the `NodePort` stays open to B; `services`
+/// shows the IPv6 ranges with node A's own IPv6 addresses (always allowed)
+/// and no IPv4 one. Narrowed to B's range, B connects and A is dropped.
+#[test]
+fn load_balancer_source_ranges_are_enforced_on_an_ipv6_lb_ip() {
+    let mut c = cluster("ns6sr", 1, 0);
+    let with_ranges = |ranges: &str| web6("Cluster", &format!("  loadBalancerSourceRanges: [{ranges}]\n"), &[(pod_ip6_a(1), "node-a", "")]);
+    write_atomic(&c.manifests, "web.yaml", &with_ranges("'2001:db8:100::/64', '198.51.101.0/24'"));
+    c.start_agent_a(&agent_bin(), &[]);
+    let range_a = "2001:db8:100::/64".to_owned();
+    let v = wait_programmed(&c.a.bpffs, Duration::from_secs(20), "the IPv6 LB IP with its ranges", |v| {
+        v.iter().any(|f| f.address == LB_IP6.to_string() && f.source_ranges.as_ref().is_some_and(|r| r.contains(&range_a)))
+    });
+    let lb = v.iter().find(|f| f.address == LB_IP6.to_string() && f.port == 80).expect("LB frontend");
+    let ranges = lb.source_ranges.clone().unwrap_or_default();
+    assert!(ranges.contains(&format!("{NODE_A_IP6}/128")), "node A's own addresses are listed: {ranges:?}");
+    assert!(ranges.iter().all(|r| r.contains(':')), "only IPv6 ranges on an IPv6 frontend: {ranges:?}");
+    let np = v.iter().find(|f| f.address == NODE_A_IP6.to_string() && f.port == NODE_PORT).expect("NodePort frontend");
+    assert_eq!(np.source_ranges, None, "the NodePort is not restricted: {np:?}");
+
+    let s = get(&c, LB_IP6, 80).unwrap_or_else(|e| panic!("client A is inside the range: {e}\n{}", c.a.agent_log()));
+    assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-a1", IpAddr::V6(CLIENT_IP6)));
+    let s = udp(&c, LB_IP6, 53, "a").unwrap_or_else(|e| panic!("client A over UDP: {e}"));
+    assert_eq!((s.pod.as_str(), s.payload.as_str()), ("pod-a1", "a"));
+
+    let before = c.a.stat("drop_source_range");
+    let r = get_from_b(&c, LB_IP6, 80, Duration::from_millis(800));
+    assert!(r.is_err(), "client B is outside the ranges: {r:?}");
+    let r = c.client.run(|| udp_request_from(IpAddr::V6(CLIENT_IP6_B), SocketAddr::from((LB_IP6, 53)), "b", Duration::from_millis(500)));
+    assert!(r.is_err(), "client B over UDP: {r:?}");
+    let dropped = c.a.stat("drop_source_range") - before;
+    assert!(dropped >= 2, "B's SYN and datagram are dropped and counted: {dropped}");
+    // B's address works through node A (the drop is the range's, not the wiring's).
+    let s = get_from_b(&c, NODE_A_IP6, NODE_PORT, T).unwrap_or_else(|e| panic!("the NodePort is open to B: {e}\n{}", c.a.agent_log()));
+    assert_eq!((s.pod.as_str(), s.peer_ip()), ("pod-a1", IpAddr::V6(CLIENT_IP6_B)));
+
+    // Narrowed to B: the old range is gone from the trie.
+    write_atomic(&c.manifests, "web.yaml", &with_ranges("'2001:db8:101::/64'"));
+    let range_b = "2001:db8:101::/64".to_owned();
+    wait_programmed(&c.a.bpffs, Duration::from_secs(20), "B's range alone", |v| {
+        v.iter().any(|f| f.address == LB_IP6.to_string() && f.source_ranges.as_ref().is_some_and(|r| r.contains(&range_b) && !r.contains(&range_a)))
+    });
+    let s = get_from_b(&c, LB_IP6, 80, T).unwrap_or_else(|e| panic!("client B is inside the new range: {e}\n{}", c.a.agent_log()));
+    assert_eq!(s.pod, "pod-a1");
+    let before = c.a.stat("drop_source_range");
+    let r = c.client.run(|| http_get(SocketAddr::from((LB_IP6, 80)), Duration::from_millis(800)));
+    assert!(r.is_err(), "client A is outside the new range: {r:?}");
+    assert!(c.a.stat("drop_source_range") > before, "counted");
 }

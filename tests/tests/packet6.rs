@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::HashMap,
+    maps::{HashMap, LpmTrie, lpm_trie},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use integration_tests::{
@@ -40,9 +40,10 @@ use proxy_common::{
     },
     proto,
     stats::{self, REASONS, StatCounter},
+    sock::SOCK_DESTROY6_MAP,
     svc::{
-        SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SNAT_REMOTE, SVC_MAP, SVC6_MAP, Svc6Key,
-        SvcKey, SvcValue,
+        SRC_RANGE_MAP, SRC_RANGE6_MAP, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+        SVC_FLAG_SNAT_REMOTE, SVC_FLAG_SOURCE_RANGES, SVC_MAP, SVC6_MAP, SrcRange6Key, SrcRangeKey, Svc6Key, SvcKey, SvcValue,
     },
 };
 
@@ -195,6 +196,14 @@ impl Datapath {
         m.insert(key(1), SvcValue { backend_id: VIP4_BACKENDS[0].0, ..Default::default() }, 0).expect("slot");
         let head = SvcValue { backend_id: 0, count: 1, flags: SVC_FLAG_CLUSTER_IP, svc_id: VIP4_SVC, affinity_timeout_s: 0 };
         m.insert(key(0), head, 0).expect("frontend");
+    }
+
+    /// `loadBalancerSourceRanges` entry `addr/len` of service `svc_id`, as
+    /// the agent writes it.
+    fn add_range6(&mut self, svc_id: u32, addr: Ipv6Addr, len: u8) {
+        let mut m = LpmTrie::<_, SrcRange6Key, u32>::try_from(self.ebpf.map_mut(SRC_RANGE6_MAP).expect("range6 map")).expect("lpm type");
+        let key = lpm_trie::Key::new(32 + u32::from(len), SrcRange6Key { svc_id_be: svc_id.to_be(), addr: addr.octets() });
+        m.insert(&key, 1, 0).unwrap_or_else(|e| panic!("insert range {addr}/{len}: {e:?}"));
     }
 
     /// Runs program `prog` once: (verdict, output).
@@ -1217,8 +1226,13 @@ impl Drop for PinDir {
 
 #[test]
 fn bpftool_prints_the_ipv6_maps_with_field_names() {
-    let dp = Datapath::standard();
+    let mut dp = Datapath::standard();
     let (_, _) = dp.run_translated(&syn().build());
+    dp.add_range6(TCP_SVC, v6("2001:db8::"), 32);
+    {
+        let mut m = HashMap::<_, Backend6, u32>::try_from(dp.ebpf.map_mut(SOCK_DESTROY6_MAP).expect("destroy6 map")).expect("hash type");
+        m.insert(Backend6 { addr: v6("fd00:244::11").octets(), port_be: 53u16.to_be(), proto: proto::UDP, flags: 0 }, 0, 0).expect("insert");
+    }
     let dir = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("p6btf"))));
     std::fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir {} (is bpffs mounted?): {e}", dir.0.display()));
     let dump = |map: &str| {
@@ -1230,10 +1244,46 @@ fn bpftool_prints_the_ipv6_maps_with_field_names() {
         (SVC6_MAP, &["\"addr\"", "\"port_be\"", "\"backend_slot\"", "\"count\"", "\"svc_id\""][..]),
         (BACKEND6_MAP, &["\"addr\"", "\"port_be\"", "\"proto\"", "\"flags\""][..]),
         (CT6_NEW_MAP, &["\"saddr\"", "\"daddr\"", "\"nat_addr\"", "\"snat_port_be\"", "\"backend_id\"", "\"last_seen_ns\""][..]),
+        (SRC_RANGE6_MAP, &["\"svc_id_be\"", "\"addr\""][..]),
+        (SOCK_DESTROY6_MAP, &["\"addr\"", "\"port_be\"", "\"proto\""][..]),
     ] {
         let out = dump(map);
         for f in fields {
             assert!(out.contains(f), "bpftool dump of {map} lacks {f}:\n{out}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// loadBalancerSourceRanges on an IPv6 LoadBalancer frontend
+// ---------------------------------------------------------------------------
+
+/// An IPv6 LB frontend flagged `SVC_FLAG_SOURCE_RANGES` admits a new flow
+/// only from a client inside one of its ranges in `proxy_src_range6_v1`
+/// (longest prefix, service id matched whole): a client inside a /48 is
+/// translated; one outside it, one inside a range of another service id,
+/// and one inside an IPv4 range of this service id (the other family's
+/// trie) are dropped and counted. No flow is created for them.
+#[test]
+fn an_ipv6_lb_frontend_with_source_ranges_admits_only_clients_inside_them() {
+    let mut dp = Datapath::empty();
+    for (id, a) in tcp_backends() {
+        dp.add_backend(id, a, proto::TCP);
+    }
+    dp.add_frontend(vip(), proto::TCP, TCP_SVC, &[1, 2], SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SOURCE_RANGES, 0);
+    dp.add_range6(TCP_SVC, v6("2001:db8:86dd::"), 48);
+    dp.add_range6(TCP_SVC + 7, v6("2001:db8:aaaa::"), 48);
+    {
+        // 0.0.0.0/0 of this service id in the IPv4 trie: not for IPv6 clients.
+        let mut m = LpmTrie::<_, SrcRangeKey, u32>::try_from(dp.ebpf.map_mut(SRC_RANGE_MAP).expect("range map")).expect("lpm type");
+        m.insert(&lpm_trie::Key::new(32, SrcRangeKey { svc_id_be: TCP_SVC.to_be(), addr_be: 0 }), 1, 0).expect("insert v4 range");
+    }
+    let (_, p) = dp.run_translated(&syn().build());
+    assert!(backend_of(p.dst_sa(), &tcp_backends()).is_some(), "inside the range: to a backend, got {}", p.dst_sa());
+    for outsider in ["2001:db8:86de::2", "2001:db8:aaaa::2", "2001:db7::2"] {
+        let (verdict, out) = dp.run(&Frame6::tcp(sa6(outsider, 40000), vip(), tcp_flags::SYN).build());
+        assert_eq!(verdict, TC_ACT_SHOT, "{outsider} is outside the ranges\n{}", hex(&out));
+    }
+    dp.check_stats(&[(stats::DNAT_NEW, 1), (stats::DROP_SOURCE_RANGE, 3)]);
+    assert_eq!(dp.ct6().len(), 2, "only the admitted flow is tracked: {:?}", dp.ct6());
 }

@@ -23,7 +23,7 @@ pub struct FakeMaps {
     pub svc6: BTreeMap<Svc6Key, SvcValue>,
     pub backends6: BTreeMap<u32, Backend6>,
     pub names: BTreeMap<u32, String>,
-    pub ranges: std::collections::BTreeSet<(u32, std::net::Ipv4Addr, u8)>,
+    pub ranges: std::collections::BTreeSet<(u32, std::net::IpAddr, u8)>,
     /// Every write in order, for asserting write order and minimality.
     pub log: Vec<String>,
     /// Fail the n-th write (entry) from now (0 = the next one); a batch
@@ -164,13 +164,13 @@ impl FakeMaps {
         Ok(())
     }
 
-    fn write_range(&mut self, svc_id: u32, (a, l): (std::net::Ipv4Addr, u8)) -> Result<()> {
+    fn write_range(&mut self, svc_id: u32, (a, l): (std::net::IpAddr, u8)) -> Result<()> {
         self.step(format!("range+ {svc_id} {a}/{l}"))?;
         self.ranges.insert((svc_id, a, l));
         Ok(())
     }
 
-    fn delete_range(&mut self, svc_id: u32, (a, l): (std::net::Ipv4Addr, u8)) -> Result<()> {
+    fn delete_range(&mut self, svc_id: u32, (a, l): (std::net::IpAddr, u8)) -> Result<()> {
         self.step(format!("range- {svc_id} {a}/{l}"))?;
         self.ranges.remove(&(svc_id, a, l));
         Ok(())

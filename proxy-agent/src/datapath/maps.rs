@@ -13,7 +13,7 @@ use proxy_common::{
     backend::{BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
     names::{NAMES_MAP, SvcName},
     stats::{STATS_MAP, StatCounter},
-    svc::{SRC_RANGE_MAP, SVC_MAP, SVC6_MAP, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
+    svc::{SRC_RANGE_MAP, SRC_RANGE6_MAP, SVC_MAP, SVC6_MAP, SrcRange6Key, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
 
 use crate::{
@@ -30,12 +30,14 @@ pub struct MapsDump {
     pub svc6: Vec<(Svc6Key, SvcValue)>,
     pub backends6: Vec<(u32, Backend6)>,
     pub names: Vec<(u32, String)>,
-    /// `loadBalancerSourceRanges`: (service id, range address, prefix length).
-    pub ranges: Vec<(u32, std::net::Ipv4Addr, u8)>,
+    /// `loadBalancerSourceRanges` of both families: (service id, range
+    /// address, prefix length).
+    pub ranges: Vec<(u32, std::net::IpAddr, u8)>,
 }
 
-/// A source range of a frontend: (service id, (range address, prefix length)).
-pub type SrcRange = (u32, (std::net::Ipv4Addr, u8));
+/// A source range of a frontend: (service id, (range address, prefix
+/// length)); written to the LPM trie of its family.
+pub type SrcRange = (u32, (std::net::IpAddr, u8));
 
 /// Entries to write to one map, in order: `keys[i]` → `values[i]`.
 #[derive(Clone, Copy, Debug)]
@@ -77,9 +79,48 @@ pub trait ServiceMaps {
     fn delete(&mut self, batch: Delete<'_>) -> Result<(), BatchError>;
 }
 
-/// The LPM key of range `(addr, len)` of frontend `svc_id`.
-fn range_key(svc_id: u32, (addr, len): (std::net::Ipv4Addr, u8)) -> Key<SrcRangeKey> {
+/// The LPM key of IPv4 range `(addr, len)` of frontend `svc_id`.
+fn range_key(svc_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Key<SrcRangeKey> {
     Key::new(32 + u32::from(len), SrcRangeKey { svc_id_be: svc_id.to_be(), addr_be: u32::from(addr).to_be() })
+}
+
+/// The LPM key of IPv6 range `(addr, len)` of frontend `svc_id`.
+fn range6_key(svc_id: u32, addr: std::net::Ipv6Addr, len: u8) -> Key<SrcRange6Key> {
+    Key::new(32 + u32::from(len), SrcRange6Key { svc_id_be: svc_id.to_be(), addr: addr.octets() })
+}
+
+/// `ranges` cut into runs of one family, in order: (offset of the run in
+/// `ranges`, the run). A batch goes to one map; running the runs in order
+/// keeps "the first `written` entries are written" true across the two.
+fn family_runs(ranges: &[SrcRange]) -> impl Iterator<Item = (usize, &[SrcRange])> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let first = ranges.get(start)?;
+        let v6 = first.1.0.is_ipv6();
+        let len = ranges[start..].iter().take_while(|r| r.1.0.is_ipv6() == v6).count();
+        let run = (start, &ranges[start..start + len]);
+        start += len;
+        Some(run)
+    })
+}
+
+fn v4(a: std::net::IpAddr) -> Option<std::net::Ipv4Addr> {
+    match a {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(a: std::net::IpAddr) -> Option<std::net::Ipv6Addr> {
+    match a {
+        std::net::IpAddr::V6(a) => Some(a),
+        std::net::IpAddr::V4(_) => None,
+    }
+}
+
+/// A run's failure as a failure of the whole batch.
+fn at(offset: usize) -> impl Fn(BatchError) -> BatchError {
+    move |e| BatchError { written: offset + e.written, error: e.error }
 }
 
 /// The real maps, pinned under `--bpffs`.
@@ -90,6 +131,7 @@ pub struct BpfMaps {
     backends6: HashMap<MapData, u32, Backend6>,
     names: HashMap<MapData, u32, SvcName>,
     ranges: LpmTrie<MapData, SrcRangeKey, u32>,
+    ranges6: LpmTrie<MapData, SrcRange6Key, u32>,
     batching: Batching,
 }
 
@@ -122,6 +164,7 @@ impl BpfMaps {
             backends6: HashMap::try_from(take(ebpf, BACKEND6_MAP)?).map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(take(ebpf, NAMES_MAP)?).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(take(ebpf, SRC_RANGE_MAP)?).map_err(map_err(SRC_RANGE_MAP, "open"))?,
+            ranges6: LpmTrie::try_from(take(ebpf, SRC_RANGE6_MAP)?).map_err(map_err(SRC_RANGE6_MAP, "open"))?,
             batching: Batching::default(),
         })
     }
@@ -151,6 +194,7 @@ impl BpfMaps {
                 .map_err(map_err(BACKEND6_MAP, "open"))?,
             names: HashMap::try_from(Map::HashMap(from_pin(pins, NAMES_MAP)?)).map_err(map_err(NAMES_MAP, "open"))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(from_pin(pins, SRC_RANGE_MAP)?)).map_err(map_err(SRC_RANGE_MAP, "open"))?,
+            ranges6: LpmTrie::try_from(Map::LpmTrie(from_pin(pins, SRC_RANGE6_MAP)?)).map_err(map_err(SRC_RANGE6_MAP, "open"))?,
             batching: Batching::default(),
         })
     }
@@ -163,18 +207,24 @@ impl ServiceMaps for BpfMaps {
         let svc6 = dump_hash(SVC6_MAP, &self.svc6)?;
         let backends6 = dump_hash(BACKEND6_MAP, &self.backends6)?;
         let names = dump_hash(NAMES_MAP, &self.names)?.into_iter().map(|(id, n)| (id, n.as_str().to_owned())).collect();
-        let ranges = self
+        let mut ranges = self
             .ranges
             .keys()
             .map(|r| {
                 r.map(|k| {
                     let d = k.data();
                     let len = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
-                    (u32::from_be(d.svc_id_be), std::net::Ipv4Addr::from(u32::from_be(d.addr_be)), len)
+                    (u32::from_be(d.svc_id_be), std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(d.addr_be))), len)
                 })
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(SRC_RANGE_MAP, "dump"))?;
+        for r in self.ranges6.keys() {
+            let k = r.map_err(map_err(SRC_RANGE6_MAP, "dump"))?;
+            let d = k.data();
+            let len = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(128);
+            ranges.push((u32::from_be(d.svc_id_be), std::net::IpAddr::V6(std::net::Ipv6Addr::from(d.addr)), len));
+        }
         Ok(MapsDump { svc, backends, svc6, backends6, names, ranges })
     }
 
@@ -197,9 +247,21 @@ impl ServiceMaps for BpfMaps {
                 .update(NAMES_MAP, self.names.map(), k, v)
                 .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, false, k.iter().zip(v), |(k, v)| self.names.insert(k, v, 0))),
             Update::Ranges(r) => {
-                let keys: Vec<Key<SrcRangeKey>> = r.iter().map(|&(id, r)| range_key(id, r)).collect();
-                on.update(SRC_RANGE_MAP, self.ranges.map(), &keys, &vec![1u32; keys.len()])
-                    .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, false, keys.iter(), |k| self.ranges.insert(k, 1, 0)))
+                for (offset, run) in family_runs(r) {
+                    let ones = vec![1u32; run.len()];
+                    if run[0].1.0.is_ipv4() {
+                        let keys: Vec<Key<SrcRangeKey>> = run.iter().filter_map(|&(id, (a, l))| v4(a).map(|a| range_key(id, a, l))).collect();
+                        on.update(SRC_RANGE_MAP, self.ranges.map(), &keys, &ones)
+                            .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, false, keys.iter(), |k| self.ranges.insert(k, 1, 0)))
+                            .map_err(at(offset))?;
+                    } else {
+                        let keys: Vec<Key<SrcRange6Key>> = run.iter().filter_map(|&(id, (a, l))| v6(a).map(|a| range6_key(id, a, l))).collect();
+                        on.update(SRC_RANGE6_MAP, self.ranges6.map(), &keys, &ones)
+                            .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE6_MAP, false, keys.iter(), |k| self.ranges6.insert(k, 1, 0)))
+                            .map_err(at(offset))?;
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -223,9 +285,20 @@ impl ServiceMaps for BpfMaps {
                 .delete(NAMES_MAP, self.names.map(), k)
                 .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, true, k.iter(), |k| self.names.remove(k))),
             Delete::Ranges(r) => {
-                let keys: Vec<Key<SrcRangeKey>> = r.iter().map(|&(id, r)| range_key(id, r)).collect();
-                on.delete(SRC_RANGE_MAP, self.ranges.map(), &keys)
-                    .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, true, keys.iter(), |k| self.ranges.remove(k)))
+                for (offset, run) in family_runs(r) {
+                    if run[0].1.0.is_ipv4() {
+                        let keys: Vec<Key<SrcRangeKey>> = run.iter().filter_map(|&(id, (a, l))| v4(a).map(|a| range_key(id, a, l))).collect();
+                        on.delete(SRC_RANGE_MAP, self.ranges.map(), &keys)
+                            .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE_MAP, true, keys.iter(), |k| self.ranges.remove(k)))
+                            .map_err(at(offset))?;
+                    } else {
+                        let keys: Vec<Key<SrcRange6Key>> = run.iter().filter_map(|&(id, (a, l))| v6(a).map(|a| range6_key(id, a, l))).collect();
+                        on.delete(SRC_RANGE6_MAP, self.ranges6.map(), &keys)
+                            .unwrap_or_else(|| each(&mut on.calls, SRC_RANGE6_MAP, true, keys.iter(), |k| self.ranges6.remove(k)))
+                            .map_err(at(offset))?;
+                    }
+                }
+                Ok(())
             }
         }
     }

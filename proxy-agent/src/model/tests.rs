@@ -1866,3 +1866,59 @@ spec:
     assert_eq!(lb, ["InvalidSourceRange", "Invalid", "Unsupported"], "{:?}", of("lb"));
     assert!(of("old").is_empty());
 }
+
+/// `loadBalancerSourceRanges` per family: each LB ingress IP gets the
+/// ranges of its own family (normalised) plus the node's addresses of that
+/// family; a range of the other family never applies. A Service whose
+/// ranges are all IPv4 serves its IPv6 LB IP to the node alone (closed,
+/// never open); a range that does not parse closes both.
+#[test]
+fn load_balancer_source_ranges_apply_per_family_with_the_nodes_own_addresses() {
+    let yaml = |ranges: &str| {
+        format!(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30, 'fd00:96::30']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 203.0.113.50}}, {{ip: '2001:db8:113::50'}}]
+"
+        )
+    };
+    let node = NodeInfo { nodeport_addresses: vec!["198.51.100.1".parse().unwrap(), "2001:db8:100::1".parse().unwrap()], ..node_a() };
+    let ranges_of = |yaml: &str| -> (Vec<String>, Vec<Option<Vec<String>>>) {
+        let (desired, rejections) = desired_state(&store_from(yaml), &node);
+        let mut lbs = Vec::new();
+        for (key, fe) in &desired.frontends {
+            let shown = fe.source_ranges.as_ref().map(|r| r.iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>());
+            if fe.kind == FrontendKind::LoadBalancer {
+                lbs.push((key.addr, shown));
+            } else {
+                assert_eq!(shown, None, "only LB IPs are restricted: {key}");
+            }
+        }
+        lbs.sort();
+        (rejections.iter().map(|r| r.cause.code().to_owned()).collect(), lbs.into_iter().map(|(_, r)| r).collect())
+    };
+    let (rej, lbs) = ranges_of(&yaml("'192.0.2.7/24', '2001:db8:5::9/64'"));
+    assert!(rej.is_empty(), "an IPv6 LB IP with ranges is served: {rej:?}");
+    let s = |v: &[&str]| Some(v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>());
+    assert_eq!(lbs, [s(&["192.0.2.0/24", "198.51.100.1/32"]), s(&["2001:db8:5::/64", "2001:db8:100::1/128"])]);
+
+    let (rej, lbs) = ranges_of(&yaml("'192.0.2.0/24'"));
+    assert!(rej.is_empty(), "{rej:?}");
+    assert_eq!(lbs, [s(&["192.0.2.0/24", "198.51.100.1/32"]), s(&["2001:db8:100::1/128"])], "no IPv6 range: the node alone");
+
+    let (rej, lbs) = ranges_of(&yaml("'2001:db8:5::/64', '2001:db8:6::/200'"));
+    assert_eq!(rej, ["InvalidSourceRange"]);
+    assert_eq!(lbs, [s(&["198.51.100.1/32"]), s(&["2001:db8:100::1/128"])], "an invalid range closes both families");
+}

@@ -1432,11 +1432,22 @@ fn udp_backends_leaving_a_frontend_are_reported_for_socket_destruction() {
     let (_, f1) = fe("10.96.0.10", 53, Protocol::Udp, &["10.244.0.12:5353"]);
     let (_, ft1) = fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.12:8080"]);
     let (rep, _) = sync_ok(&mut r, &desired([&(k, f1), &(kt, ft1)]));
-    let want: std::collections::BTreeSet<(std::net::Ipv4Addr, u16)> = [("10.244.0.11".parse().unwrap(), 5353)].into();
+    let want: std::collections::BTreeSet<(std::net::IpAddr, u16)> = [("10.244.0.11".parse().unwrap(), 5353)].into();
     assert_eq!(rep.removed_udp_backends, want, "only the UDP backend that left, not the TCP one");
     let (rep, _) = sync_ok(&mut r, &desired([&(kt, fe("10.96.0.10", 80, Protocol::Tcp, &["10.244.0.12:8080"]).1)]));
-    let want: std::collections::BTreeSet<(std::net::Ipv4Addr, u16)> = [("10.244.0.12".parse().unwrap(), 5353)].into();
+    let want: std::collections::BTreeSet<(std::net::IpAddr, u16)> = [("10.244.0.12".parse().unwrap(), 5353)].into();
     assert_eq!(rep.removed_udp_backends, want, "a removed UDP frontend reports its backends");
+}
+
+#[test]
+fn ipv6_udp_backends_leaving_a_frontend_are_reported_for_socket_destruction() {
+    let (k, f) = fe("fd00:96::10", 53, Protocol::Udp, &["[fd00:244::11]:5353", "[fd00:244::12]:5353"]);
+    let mut r = reconciler(FakeMaps::default());
+    sync_ok(&mut r, &desired([&(k, f)]));
+    let (_, f1) = fe("fd00:96::10", 53, Protocol::Udp, &["[fd00:244::12]:5353"]);
+    let (rep, _) = sync_ok(&mut r, &desired([&(k, f1)]));
+    let want: std::collections::BTreeSet<(std::net::IpAddr, u16)> = [("fd00:244::11".parse().unwrap(), 5353)].into();
+    assert_eq!(rep.removed_udp_backends, want);
 }
 
 /// Partial syncs (`sync_keys` with the keys that changed) after random
