@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 
 use proxy_common::{
-    stats::{REASONS, StatCounter},
+    stats::{ByFamily, FAMILIES, REASONS, total},
     svc::{SvcValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_POLICY_LOCAL, SVC_FLAG_SNAT_REMOTE, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT},
 };
 
@@ -138,6 +138,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     s
 }
 
+/// `address:port`, an IPv6 address in brackets (`[fd00::10]:80`), as
+/// `SocketAddr` prints it and `conntrack` shows it.
+fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
+}
+
 #[must_use]
 pub fn services_table(view: &[FrontendView]) -> String {
     let rows: Vec<Vec<String>> = view
@@ -150,12 +156,12 @@ pub fn services_table(view: &[FrontendView]) -> String {
             } else {
                 f.backends
                     .iter()
-                    .map(|b| if b.present { format!("{}:{}", b.address, b.port) } else { format!("<missing id {}>", b.id) })
+                    .map(|b| if b.present { host_port(&b.address, b.port) } else { format!("<missing id {}>", b.id) })
                     .collect::<Vec<_>>()
                     .join(", ")
             };
             vec![
-                format!("{}:{}/{}", f.address, f.port, f.protocol),
+                format!("{}/{}", host_port(&f.address, f.port), f.protocol),
                 f.kind.clone(),
                 f.policy.clone(),
                 if f.affinity_timeout_s == 0 { "-".to_owned() } else { format!("ClientIP/{}s", f.affinity_timeout_s) },
@@ -190,29 +196,64 @@ pub fn conntrack_table(flows: &[crate::conntrack::FlowView]) -> String {
     table(&["PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "STATE", "IDLE", "EXPIRES", "SERVICE"], &rows)
 }
 
+/// One exit reason's counters (`proxy-agent stats`): `packets` and `bytes`
+/// are the sum over families, `families` the split.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StatView {
     pub reason: &'static str,
     pub packets: u64,
     pub bytes: u64,
+    /// Every family, in the order `ipv4`, `ipv6`, `other` (neither: ARP, ...).
+    pub families: Vec<FamilyStatView>,
+}
+
+/// One family's share of an exit reason's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FamilyStatView {
+    /// `ipv4`, `ipv6` or `other` (as the metrics' `family` label).
+    pub family: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl StatView {
+    /// Packets of `family` (`ipv4`, `ipv6`, `other`); 0 for an unknown name.
+    #[must_use]
+    pub fn packets_of(&self, family: &str) -> u64 {
+        self.families.iter().find(|f| f.family == family).map_or(0, |f| f.packets)
+    }
 }
 
 #[must_use]
-pub fn stats_view(counters: &[(u32, StatCounter)]) -> Vec<StatView> {
+pub fn stats_view(counters: &[(u32, ByFamily)]) -> Vec<StatView> {
     counters
         .iter()
         .filter_map(|(idx, c)| {
             let name = REASONS.iter().find(|(i, _)| i == idx)?.1;
-            Some(StatView { reason: name, packets: c.packets, bytes: c.bytes })
+            let sum = total(c);
+            let families = FAMILIES
+                .iter()
+                .map(|&(f, family)| FamilyStatView { family, packets: c[f as usize].packets, bytes: c[f as usize].bytes })
+                .collect();
+            Some(StatView { reason: name, packets: sum.packets, bytes: sum.bytes, families })
         })
         .collect()
 }
 
+/// Packets by family, then the totals (packets and bytes).
 #[must_use]
 pub fn stats_table(view: &[StatView]) -> String {
     let rows: Vec<Vec<String>> = view
         .iter()
-        .map(|s| vec![s.reason.to_owned(), s.packets.to_string(), s.bytes.to_string()])
+        .map(|s| {
+            let mut row = vec![s.reason.to_owned()];
+            row.extend(FAMILIES.iter().map(|(_, f)| s.packets_of(f).to_string()));
+            row.extend([s.packets.to_string(), s.bytes.to_string()]);
+            row
+        })
         .collect();
-    table(&["REASON", "PACKETS", "BYTES"], &rows)
+    table(&["REASON", "IPV4", "IPV6", "OTHER", "PACKETS", "BYTES"], &rows)
 }
+
+#[cfg(test)]
+mod tests;

@@ -45,7 +45,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Datapath counters (per-CPU, summed), read from the pinned map.
+    /// Datapath counters by exit reason (per-CPU, summed), split by address
+    /// family (IPv4, IPv6, other) with the totals, read from the pinned map.
     Stats {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,

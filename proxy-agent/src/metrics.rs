@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use proxy_common::stats::{REASONS, StatCounter};
+use proxy_common::stats::{ByFamily, FAMILIES, REASONS, StatCounter};
 
 /// A cumulative histogram with fixed upper bounds (seconds).
 #[derive(Clone, Debug)]
@@ -170,9 +170,10 @@ fn simple(out: &mut String, kind: &str, name: &str, help: &str, value: impl std:
 }
 
 impl Metrics {
-    /// The exposition text; `stats` are the datapath counters (summed).
+    /// The exposition text; `stats` are the datapath counters (summed over
+    /// CPUs, by family).
     #[must_use]
-    pub fn render(&self, stats: &[(u32, StatCounter)]) -> String {
+    pub fn render(&self, stats: &[(u32, ByFamily)]) -> String {
         let mut o = String::new();
         self.sync_duration.render(&mut o, "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds");
         self.sync_full_duration.render(&mut o, "kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs");
@@ -231,16 +232,19 @@ impl Metrics {
             let p = if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 };
             let _ = writeln!(o, "proxy_map_pressure{{map=\"{map}\"}} {p}");
         }
-        let _ = writeln!(o, "# HELP proxy_datapath_packets_total Packets by datapath exit reason\n# TYPE proxy_datapath_packets_total counter");
-        for (idx, c) in stats {
-            if let Some((_, name)) = REASONS.iter().find(|(i, _)| i == idx) {
-                let _ = writeln!(o, "proxy_datapath_packets_total{{reason=\"{name}\"}} {}", c.packets);
-            }
-        }
-        let _ = writeln!(o, "# HELP proxy_datapath_bytes_total Bytes by datapath exit reason\n# TYPE proxy_datapath_bytes_total counter");
-        for (idx, c) in stats {
-            if let Some((_, name)) = REASONS.iter().find(|(i, _)| i == idx) {
-                let _ = writeln!(o, "proxy_datapath_bytes_total{{reason=\"{name}\"}} {}", c.bytes);
+        // One series per (reason, family): `family` is `ipv4`, `ipv6` or
+        // `other` (neither, e.g. ARP under `pass_not_ipv4`); `sum by (reason)`
+        // gives what the series without the label counted before.
+        for (metric, help, value) in [
+            ("proxy_datapath_packets_total", "Packets by datapath exit reason and address family", (|c| c.packets) as fn(&StatCounter) -> u64),
+            ("proxy_datapath_bytes_total", "Bytes by datapath exit reason and address family", |c| c.bytes),
+        ] {
+            let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for (idx, c) in stats {
+                let Some((_, name)) = REASONS.iter().find(|(i, _)| i == idx) else { continue };
+                for &(f, family) in FAMILIES {
+                    let _ = writeln!(o, "{metric}{{reason=\"{name}\",family=\"{family}\"}} {}", value(&c[f as usize]));
+                }
             }
         }
         o
@@ -251,6 +255,7 @@ impl Metrics {
 #[expect(clippy::float_cmp, reason = "exact values parsed back from text")]
 mod tests {
     use super::*;
+    use proxy_common::stats::{FAMILY_IPV4, FAMILY_IPV6};
 
     /// Parses exposition text into (series, value), checking every sample
     /// line is `name{labels} value` with a declared TYPE.
@@ -283,7 +288,10 @@ mod tests {
         m.network_programming.observe(1.2);
         m.endpoint_changes_pending = 2;
         m.map_entries.insert("proxy_svc_v1", (7, 262_144));
-        let stats = vec![(3, StatCounter { packets: 5, bytes: 300 })];
+        let mut by_family = ByFamily::default();
+        by_family[FAMILY_IPV4 as usize] = StatCounter { packets: 5, bytes: 300 };
+        by_family[FAMILY_IPV6 as usize] = StatCounter { packets: 2, bytes: 160 };
+        let stats = vec![(3, by_family)];
         let p = parse(&m.render(&stats));
         assert_eq!(p["kubeproxy_sync_proxy_rules_duration_seconds_count"], 2.0);
         assert_eq!(p["kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"}"], 1.0);
@@ -292,7 +300,10 @@ mod tests {
         assert_eq!(p["kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"}"], 1.0);
         assert_eq!(p["kubeproxy_sync_proxy_rules_endpoint_changes_pending"], 2.0);
         assert_eq!(p["proxy_map_entries{map=\"proxy_svc_v1\"}"], 7.0);
-        assert_eq!(p["proxy_datapath_packets_total{reason=\"dnat_new_flow\"}"], 5.0);
+        assert_eq!(p["proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"ipv4\"}"], 5.0);
+        assert_eq!(p["proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"ipv6\"}"], 2.0);
+        assert_eq!(p["proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"other\"}"], 0.0);
+        assert_eq!(p["proxy_datapath_bytes_total{reason=\"dnat_new_flow\",family=\"ipv6\"}"], 160.0);
         assert!(p.contains_key("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
         assert_eq!(p["proxy_events_published_total"], 0.0);
         EventCounters::add(&m.events.failed);

@@ -1,8 +1,44 @@
-//! Per-CPU datapath counters: one slot per exit reason.
+//! Per-CPU datapath counters: one slot per (address family, exit reason).
+//!
+//! Layout of `proxy_stats_v3` (a per-CPU array of [`StatCounter`]): slot
+//! [`stats_slot`]`(family, reason)` = `family * STATS_REASON_SLOTS + reason`,
+//! family one of [`FAMILY_IPV4`], [`FAMILY_IPV6`] and [`FAMILY_OTHER`]
+//! (frames that are neither: ARP, LLDP, ...; only `pass_not_ipv4` and a
+//! frame too short to hold an Ethertype, `malformed_truncated`, count
+//! there). A packet counts under the family of its L3 header (the Ethertype
+//! chooses the parser); the socket path under the family of the frontend it
+//! asked for (an IPv4-mapped address on an IPv6 socket is IPv4). The sum of
+//! the three is what `proxy_stats_v2` counted in one slot.
 
-pub const STATS_MAP: &str = "proxy_stats_v2";
-/// Earlier layouts of the stats map (v1: 32 slots), unpinned on start.
-pub const STATS_MAP_RETIRED: &str = "proxy_stats_v1";
+pub const STATS_MAP: &str = "proxy_stats_v3";
+/// Earlier layouts of the stats map, newest first, unpinned on start (their
+/// counters are not carried over: a per-CPU sum cannot be split by family).
+/// v2: 64 slots, one per reason, both families summed; v1: 32 slots.
+pub const STATS_MAP_RETIRED: [&str; 2] = ["proxy_stats_v2", "proxy_stats_v1"];
+
+/// Address families of the counters (the first factor of a slot index).
+pub const FAMILY_IPV4: u32 = 0;
+pub const FAMILY_IPV6: u32 = 1;
+/// Neither IPv4 nor IPv6.
+pub const FAMILY_OTHER: u32 = 2;
+/// `(family, name)` for every family, in index order; the names are the
+/// `family` label of the metrics and the `family` field of `stats -o json`.
+pub const FAMILIES: &[(u32, &str)] = &[
+    (FAMILY_IPV4, "ipv4"),
+    (FAMILY_IPV6, "ipv6"),
+    (FAMILY_OTHER, "other"),
+];
+/// Number of families ([`FAMILIES`]).
+pub const STATS_FAMILIES: u32 = 3;
+/// Reason slots per family.
+pub const STATS_REASON_SLOTS: u32 = 64;
+
+/// The slot of `reason` in `family`.
+#[inline]
+#[must_use]
+pub const fn stats_slot(family: u32, reason: u32) -> u32 {
+    family * STATS_REASON_SLOTS + reason
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,6 +50,27 @@ const _: () = assert!(size_of::<StatCounter>() == 16);
 
 crate::pod!(StatCounter);
 
+impl StatCounter {
+    /// `self + o`, saturating (userspace sums over CPUs and families).
+    #[must_use]
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets.saturating_add(o.packets),
+            bytes: self.bytes.saturating_add(o.bytes),
+        }
+    }
+}
+
+/// One reason's counters by family, in [`FAMILIES`] order, as userspace
+/// reads them (summed over CPUs).
+pub type ByFamily = [StatCounter; STATS_FAMILIES as usize];
+
+/// The sum over families (what `proxy_stats_v2` counted).
+#[must_use]
+pub fn total(c: &ByFamily) -> StatCounter {
+    c.iter().fold(StatCounter::default(), |a, c| a.plus(*c))
+}
+
 macro_rules! reasons {
     ($($(#[$doc:meta])* $name:ident = $idx:literal, $text:literal;)*) => {
         $( $(#[$doc])* pub const $name: u32 = $idx; )*
@@ -23,10 +80,11 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// Neither IPv4 nor IPv6 (ARP, ...), or IPv6 that is not for the
-    /// proxy (not to an IPv6 frontend, nor a reply of a tracked IPv6 flow):
-    /// passed untouched. (The name predates the IPv6 path; the counter keeps
-    /// counting what it always counted for IPv4-only nodes.)
+    /// Neither IPv4 nor IPv6 (ARP, ...; family `other`), or IPv6 that is not
+    /// for the proxy (not to an IPv6 frontend, nor a reply of a tracked IPv6
+    /// flow; family `ipv6`): passed untouched. (The name predates the IPv6
+    /// path; the counter, summed over families, keeps counting what it always
+    /// counted.)
     PASS_NOT_IPV4 = 0, "pass_not_ipv4";
     /// IPv4 or IPv6 but neither TCP nor UDP (after the IPv6 extension
     /// headers; AH and ESP count here: rewriting would break them): passed
@@ -155,5 +213,6 @@ const _: () = assert!(size_of::<IcmpBucket>() == 16);
 crate::pod!(IcmpBucket);
 
 /// Number of counter slots (size of the per-CPU array).
-pub const STATS_MAX_ENTRIES: u32 = 64;
-const _: () = assert!(REASONS.len() <= STATS_MAX_ENTRIES as usize);
+pub const STATS_MAX_ENTRIES: u32 = STATS_FAMILIES * STATS_REASON_SLOTS;
+const _: () = assert!(REASONS.len() <= STATS_REASON_SLOTS as usize);
+const _: () = assert!(FAMILIES.len() == STATS_FAMILIES as usize);

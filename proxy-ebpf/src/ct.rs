@@ -230,12 +230,12 @@ fn promote<F: Family>(w: &Work<F>, e: &F::CtValue, len: u32) {
     // SAFETY: a pointer from a successful lookup: the helper copies the
     // value straight from the unconfirmed table's element.
     if !F::ct_insert(true, &w.rk, unsafe { &*rv }, false) || !F::ct_insert(true, &w.sk, e, false) {
-        count(stats::CT_INSERT_FAILED, len);
+        count::<F>(stats::CT_INSERT_FAILED, len);
         return;
     }
     F::ct_remove(false, &w.sk);
     F::ct_remove(false, &w.rk);
-    count(stats::CT_CONFIRMED, len);
+    count::<F>(stats::CT_CONFIRMED, len);
 }
 
 /// How a new flow is translated.
@@ -395,7 +395,7 @@ fn claim_port<F: Family>(rk: &F::CtKey, rev: &F::CtValue, now: u64, len: u32) ->
                 if stale_syn {
                     ok = claim_expired::<F>(rk, rev);
                     if ok {
-                        count(stats::SNAT_PORT_RECLAIMED, len);
+                        count::<F>(stats::SNAT_PORT_RECLAIMED, len);
                     }
                 }
             }

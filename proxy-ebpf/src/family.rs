@@ -121,6 +121,8 @@ pub trait Family: Sized + 'static {
     const IS_V6: bool;
     /// The Ethertype, network order.
     const ETH_P_BE: u16;
+    /// The family's counters (`proxy_common::stats::FAMILY_*`).
+    const STATS_FAMILY: u32;
     /// What a packet of this family that is not for the proxy (no frontend,
     /// no tracked flow) is counted as.
     const PASS_NO_SERVICE: u32;
@@ -299,6 +301,7 @@ impl Family for V4 {
     const ZERO: u32 = 0;
     const IS_V6: bool = false;
     const ETH_P_BE: u16 = ETH_P_IP_BE;
+    const STATS_FAMILY: u32 = stats::FAMILY_IPV4;
     const PASS_NO_SERVICE: u32 = stats::PASS_NO_SERVICE;
     const AFFINITY_NETNS: u8 = AFFINITY_CLIENT_NETNS;
     const SADDR_OFF: usize = crate::parse::IP_SADDR;
@@ -442,9 +445,11 @@ impl Family for V6 {
     const ZERO: In6 = In6([0; 2]);
     const IS_V6: bool = true;
     const ETH_P_BE: u16 = ETH_P_IPV6_BE;
+    const STATS_FAMILY: u32 = stats::FAMILY_IPV6;
     /// Why `pass_not_ipv4`: before the IPv6 path, every IPv6 packet counted
-    /// there; IPv6 that is not for the proxy still does, so the counter
-    /// keeps its meaning on dashboards and in the tests that pin it.
+    /// there; IPv6 that is not for the proxy still does (in the IPv6
+    /// counters), so the counter summed over families keeps its meaning on
+    /// dashboards and in the tests that pin it.
     const PASS_NO_SERVICE: u32 = stats::PASS_NOT_IPV4;
     const AFFINITY_NETNS: u8 = AFFINITY_CLIENT_NETNS6;
     const SADDR_OFF: usize = crate::parse::IP6_SADDR;

@@ -189,7 +189,7 @@ fn decrement_ttl<F: Family>(ctx: &TcContext, l3: usize) -> Result<(), i32> {
             return Err(TC_ACT_OK as i32);
         };
         if hops <= 1 {
-            count(stats::PASS_TTL_EXPIRED, ctx.len());
+            count::<F>(stats::PASS_TTL_EXPIRED, ctx.len());
             return Err(TC_ACT_OK as i32);
         }
         return ctx.store(l3 + IP6_HOPS, &(hops - 1), 0).map_err(|_| TC_ACT_OK as i32);
@@ -198,7 +198,7 @@ fn decrement_ttl<F: Family>(ctx: &TcContext, l3: usize) -> Result<(), i32> {
         return Err(TC_ACT_OK as i32);
     };
     if word[0] <= 1 {
-        count(stats::PASS_TTL_EXPIRED, ctx.len());
+        count::<F>(stats::PASS_TTL_EXPIRED, ctx.len());
         return Err(TC_ACT_OK as i32);
     }
     let new = [word[0] - 1, word[1]];
@@ -219,7 +219,7 @@ fn decrement_ttl<F: Family>(ctx: &TcContext, l3: usize) -> Result<(), i32> {
 #[inline(always)]
 pub fn send<F: Family>(ctx: &TcContext, l3: usize, out: Egress) -> i32 {
     let Egress::Device(ifindex) = out else {
-        count(stats::FIB_NO_ROUTE, ctx.len());
+        count::<F>(stats::FIB_NO_ROUTE, ctx.len());
         return TC_ACT_OK as i32;
     };
     if let Err(v) = decrement_ttl::<F>(ctx, l3) {

@@ -23,7 +23,9 @@ use proxy_common::{
 };
 
 use crate::{
-    TC_NEXT, ct, fib,
+    TC_NEXT, ct,
+    family::V4,
+    fib,
     parse::{IP_CSUM, IP_DADDR, IP_SADDR},
     stats::count,
 };
@@ -43,7 +45,7 @@ pub fn handle(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> i32 {
     match translate(ctx, l3, ihl_len, egress) {
         Some(v) => v,
         None => {
-            count(stats::PASS_OTHER_PROTO, len);
+            count::<V4>(stats::PASS_OTHER_PROTO, len);
             TC_NEXT
         }
     }
@@ -83,12 +85,12 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
     let ports: [u16; 2] = ctx.load(inner + 20).ok()?;
     // The quoted packet went from isrc to the backend idst: the flow's
     // REPLY entry is keyed the other way round.
-    let Some(e) = ct::lookup_live::<crate::family::V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
+    let Some(e) = ct::lookup_live::<V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_REPLY), ct::now_ns()) else {
         return about_reply(ctx, l3, icmp, inner, iproto, isrc, idst, ports);
     };
     let len = ctx.len();
     let fail = || {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<V4>(stats::DROP_REWRITE_FAILED, len);
         Some(aya_ebpf::bindings::TC_ACT_SHOT as i32)
     };
     // Quoted destination: backend → frontend.
@@ -110,7 +112,7 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
         }
         outer_dst = e.snat_addr_be;
     }
-    count(stats::ICMP_ERROR_TRANSLATED, len);
+    count::<V4>(stats::ICMP_ERROR_TRANSLATED, len);
     // On egress the packet already leaves by its route.
     if e.flags & CT_F_REDIRECT != 0 && !egress {
         let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;
@@ -125,10 +127,10 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
 /// when the flow's packets are, else forwarded by the stack).
 #[inline(always)]
 fn about_reply(ctx: &TcContext, l3: usize, icmp: usize, inner: usize, iproto: u8, isrc: u32, idst: u32, ports: [u16; 2]) -> Option<i32> {
-    let e = ct::lookup_live::<crate::family::V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
+    let e = ct::lookup_live::<V4>(&reversed_quote_key(isrc, idst, ports, iproto, CT_DIR_SERVICE), ct::now_ns())?;
     let len = ctx.len();
     let fail = || {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<V4>(stats::DROP_REWRITE_FAILED, len);
         Some(aya_ebpf::bindings::TC_ACT_SHOT as i32)
     };
     let outer_dst: u32 = ctx.load(l3 + IP_DADDR).ok()?;
@@ -147,7 +149,7 @@ fn about_reply(ctx: &TcContext, l3: usize, icmp: usize, inner: usize, iproto: u8
     {
         return fail();
     }
-    count(stats::ICMP_ERROR_TRANSLATED, len);
+    count::<V4>(stats::ICMP_ERROR_TRANSLATED, len);
     // A flow whose packets the datapath sends out itself: so is its error.
     if e.flags & CT_F_REDIRECT != 0 {
         let outer_src: u32 = ctx.load(l3 + IP_SADDR).ok()?;

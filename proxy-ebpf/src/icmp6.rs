@@ -52,7 +52,7 @@ pub fn handle(ctx: &TcContext, l3: usize, h: &Ip6, egress: bool) -> i32 {
     match translate(ctx, l3, h, egress) {
         Some(v) => v,
         None => {
-            count(stats::PASS_OTHER_PROTO, len);
+            count::<V6>(stats::PASS_OTHER_PROTO, len);
             TC_NEXT
         }
     }
@@ -106,7 +106,7 @@ fn translate(ctx: &TcContext, l3: usize, h: &Ip6, egress: bool) -> Option<i32> {
     };
     let len = ctx.len();
     let fail = || {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<V6>(stats::DROP_REWRITE_FAILED, len);
         Some(TC_ACT_SHOT as i32)
     };
     // Quoted destination: backend → frontend.
@@ -127,7 +127,7 @@ fn translate(ctx: &TcContext, l3: usize, h: &Ip6, egress: bool) -> Option<i32> {
         }
         outer_dst = e.snat_addr();
     }
-    count(stats::ICMP_ERROR_TRANSLATED, len);
+    count::<V6>(stats::ICMP_ERROR_TRANSLATED, len);
     // On egress the packet already leaves by its route.
     if e.flags() & CT_F_REDIRECT != 0 && !egress {
         return Some(fib::redirect::<V6>(ctx, l3, NEXTHDR_ICMPV6, h.saddr, outer_dst));
@@ -143,7 +143,7 @@ fn about_reply(ctx: &TcContext, l3: usize, h: &Ip6, q: &Quote) -> Option<i32> {
     let e = ct::lookup_live::<V6>(&V6::ct_key(q.dst, q.src, q.ports[1], q.ports[0], q.proto, CT_DIR_SERVICE), ct::now_ns())?;
     let len = ctx.len();
     let fail = || {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<V6>(stats::DROP_REWRITE_FAILED, len);
         Some(TC_ACT_SHOT as i32)
     };
     // Quoted source: frontend → backend; the error goes to the backend.
@@ -160,7 +160,7 @@ fn about_reply(ctx: &TcContext, l3: usize, h: &Ip6, q: &Quote) -> Option<i32> {
     {
         return fail();
     }
-    count(stats::ICMP_ERROR_TRANSLATED, len);
+    count::<V6>(stats::ICMP_ERROR_TRANSLATED, len);
     if e.flags() & CT_F_REDIRECT != 0 {
         return Some(fib::redirect::<V6>(ctx, l3, NEXTHDR_ICMPV6, h.saddr, e.nat_addr()));
     }

@@ -145,7 +145,7 @@ pub fn select_backend<F: Family>(fe: &Frontend<F>, svc: &SvcValue, client: Clien
     let key = affinity_key(svc, client);
     let timeout = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     if let Some(c) = remembered(fe, svc, &key, timeout, 0, now) {
-        count(stats::AFFINITY_HIT, len);
+        count::<F>(stats::AFFINITY_HIT, len);
         return Some(c);
     }
     let c = random_slot(fe, svc)?;
@@ -212,7 +212,7 @@ pub fn flow_keeps_backend<F: Family>(p: &Pkt<F>, svc: &SvcValue, entry: &F::CtVa
         None => false,
     };
     if p.proto == proto::UDP && present && entry.slot() != 0 && !slot_holds(&Frontend::of(p), svc, entry.slot(), entry.backend_id()) {
-        count(stats::UDP_FLOW_MOVED, len);
+        count::<F>(stats::UDP_FLOW_MOVED, len);
         return false;
     }
     present

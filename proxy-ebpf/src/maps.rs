@@ -56,7 +56,8 @@ pub static CT: LruHashMap<CtKey, CtValue, { CT_MAX_ENTRIES as usize }> = LruHash
 #[cfg_attr(feature = "layout-next", btf_map(name = "proxy_ct_new_v2"))]
 pub static CT_NEW: LruHashMap<CtKey, CtValue, { CT_NEW_MAX_ENTRIES as usize }> = LruHashMap::new();
 
-#[btf_map(name = "proxy_stats_v2")]
+/// Per-CPU counters by (family, reason) (`proxy_common::stats::STATS_MAP`, `stats_slot`).
+#[btf_map(name = "proxy_stats_v3")]
 pub static STATS: PerCpuArray<StatCounter, { STATS_MAX_ENTRIES as usize }> =
     PerCpuArray::new();
 

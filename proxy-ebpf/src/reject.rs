@@ -31,7 +31,7 @@ use proxy_common::{
 
 use crate::{
     csum::{fold, sum6},
-    family::{In6, V6},
+    family::{In6, V4, V6},
     maps::ICMP_RL,
     parse::{ETH_HLEN, IP_FRAG_OFF, IP6_DADDR, IP6_HLEN, IP6_SADDR, NEXTHDR_ICMPV6, Packet, Pkt},
     stats::count,
@@ -60,16 +60,16 @@ fn word(b: &[u8], i: usize) -> u16 {
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, p: &Packet, len: u32) -> i32 {
     if !icmp_allowed() {
-        count(stats::ICMP_RATE_LIMITED, len);
+        count::<V4>(stats::ICMP_RATE_LIMITED, len);
         return TC_ACT_SHOT as i32;
     }
     match build(ctx, p, p.daddr_be, ICMP_PORT_UNREACH, 0) {
         Ok(()) => {
-            count(stats::REJECT_NO_BACKEND, len);
+            count::<V4>(stats::REJECT_NO_BACKEND, len);
             back_out(ctx)
         }
         Err(()) => {
-            count(stats::DROP_NO_BACKEND, len);
+            count::<V4>(stats::DROP_NO_BACKEND, len);
             TC_ACT_SHOT as i32
         }
     }
@@ -87,14 +87,14 @@ pub fn frag_needed(ctx: &TcContext, p: &Packet, from_be: u32, mtu: u32, len: u32
     let df = ctx.load::<u16>(p.l3_off + IP_FRAG_OFF).is_ok_and(|f| f & IP_DF_BE != 0);
     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
     if df && !icmp_allowed() {
-        count(stats::ICMP_RATE_LIMITED, len);
+        count::<V4>(stats::ICMP_RATE_LIMITED, len);
         return TC_ACT_SHOT as i32;
     }
     if df && build(ctx, p, from_be, ICMP_FRAG_NEEDED, mtu).is_ok() {
-        count(stats::ICMP_FRAG_NEEDED, len);
+        count::<V4>(stats::ICMP_FRAG_NEEDED, len);
         return back_out(ctx);
     }
-    count(stats::DROP_TOO_BIG, len);
+    count::<V4>(stats::DROP_TOO_BIG, len);
     TC_ACT_SHOT as i32
 }
 
@@ -220,16 +220,16 @@ const ICMP6_HOPS: u8 = 64;
 #[inline(always)]
 pub fn port_unreachable6(ctx: &TcContext, p: &Pkt<V6>, len: u32) -> i32 {
     if !icmp_allowed() {
-        count(stats::ICMP_RATE_LIMITED, len);
+        count::<V6>(stats::ICMP_RATE_LIMITED, len);
         return TC_ACT_SHOT as i32;
     }
     match build6(ctx, p, &p.daddr_be, u16::from_be_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH]), 0) {
         Ok(()) => {
-            count(stats::REJECT_NO_BACKEND, len);
+            count::<V6>(stats::REJECT_NO_BACKEND, len);
             back_out(ctx)
         }
         Err(()) => {
-            count(stats::DROP_NO_BACKEND, len);
+            count::<V6>(stats::DROP_NO_BACKEND, len);
             TC_ACT_SHOT as i32
         }
     }
@@ -240,14 +240,14 @@ pub fn port_unreachable6(ctx: &TcContext, p: &Pkt<V6>, len: u32) -> i32 {
 #[inline(always)]
 pub fn packet_too_big6(ctx: &TcContext, p: &Pkt<V6>, from: In6, mtu: u32, len: u32) -> i32 {
     if !icmp_allowed() {
-        count(stats::ICMP_RATE_LIMITED, len);
+        count::<V6>(stats::ICMP_RATE_LIMITED, len);
         return TC_ACT_SHOT as i32;
     }
     if build6(ctx, p, &from, u16::from_be_bytes([ICMPV6_PKT_TOOBIG, 0]), mtu).is_ok() {
-        count(stats::ICMP_FRAG_NEEDED, len);
+        count::<V6>(stats::ICMP_FRAG_NEEDED, len);
         return back_out(ctx);
     }
-    count(stats::DROP_TOO_BIG, len);
+    count::<V6>(stats::DROP_TOO_BIG, len);
     TC_ACT_SHOT as i32
 }
 

@@ -46,7 +46,7 @@ use crate::{
     family::{Be, Family, In6, V4, V6},
     lb::{self, Chosen, Client, Empty, Frontend},
     maps::{CONFIG, SOCK_REV, SOCK_REV6},
-    stats::count,
+    stats::{count, count_in},
 };
 
 /// The verdicts of cgroup sock_addr programs.
@@ -246,7 +246,7 @@ fn decide<F: SockFamily>(ctx: &SockAddrContext, fe: &Frontend<F>, sendmsg: bool)
         return Decision::Pass;
     };
     if svc.count == 0 {
-        count(stats::SOCK_REJECTED, 0);
+        count::<F>(stats::SOCK_REJECTED, 0);
         return Decision::Refuse(if lb::when_empty(&svc) == Empty::Drop { EHOSTUNREACH } else { ECONNREFUSED });
     }
     // Why: with loadBalancerSourceRanges the client's address decides, and
@@ -267,11 +267,11 @@ fn decide<F: SockFamily>(ctx: &SockAddrContext, fe: &Frontend<F>, sendmsg: bool)
         lb::select_backend(fe, &svc, Client::Netns(netns), now, 0)
     };
     let Some(c) = chosen else {
-        count(stats::DROP_BACKEND_MISSING, 0);
+        count::<F>(stats::DROP_BACKEND_MISSING, 0);
         return Decision::Refuse(EHOSTUNREACH);
     };
     F::rev_remember(cookie, &c.backend, fe, svc.svc_id);
-    count(stats::SOCK_TRANSLATED, 0);
+    count::<F>(stats::SOCK_TRANSLATED, 0);
     Decision::To(c.backend)
 }
 
@@ -356,7 +356,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     let addr_be = unsafe { (*ctx.sock_addr).user_ip4 };
     if let Some((fe, port_be)) = V4::rev_lookup(cookie(ctx), addr_be, user_port(ctx)) {
         set_user4(ctx, fe, port_be);
-        count(stats::SOCK_REV_TRANSLATED, 0);
+        count::<V4>(stats::SOCK_REV_TRANSLATED, 0);
     }
     ALLOW
 }
@@ -367,13 +367,14 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     let (addr, port_be, cookie) = (user_ip6(ctx), user_port(ctx), cookie(ctx));
-    let shown = match v4_mapped(addr) {
-        Some(addr_be) => V4::rev_lookup(cookie, addr_be, port_be).map(|(fe, port)| (mapped(fe), port)),
-        None => V6::rev_lookup(cookie, addr, port_be),
+    // Counted under the frontend's family: IPv4 for a mapped peer.
+    let (shown, family) = match v4_mapped(addr) {
+        Some(addr_be) => (V4::rev_lookup(cookie, addr_be, port_be).map(|(fe, port)| (mapped(fe), port)), V4::STATS_FAMILY),
+        None => (V6::rev_lookup(cookie, addr, port_be), V6::STATS_FAMILY),
     };
     if let Some((fe, port)) = shown {
         set_user6(ctx, fe, port);
-        count(stats::SOCK_REV_TRANSLATED, 0);
+        count_in(family, stats::SOCK_REV_TRANSLATED, 0);
     }
     ALLOW
 }

@@ -29,7 +29,7 @@ use crate::{
     lb::{self, Client, Empty, Frontend},
     nat,
     parse::{IP_PROTO, NEXTHDR_ICMPV6, Pkt, is_ipv6, parse_ipv4_l4, parse_ipv6_l4, parse_ipv6_ports, walk_ipv6},
-    stats::count,
+    stats::{count, count_in},
 };
 
 /// What the IPv6 handlers return for an ICMPv6 message: not a verdict, a
@@ -92,7 +92,13 @@ fn ingress4<const L3: usize>(ctx: TcContext) -> i32 {
         Ok(p) => p,
         Err(stats::PASS_OTHER_PROTO) => return other_proto(&ctx, L3, len),
         Err(reason) => {
-            count(reason, len);
+            // Why these two are family `other`: `parse_ipv4_l4` turns away
+            // what is not IPv4 (`pass_not_ipv4`) and a frame too short to
+            // hold an Ethertype (`malformed_truncated`, `len < L3`) before
+            // it looks at an IPv4 header; every other reason is about one.
+            let no_family = reason == stats::PASS_NOT_IPV4 || len < L3 as u32;
+            let family = if no_family { stats::FAMILY_OTHER } else { stats::FAMILY_IPV4 };
+            count_in(family, reason, len);
             return TC_NEXT;
         }
     };
@@ -110,7 +116,7 @@ fn ingress6<const L3: usize>(ctx: TcContext) -> i32 {
     let h = match walk_ipv6(&ctx, L3) {
         Ok(h) => h,
         Err(reason) => {
-            count(reason, len);
+            count::<V6>(reason, len);
             return TC_NEXT;
         }
     };
@@ -120,7 +126,7 @@ fn ingress6<const L3: usize>(ctx: TcContext) -> i32 {
     let p = match parse_ipv6_l4(&ctx, L3, &h) {
         Ok(p) => p,
         Err(reason) => {
-            count(reason, len);
+            count::<V6>(reason, len);
             return TC_NEXT;
         }
     };
@@ -157,7 +163,7 @@ fn ingress<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32>
         // A later fragment follows its first fragment's flow; it never
         // starts one (nor is it rejected: the first fragment was).
         let Some(entry) = ct::service_entry(p, ct::now_ns(), len) else {
-            count(stats::PASS_FRAGMENT, len);
+            count::<F>(stats::PASS_FRAGMENT, len);
             return Ok(TC_NEXT);
         };
         return forward(ctx, p, entry, len, stats::FRAGMENT_TRANSLATED);
@@ -176,7 +182,7 @@ fn ingress<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32>
     }
     if svc.count == 0 {
         if lb::when_empty(&svc) == Empty::Drop {
-            count(stats::DROP_NO_LOCAL_BACKEND, len);
+            count::<F>(stats::DROP_NO_LOCAL_BACKEND, len);
             return Err(TC_ACT_SHOT as i32);
         }
         return Ok(F::port_unreachable(ctx, p, len));
@@ -194,20 +200,20 @@ fn new_flow<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32
     // subprogram. A frontend emptied in between has no slot to choose
     // from (`drop_backend_missing`).
     let Some(svc) = lb::lookup_service(&fe) else {
-        count(F::PASS_NO_SERVICE, len);
+        count::<F>(F::PASS_NO_SERVICE, len);
         return Ok(TC_NEXT);
     };
     let now = ct::now_ns();
     if !lb::may_create_flow(p) {
-        count(stats::DROP_NO_FLOW, len);
+        count::<F>(stats::DROP_NO_FLOW, len);
         return Err(TC_ACT_SHOT as i32);
     }
     if !lb::source_allowed::<F>(&svc, p.saddr_be) {
-        count(stats::DROP_SOURCE_RANGE, len);
+        count::<F>(stats::DROP_SOURCE_RANGE, len);
         return Err(TC_ACT_SHOT as i32);
     }
     let Some(chosen) = lb::select_backend(&fe, &svc, Client::Addr(p.saddr_be), now, len) else {
-        count(stats::DROP_BACKEND_MISSING, len);
+        count::<F>(stats::DROP_BACKEND_MISSING, len);
         return Err(TC_ACT_SHOT as i32);
     };
     let backend = chosen.backend;
@@ -219,14 +225,14 @@ fn new_flow<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32
     if lb::needs_snat(p.saddr_be, &svc, &backend) {
         // The address the kernel would masquerade to for this route.
         let Some(src) = fib::masquerade_src::<F>(ctx, p.proto, p.saddr_be, backend.addr) else {
-            count(stats::FIB_NO_ROUTE, len);
+            count::<F>(stats::FIB_NO_ROUTE, len);
             return Err(TC_ACT_SHOT as i32);
         };
         flow.snat_addr_be = src;
         flow.flags |= CT_F_REDIRECT;
     }
     let Some(entry) = ct::create(p, &flow, now, len) else {
-        count(stats::DROP_SNAT_EXHAUSTED, len);
+        count::<F>(stats::DROP_SNAT_EXHAUSTED, len);
         return Err(TC_ACT_SHOT as i32);
     };
     forward(ctx, p, entry, len, stats::DNAT_NEW)
@@ -250,7 +256,7 @@ fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
     if let Some(ihl) = ipv4_ihl_if(ctx, l3, proto::ICMP) {
         return crate::icmp::handle(ctx, l3, ihl, false);
     }
-    count(stats::PASS_OTHER_PROTO, len);
+    count::<V4>(stats::PASS_OTHER_PROTO, len);
     TC_NEXT
 }
 
@@ -314,10 +320,10 @@ fn rev_nat<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32) -> 
     if nat::snat(ctx, p, e.nat_addr(), e.nat_port()).is_err()
         || (e.flags() & CT_F_SNAT != 0 && nat::dnat(ctx, p, e.snat_addr(), e.snat_port()).is_err())
     {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<F>(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    count(if p.has_l4() { stats::REV_NAT } else { stats::FRAGMENT_TRANSLATED }, len);
+    count::<F>(if p.has_l4() { stats::REV_NAT } else { stats::FRAGMENT_TRANSLATED }, len);
     Ok(())
 }
 
@@ -338,15 +344,15 @@ fn forward<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32, rea
         }
     }
     if nat::dnat(ctx, p, e.nat_addr(), e.nat_port()).is_err() {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<F>(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
-    count(reason, len);
+    count::<F>(reason, len);
     if e.flags() & CT_F_SNAT == 0 {
         return Ok(TC_ACT_OK as i32);
     }
     if nat::snat(ctx, p, e.snat_addr(), e.snat_port()).is_err() {
-        count(stats::DROP_REWRITE_FAILED, len);
+        count::<F>(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
     Ok(fib::send::<F>(ctx, p.l3_off, out))
@@ -358,7 +364,7 @@ fn forward<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32, rea
 #[inline(always)]
 fn handle_reply<F: Family>(ctx: &TcContext, p: &Pkt<F>, len: u32) -> Result<i32, i32> {
     let Some(e) = ct::lookup_packet(p, CT_DIR_REPLY, ct::now_ns()) else {
-        count(if p.has_l4() { F::PASS_NO_SERVICE } else { stats::PASS_FRAGMENT }, len);
+        count::<F>(if p.has_l4() { F::PASS_NO_SERVICE } else { stats::PASS_FRAGMENT }, len);
         return Ok(TC_NEXT);
     };
     let snat = e.flags() & CT_F_SNAT != 0;

@@ -324,7 +324,7 @@ fn try_handle<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>) -> Option<u32> {
         ct::confirm_from_reply(p, e);
         let r = route(ctx, p, e.nat_addr(), e.snat_addr())?;
         let v = rewrite_and_send(ctx, p, (e.nat_addr(), e.nat_port()), (e.snat_addr(), e.snat_port()), &r)?;
-        count(stats::XDP_REVERSE, len);
+        count::<F>(stats::XDP_REVERSE, len);
         return Some(v);
     };
     if svc.flags & SVC_FLAGS_EXTERNAL == 0 || svc.flags & SVC_FLAG_SNAT_REMOTE == 0 || svc.count == 0 || lb::closes(p) {
@@ -359,7 +359,7 @@ fn try_handle<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>) -> Option<u32> {
                 // made here is the one used — TC finds this entry and keeps
                 // it. Choosing again in TC would give a local backend
                 // (L/N)² of the new flows instead of L/N.
-                count(stats::XDP_LOCAL_FLOW, len);
+                count::<F>(stats::XDP_LOCAL_FLOW, len);
                 return None;
             }
             created?
@@ -370,6 +370,6 @@ fn try_handle<F: XdpFamily>(ctx: &XdpContext, p: &Pkt<F>) -> Option<u32> {
     }
     let r = route(ctx, p, e.snat_addr(), e.nat_addr())?;
     let v = rewrite_and_send(ctx, p, (e.snat_addr(), e.snat_port()), (e.nat_addr(), e.nat_port()), &r)?;
-    count(stats::XDP_FORWARD, len);
+    count::<F>(stats::XDP_FORWARD, len);
     Some(v)
 }

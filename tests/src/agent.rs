@@ -160,8 +160,37 @@ pub fn wait_programmed(bpffs: &Path, timeout: Duration, what: &str, pred: impl F
     }
 }
 
-/// Every exit-reason counter (name → packets) of the datapath pinned under
-/// `bpffs`, read with `bin stats -o json` as an operator would.
+/// A cell of `proxy-agent stats`'s table: the row of `reason`, the column
+/// headed `column` (`IPV4`, `IPV6`, `OTHER`, `PACKETS`, `BYTES`).
+#[must_use]
+pub fn stats_table_cell(table: &str, reason: &str, column: &str) -> u64 {
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let col = header.iter().position(|h| *h == column).unwrap_or_else(|| panic!("no column {column}:\n{table}"));
+    let row = lines.find(|l| l.split_whitespace().next() == Some(reason)).unwrap_or_else(|| panic!("no row {reason}:\n{table}"));
+    let cell = row.split_whitespace().nth(col).unwrap_or_else(|| panic!("{reason}: no column {column}:\n{table}"));
+    cell.parse().unwrap_or_else(|e| panic!("{reason}/{column}: {cell:?}: {e}\n{table}"))
+}
+
+/// Every exit-reason counter of one family (`ipv4`, `ipv6`, `other`):
+/// name → packets, read with `bin stats -o json`.
+#[must_use]
+pub fn counters_of_family(bin: &Path, bpffs: &Path, family: &str) -> std::collections::BTreeMap<String, u64> {
+    let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &bpffs.to_string_lossy(), "stats", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats json: {e}: {out}"));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let f = s["families"].as_array()?.iter().find(|f| f["family"] == family)?;
+            Some((s["reason"].as_str()?.to_owned(), f["packets"].as_u64()?))
+        })
+        .collect()
+}
+
+/// Every exit-reason counter (name → packets, summed over families) of
+/// the datapath pinned under `bpffs`, read with `bin stats -o json` as an
+/// operator would.
 #[must_use]
 pub fn counters(bin: &Path, bpffs: &Path) -> std::collections::BTreeMap<String, u64> {
     let out = crate::netns::run(&bin.to_string_lossy(), &["--bpffs", &bpffs.to_string_lossy(), "stats", "-o", "json"]);

@@ -18,7 +18,7 @@ use std::{
 
 use aya::{Ebpf, maps::PerCpuArray};
 pub use proxy_common::proto;
-use proxy_common::stats::{REASONS, STATS_MAP, StatCounter};
+use proxy_common::stats::{FAMILIES, REASONS, STATS_MAP, StatCounter, stats_slot};
 
 /// Length of an Ethernet header (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
@@ -903,25 +903,50 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Every exit-reason counter of the per-CPU stats map of a loaded object
-/// (`proxy_stats_v2`), summed over CPUs, by reason index.
+/// (`proxy_stats_v3`), summed over CPUs and address families, by reason
+/// index.
 #[must_use]
 pub fn stats_by_reason(ebpf: &Ebpf) -> BTreeMap<u32, StatCounter> {
+    REASONS
+        .iter()
+        .map(|(idx, _)| {
+            let sum = FAMILIES
+                .iter()
+                .map(|(f, _)| stats_of_family(ebpf, *f)[idx])
+                .fold(StatCounter::default(), StatCounter::plus);
+            (*idx, sum)
+        })
+        .collect()
+}
+
+/// Every exit-reason counter of one address family
+/// (`proxy_common::stats::FAMILY_*`), summed over CPUs, by reason index.
+#[must_use]
+pub fn stats_of_family(ebpf: &Ebpf, family: u32) -> BTreeMap<u32, StatCounter> {
     let m = PerCpuArray::<_, StatCounter>::try_from(ebpf.map(STATS_MAP).expect("stats map"))
         .expect("stats map type");
     REASONS
         .iter()
         .map(|(idx, _)| {
             let per_cpu = m
-                .get(idx, 0)
-                .unwrap_or_else(|e| panic!("read stats {idx}: {e:?}"));
+                .get(&stats_slot(family, *idx), 0)
+                .unwrap_or_else(|e| panic!("read stats {family}/{idx}: {e:?}"));
             let sum = per_cpu
                 .iter()
-                .fold(StatCounter::default(), |a, c| StatCounter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                });
+                .fold(StatCounter::default(), |a, c| a.plus(*c));
             (*idx, sum)
         })
+        .collect()
+}
+
+/// The reasons with packets counted under `family`: (name, packets).
+#[must_use]
+pub fn nonzero_of_family(ebpf: &Ebpf, family: u32) -> Vec<(&'static str, u64)> {
+    let got = stats_of_family(ebpf, family);
+    REASONS
+        .iter()
+        .filter(|(i, _)| got[i].packets != 0)
+        .map(|(i, n)| (*n, got[i].packets))
         .collect()
 }
 

@@ -263,7 +263,9 @@ fn health_and_metrics_answer_like_kube_proxy() {
     assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.0e9);
     assert!(value("proxy_map_entries{map=\"proxy_svc_v1\"}") >= 2.0);
-    assert!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\"}") >= 1.0);
+    // The datapath counters carry the family: this request was IPv4.
+    assert!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"ipv4\"}") >= 1.0);
+    assert_eq!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"ipv6\"}"), 0.0);
     assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0);
     assert!(value("kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= 1.0, "the initial sync is full");
     assert!(value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= 1.0, "web2's sync is partial");

@@ -13,7 +13,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{agent_bin, programmed, wait_programmed},
+    agent::{agent_bin, programmed, stats_table_cell, wait_programmed},
     client::{KeepAlive, http_get, udp_request},
     manifests::{Port, service_yaml, write_atomic},
     netns::run,
@@ -229,8 +229,8 @@ fn bpftool_dump_of_the_pinned_maps_shows_field_names() {
     assert!(be.contains("\"addr_be\"") && be.contains("\"port_be\""), "proxy_be_v1 dump:\n{be}");
     let ct = dump("proxy_ct_v2");
     assert!(ct.contains("\"nat_addr_be\"") && ct.contains("\"backend_id\""), "proxy_ct_v2 dump:\n{ct}");
-    let stats = dump("proxy_stats_v2");
-    assert!(stats.contains("\"packets\""), "proxy_stats_v2 dump:\n{stats}");
+    let stats = dump("proxy_stats_v3");
+    assert!(stats.contains("\"packets\""), "proxy_stats_v3 dump:\n{stats}");
 }
 
 #[test]
@@ -416,7 +416,10 @@ fn fragmentation_needed_reaches_the_client_translated_so_pmtu_discovery_works() 
     });
     assert_eq!(mtu, 1280, "the client never learned the path MTU through the ClusterIP\n{}", sb.agent_log());
     let stats = run(&agent_bin().to_string_lossy(), &["--bpffs", &sb.bpffs.to_string_lossy(), "stats"]);
-    assert!(stats.lines().any(|l| l.starts_with("icmp_error_translated") && !l.contains(" 0 ")), "{stats}");
+    assert!(stats_table_cell(&stats, "icmp_error_translated", "PACKETS") > 0, "{stats}");
+    // An ICMP error about an IPv4 flow: the IPv4 column, not the IPv6 one.
+    assert!(stats_table_cell(&stats, "icmp_error_translated", "IPV4") > 0, "{stats}");
+    assert_eq!(stats_table_cell(&stats, "icmp_error_translated", "IPV6"), 0, "{stats}");
 }
 
 /// A 4,000-byte UDP datagram crosses a 1,500-byte link in three fragments;
@@ -522,7 +525,7 @@ fn conntrack_lists_flushes_and_collects_flows() {
     drop(ka);
 }
 
-/// Maps of retired layouts (`proxy_ct_v1`, `proxy_stats_v1`) that an
+/// Maps of retired layouts (`proxy_ct_v1`, `proxy_stats_v1`, `proxy_stats_v2`) that an
 /// earlier release left pinned are unpinned when the agent starts (no
 /// kernel memory leaks across upgrades), and `cleanup` removes the whole
 /// directory.
@@ -533,13 +536,16 @@ fn maps_of_retired_layouts_are_unpinned_on_start() {
     std::fs::create_dir_all(&sb.bpffs).expect("mkdir bpffs dir");
     let ct_v1 = sb.bpffs.join("proxy_ct_v1");
     let stats_v1 = sb.bpffs.join("proxy_stats_v1");
+    // The stats layout before the family split (one slot per reason).
+    let stats_v2 = sb.bpffs.join("proxy_stats_v2");
     run("bpftool", &["map", "create", &ct_v1.to_string_lossy(), "type", "lru_hash", "key", "16", "value", "32", "entries", "1024", "name", "proxy_ct_v1"]);
     run("bpftool", &["map", "create", &stats_v1.to_string_lossy(), "type", "percpu_array", "key", "4", "value", "16", "entries", "32", "name", "proxy_stats_v1"]);
-    assert!(ct_v1.exists() && stats_v1.exists());
+    run("bpftool", &["map", "create", &stats_v2.to_string_lossy(), "type", "percpu_array", "key", "4", "value", "16", "entries", "64", "name", "proxy_stats_v2"]);
+    assert!(ct_v1.exists() && stats_v1.exists() && stats_v2.exists());
     write_atomic(&sb.manifests, "svc.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
     sb.start_agent(&agent_bin());
     wait_backends(&sb, 80, 1);
-    assert!(!ct_v1.exists() && !stats_v1.exists(), "retired maps still pinned:\n{}", sb.agent_log());
+    assert!(!ct_v1.exists() && !stats_v1.exists() && !stats_v2.exists(), "retired maps still pinned:\n{}", sb.agent_log());
     assert!(sb.agent_log().contains("unpinned a map of a retired layout"), "{}", sb.agent_log());
     assert_eq!(sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T)).expect("request"), "pod1");
     // A map of a layout this binary does not know (a newer release's):

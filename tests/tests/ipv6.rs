@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use integration_tests::{
-    agent::{agent_bin, wait_programmed},
+    agent::{agent_bin, counters_of_family, wait_programmed},
     client::{http_get, udp_request},
     manifests::write_atomic,
     agent::AgentSource,
@@ -108,6 +108,9 @@ fn a_dual_stack_cluster_ip_serves_both_families_on_the_tc_path() {
     });
     assert!(v.iter().any(|f| f.family == "IPv6" && f.address == VIP6.to_string()), "{v:#?}");
 
+    // The counters of both families after each family's requests.
+    let marks = |sb: &Sandbox| (counters_of_family(&agent_bin(), &sb.bpffs, "ipv4"), counters_of_family(&agent_bin(), &sb.bpffs, "ipv6"));
+    let mut at = vec![marks(&sb)];
     for vip in [IpAddr::V6(VIP6), IpAddr::V4(VIP4)] {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -121,6 +124,31 @@ fn a_dual_stack_cluster_ip_serves_both_families_on_the_tc_path() {
         }
         let udp = sb.client.run(move || udp_request(SocketAddr::new(vip, 53), "hi", T));
         assert!(udp.as_deref().is_ok_and(|r| r.starts_with("pod") && r.ends_with(":hi")), "UDP to {vip}: {udp:?}");
+        at.push(marks(&sb));
+    }
+    // The IPv6 requests moved the IPv6 counters and not the IPv4 ones; the
+    // IPv4 requests the other way round (`stats -o json`'s `families`).
+    let moved = |from: &BTreeMap<String, u64>, to: &BTreeMap<String, u64>, k: &str| to.get(k).copied().unwrap_or(0) - from.get(k).copied().unwrap_or(0);
+    let translated = ["dnat_new_flow", "dnat_established", "rev_nat_reply"];
+    for (phase, (mine, other), (mine_name, other_name)) in [(1, (1, 0), ("IPv6", "IPv4")), (2, (0, 1), ("IPv4", "IPv6"))] {
+        let by = |m: &(BTreeMap<String, u64>, BTreeMap<String, u64>), family: usize| if family == 0 { m.0.clone() } else { m.1.clone() };
+        let (a, b) = (&at[phase - 1], &at[phase]);
+        // At least 3 TCP connections and 1 UDP exchange, each a new flow.
+        assert!(moved(&by(a, mine), &by(b, mine), "dnat_new_flow") >= 4, "{mine_name} requests: {mine_name} dnat_new_flow did not move: {:?} → {:?}", by(a, mine), by(b, mine));
+        assert!(moved(&by(a, mine), &by(b, mine), "rev_nat_reply") >= 4, "{mine_name} requests: {mine_name} rev_nat_reply did not move");
+        for k in translated {
+            assert_eq!(moved(&by(a, other), &by(b, other), k), 0, "{mine_name} requests moved the {other_name} counter {k}: {:?} → {:?}", by(a, other), by(b, other));
+        }
+    }
+
+    // `conntrack -o json` shows the flows of both families, with the family.
+    let ct = integration_tests::netns::run(&agent_bin().to_string_lossy(), &["--bpffs", &sb.bpffs.to_string_lossy(), "conntrack", "-o", "json"]);
+    let flows: serde_json::Value = serde_json::from_str(&ct).unwrap_or_else(|e| panic!("conntrack json: {e}: {ct}"));
+    for (family, frontend) in [("IPv6", format!("[{VIP6}]:53")), ("IPv4", format!("{VIP4}:53"))] {
+        assert!(
+            flows.as_array().into_iter().flatten().any(|f| f["family"] == family && f["frontend"] == frontend.as_str()),
+            "no {family} flow to {frontend} in conntrack -o json: {ct}"
+        );
     }
 
     // Refused, not timed out. (Linux aborts an IPv6 connect on the ICMPv6
@@ -132,6 +160,9 @@ fn a_dual_stack_cluster_ip_serves_both_families_on_the_tc_path() {
     assert!(started.elapsed() < Duration::from_secs(3), "refused, not by timeout: {:?}", started.elapsed());
     let counters = sb.counters(&agent_bin());
     assert!(counters.get("reject_no_backend").copied().unwrap_or_default() >= 1, "{counters:?}");
+    let (c4, c6) = marks(&sb);
+    assert!(c6.get("reject_no_backend").copied().unwrap_or_default() >= 1, "an IPv6 reject in the IPv6 counters: {c6:?}");
+    assert_eq!(c4.get("reject_no_backend").copied().unwrap_or_default(), 0, "no IPv4 client was refused: {c4:?}");
 }
 
 /// A 4,000-byte UDP datagram to an IPv6 cluster IP crosses the 1,500-byte
@@ -214,6 +245,7 @@ fn node_local_ipv6_sockets_are_translated_at_connect_and_see_the_cluster_ip() {
         v.iter().filter(|f| f.service.starts_with("default/web") && f.backends.len() == 3).count() == 4
     });
     let before = sb.counters(&agent_bin());
+    let before6 = counters_of_family(&agent_bin(), &sb.bpffs, "ipv6");
     let c = sockclient();
     let http6 = SocketAddr::new(IpAddr::V6(VIP6), 80).to_string();
     let dns6 = SocketAddr::new(IpAddr::V6(VIP6), 53).to_string();
@@ -230,6 +262,9 @@ fn node_local_ipv6_sockets_are_translated_at_connect_and_see_the_cluster_ip() {
     let empty = SocketAddr::new(IpAddr::V6(EMPTY6), 80).to_string();
     let lines = sb.cgroup_client(&sb.node, c, &["http", &empty, "1"]);
     assert!(lines[0].contains("os error 111"), "no endpoints: connect() must fail with ECONNREFUSED, got {lines:?}");
+    let mid = sb.counters(&agent_bin());
+    let mid4 = counters_of_family(&agent_bin(), &sb.bpffs, "ipv4");
+    let mid6 = counters_of_family(&agent_bin(), &sb.bpffs, "ipv6");
 
     // An IPv6 socket to the IPv4 Service address, IPv4-mapped.
     let mapped = |port: u16| SocketAddr::new(IpAddr::V6(VIP4.to_ipv6_mapped()), port).to_string();
@@ -242,6 +277,22 @@ fn node_local_ipv6_sockets_are_translated_at_connect_and_see_the_cluster_ip() {
 
     let after = sb.counters(&agent_bin());
     let d = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    // By family: the IPv6 sockets to the IPv6 cluster IP count as IPv6
+    // (the first phase moved no IPv4 socket counter), the IPv4-mapped ones
+    // as IPv4, the family of the frontend they reach (the second phase
+    // moved no IPv6 socket counter).
+    let (after4, after6) = (counters_of_family(&agent_bin(), &sb.bpffs, "ipv4"), counters_of_family(&agent_bin(), &sb.bpffs, "ipv6"));
+    let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    let sock = ["sock_translated", "sock_rev_translated", "sock_rejected"];
+    for k in sock {
+        assert_eq!(get(&mid, k), get(&mid4, k) + get(&mid6, k), "{k}: the families sum to the total");
+        assert_eq!(get(&after6, k), get(&mid6, k), "IPv4-mapped sockets moved the IPv6 counter {k}: {mid6:?} → {after6:?}");
+    }
+    assert!(get(&mid6, "sock_translated") - get(&before6, "sock_translated") >= 20 + 1 + 10, "IPv6 sock_translated: {mid6:?}");
+    assert_eq!(get(&mid6, "sock_rejected") - get(&before6, "sock_rejected"), 1, "the refused IPv6 connect() in the IPv6 counters: {mid6:?}");
+    assert_eq!(get(&mid4, "sock_translated"), 0, "IPv6 sockets to the IPv6 cluster IP moved the IPv4 counters: {mid4:?}");
+    assert!(get(&after4, "sock_translated") - get(&mid4, "sock_translated") >= 10 + 1 + 5, "IPv4-mapped sockets count as IPv4: {after4:?}");
+    assert!(get(&after4, "sock_rev_translated") - get(&mid4, "sock_rev_translated") >= 10, "IPv4-mapped peers shown back count as IPv4: {after4:?}");
     // connect() per TCP connection and per connected UDP socket, sendmsg()
     // per unconnected datagram.
     let want = 20 + 1 + 10 + 10 + 1 + 5;
@@ -513,6 +564,12 @@ fn an_ipv6_node_port_is_carried_by_the_xdp_fast_path_with_snat() {
     assert!(d("xdp_reverse") >= remote_http * 2, "xdp_reverse moved by {}: {after:?}", d("xdp_reverse"));
     assert!(d("xdp_local_flow") >= local_http, "xdp_local_flow moved by {}: {after:?}", d("xdp_local_flow"));
     assert_eq!(d("dnat_new_flow"), 0, "every flow was made by XDP, none by TC: {after:?}");
+    // All of it IPv6: the XDP counters of the IPv4 family never moved.
+    let (c4, c6) = (counters_of_family(&agent_bin(), &sb.bpffs, "ipv4"), counters_of_family(&agent_bin(), &sb.bpffs, "ipv6"));
+    for k in ["xdp_forward", "xdp_reverse", "xdp_local_flow"] {
+        assert_eq!(c4.get(k).copied().unwrap_or(0), 0, "IPv6 XDP traffic counted as IPv4 {k}: {c4:?}");
+        assert_eq!(c6.get(k).copied().unwrap_or(0), after.get(k).copied().unwrap_or(0), "{k}: IPv6 holds it all: {c6:?}");
+    }
     // The remote flows are SNATed to the node's address on the link (the
     // source the route to the other node prefers): SERVICE entries NAT the
     // client to it, REPLY entries restore the client.

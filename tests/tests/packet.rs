@@ -23,7 +23,7 @@ use aya::{
 use integration_tests::packet::{
     CLIENT_MAC, ETH_HLEN, ETH_P_ARP, ETH_P_IP, FrameBuilder, IPV4_HLEN, L4, L4Header, NODE_MAC,
     Parsed, arp_request, ethernet, fold, hex, icmp, ipv6_udp, l4_checksum, parse,
-    pseudo_header_sum, stats_by_reason, sum_words, tcp_flags,
+    pseudo_header_sum, stats_by_reason, stats_of_family, sum_words, tcp_flags,
 };
 use proxy_agent::{datapath::ebpf_object, pins::TcHook};
 
@@ -840,6 +840,33 @@ fn packets_not_for_a_frontend_pass_unchanged() {
             stats::PASS_OTHER_PROTO,
         ),
     ]);
+}
+
+/// The counters are split by address family (`proxy_stats_v3`): each
+/// packet counts under its own family only — ARP under no family (`other`),
+/// IPv6 under IPv6 even on this IPv4-only fixture — and the sums over
+/// families are what the counters held before the split.
+#[test]
+fn counters_are_split_by_address_family() {
+    let dp = Datapath::standard();
+    let syn = tcp_syn(VIP).build();
+    let arp = arp_request(CLIENT_MAC, *CLIENT.ip(), *VIP.ip());
+    let ip6 = |s: &str| s.parse::<Ipv6Addr>().expect("IPv6 literal");
+    let v6 = ipv6_udp(ip6("2001:db8::2"), 40000, ip6("fd00::10"), 80, b"hi");
+    assert_eq!(dp.run(&syn).0, TC_ACT_OK);
+    assert_eq!(dp.run(&FrameBuilder::tcp(CLIENT, addr([10, 96, 0, 99], 80), tcp_flags::SYN).build()).0, TC_ACT_UNSPEC);
+    for f in [&arp, &v6, &v6] {
+        assert_eq!(dp.run(f).0, TC_ACT_UNSPEC);
+    }
+    let by = |family| {
+        let got = stats_of_family(&dp.ebpf, family);
+        REASONS.iter().filter(|(i, _)| got[i].packets != 0).map(|(i, n)| (*n, got[i].packets, got[i].bytes)).collect::<Vec<_>>()
+    };
+    let len = |f: &[u8]| f.len() as u64;
+    assert_eq!(by(stats::FAMILY_IPV4), [("pass_no_service", 1, len(&syn)), ("dnat_new_flow", 1, len(&syn))], "IPv4");
+    assert_eq!(by(stats::FAMILY_IPV6), [("pass_not_ipv4", 2, 2 * len(&v6))], "IPv6");
+    assert_eq!(by(stats::FAMILY_OTHER), [("pass_not_ipv4", 1, len(&arp))], "no family (ARP)");
+    assert_eq!(dp.stat(stats::PASS_NOT_IPV4).packets, 3, "the sum over families");
 }
 
 #[test]

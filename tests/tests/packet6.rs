@@ -21,7 +21,7 @@ use aya::{
 };
 use integration_tests::{
     netns::{Netns, enter, require_root, unique_name},
-    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, L4, NODE_MAC, hex, parse, skb_ctx, stats_by_reason, tcp_flags, xdp_md_ctx},
+    packet::{CLIENT_MAC, ETH_HLEN, FrameBuilder, L4, NODE_MAC, hex, nonzero_of_family, parse, skb_ctx, stats_by_reason, stats_of_family, tcp_flags, xdp_md_ctx},
     packet6::{
         Ext, Frame6, IPV6_HLEN, NEXTHDR_ICMPV6, NEXTHDR_MOBILITY, Parsed6, fragment6, icmp6, in_ethernet, l4_checksum6, parse6, parse6_ip,
         reassemble6,
@@ -242,9 +242,14 @@ impl Datapath {
         stats_by_reason(&self.ebpf)
     }
 
-    /// Exactly these reasons counted these packets, every other none.
+    /// Exactly these reasons counted these packets, every other none; all
+    /// of them in the IPv6 counters, none in the IPv4 or family-less ones.
     fn check_stats(&self, expected: &[(u32, u64)]) {
-        let got = self.stats();
+        for family in [stats::FAMILY_IPV4, stats::FAMILY_OTHER] {
+            let moved = nonzero_of_family(&self.ebpf, family);
+            assert!(moved.is_empty(), "IPv6 packets counted under family {family}: {moved:?}");
+        }
+        let got = stats_of_family(&self.ebpf, stats::FAMILY_IPV6);
         let errors: Vec<String> = REASONS
             .iter()
             .filter_map(|(idx, name)| {
@@ -530,10 +535,11 @@ fn check_passes(name: &str, input: &[u8], reason: u32) {
     assert_eq!(verdict, TC_NEXT, "{name}: verdict\n{}", hex(input));
     assert_eq!(out, input, "{name}: passed frame changed");
     assert!(dp.ct6().is_empty(), "{name}: conntrack written");
-    let got = dp.stats();
-    let counted: Vec<&str> = REASONS.iter().filter(|(i, _)| got[i].packets != 0).map(|(_, n)| *n).collect();
     let want = REASONS.iter().find(|(i, _)| *i == reason).expect("reason").1;
-    assert_eq!(counted, vec![want], "{name}: counted");
+    assert_eq!(nonzero_of_family(&dp.ebpf, stats::FAMILY_IPV6), [(want, 1)], "{name}: counted as IPv6");
+    for family in [stats::FAMILY_IPV4, stats::FAMILY_OTHER] {
+        assert_eq!(nonzero_of_family(&dp.ebpf, family), [], "{name}: counted under family {family}");
+    }
 }
 
 #[test]
@@ -835,7 +841,14 @@ fn ipv4_is_translated_as_before_beside_ipv6() {
     let (_, p6) = dp.run_translated(&syn().build());
     assert!(backend_of(p6.dst_sa(), &tcp_backends()).is_some());
     assert_eq!((dp.ct4_len(), dp.ct6().len()), (2, 2), "one flow in each family's conntrack");
-    dp.check_stats(&[(stats::DNAT_NEW, 2)]);
+    // One new flow in each family's counters, with each packet's bytes.
+    assert_eq!(dp.stats()[&stats::DNAT_NEW].packets, 2, "the sum over families");
+    let (v4c, v6c) = (stats_of_family(&dp.ebpf, stats::FAMILY_IPV4), stats_of_family(&dp.ebpf, stats::FAMILY_IPV6));
+    assert_eq!(nonzero_of_family(&dp.ebpf, stats::FAMILY_IPV4), [("dnat_new_flow", 1)]);
+    assert_eq!(nonzero_of_family(&dp.ebpf, stats::FAMILY_IPV6), [("dnat_new_flow", 1)]);
+    assert_eq!(nonzero_of_family(&dp.ebpf, stats::FAMILY_OTHER), []);
+    assert_eq!(v4c[&stats::DNAT_NEW].bytes, v4.build().len() as u64, "IPv4 bytes");
+    assert_eq!(v6c[&stats::DNAT_NEW].bytes, syn().build().len() as u64, "IPv6 bytes");
 }
 
 // ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use aya::{
 use proxy_common::{
     backend::{BACKEND_MAP, BACKEND6_MAP, Backend, Backend6},
     names::{NAMES_MAP, SvcName},
-    stats::{STATS_MAP, StatCounter},
+    stats::{ByFamily, STATS_MAP, StatCounter, stats_slot},
     svc::{SRC_RANGE_MAP, SRC_RANGE6_MAP, SVC_MAP, SVC6_MAP, SrcRange6Key, SrcRangeKey, Svc6Key, SvcKey, SvcValue},
 };
 
@@ -384,20 +384,21 @@ impl Batching {
     }
 }
 
-/// Reads the per-CPU counters under `pins`, summed over CPUs, in index order.
-pub fn read_stats(pins: &Pins) -> Result<Vec<(u32, StatCounter)>> {
+/// Reads the per-CPU counters under `pins`, summed over CPUs: for every
+/// reason, in index order, its counters by family
+/// (`proxy_common::stats::FAMILIES` order).
+pub fn read_stats(pins: &Pins) -> Result<Vec<(u32, ByFamily)>> {
     let map = from_pin(pins, STATS_MAP)?;
     let arr: PerCpuArray<MapData, StatCounter> =
         PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_err(STATS_MAP, "open"))?;
     let mut out = Vec::new();
     for &(idx, _) in proxy_common::stats::REASONS {
-        let values = arr.get(&idx, 0).map_err(map_err(STATS_MAP, "lookup"))?;
-        let mut sum = StatCounter::default();
-        for v in values.iter() {
-            sum.packets += v.packets;
-            sum.bytes += v.bytes;
+        let mut by_family = ByFamily::default();
+        for &(family, _) in proxy_common::stats::FAMILIES {
+            let values = arr.get(&stats_slot(family, idx), 0).map_err(map_err(STATS_MAP, "lookup"))?;
+            by_family[family as usize] = values.iter().fold(StatCounter::default(), |a, v| a.plus(*v));
         }
-        out.push((idx, sum));
+        out.push((idx, by_family));
     }
     Ok(out)
 }

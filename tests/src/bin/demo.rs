@@ -212,7 +212,8 @@ fn report(args: &Args, sb: &mut Sandbox) {
     println!("$ proxy-agent --bpffs {} stats   (non-zero counters)", sb.bpffs.display());
     let out = Command::new(&args.agent).arg("--bpffs").arg(&sb.bpffs).arg("stats").output().expect("proxy-agent stats");
     for (i, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate() {
-        if i == 0 || line.split_whitespace().nth(1).is_none_or(|p| p != "0") {
+        // The PACKETS column (the sum over families).
+        if i == 0 || line.split_whitespace().nth(4).is_none_or(|p| p != "0") {
             println!("{line}");
         }
     }
