@@ -128,15 +128,8 @@ impl KeepAlive {
 
 /// One datagram to `addr`, one reply back; returns the reply text.
 pub fn udp_request(addr: SocketAddr, payload: &str, timeout: Duration) -> std::io::Result<String> {
-    let any: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-    let sock = UdpSocket::bind(any)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.connect(addr)?;
-    sock.send(payload.as_bytes())?;
-    // Room for a reply as large as a fragmented datagram gets.
-    let mut buf = vec![0u8; 65_536];
-    let n = sock.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let any = if addr.is_ipv4() { IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) };
+    udp_request_from(any, addr, payload, timeout)
 }
 
 /// [`udp_request`] from the local address `src`.
@@ -145,6 +138,7 @@ pub fn udp_request_from(src: IpAddr, addr: SocketAddr, payload: &str, timeout: D
     sock.set_read_timeout(Some(timeout))?;
     sock.connect(addr)?;
     sock.send(payload.as_bytes())?;
+    // Room for a reply as large as a fragmented datagram gets.
     let mut buf = vec![0u8; 65_536];
     let n = sock.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())

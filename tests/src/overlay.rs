@@ -497,6 +497,24 @@ impl Overlay {
         self.servers.extend(new);
     }
 
+    /// What to print when a request fails: both nodes' non-zero counters,
+    /// programmed frontends and agent logs, and what the relay carried.
+    #[must_use]
+    pub fn diag(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        if let Some(r) = &self.relay {
+            let _ = writeln!(s, "tun relay carried {} packets", r.relayed());
+        }
+        for n in [&self.a, &self.b] {
+            let nonzero: BTreeMap<String, u64> = n.counters().into_iter().filter(|(_, v)| *v > 0).collect();
+            let fronts: Vec<String> =
+                crate::agent::programmed(&n.bpffs).iter().map(|f| format!("{}:{}/{} {}", f.address, f.port, f.protocol, f.backends.len())).collect();
+            let _ = writeln!(s, "--- {}: counters {nonzero:?}\nfrontends: {fronts:?}\nagent log:\n{}", n.name(), n.agent_log());
+        }
+        s
+    }
+
     /// Starts the agent `bin` on both nodes: `--manifests <self.manifests>
     /// --devices <kind.devices()> --node-name node-a|node-b --cgroup <the
     /// node's cgroup>` and `extra`.

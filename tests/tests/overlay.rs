@@ -17,14 +17,13 @@
 //! Every request must be answered, by node B's pods.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    agent::{agent_bin, programmed, wait_programmed},
+    agent::{agent_bin, wait_programmed},
     client::{http_get, udp_request},
     cluster::{NODE_A_IP, NodeId, Seen, pod_ip_a},
     inspect_backends,
@@ -100,26 +99,6 @@ fn tc_program(o: &Overlay, dev: &str, hook: TcHook) -> String {
     prog["name"].as_str().unwrap_or_else(|| panic!("no name in {prog}")).to_owned()
 }
 
-/// What to print when a request fails: both nodes' counters, programmed
-/// frontends and agent logs, and what the relay carried.
-fn diag(o: &Overlay) -> String {
-    let mut s = String::new();
-    if let Some(r) = &o.relay {
-        let _ = writeln!(s, "tun relay carried {} packets", r.relayed());
-    }
-    for n in [&o.a, &o.b] {
-        let nonzero: BTreeMap<String, u64> = n.counters().into_iter().filter(|(_, v)| *v > 0).collect();
-        let _ = writeln!(
-            s,
-            "--- {}: counters {nonzero:?}\nfrontends: {:?}\nagent log:\n{}",
-            n.name(),
-            programmed(&n.bpffs).iter().map(|f| format!("{}:{}/{} {:?}", f.address, f.port, f.protocol, f.backends.len())).collect::<Vec<_>>(),
-            n.agent_log()
-        );
-    }
-    s
-}
-
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
     let get = |m: &BTreeMap<String, u64>| m.get(reason).copied().unwrap_or_else(|| panic!("no counter {reason} in {m:?}"));
     get(after) - get(before)
@@ -136,7 +115,7 @@ fn pod_to_clusterip(o: &Overlay) -> u64 {
     let mut seen = BTreeSet::new();
     for i in 0..N {
         let r = pod.ns.run(move || http_get(SocketAddr::from((VIP, 80)), T));
-        let body = r.unwrap_or_else(|e| panic!("HTTP {i} pod-a1 → {VIP}:80 failed: {e}\n{}", diag(o)));
+        let body = r.unwrap_or_else(|e| panic!("HTTP {i} pod-a1 → {VIP}:80 failed: {e}\n{}", o.diag()));
         let s = Seen::parse(&body).unwrap_or_else(|| panic!("bad answer {body:?}"));
         assert!(remote_pods().contains(&s.pod), "HTTP {i} answered by {s:?}, not a node B pod");
         assert_eq!(s.peer_ip(), pod_ip_a(1), "HTTP {i}: the backend must see the pod itself: {s:?}");
@@ -146,7 +125,7 @@ fn pod_to_clusterip(o: &Overlay) -> u64 {
         let msg = format!("q{i}");
         let m = msg.clone();
         let r = pod.ns.run(move || udp_request(SocketAddr::from((VIP, 53)), &m, T));
-        let body = r.unwrap_or_else(|e| panic!("UDP {i} pod-a1 → {VIP}:53 failed: {e}\n{}", diag(o)));
+        let body = r.unwrap_or_else(|e| panic!("UDP {i} pod-a1 → {VIP}:53 failed: {e}\n{}", o.diag()));
         let s = Seen::parse(&body).unwrap_or_else(|| panic!("bad answer {body:?}"));
         assert!(remote_pods().contains(&s.pod), "UDP {i} answered by {s:?}, not a node B pod");
         assert_eq!((s.peer_ip(), s.payload.as_str()), (pod_ip_a(1), msg.as_str()), "UDP {i}: {s:?}");
@@ -173,7 +152,7 @@ fn client_to_nodeport(o: &Overlay) -> u64 {
     let mut seen = BTreeSet::new();
     for i in 0..N {
         let r = o.client.run(|| http_get(SocketAddr::from((NODE_A_IP, NODE_PORT)), T));
-        let body = r.unwrap_or_else(|e| panic!("HTTP {i} client → {NODE_A_IP}:{NODE_PORT} failed: {e}\n{}", diag(o)));
+        let body = r.unwrap_or_else(|e| panic!("HTTP {i} client → {NODE_A_IP}:{NODE_PORT} failed: {e}\n{}", o.diag()));
         let s = Seen::parse(&body).unwrap_or_else(|| panic!("bad answer {body:?}"));
         assert!(remote_pods().contains(&s.pod), "NodePort HTTP {i} answered by {s:?}");
         assert_eq!(s.peer_ip(), snat_src, "NodePort HTTP {i}: SNAT to node A's overlay address: {s:?}");
@@ -184,7 +163,7 @@ fn client_to_nodeport(o: &Overlay) -> u64 {
         let msg = format!("n{i}");
         let m = msg.clone();
         let r = o.client.run(move || udp_request(SocketAddr::from((NODE_A_IP, UDP_NODE_PORT)), &m, T));
-        let body = r.unwrap_or_else(|e| panic!("UDP {i} client → {NODE_A_IP}:{UDP_NODE_PORT} failed: {e}\n{}", diag(o)));
+        let body = r.unwrap_or_else(|e| panic!("UDP {i} client → {NODE_A_IP}:{UDP_NODE_PORT} failed: {e}\n{}", o.diag()));
         let s = Seen::parse(&body).unwrap_or_else(|| panic!("bad answer {body:?}"));
         assert!(remote_pods().contains(&s.pod), "NodePort UDP {i} answered by {s:?}");
         assert_eq!((s.peer_ip(), s.payload.as_str()), (snat_src, msg.as_str()), "NodePort UDP {i}: {s:?}");
@@ -215,7 +194,7 @@ fn node_local_to_clusterip(o: &Overlay) {
         assert_eq!(lines.len(), N, "sockclient {mode}: one line per request:\n{text}");
         for l in lines {
             // "<pod> <peer-ip> <peer-port>[ <payload>] <getpeername>"
-            assert!(!l.starts_with("ERR"), "sockclient {mode} → {vip}: {l}\n{text}\n{}", diag(o));
+            assert!(!l.starts_with("ERR"), "sockclient {mode} → {vip}: {l}\n{text}\n{}", o.diag());
             let (body, peer) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l:?}"));
             let s = Seen::parse(body).unwrap_or_else(|| panic!("bad answer {l:?}"));
             assert!(remote_pods().contains(&s.pod), "{mode}: answered by {s:?}");
@@ -284,7 +263,7 @@ fn l3_tun_pod_to_clusterip_reaches_remote_pods_and_replies_are_translated_on_tun
     // Replies from node B's pods reach node A only through tun0: what is
     // translated back is translated there, by the L3 program variant.
     let rev = pod_to_clusterip(&o);
-    assert!(rev >= 2 * N as u64, "replies arriving on tun0 translated back: {rev}\n{}", diag(&o));
+    assert!(rev >= 2 * N as u64, "replies arriving on tun0 translated back: {rev}\n{}", o.diag());
     assert_clean(&o, &before);
     let relayed = o.relay.as_ref().map_or(0, TunRelay::relayed);
     assert!(relayed >= 6 * N as u64, "the traffic went through the tun relay: {relayed} packets");
@@ -297,7 +276,7 @@ fn l3_tun_nodeport_snats_into_tun0_and_the_reply_comes_back_through_it() {
     // The reply arrives on tun0 (no Ethernet header), is translated back to
     // the NodePort and must be sent out of ext0.
     let rev = client_to_nodeport(&o);
-    assert!(rev >= 2 * N as u64, "replies arriving on tun0 translated back: {rev}\n{}", diag(&o));
+    assert!(rev >= 2 * N as u64, "replies arriving on tun0 translated back: {rev}\n{}", o.diag());
     assert_clean(&o, &before);
 }
 

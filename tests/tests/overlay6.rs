@@ -14,13 +14,12 @@
 //!   the overlay device's ingress and sent out of `ext0`.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
 use integration_tests::{
-    agent::{agent_bin, programmed, wait_programmed},
+    agent::{agent_bin, wait_programmed},
     client::{http_get, udp_request},
     cluster::{NODE_A_IP6, NodeId, SeenAny},
     manifests::{web6_yaml, write_atomic},
@@ -68,19 +67,6 @@ fn setup(prefix: &str, kind: OverlayKind) -> Overlay {
     o
 }
 
-fn diag(o: &Overlay) -> String {
-    let mut s = String::new();
-    if let Some(r) = &o.relay {
-        let _ = writeln!(s, "tun relay carried {} packets", r.relayed());
-    }
-    for n in [&o.a, &o.b] {
-        let nonzero: BTreeMap<String, u64> = n.counters().into_iter().filter(|(_, v)| *v > 0).collect();
-        let fronts: Vec<String> = programmed(&n.bpffs).iter().map(|f| format!("{}:{}/{} {}", f.address, f.port, f.protocol, f.backends.len())).collect();
-        let _ = writeln!(s, "--- {}: counters {nonzero:?}\nfrontends: {fronts:?}\nagent log:\n{}", n.name(), n.agent_log());
-    }
-    s
-}
-
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
     after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }
@@ -104,12 +90,12 @@ fn requests(o: &Overlay, from: &integration_tests::netns::Netns, to: IpAddr, por
     };
     for i in 0..N {
         let t = SocketAddr::new(to, ports.0);
-        let body = from.run(move || http_get(t, T)).unwrap_or_else(|e| panic!("HTTP {i} → {t}: {e}\n{}", diag(o)));
+        let body = from.run(move || http_get(t, T)).unwrap_or_else(|e| panic!("HTTP {i} → {t}: {e}\n{}", o.diag()));
         seen.insert(check(&format!("HTTP {i} → {t}"), &body, None));
         let t = SocketAddr::new(to, ports.1);
         let msg = format!("q{i}");
         let m = msg.clone();
-        let body = from.run(move || udp_request(t, &m, T)).unwrap_or_else(|e| panic!("UDP {i} → {t}: {e}\n{}", diag(o)));
+        let body = from.run(move || udp_request(t, &m, T)).unwrap_or_else(|e| panic!("UDP {i} → {t}: {e}\n{}", o.diag()));
         seen.insert(check(&format!("UDP {i} → {t}"), &body, Some(&msg)));
     }
     assert_eq!(seen, remote_pods(), "every remote backend used");
@@ -129,7 +115,7 @@ fn node_local(o: &Overlay) {
         assert!(out.status.success(), "sockclient {mode}: {}\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
         assert_eq!(text.lines().count(), N, "sockclient {mode}: one line per request:\n{text}");
         for l in text.lines() {
-            assert!(!l.starts_with("ERR"), "sockclient {mode} → {vip}: {l}\n{text}\n{}", diag(o));
+            assert!(!l.starts_with("ERR"), "sockclient {mode} → {vip}: {l}\n{text}\n{}", o.diag());
             let (body, peer) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l:?}"));
             let s = SeenAny::parse(body).unwrap_or_else(|| panic!("bad answer {l:?}"));
             assert!(remote_pods().contains(&s.pod), "{mode}: answered by {s:?}");
@@ -152,14 +138,14 @@ fn all_paths(prefix: &str, kind: OverlayKind) -> Overlay {
     requests(&o, &pod.ns, IpAddr::V6(VIP6), (80, 53), IpAddr::V6(NodeId::A.pod_ip6(1)), false);
     let c1 = o.a.counters();
     assert!(delta(&c0, &c1, "dnat_new_flow") >= N as u64, "DNAT on node A's TC path: {c1:?}");
-    assert!(delta(&c0, &c1, "rev_nat_reply") >= 2 * N as u64, "replies translated back on node A: {c1:?}\n{}", diag(&o));
+    assert!(delta(&c0, &c1, "rev_nat_reply") >= 2 * N as u64, "replies translated back on node A: {c1:?}\n{}", o.diag());
 
     node_local(&o);
 
     let c2 = o.a.counters();
     requests(&o, &o.client, IpAddr::V6(NODE_A_IP6), (NODE_PORT, UDP_NODE_PORT), IpAddr::V6(overlay_ip6(NodeId::A)), true);
     let c3 = o.a.counters();
-    assert!(delta(&c2, &c3, "rev_nat_reply") >= 2 * N as u64, "NodePort replies translated back on node A: {c3:?}\n{}", diag(&o));
+    assert!(delta(&c2, &c3, "rev_nat_reply") >= 2 * N as u64, "NodePort replies translated back on node A: {c3:?}\n{}", o.diag());
     for bad in ["malformed_truncated", "malformed_bad_ihl", "drop_rewrite_failed", "fib_no_route"] {
         assert_eq!(delta(&c0, &c3, bad), 0, "{bad} on node A: {c3:?}");
     }
