@@ -402,7 +402,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 // compares everything, repairing drift; others only what changed.
                 let is_full = full || last_full.elapsed() >= cfg.sync_period;
                 let changed = if is_full { None } else { Some(std::mem::take(&mut dirty)) };
-                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut tracker, changed, &mut reported, events.as_ref(), &shared, &mut triggers);
+                let (ok, removed_udp) = sync_once(&store, &node, &mut rec, &mut tracker, changed, pending_since, &mut reported, events.as_ref(), &shared, &mut triggers);
                 if is_full {
                     dirty.clear();
                     last_full = Instant::now();
@@ -541,6 +541,7 @@ fn note_change(ev: &SourceEvent, store: &Store, started: SystemTime, m: &mut Met
 
 /// One sync: `changed` Services only (recomputed by the tracker, their
 /// frontends compared and written), or, with `None`, everything.
+/// `pending_since`: when the oldest change it programs arrived.
 #[expect(clippy::too_many_arguments, reason = "the sync loop's state, passed explicitly")]
 fn sync_once(
     store: &Store,
@@ -548,12 +549,16 @@ fn sync_once(
     rec: &mut Reconciler<BpfMaps>,
     tracker: &mut Tracker,
     changed: Option<BTreeSet<ObjectKey>>,
+    pending_since: Option<Instant>,
     reported: &mut BTreeSet<Rejection>,
     events: Option<&crate::events::Publisher>,
     shared: &SharedState,
     triggers: &mut Vec<SystemTime>,
 ) -> (bool, BTreeSet<(std::net::IpAddr, u16)>) {
     let started = Instant::now();
+    // How long the oldest change waited in the queue (0: none pending, a
+    // periodic full sync).
+    let queued = pending_since.map_or(Duration::ZERO, |t| started.saturating_duration_since(t));
     let keys = changed.map(|services| tracker.update(store, node, services));
     if keys.is_none() {
         tracker.rebuild(store, node);
@@ -594,6 +599,8 @@ fn sync_once(
             writes = report.writes,
             deletes = report.deletes,
             errors = report.errors.len(),
+            full = keys.is_none(),
+            queued_ms = queued.as_secs_f64() * 1e3,
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "synced"
         );

@@ -68,6 +68,7 @@ enum CtAction {
 }
 
 fn main() -> Result<()> {
+    limit_malloc_arenas();
     // kube-proxy's command line (`kube-proxy --config=... --hostname-override=...`) means `run`.
     let args = config::implied_run(std::env::args_os().collect());
     let matches = Cli::command().get_matches_from(args);
@@ -145,4 +146,25 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One glibc malloc arena for the whole process, unless `MALLOC_ARENA_MAX`
+/// says otherwise. Why: glibc gives each thread that meets a locked arena
+/// another one (up to 8 per core), and memory freed into one arena serves
+/// only that arena's threads. The agent builds its state on one thread
+/// (the sync) from objects decoded on others (the watches): with an arena
+/// each, the room freed by a re-list or a full sync in one arena is not
+/// reused by the others, and the resident set stays above the live heap
+/// (measured at 50,000 Services: 345 MiB with the default arenas, 323 MiB
+/// with one). The agent allocates from a handful of threads, so one
+/// arena's lock costs little. Called first, before any thread exists.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other
+        // thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }

@@ -40,9 +40,12 @@
 //! service-map entry each from a reserve the others cannot use
 //! ([`closed_reserve`]); the sync reports them (and `/healthz` fails) until a
 //! later sync finds room for the whole frontend.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher as _, RandomState};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hashbrown::HashTable;
 
 use aya::{maps::MapError, sys::SyscallError};
 use proxy_common::{
@@ -67,11 +70,13 @@ struct ProgFrontend {
     affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges` entries of this frontend's service id.
     ranges: BTreeSet<IpCidr>,
-    /// Backend id of slot i + 1 (0 = slot missing in the map).
-    slots: Vec<u32>,
+    /// The backend of slot i + 1, as its index in [`Backends`]
+    /// ([`NO_BACKEND`]: the slot is missing in the map, or points at no
+    /// backend the map holds).
+    slots: Box<[u32]>,
     /// Slot numbers present in the map beyond `slots.len()`.
-    stale_slots: Vec<u16>,
-    name: Option<String>,
+    stale_slots: Box<[u16]>,
+    name: Option<Box<str>>,
 }
 
 impl ProgFrontend {
@@ -80,12 +85,140 @@ impl ProgFrontend {
     }
 }
 
+/// A slot that points at no backend of [`Backends`].
+const NO_BACKEND: u32 = u32::MAX;
+
+/// `refs` of a free record of [`Backends`].
+const FREE: u32 = u32::MAX;
+
+/// A backend as the backend maps hold it: what it is (address, port,
+/// protocol, locality, family), its id, and how many slots point at it.
+#[derive(Clone, Copy, Debug)]
+struct BackendRec {
+    key: BackendIdKey,
+    id: u32,
+    /// Slots that reference it ([`FREE`]: the record is unused).
+    refs: u32,
+}
+
+/// An IPv4 backend's record: [`BackendRec`] without the 12 bytes of an
+/// IPv6 address, 16 bytes. The reconciler keeps one per backend (a million
+/// at 50,000 Services of 2 ports and 10 endpoints).
+#[derive(Clone, Copy, Debug)]
+struct BackendRec4 {
+    addr: u32,
+    /// Word 4 of [`BackendIdKey`]: port, protocol, locality.
+    rest: u32,
+    id: u32,
+    refs: u32,
+}
+
+/// Record indices with this bit are IPv6 ones (in [`Backends::recs6`]).
+const REC6: u32 = 1 << 31;
+
+/// The backends the maps hold: records in vectors, one per family (slots
+/// refer to them by index; freed indices are reused, ids never are), and
+/// an index from backend to record (a hash table of record indices, 4
+/// bytes a bucket): no map of full keys per id.
+#[derive(Clone, Debug, Default)]
+struct Backends {
+    recs4: Vec<BackendRec4>,
+    recs6: Vec<BackendRec>,
+    free4: Vec<u32>,
+    free6: Vec<u32>,
+    by_key: HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl Backends {
+    /// The key of live or free record `i` (a valid index).
+    fn key(recs4: &[BackendRec4], recs6: &[BackendRec], i: u32) -> BackendIdKey {
+        if i & REC6 == 0 {
+            let r = &recs4[i as usize];
+            BackendIdKey([0, 0, 0, r.addr, r.rest])
+        } else {
+            recs6[(i & !REC6) as usize].key
+        }
+    }
+
+    /// The record of `key` (the first added, when two ids stand for it).
+    fn find(&self, key: &BackendIdKey) -> Option<u32> {
+        let (recs4, recs6) = (&self.recs4, &self.recs6);
+        self.by_key.find(self.hasher.hash_one(key), |&i| Self::key(recs4, recs6, i) == *key).copied()
+    }
+
+    /// Record `i`, if it is in use.
+    fn get(&self, i: u32) -> Option<BackendRec> {
+        let r = if i & REC6 == 0 {
+            let r = self.recs4.get(i as usize)?;
+            BackendRec { key: BackendIdKey([0, 0, 0, r.addr, r.rest]), id: r.id, refs: r.refs }
+        } else {
+            *self.recs6.get((i & !REC6) as usize)?
+        };
+        (r.refs != FREE).then_some(r)
+    }
+
+    /// The backend id of record `i` (of a slot, not [`NO_BACKEND`]).
+    fn id(&self, i: u32) -> u32 {
+        if i & REC6 == 0 { self.recs4[i as usize].id } else { self.recs6[(i & !REC6) as usize].id }
+    }
+
+    /// The reference count of record `i` (of a slot, not [`NO_BACKEND`]).
+    fn refs_mut(&mut self, i: u32) -> &mut u32 {
+        if i & REC6 == 0 { &mut self.recs4[i as usize].refs } else { &mut self.recs6[(i & !REC6) as usize].refs }
+    }
+
+    /// Adds a record (no references yet), found by its key unless
+    /// `indexed` is false (another id already stands for the key).
+    fn add(&mut self, key: BackendIdKey, id: u32, indexed: bool) -> u32 {
+        let index = |len: usize, bit: u32| {
+            let i = u32::try_from(len - 1).ok().filter(|i| i & REC6 == 0).expect("fewer than 2^31 backends per family");
+            i | bit
+        };
+        let i = if key.is_v6() {
+            let rec = BackendRec { key, id, refs: 0 };
+            if let Some(i) = self.free6.pop() {
+                self.recs6[(i & !REC6) as usize] = rec;
+                i
+            } else {
+                self.recs6.push(rec);
+                index(self.recs6.len(), REC6)
+            }
+        } else {
+            let rec = BackendRec4 { addr: key.0[3], rest: key.0[4], id, refs: 0 };
+            if let Some(i) = self.free4.pop() {
+                self.recs4[i as usize] = rec;
+                i
+            } else {
+                self.recs4.push(rec);
+                index(self.recs4.len(), 0)
+            }
+        };
+        if indexed {
+            let Self { recs4, recs6, by_key, hasher, .. } = self;
+            by_key.insert_unique(hasher.hash_one(key), i, |&j| hasher.hash_one(Self::key(recs4, recs6, j)));
+        }
+        i
+    }
+
+    /// Frees record `i` (in use); returns what it held.
+    fn remove(&mut self, i: u32) -> BackendRec {
+        let rec = self.get(i).expect("a record in use");
+        // (Out of the index only if it is the one found for its key.)
+        if let Ok(e) = self.by_key.find_entry(self.hasher.hash_one(rec.key), |&j| j == i) {
+            e.remove();
+        }
+        *self.refs_mut(i) = FREE;
+        if i & REC6 == 0 { self.free4.push(i) } else { self.free6.push(i) }
+        rec
+    }
+}
+
 /// What the maps hold, indexed for diffing.
 #[derive(Clone, Debug, Default)]
 struct Programmed {
     frontends: BTreeMap<FrontendKey, ProgFrontend>,
-    backend_ids: BTreeMap<BackendIdKey, u32>,
-    backends: BTreeMap<u32, BackendEntry>,
+    backends: Backends,
     /// Service-map keys that belong to no valid frontend.
     orphan_svc: Vec<SlotKey>,
     /// Names of service ids no frontend uses.
@@ -99,11 +232,9 @@ struct Programmed {
     backend_entries: [usize; 2],
     next_svc_id: u32,
     next_backend_id: u32,
-    /// How many slots reference each backend id.
-    refs: BTreeMap<u32, u32>,
-    /// Backend ids whose reference count reached 0 (deleted by
-    /// `remove_unreferenced_backends` unless referenced again).
-    unref: BTreeSet<u32>,
+    /// Backends (records) whose reference count reached 0 (deleted by
+    /// `remove_unreferenced_backends` unless referenced again; may repeat).
+    unref: Vec<u32>,
 }
 
 /// A key of the service map of either family.
@@ -180,25 +311,20 @@ impl BackendEntry {
     }
 }
 
-/// The model's key of a backend as stored in the map.
-fn backend_key(b: BackendEntry) -> Option<(BackendAddr, Protocol)> {
-    let (addr, port_be, proto, flags) = match b {
-        BackendEntry::V4(b) => (IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr_be))), b.port_be, b.proto, b.flags),
-        BackendEntry::V6(b) => (IpAddr::V6(Ipv6Addr::from(b.addr)), b.port_be, b.proto, b.flags),
-    };
-    let addr = BackendAddr { addr, port: u16::from_be(port_be), local: flags & BACKEND_F_LOCAL != 0 };
-    Some((addr, Protocol::from_number(proto)?))
-}
-
-/// A backend (address, port, protocol, locality) as the key of the id
-/// index: integers, cheap to compare (the index may hold a million), and
-/// smaller than the model's types (20 bytes, 4-aligned).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A backend (address, port, protocol number, locality, family) as the
+/// key of the backend index: integers, cheap to compare and hash (the
+/// index may hold a million), and smaller than the model's types (20
+/// bytes, 4-aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct BackendIdKey([u32; 5]);
 
 impl BackendIdKey {
     fn new(b: BackendAddr, proto: Protocol) -> Self {
-        let (a, v6) = match b.addr {
+        Self::raw(b.addr, b.port, proto.number(), b.local)
+    }
+
+    fn raw(addr: IpAddr, port: u16, proto: u8, local: bool) -> Self {
+        let (a, v6) = match addr {
             IpAddr::V4(a) => ([0, 0, 0, u32::from(a)], 0),
             IpAddr::V6(a) => {
                 let o = a.octets();
@@ -206,7 +332,37 @@ impl BackendIdKey {
                 ([w(0), w(4), w(8), w(12)], 1)
             }
         };
-        Self([a[0], a[1], a[2], a[3], v6 << 25 | u32::from(b.local) << 24 | u32::from(proto.number()) << 16 | u32::from(b.port)])
+        Self([a[0], a[1], a[2], a[3], v6 << 25 | u32::from(local) << 24 | u32::from(proto) << 16 | u32::from(port)])
+    }
+
+    /// The key of a backend-map entry (its flags but the local one left out).
+    fn of_entry(b: BackendEntry) -> Self {
+        match b {
+            BackendEntry::V4(b) => Self::raw(IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr_be))), u16::from_be(b.port_be), b.proto, b.flags & BACKEND_F_LOCAL != 0),
+            BackendEntry::V6(b) => Self::raw(IpAddr::V6(Ipv6Addr::from(b.addr)), u16::from_be(b.port_be), b.proto, b.flags & BACKEND_F_LOCAL != 0),
+        }
+    }
+
+    fn is_v6(self) -> bool {
+        self.0[4] >> 25 & 1 == 1
+    }
+
+    /// The model's backend and protocol (`None`: a protocol it does not know).
+    fn decode(self) -> Option<(BackendAddr, Protocol)> {
+        let [a0, a1, a2, a3, rest] = self.0;
+        let addr = if self.is_v6() {
+            let mut o = [0; 16];
+            for (i, w) in [a0, a1, a2, a3].into_iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&w.to_be_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(a3))
+        };
+        // (Word 4: family and locality bits, protocol, port.)
+        let [bits, proto, port_hi, port_lo] = rest.to_be_bytes();
+        let port = u16::from_be_bytes([port_hi, port_lo]);
+        Some((BackendAddr { addr, port, local: bits & 1 == 1 }, Protocol::from_number(proto)?))
     }
 }
 
@@ -237,6 +393,20 @@ impl Programmed {
         for (id, a, l) in d.ranges {
             ranges.entry(id).or_default().insert((a, l));
         }
+        // Backends first: slots refer to their records.
+        let mut by_id: HashMap<u32, u32> = HashMap::with_capacity(d.backends.len() + d.backends6.len());
+        let backends = d.backends.into_iter().map(|(id, b)| (id, BackendEntry::V4(b)));
+        for (id, b) in backends.chain(d.backends6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b)))) {
+            p.next_backend_id = p.next_backend_id.max(id);
+            let key = BackendIdKey::of_entry(b);
+            // Two ids for one address (should not happen): the first is
+            // found by address; the other is deleted once nothing references it.
+            let indexed = key.decode().is_some() && p.backends.find(&key).is_none();
+            if let Some(old) = by_id.insert(id, p.backends.add(key, id, indexed)) {
+                // (One id in both families' maps: the last one read stands for it.)
+                p.backends.remove(old);
+            }
+        }
         for (key0, slots) in groups {
             let (Some(fk), Some(head)) = (key0.frontend(), slots.get(&0)) else {
                 p.orphan_svc.extend(slots.keys().map(|&s| key0.with_slot(s)));
@@ -249,9 +419,12 @@ impl Programmed {
                 affinity_group: head.backend_id,
                 affinity_timeout_s: head.affinity_timeout_s,
                 ranges: ranges.remove(&head.svc_id).unwrap_or_default(),
-                slots: (1..=count).map(|s| slots.get(&s).map_or(0, |v| v.backend_id)).collect(),
+                // (Backend id 0 is no backend's: a slot pointing there is missing.)
+                slots: (1..=count)
+                    .map(|s| slots.get(&s).filter(|v| v.backend_id != 0).and_then(|v| by_id.get(&v.backend_id)).copied().unwrap_or(NO_BACKEND))
+                    .collect(),
                 stale_slots: slots.keys().copied().filter(|&s| s > count).collect(),
-                name: names.get(&head.svc_id).cloned(),
+                name: names.get(&head.svc_id).map(|n| n.as_str().into()),
             };
             p.next_svc_id = p.next_svc_id.max(head.svc_id);
             p.frontends.insert(fk, fe);
@@ -259,37 +432,27 @@ impl Programmed {
         let used: BTreeSet<u32> = p.frontends.values().map(|f| f.svc_id).collect();
         p.orphan_names = names.keys().copied().filter(|id| !used.contains(id)).collect();
         p.orphan_ranges = ranges.into_iter().flat_map(|(id, rs)| rs.into_iter().map(move |(a, l)| (id, a, l))).collect();
-        let backends = d.backends.into_iter().map(|(id, b)| (id, BackendEntry::V4(b)));
-        for (id, b) in backends.chain(d.backends6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b)))) {
-            p.next_backend_id = p.next_backend_id.max(id);
-            p.backends.insert(id, b);
-            if let Some((addr, proto)) = backend_key(b) {
-                // Two ids for one address (should not happen): keep the first;
-                // the other is deleted once nothing references it.
-                p.backend_ids.entry(BackendIdKey::new(addr, proto)).or_insert(id);
-            }
-        }
         p.next_svc_id += 1;
         p.next_backend_id += 1;
         let slots: Vec<u32> = p.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
         p.add_refs(&slots);
-        p.unref = p.backends.keys().copied().filter(|id| !p.refs.contains_key(id)).collect();
+        p.unref = by_id.into_values().filter(|&i| p.backends.get(i).is_some_and(|r| r.refs == 0)).collect();
         p
     }
 
     fn add_refs(&mut self, slots: &[u32]) {
-        for id in slots.iter().filter(|id| **id != 0) {
-            *self.refs.entry(*id).or_default() += 1;
+        for &i in slots.iter().filter(|&&i| i != NO_BACKEND) {
+            *self.backends.refs_mut(i) += 1;
         }
     }
 
     fn drop_refs(&mut self, slots: &[u32]) {
-        for id in slots.iter().filter(|id| **id != 0) {
-            if let Some(n) = self.refs.get_mut(id) {
+        for &i in slots.iter().filter(|&&i| i != NO_BACKEND) {
+            let n = self.backends.refs_mut(i);
+            if *n != 0 && *n != FREE {
                 *n -= 1;
                 if *n == 0 {
-                    self.refs.remove(id);
-                    self.unref.insert(*id);
+                    self.unref.push(i);
                 }
             }
         }
@@ -781,6 +944,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.remove_unreferenced_backends();
             self.flush(&mut report);
         }
+        if keys.is_none() && report.changed() {
+            // Filled in key order, the map's nodes are about half full;
+            // rebuilt at once from its sorted entries, full.
+            self.state.frontends = std::mem::take(&mut self.state.frontends).into_iter().collect();
+        }
         report
     }
 
@@ -903,7 +1071,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         // The same ids in any slot order (ids are unique per address, so
         // equal sorted lists hold no id twice and no missing slot, 0).
         let Some(mut want) = ids.iter().copied().collect::<Option<Vec<u32>>>() else { return false };
-        let mut have = cur.slots.clone();
+        let mut have = cur.slots.to_vec();
         want.sort_unstable();
         have.sort_unstable();
         want == have
@@ -918,8 +1086,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         // As the names map stores it (truncated), so an adopted name compares equal.
         let name = SvcName::new(&fe.display_name());
         let want_ranges: BTreeSet<IpCidr> = fe.source_ranges.iter().flatten().copied().collect();
-        // Each backend's id; none yet for new ones.
-        let mut ids: Vec<Option<u32>> = fe.backends.iter().map(|b| self.state.backend_ids.get(&BackendIdKey::new(*b, proto)).copied()).collect();
+        // Each backend's record; none yet for new ones.
+        let mut ids: Vec<Option<u32>> = fe.backends.iter().map(|b| self.state.backends.find(&BackendIdKey::new(*b, proto))).collect();
         let cur = self.state.frontends.get(&key);
         if cur.is_some_and(|c| Self::unchanged(c, fe, &ids, name.as_str(), &want_ranges)) {
             return Ok(());
@@ -961,26 +1129,24 @@ impl<M: ServiceMaps> Reconciler<M> {
             if id.is_some() {
                 continue;
             }
-            let next = &mut self.state.next_backend_id;
-            // (An address twice in the list gets the id of the first.)
-            let std::collections::btree_map::Entry::Vacant(e) = self.state.backend_ids.entry(BackendIdKey::new(*b, proto)) else {
-                *id = self.state.backend_ids.get(&BackendIdKey::new(*b, proto)).copied();
+            let key = BackendIdKey::new(*b, proto);
+            // (An address twice in the list gets the record of the first.)
+            if let Some(i) = self.state.backends.find(&key) {
+                *id = Some(i);
                 continue;
-            };
-            let value = BackendEntry::new(*b, proto);
-            match value {
-                BackendEntry::V4(v) => self.plan.stages[NEW_BACKENDS].backends.push(o, *next, v),
-                BackendEntry::V6(v) => self.plan.stages[NEW_BACKENDS].backends6.push(o, *next, v),
             }
-            e.insert(*next);
-            self.state.backends.insert(*next, value);
+            let next = self.state.next_backend_id;
+            match BackendEntry::new(*b, proto) {
+                BackendEntry::V4(v) => self.plan.stages[NEW_BACKENDS].backends.push(o, next, v),
+                BackendEntry::V6(v) => self.plan.stages[NEW_BACKENDS].backends6.push(o, next, v),
+            }
+            *id = Some(self.state.backends.add(key, next, true));
             self.state.backend_entries[f] += 1;
-            *id = Some(*next);
-            *next += 1;
+            self.state.next_backend_id += 1;
         }
-        let wanted: Vec<u32> = ids.into_iter().map(|id| id.expect("every backend has an id")).collect();
+        let wanted: Vec<u32> = ids.into_iter().map(|id| id.expect("every backend has a record")).collect();
         let cur = self.state.frontends.get(&key);
-        let cur_slots = cur.map_or(&[][..], |c| c.slots.as_slice());
+        let cur_slots = cur.map_or(&[][..], |c| &c.slots[..]);
         if proto == Protocol::Udp {
             self.note_removed(cur_slots, &wanted, report);
         }
@@ -998,7 +1164,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         // 2. Slots that differ.
         for (i, id) in slots.iter().enumerate() {
             if cur_slots.get(i) != Some(id) {
-                let v = SvcValue { backend_id: *id, svc_id, ..SvcValue::default() };
+                let v = SvcValue { backend_id: self.state.backends.id(*id), svc_id, ..SvcValue::default() };
                 st[SLOTS].put_slot(o, slot_key(key, slot_u16(i + 1)), v);
             }
         }
@@ -1043,9 +1209,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             affinity_group: fe.affinity_group,
             affinity_timeout_s: fe.affinity_timeout_s,
             ranges: want_ranges,
-            slots,
-            stale_slots: Vec::new(),
-            name: Some(name.as_str().to_owned()),
+            slots: slots.into_boxed_slice(),
+            stale_slots: Box::default(),
+            name: Some(name.as_str().into()),
         };
         self.state.set_frontend(key, Some(prog));
         Ok(())
@@ -1053,8 +1219,8 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Records the backends of `before` that are not in `after`.
     fn note_removed(&self, before: &[u32], after: &[u32], report: &mut SyncReport) {
-        for id in before.iter().filter(|id| !after.contains(id)) {
-            if let Some((BackendAddr { addr, port, .. }, _)) = self.state.backends.get(id).and_then(|b| backend_key(*b)) {
+        for &i in before.iter().filter(|i| !after.contains(i)) {
+            if let Some((BackendAddr { addr, port, .. }, _)) = self.state.backends.get(i).and_then(|r| r.key.decode()) {
                 report.removed_udp_backends.insert((addr, port));
             }
         }
@@ -1062,24 +1228,25 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Stages the deletion of the backends no slot references.
     fn remove_unreferenced_backends(&mut self) {
-        let unused: Vec<u32> = std::mem::take(&mut self.state.unref)
+        // (id, record), in id order, once each.
+        let mut unused: Vec<(u32, u32)> = std::mem::take(&mut self.state.unref)
             .into_iter()
-            .filter(|id| !self.state.refs.contains_key(id) && self.state.backends.contains_key(id))
+            .filter_map(|i| self.state.backends.get(i).filter(|r| r.refs == 0).map(|r| (r.id, i)))
             .collect();
+        unused.sort_unstable();
+        unused.dedup();
         let o = self.plan.owner(Owner::Cleanup);
-        for id in unused {
-            let b = self.state.backends.remove(&id).expect("present");
+        for (id, i) in unused {
+            // (Out of the backend index too, if it is the record found there.)
+            let rec = self.state.backends.remove(i);
             let st = &mut self.plan.stages[0];
-            match b {
-                BackendEntry::V4(_) => st.del_backends.push(o, id, ()),
-                BackendEntry::V6(_) => st.del_backends6.push(o, id, ()),
+            if rec.key.is_v6() {
+                st.del_backends6.push(o, id, ());
+            } else {
+                st.del_backends.push(o, id, ());
             }
-            let n = &mut self.state.backend_entries[usize::from(matches!(b, BackendEntry::V6(_)))];
+            let n = &mut self.state.backend_entries[usize::from(rec.key.is_v6())];
             *n = n.saturating_sub(1);
-            // The address this id stood for (only if it still maps to this id).
-            if let Some(key) = backend_key(b).map(|(a, p)| BackendIdKey::new(a, p)).filter(|k| self.state.backend_ids.get(k) == Some(&id)) {
-                self.state.backend_ids.remove(&key);
-            }
         }
     }
 }

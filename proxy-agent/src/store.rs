@@ -578,7 +578,14 @@ impl Store {
                 Some(_) => Change::Services(vec![key]),
                 None => Change::None,
             },
-            SourceEvent::SliceApplied(s) => {
+            SourceEvent::SliceApplied(mut s) => {
+                // The Service's name, shared with the Service's key when it
+                // is known (one allocation less per slice).
+                if let Some(owner) = s.owner()
+                    && let Some((k, _)) = self.services.get_key_value(&owner)
+                {
+                    s.service = Some(k.name.clone());
+                }
                 let key = s.key().clone();
                 let new_owner = s.owner();
                 let old = self.slices.insert(key.clone(), s);

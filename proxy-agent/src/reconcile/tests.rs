@@ -1702,3 +1702,58 @@ fn a_large_sync_is_written_in_chunks() {
     assert_eq!(m.svc.len(), 2 * 17_000);
     assert_eq!(view(m), expected_view(&d));
 }
+
+// ---------------------------------------------------------------------------
+// The backend records
+// ---------------------------------------------------------------------------
+
+#[test]
+fn backend_keys_decode_to_what_they_were_made_of() {
+    use super::{BackendEntry, BackendIdKey};
+    for (addr, port, local, proto) in [
+        ("10.1.2.3", 8080, false, Tcp),
+        ("10.1.2.3", 65535, true, Udp),
+        ("fd00::1:2", 443, true, Tcp),
+        ("::", 0, false, Udp),
+    ] {
+        let b = BackendAddr { addr: addr.parse().expect("ip"), port, local };
+        let k = BackendIdKey::new(b, proto);
+        assert_eq!(k.decode(), Some((b, proto)), "{addr}");
+        assert_eq!(k.is_v6(), b.addr.is_ipv6());
+        assert_eq!(BackendIdKey::of_entry(BackendEntry::new(b, proto)), k, "as read back from the map");
+    }
+    // A protocol the model does not know: kept, but no model key.
+    let k = BackendIdKey::raw("10.0.0.1".parse().expect("ip"), 80, 132, false);
+    assert_eq!(k.decode(), None);
+}
+
+#[test]
+fn backend_records_are_found_by_key_and_reused_when_freed() {
+    use super::{BackendIdKey, Backends, NO_BACKEND};
+    let key = |a: &str, port: u16| BackendIdKey::new(BackendAddr { addr: a.parse().expect("ip"), port, local: false }, Tcp);
+    let mut b = Backends::default();
+    let (k4, k6, k4b) = (key("10.0.0.1", 80), key("fd00::1", 80), key("10.0.0.2", 80));
+    let (i4, i6) = (b.add(k4, 7, true), b.add(k6, 8, true));
+    assert_ne!(i4, i6);
+    assert_eq!((b.find(&k4), b.find(&k6), b.find(&k4b)), (Some(i4), Some(i6), None));
+    assert_eq!((b.id(i4), b.id(i6)), (7, 8));
+    assert_eq!(b.get(i6).map(|r| (r.key, r.id, r.refs)), Some((k6, 8, 0)));
+    assert!(b.get(NO_BACKEND).is_none());
+    // A second id for the same key is not found by it; freeing it leaves
+    // the first one found.
+    let dup = b.add(k4, 9, false);
+    assert_eq!(b.find(&k4), Some(i4));
+    assert_eq!(b.remove(dup).id, 9);
+    assert_eq!(b.find(&k4), Some(i4));
+    assert!(b.get(dup).is_none());
+    // Freed, the key is gone and the index is reused.
+    *b.refs_mut(i4) += 1;
+    assert_eq!(b.get(i4).map(|r| r.refs), Some(1));
+    *b.refs_mut(i4) -= 1;
+    assert_eq!(b.remove(i4).key, k4);
+    assert_eq!(b.find(&k4), None);
+    let again = b.add(k4b, 10, true);
+    assert!(again == i4 || again == dup, "a freed IPv4 record is reused");
+    assert_eq!((b.find(&k4b), b.id(again)), (Some(again), 10));
+    assert_eq!(b.find(&k6), Some(i6));
+}
