@@ -152,7 +152,7 @@ impl fmt::Display for BackendAddr {
 pub struct Frontend {
     pub service: ObjectKey,
     /// The Service port's name ("" when unnamed).
-    pub port_name: String,
+    pub port_name: std::sync::Arc<str>,
     pub kind: FrontendKind,
     /// Sorted, without duplicates.
     pub backends: Vec<BackendAddr>,
@@ -626,7 +626,7 @@ fn service_frontends(
                     fk,
                     Frontend {
                         service: key.clone(),
-                        port_name: port_name.to_owned(),
+                        port_name: sp.name.clone(),
                         kind,
                         backends,
                         drop_when_empty,

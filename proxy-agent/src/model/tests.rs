@@ -1735,7 +1735,7 @@ fn session_affinity_client_ip_sets_the_timeout_and_one_group_per_service_port() 
     // kube-proxy's default timeout, and every frontend of the port shares the group.
     assert!(http.iter().all(|f| f.affinity_timeout_s == 10_800), "{http:?}");
     assert!(http.iter().all(|f| f.affinity_group == http[0].affinity_group && f.affinity_group != 0));
-    let dns = d.frontends.values().find(|f| f.port_name == "dns").expect("dns frontend");
+    let dns = d.frontends.values().find(|f| &*f.port_name == "dns").expect("dns frontend");
     assert_ne!(dns.affinity_group, http[0].affinity_group, "another Service port, another group");
     let d = with("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n");
     assert!(d.frontends.values().all(|f| f.affinity_timeout_s == 60));

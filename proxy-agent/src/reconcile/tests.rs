@@ -62,7 +62,7 @@ fn fe(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Fe {
         key(vip, port, protocol),
         Frontend {
             service: ObjectKey::new("default", &format!("svc-{}", vip.replace('.', "-"))),
-            port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
+            port_name: format!("{}-{port}", protocol.as_str().to_lowercase()).into(),
             kind: FrontendKind::ClusterIp,
             backends: bs,
             drop_when_empty: false,
