@@ -404,9 +404,9 @@ fn service_health(svc: &ServiceRecord, slices: &[&SliceRecord], node: &NodeInfo)
             continue;
         }
         for ep in &slice.endpoints {
-            let ready = ep.ready.unwrap_or(true);
+            let ready = ep.ready().unwrap_or(true);
             if ready && ep.node_name() == Some(node.name.as_str())
-                && let Some(ip) = &ep.address {
+                && let Some(ip) = ep.address() {
                     ips.insert(ip);
                 }
         }
@@ -799,7 +799,7 @@ fn endpoints_for_port<'a>(
             continue;
         };
         for ep in &slice.endpoints {
-            let Some(first) = &ep.address else {
+            let Some(first) = ep.address() else {
                 continue;
             };
             let addr = match first.parse() {
@@ -811,9 +811,9 @@ fn endpoints_for_port<'a>(
             };
             // Unset `ready` means ready; unset `serving` means the same as
             // ready; unset `terminating` means not terminating (API docs).
-            let ready = ep.ready.unwrap_or(true);
-            let serving = ep.serving.unwrap_or(ready);
-            let terminating = ep.terminating.unwrap_or(false);
+            let ready = ep.ready().unwrap_or(true);
+            let serving = ep.serving().unwrap_or(ready);
+            let terminating = ep.terminating().unwrap_or(false);
             let backend = BackendAddr { addr, port, local: false };
             // The same address:port in two slices counts once (the first).
             out.entry(backend).or_insert_with(|| Endpoint {

@@ -377,20 +377,80 @@ pub struct Topology {
     pub node_hints: Box<[Arc<str>]>,
 }
 
-/// An endpoint as the model reads it.
+/// An endpoint as the model reads it, in 24 bytes (ten per slice: 500,000
+/// of them at 50,000 Services): an IPv4 address and the three conditions
+/// packed in one word, any other address (IPv6, or a text that is not an
+/// address in canonical form) boxed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointRecord {
-    /// The first address (`None`: none given).
-    pub address: Option<Address>,
-    /// `conditions.ready`, `.serving`, `.terminating` as given.
-    pub ready: Option<bool>,
-    pub serving: Option<bool>,
-    pub terminating: Option<bool>,
+    /// The IPv4 address when [`ADDR_V4`] (host order).
+    v4: u32,
+    /// Bits 0–1: the address ([`ADDR_NONE`], [`ADDR_V4`], [`ADDR_OTHER`]);
+    /// bits 2–3, 4–5, 6–7: `ready`, `serving`, `terminating` (0 unset,
+    /// 1 false, 2 true).
+    bits: u8,
+    /// The address when [`ADDR_OTHER`].
+    other: Option<Box<Address>>,
     /// `None`: no `nodeName` and no hints.
     pub topology: Option<Arc<Topology>>,
 }
 
+const ADDR_NONE: u8 = 0;
+const ADDR_V4: u8 = 1;
+const ADDR_OTHER: u8 = 2;
+
+const _: () = assert!(std::mem::size_of::<EndpointRecord>() == 24);
+
 impl EndpointRecord {
+    /// `address`: the first address (`None`: none given); the conditions
+    /// `ready`, `serving`, `terminating` as given.
+    #[must_use]
+    pub fn new(address: Option<Address>, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>, topology: Option<Arc<Topology>>) -> Self {
+        let cond = |c: Option<bool>| c.map_or(0, |b| 1 + u8::from(b));
+        let conds = cond(ready) << 2 | cond(serving) << 4 | cond(terminating) << 6;
+        let (kind, v4, other) = match address {
+            None => (ADDR_NONE, 0, None),
+            Some(Address::Ip(IpAddr::V4(a))) => (ADDR_V4, u32::from(a), None),
+            Some(a) => (ADDR_OTHER, 0, Some(Box::new(a))),
+        };
+        Self { v4, bits: kind | conds, other, topology }
+    }
+
+    /// The first address (`None`: none given).
+    #[must_use]
+    pub fn address(&self) -> Option<Address> {
+        match self.bits & 3 {
+            ADDR_V4 => Some(Address::Ip(IpAddr::V4(std::net::Ipv4Addr::from(self.v4)))),
+            ADDR_OTHER => self.other.as_deref().cloned(),
+            _ => None,
+        }
+    }
+
+    fn condition(&self, shift: u8) -> Option<bool> {
+        match (self.bits >> shift) & 3 {
+            0 => None,
+            c => Some(c == 2),
+        }
+    }
+
+    /// `conditions.ready` as given.
+    #[must_use]
+    pub fn ready(&self) -> Option<bool> {
+        self.condition(2)
+    }
+
+    /// `conditions.serving` as given.
+    #[must_use]
+    pub fn serving(&self) -> Option<bool> {
+        self.condition(4)
+    }
+
+    /// `conditions.terminating` as given.
+    #[must_use]
+    pub fn terminating(&self) -> Option<bool> {
+        self.condition(6)
+    }
+
     #[must_use]
     pub fn node_name(&self) -> Option<&str> {
         self.topology.as_ref()?.node_name.as_deref()
@@ -446,13 +506,13 @@ impl SliceRecord {
                     zone_hints: names(strings, h.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.as_str()).collect())),
                     node_hints: names(strings, h.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.as_str()).collect())),
                 };
-                EndpointRecord {
-                    address: ep.addresses.first().map(|a| Address::new(a)),
-                    ready: c.and_then(|c| c.ready),
-                    serving: c.and_then(|c| c.serving),
-                    terminating: c.and_then(|c| c.terminating),
-                    topology: (topology != Topology::default()).then(|| strings.topology(topology)),
-                }
+                EndpointRecord::new(
+                    ep.addresses.first().map(|a| Address::new(a)),
+                    c.and_then(|c| c.ready),
+                    c.and_then(|c| c.serving),
+                    c.and_then(|c| c.terminating),
+                    (topology != Topology::default()).then(|| strings.topology(topology)),
+                )
             })
             .collect();
         Self {
@@ -677,6 +737,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_record_gives_back_every_address_and_condition_it_was_built_with() {
+        let conds = [None, Some(false), Some(true)];
+        let addrs = [None, Some(Address::new("10.244.0.1")), Some(Address::new("fd00::1")), Some(Address::new("banana")), Some(Address::new("010.1.1.1"))];
+        for a in &addrs {
+            for r in conds {
+                for sv in conds {
+                    for t in conds {
+                        let e = EndpointRecord::new(a.clone(), r, sv, t, None);
+                        assert_eq!((e.address(), e.ready(), e.serving(), e.terminating()), (a.clone(), r, sv, t));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn addresses_keep_their_text() {

@@ -422,12 +422,12 @@ mod tests {
         assert_eq!((&*s.ports[0].name, s.ports[0].protocol, s.ports[0].port), ("http", Some(crate::model::Protocol::Tcp), Some(8080)));
         assert_eq!((s.ports[1].protocol, s.ports[1].port), (None, None));
         let ep = &s.endpoints[0];
-        assert_eq!(ep.address, Some(Address::Ip("10.244.0.1".parse().expect("ip"))), "the first address");
-        assert_eq!((ep.ready, ep.serving, ep.terminating), (Some(true), Some(true), Some(false)));
+        assert_eq!(ep.address(), Some(Address::Ip("10.244.0.1".parse().expect("ip"))), "the first address");
+        assert_eq!((ep.ready(), ep.serving(), ep.terminating()), (Some(true), Some(true), Some(false)));
         assert_eq!(ep.node_name(), Some("n1"));
         assert_eq!((&*ep.zone_hints()[0], &*ep.node_hints()[0]), ("z1", "n1"));
-        assert_eq!(s.endpoints[1].address, Some(Address::Text("banana".into())), "kept as given, refused by the model");
-        assert!(s.endpoints[1].topology.is_none() && s.endpoints[1].ready.is_none());
+        assert_eq!(s.endpoints[1].address(), Some(Address::Text("banana".into())), "kept as given, refused by the model");
+        assert!(s.endpoints[1].topology.is_none() && s.endpoints[1].ready().is_none());
 
         let node: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}, "deletionTimestamp": "2026-01-01T00:00:00Z",

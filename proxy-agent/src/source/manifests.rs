@@ -789,7 +789,7 @@ addressType: IPv4
         );
         assert_eq!(scan(&mut src, &dir, &mut store), ["SliceApplied shop/web-1 from web.yaml"]);
         let eps = &store.slices[&ObjectKey::new("shop", "web-1")].endpoints;
-        assert_eq!(eps[0].address.as_ref().map(|a| a.text().into_owned()).as_deref(), Some("10.244.0.99"));
+        assert_eq!(eps[0].address().map(|a| a.text().into_owned()).as_deref(), Some("10.244.0.99"));
 
         // Same objects, different text (a comment, reordered documents): no events.
         dir.write(
