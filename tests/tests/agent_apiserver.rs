@@ -248,12 +248,28 @@ fn health_and_metrics_answer_like_kube_proxy() {
     assert_eq!(c.node_http(10256, "/livez").0, 200);
 
     c.get().expect("one request for the counters");
-    // A change after the initial (full) sync is a partial one.
-    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
-    c.api.apply(service("web2", vip2, json!({}))).expect("svc");
-    wait_programmed(&c.sb.bpffs, Duration::from_secs(10), "web2", |v| v.iter().any(|f| f.address == vip2.to_string()));
-    let (status, text) = c.node_http(10249, "/metrics");
-    assert_eq!(status, 200);
+    // A change after the initial (full) sync is a partial one. (A full
+    // sync can still fall on it: the device scan finds the node's
+    // addresses changed when IPv6 duplicate address detection ends late on
+    // a loaded machine. So up to five changes, each its own sync.)
+    let partial = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("kubeproxy_sync_partial_proxy_rules_duration_seconds_count "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut text = String::new();
+    for i in 1..=5u8 {
+        let vip = Ipv4Addr::new(10, 96, 0, 10 + i);
+        c.api.apply(service(&format!("web{}", i + 1), vip, json!({}))).expect("svc");
+        wait_programmed(&c.sb.bpffs, Duration::from_secs(10), "the new Service", |v| v.iter().any(|f| f.address == vip.to_string()));
+        let (status, t) = c.node_http(10249, "/metrics");
+        assert_eq!(status, 200);
+        text = t;
+        if partial(&text) >= 1.0 {
+            break;
+        }
+    }
     let value = |series: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
@@ -268,7 +284,7 @@ fn health_and_metrics_answer_like_kube_proxy() {
     assert_eq!(value("proxy_datapath_packets_total{reason=\"dnat_new_flow\",family=\"ipv6\"}"), 0.0);
     assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0);
     assert!(value("kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= 1.0, "the initial sync is full");
-    assert!(value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= 1.0, "web2's sync is partial");
+    assert!(value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= 1.0, "no partial sync in five changes\n{}", c.sb.agent_log());
     assert!(value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.0e9);
     assert_eq!(value("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"), 0.0);
     assert!(value("kubeproxy_proxy_healthz_total{code=\"200\"}") >= 1.0);
