@@ -55,7 +55,7 @@ pub fn write_atomic(dir: &Path, file: &str, content: &str) {
 /// `endpoints` (address, node).
 #[must_use]
 pub fn web_yaml(ty: &str, vip: Ipv4Addr, spec_extra: &str, lb_ip: Option<Ipv4Addr>, endpoints: &[(Ipv4Addr, &str)]) -> String {
-    let mut y = format!(
+    let y = format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: default}}
@@ -67,10 +67,10 @@ spec:
   - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
 "
     );
-    if let Some(ip) = lb_ip {
-        let _ = writeln!(y, "status:\n  loadBalancer:\n    ingress: [{{ip: {ip}}}]");
-    }
-    y.push_str(
+    let endpoints: Vec<String> = endpoints.iter().map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}")).collect();
+    web_tail(
+        y,
+        lb_ip.map(|ip| ip.to_string()),
         "---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -81,13 +81,24 @@ metadata:
 addressType: IPv4
 ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
 ",
-    );
+        &endpoints,
+    )
+}
+
+/// The rest of [`web_yaml`] / [`web6_yaml`] after the Service's spec: the
+/// load-balancer ingress `lb_ip` (quoted), the slice's `header` and its
+/// endpoint lines.
+fn web_tail(mut y: String, lb_ip: Option<String>, header: &str, endpoints: &[String]) -> String {
+    if let Some(ip) = lb_ip {
+        let _ = writeln!(y, "status:\n  loadBalancer:\n    ingress: [{{ip: '{ip}'}}]");
+    }
+    y.push_str(header);
     if endpoints.is_empty() {
         y.push_str("endpoints: []\n");
     } else {
         y.push_str("endpoints:\n");
-        for (ip, node) in endpoints {
-            let _ = writeln!(y, "- {{addresses: [\"{ip}\"], nodeName: {node}}}");
+        for e in endpoints {
+            let _ = writeln!(y, "{e}");
         }
     }
     y
@@ -101,7 +112,7 @@ ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protoco
 /// {...}`).
 #[must_use]
 pub fn web6_yaml(ty: &str, vip: Ipv6Addr, spec_extra: &str, lb_ip: Option<Ipv6Addr>, endpoints: &[(Ipv6Addr, &str, &str)]) -> String {
-    let mut y = format!(
+    let y = format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: default}}
@@ -116,10 +127,10 @@ spec:
   - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
 "
     );
-    if let Some(ip) = lb_ip {
-        let _ = writeln!(y, "status:\n  loadBalancer:\n    ingress: [{{ip: '{ip}'}}]");
-    }
-    y.push_str(
+    let endpoints: Vec<String> = endpoints.iter().map(|(ip, node, extra)| format!("- {{addresses: ['{ip}'], nodeName: {node}{extra}}}")).collect();
+    web_tail(
+        y,
+        lb_ip.map(|ip| ip.to_string()),
         "---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -127,14 +138,6 @@ metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name
 addressType: IPv6
 ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
 ",
-    );
-    if endpoints.is_empty() {
-        y.push_str("endpoints: []\n");
-    } else {
-        y.push_str("endpoints:\n");
-        for (ip, node, extra) in endpoints {
-            let _ = writeln!(y, "- {{addresses: ['{ip}'], nodeName: {node}{extra}}}");
-        }
-    }
-    y
+        &endpoints,
+    )
 }

@@ -231,21 +231,11 @@ impl ServiceMaps for BpfMaps {
     fn update(&mut self, batch: Update<'_>) -> Result<(), BatchError> {
         let on = &mut self.batching;
         match batch {
-            Update::Backends(k, v) => on
-                .update(BACKEND_MAP, self.backends.map(), k, v)
-                .unwrap_or_else(|| each(&mut on.calls, BACKEND_MAP, false, k.iter().zip(v), |(k, v)| self.backends.insert(k, v, 0))),
-            Update::Backends6(k, v) => on
-                .update(BACKEND6_MAP, self.backends6.map(), k, v)
-                .unwrap_or_else(|| each(&mut on.calls, BACKEND6_MAP, false, k.iter().zip(v), |(k, v)| self.backends6.insert(k, v, 0))),
-            Update::Svc(k, v) => on
-                .update(SVC_MAP, self.svc.map(), k, v)
-                .unwrap_or_else(|| each(&mut on.calls, SVC_MAP, false, k.iter().zip(v), |(k, v)| self.svc.insert(k, v, 0))),
-            Update::Svc6(k, v) => on
-                .update(SVC6_MAP, self.svc6.map(), k, v)
-                .unwrap_or_else(|| each(&mut on.calls, SVC6_MAP, false, k.iter().zip(v), |(k, v)| self.svc6.insert(k, v, 0))),
-            Update::Names(k, v) => on
-                .update(NAMES_MAP, self.names.map(), k, v)
-                .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, false, k.iter().zip(v), |(k, v)| self.names.insert(k, v, 0))),
+            Update::Backends(k, v) => on.update_hash(BACKEND_MAP, &mut self.backends, k, v),
+            Update::Backends6(k, v) => on.update_hash(BACKEND6_MAP, &mut self.backends6, k, v),
+            Update::Svc(k, v) => on.update_hash(SVC_MAP, &mut self.svc, k, v),
+            Update::Svc6(k, v) => on.update_hash(SVC6_MAP, &mut self.svc6, k, v),
+            Update::Names(k, v) => on.update_hash(NAMES_MAP, &mut self.names, k, v),
             Update::Ranges(r) => {
                 for (offset, run) in family_runs(r) {
                     let ones = vec![1u32; run.len()];
@@ -269,21 +259,11 @@ impl ServiceMaps for BpfMaps {
     fn delete(&mut self, batch: Delete<'_>) -> Result<(), BatchError> {
         let on = &mut self.batching;
         match batch {
-            Delete::Backends(k) => on
-                .delete(BACKEND_MAP, self.backends.map(), k)
-                .unwrap_or_else(|| each(&mut on.calls, BACKEND_MAP, true, k.iter(), |k| self.backends.remove(k))),
-            Delete::Backends6(k) => on
-                .delete(BACKEND6_MAP, self.backends6.map(), k)
-                .unwrap_or_else(|| each(&mut on.calls, BACKEND6_MAP, true, k.iter(), |k| self.backends6.remove(k))),
-            Delete::Svc(k) => on
-                .delete(SVC_MAP, self.svc.map(), k)
-                .unwrap_or_else(|| each(&mut on.calls, SVC_MAP, true, k.iter(), |k| self.svc.remove(k))),
-            Delete::Svc6(k) => on
-                .delete(SVC6_MAP, self.svc6.map(), k)
-                .unwrap_or_else(|| each(&mut on.calls, SVC6_MAP, true, k.iter(), |k| self.svc6.remove(k))),
-            Delete::Names(k) => on
-                .delete(NAMES_MAP, self.names.map(), k)
-                .unwrap_or_else(|| each(&mut on.calls, NAMES_MAP, true, k.iter(), |k| self.names.remove(k))),
+            Delete::Backends(k) => on.delete_hash(BACKEND_MAP, &mut self.backends, k),
+            Delete::Backends6(k) => on.delete_hash(BACKEND6_MAP, &mut self.backends6, k),
+            Delete::Svc(k) => on.delete_hash(SVC_MAP, &mut self.svc, k),
+            Delete::Svc6(k) => on.delete_hash(SVC6_MAP, &mut self.svc6, k),
+            Delete::Names(k) => on.delete_hash(NAMES_MAP, &mut self.names, k),
             Delete::Ranges(r) => {
                 for (offset, run) in family_runs(r) {
                     if run[0].1.0.is_ipv4() {
@@ -340,6 +320,18 @@ struct Batching {
 }
 
 impl Batching {
+    /// `keys[i]` → `values[i]` into hash map `map`: one batch, or entry by
+    /// entry where the kernel refuses to batch it.
+    fn update_hash<K: Pod, V: Pod>(&mut self, name: &'static str, map: &mut HashMap<MapData, K, V>, keys: &[K], values: &[V]) -> Result<(), BatchError> {
+        self.update(name, map.map(), keys, values)
+            .unwrap_or_else(|| each(&mut self.calls, name, false, keys.iter().zip(values), |(k, v)| map.insert(k, v, 0)))
+    }
+
+    /// Deletes `keys` from hash map `map`, as [`Self::update_hash`] writes.
+    fn delete_hash<K: Pod, V: Pod>(&mut self, name: &'static str, map: &mut HashMap<MapData, K, V>, keys: &[K]) -> Result<(), BatchError> {
+        self.delete(name, map.map(), keys).unwrap_or_else(|| each(&mut self.calls, name, true, keys.iter(), |k| map.remove(k)))
+    }
+
     /// `None`: write these entry by entry (a single one, or the kernel
     /// cannot batch this map).
     fn update<K: Pod, V: Pod>(&mut self, name: &'static str, map: &MapData, keys: &[K], values: &[V]) -> Option<Result<(), BatchError>> {
