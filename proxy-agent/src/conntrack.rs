@@ -229,8 +229,9 @@ pub struct FlowView {
     /// The source the backend sees when it is `NATed` (node address:port).
     pub snat: Option<String>,
     /// TCP: `SYN_SENT` (no reply yet), `SYN_RECV` (replied, not confirmed),
-    /// `ESTABLISHED` (confirmed), `CLOSING`; UDP: `UNREPLIED`, `REPLIED`,
-    /// `ASSURED` (confirmed).
+    /// `ESTABLISHED` (confirmed), `CLOSING`; SCTP: `COOKIE_WAIT`,
+    /// `COOKIE_ECHOED`, `ESTABLISHED`, `CLOSING`; UDP: `UNREPLIED`,
+    /// `REPLIED`, `ASSURED` (confirmed).
     pub state: String,
     /// In the confirmed table (where floods cannot evict it).
     pub confirmed: bool,
@@ -241,6 +242,15 @@ pub struct FlowView {
 }
 
 fn state(proto: u8, flags: u8, confirmed: bool) -> &'static str {
+    if proto == proxy_common::proto::SCTP {
+        // conntrack's names for the same points of an association.
+        return match (flags & CT_F_CLOSING != 0, confirmed, flags & CT_F_SEEN_REPLY != 0) {
+            (true, _, _) => "CLOSING",
+            (false, true, _) => "ESTABLISHED",
+            (false, false, true) => "COOKIE_ECHOED",
+            (false, false, false) => "COOKIE_WAIT",
+        };
+    }
     let tcp = proto == proxy_common::proto::TCP;
     match (tcp, flags & CT_F_CLOSING != 0, confirmed, flags & CT_F_SEEN_REPLY != 0) {
         (true, true, _, _) => "CLOSING",
@@ -318,7 +328,8 @@ impl std::str::FromStr for FrontendFilter {
                 let proto = match p.to_ascii_uppercase().as_str() {
                     "TCP" => Protocol::Tcp,
                     "UDP" => Protocol::Udp,
-                    _ => return Err(format!("{s:?}: protocol must be TCP or UDP")),
+                    "SCTP" => Protocol::Sctp,
+                    _ => return Err(format!("{s:?}: protocol must be TCP, UDP or SCTP")),
                 };
                 (ap, Some(proto))
             }
@@ -392,6 +403,8 @@ mod tests {
         let f: FrontendFilter = "10.96.0.10:80".parse().unwrap();
         assert_eq!(f.protocol, None);
         assert!("10.96.0.10".parse::<FrontendFilter>().is_err());
-        assert!("10.96.0.10:80/SCTP".parse::<FrontendFilter>().is_err());
+        let s: FrontendFilter = "10.96.0.10:3868/sctp".parse().unwrap();
+        assert_eq!(s.protocol, Some(Protocol::Sctp));
+        assert!("10.96.0.10:80/ICMP".parse::<FrontendFilter>().is_err());
     }
 }

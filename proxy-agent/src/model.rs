@@ -27,7 +27,6 @@
 //! - `sessionAffinity: ClientIP`: the timeout (default 10800 s) and the
 //!   Service port's affinity group go into every frontend of the port.
 //!
-//! Not yet (later issues): IPv6, SCTP.
 //! Invalid objects (or ports) are skipped with a [`Rejection`] naming them;
 //! everything else is unaffected.
 use std::{
@@ -50,6 +49,7 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -59,6 +59,7 @@ impl Protocol {
         match self {
             Self::Tcp => proxy_common::proto::TCP,
             Self::Udp => proxy_common::proto::UDP,
+            Self::Sctp => proxy_common::proto::SCTP,
         }
     }
 
@@ -67,6 +68,7 @@ impl Protocol {
         match n {
             proxy_common::proto::TCP => Some(Self::Tcp),
             proxy_common::proto::UDP => Some(Self::Udp),
+            proxy_common::proto::SCTP => Some(Self::Sctp),
             _ => None,
         }
     }
@@ -76,6 +78,7 @@ impl Protocol {
         match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         }
     }
 }
@@ -225,7 +228,7 @@ pub enum Cause {
     InvalidSourceRange,
     /// More endpoints than a frontend holds (the first ones are used).
     TooManyEndpoints,
-    /// Valid Kubernetes, not supported here (SCTP).
+    /// Valid Kubernetes, not proxied (FQDN EndpointSlices, as kube-proxy).
     Unsupported,
     /// Malformed: what the API server would have refused.
     Invalid,
@@ -428,7 +431,7 @@ pub(crate) fn parse_protocol(p: Option<&str>) -> Result<Protocol, (Cause, String
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err((Cause::Unsupported, "protocol SCTP is not supported yet".to_owned())),
+        "SCTP" => Ok(Protocol::Sctp),
         other => Err((Cause::Invalid, format!("unknown protocol {other:?}"))),
     }
 }

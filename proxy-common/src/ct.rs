@@ -59,14 +59,18 @@ pub const CONNTRACK_MAX_PER_CORE_DEFAULT: u32 = 32_768;
 pub const CT_DIR_SERVICE: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// An established TCP flow (a reply was seen) not seen for this long is
-/// forgotten (new backend selection). netfilter's established timeout
-/// is 5 days; kube-proxy keeps it; 6 h bounds what a silent peer holds.
+/// An established TCP or SCTP flow (a reply was seen) not seen for this
+/// long is forgotten (new backend selection). netfilter's TCP established
+/// timeout is 5 days; kube-proxy keeps it; 6 h bounds what a silent peer
+/// holds. (netfilter's SCTP one is 210 s, which SCTP's heartbeats, every
+/// 30 s by default, keep alive; an association without heartbeats keeps
+/// its backend here as a TCP connection does.)
 pub const CT_TCP_TIMEOUT_NS: u64 = 6 * 3600 * 1_000_000_000;
 /// A UDP flow that has seen a reply, not seen for this long, is forgotten
 /// (netfilter's `udp_timeout_stream`).
 pub const CT_UDP_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
-/// A TCP flow that has only seen its SYN (no reply yet): netfilter's
+/// A TCP flow that has only seen its SYN (an SCTP one its INIT; no reply
+/// yet): netfilter's
 /// `tcp_timeout_syn_sent` is 120 s; 60 s here so spoofed SYNs free their
 /// entries and SNAT ports quickly.
 pub const CT_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
@@ -112,7 +116,7 @@ pub const CT_F_SEEN_REPLY: u8 = 1 << 3;
 pub const fn timeout_ns(flags: u8, proto: u8, confirmed: bool) -> u64 {
     if flags & CT_F_CLOSING != 0 {
         CT_CLOSING_TIMEOUT_NS
-    } else if proto == crate::proto::TCP {
+    } else if crate::proto::is_connected(proto) {
         if confirmed { CT_TCP_TIMEOUT_NS } else { CT_SYN_TIMEOUT_NS }
     } else if confirmed {
         CT_UDP_TIMEOUT_NS

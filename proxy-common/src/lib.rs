@@ -14,6 +14,7 @@ pub mod backend;
 pub mod ct;
 pub mod frag;
 pub mod names;
+pub mod sctp;
 pub mod sock;
 pub mod stats;
 pub mod svc;
@@ -23,6 +24,15 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+
+    /// Whether flows of `proto` open and close (TCP, SCTP): only an opening
+    /// packet creates one, a closing one shortens its timeout, and it keeps
+    /// its backend while it lasts. UDP flows are datagram flows.
+    #[must_use]
+    pub const fn is_connected(proto: u8) -> bool {
+        proto == TCP || proto == SCTP
+    }
 }
 
 /// Implements `aya::Pod` for map types when built for userspace.

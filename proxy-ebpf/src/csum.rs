@@ -7,7 +7,7 @@
 //! all there is, and its 16-byte addresses go in as a precomputed
 //! difference ([`diff6`]).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::bpf_csum_update,
     programs::TcContext,
 };
@@ -45,8 +45,9 @@ fn l4_flags<F: Family>(p: &Pkt<F>, size: u64, pseudo: bool) -> u64 {
 #[inline(always)]
 pub fn rewrite_addr4(ctx: &TcContext, p: &Pkt<V4>, addr_off: usize, old: u32, new: u32) -> Result<(), c_long> {
     // A later fragment has no L4 header; the first fragment's L4 checksum
-    // (over the whole datagram) already took the address change.
-    if p.has_l4() {
+    // (over the whole datagram) already took the address change. SCTP's
+    // checksum does not cover the addresses.
+    if p.has_l4() && p.proto != proto::SCTP {
         ctx.l4_csum_replace(p.l4_csum_off(), u64::from(old), u64::from(new), l4_flags(p, 4, true))?;
     }
     ctx.l3_csum_replace(p.l3_off + IP_CSUM, u64::from(old), u64::from(new), 4)?;
@@ -106,23 +107,30 @@ pub fn l4_pseudo_diff6(ctx: &TcContext, csum_off: usize, diff: u32, flags: u64) 
 #[inline(always)]
 pub fn rewrite_addr6(ctx: &TcContext, p: &Pkt<V6>, addr_off: usize, old: In6, new: In6) -> Result<(), c_long> {
     let diff = diff6(old, new);
-    if p.has_l4() {
+    if p.has_l4() && p.proto != proto::SCTP {
         l4_pseudo_diff6(ctx, p.l4_csum_off(), diff, l4_flags(p, 0, false))?;
     } else {
         // A later fragment: no L4 checksum here (the first fragment's took
-        // the change for the datagram) and no IPv6 header checksum to
-        // cancel the address change, so the packet's sum moves by `diff`:
-        // `skb->csum` of a CHECKSUM_COMPLETE skb must move alike, or the
-        // reassembled datagram's checksum fails against it.
+        // the change for the datagram); SCTP: its checksum does not cover
+        // the addresses. No IPv6 header checksum cancels the address
+        // change either, so the packet's sum moves by `diff`: `skb->csum`
+        // of a CHECKSUM_COMPLETE skb must move alike, or a checksum
+        // checked against it (the reassembled datagram's) fails.
         // SAFETY: helper on our own skb.
         let _ = unsafe { bpf_csum_update(ctx.skb.skb, diff) };
     }
     ctx.store(addr_off, &new.0, 0)
 }
 
-/// Rewrites an L4 port at `port_off`, fixing the L4 checksum.
+/// Rewrites an L4 port at `port_off`, fixing the L4 checksum. SCTP's
+/// CRC32c is fixed once both ports are written ([`crate::sctp::fix_csum`]);
+/// `BPF_F_RECOMPUTE_CSUM` keeps `skb->csum` of a CHECKSUM_COMPLETE skb
+/// right, as no Internet checksum balances the change.
 #[inline(always)]
 pub fn rewrite_port<F: Family>(ctx: &TcContext, p: &Pkt<F>, port_off: usize, old: u16, new: u16) -> Result<(), c_long> {
+    if p.proto == proto::SCTP {
+        return ctx.store(port_off, &new, u64::from(BPF_F_RECOMPUTE_CSUM));
+    }
     ctx.l4_csum_replace(p.l4_csum_off(), u64::from(old), u64::from(new), l4_flags(p, 2, false))?;
     ctx.store(port_off, &new, 0)
 }

@@ -212,7 +212,7 @@ pub fn service_entry<F: Family>(p: &Pkt<F>, now: u64, len: u32) -> Option<&'stat
             return None;
         }
     }
-    let syn = p.proto == proto::TCP && p.tcp_flags & 0x02 != 0;
+    let syn = proto::is_connected(p.proto) && p.tcp_flags & 0x02 != 0;
     if e.flags() & CT_F_SEEN_REPLY != 0 && e.flags() & CT_F_CLOSING == 0 && !syn {
         promote::<F>(w, e, len);
     }
@@ -391,7 +391,7 @@ fn claim_port<F: Family>(rk: &F::CtKey, rev: &F::CtValue, now: u64, len: u32) ->
                 // replies (see `live_in`): this is the age of the SYN.
                 // SAFETY: a pointer from a successful lookup, read at once.
                 let seen = unsafe { (*old).last_seen() };
-                let stale_syn = F::ct_key_proto(rk) == proto::TCP && now.saturating_sub(seen) > CT_SYN_RECLAIM_NS;
+                let stale_syn = proto::is_connected(F::ct_key_proto(rk)) && now.saturating_sub(seen) > CT_SYN_RECLAIM_NS;
                 if stale_syn {
                     ok = claim_expired::<F>(rk, rev);
                     if ok {

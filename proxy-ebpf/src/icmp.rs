@@ -77,7 +77,9 @@ fn translate(ctx: &TcContext, l3: usize, ihl_len: usize, egress: bool) -> Option
         return None;
     }
     let iproto: u8 = ctx.load(inner + 9).ok()?;
-    if iproto != proto::TCP && iproto != proto::UDP {
+    // Why no SCTP checksum fix: a quote is cut short, nobody checks its
+    // checksum (the ICMP checksum, fixed below, covers it).
+    if iproto != proto::TCP && iproto != proto::UDP && iproto != proto::SCTP {
         return None;
     }
     let isrc: u32 = ctx.load(inner + IP_SADDR).ok()?;

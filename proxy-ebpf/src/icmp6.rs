@@ -16,7 +16,7 @@
 //! address and port change, and the outer destination change, goes into
 //! it. The quoted L4 checksum is left alone (no receiver checks it).
 //!
-//! Only quotes whose IPv6 header is followed directly by TCP or UDP are
+//! Only quotes whose IPv6 header is followed directly by TCP, UDP or SCTP are
 //! translated (fixed offsets, as the IPv4 side does without IP options);
 //! anything else passes untouched.
 use aya_ebpf::{
@@ -88,7 +88,7 @@ fn translate(ctx: &TcContext, l3: usize, h: &Ip6, egress: bool) -> Option<i32> {
     }
     let v: u8 = ctx.load(inner).ok()?;
     let iproto: u8 = ctx.load(inner + 6).ok()?;
-    if v >> 4 != 6 || (iproto != proto::TCP && iproto != proto::UDP) {
+    if v >> 4 != 6 || (iproto != proto::TCP && iproto != proto::UDP && iproto != proto::SCTP) {
         return None;
     }
     let q = Quote {

@@ -198,7 +198,8 @@ pub fn remember<A>(key: &AffinityKey, c: &Chosen<A>, now: u64) {
 /// the UDP conntrack entries of an endpoint that leaves a Service port.
 #[inline(always)]
 pub fn flow_keeps_backend<F: Family>(p: &Pkt<F>, svc: &SvcValue, entry: &F::CtValue, len: u32) -> bool {
-    if p.proto == proto::TCP {
+    // SCTP: the same, by its first chunk (INIT is a SYN: see `Pkt::tcp_flags`).
+    if proto::is_connected(p.proto) {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !syn {
             return true;
@@ -231,16 +232,17 @@ pub fn source_allowed<F: Family>(svc: &SvcValue, client_be: F::Addr) -> bool {
 }
 
 /// Whether this packet may create a flow: any UDP datagram, and for TCP
-/// only a SYN (without ACK). Other TCP packets of no tracked flow create
-/// nothing (see `stats::DROP_NO_FLOW`).
+/// only a SYN (without ACK), for SCTP only an INIT. Other TCP and SCTP
+/// packets of no tracked flow create nothing (see `stats::DROP_NO_FLOW`).
 #[inline(always)]
 pub fn may_create_flow<F: Family>(p: &Pkt<F>) -> bool {
-    p.proto != proto::TCP || p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    !proto::is_connected(p.proto) || p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
 #[inline(always)]
 pub fn closes<F: Family>(p: &Pkt<F>) -> bool {
-    p.proto == proto::TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    // SCTP: ABORT, SHUTDOWN COMPLETE.
+    proto::is_connected(p.proto) && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// Whether a new flow from `client_be` to `backend` through `svc` needs its

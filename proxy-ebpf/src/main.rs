@@ -17,6 +17,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sctp;
 mod sock;
 mod stats;
 mod tc;

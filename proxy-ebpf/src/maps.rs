@@ -115,6 +115,20 @@ pub struct CtScratch {
 #[btf_map(name = "proxy_ct_scratch")]
 pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
 
+/// Per-CPU operands of the SCTP checksum's multiplication
+/// (`sctp::proxy_sctp_csum_delta`, run in a `bpf_loop`). Not pinned: its
+/// contents live for one call.
+#[repr(C)]
+pub struct SctpScratch {
+    pub a: u32,
+    pub b: u32,
+    pub p: u32,
+    pub _pad: u32,
+}
+
+#[btf_map(name = "proxy_sctp_scratch")]
+pub static SCTP_SCRATCH: PerCpuArray<SctpScratch, 1> = PerCpuArray::new();
+
 /// Per-CPU slot of the conntrack entry a lookup hands out (see `ct`).
 #[repr(C)]
 pub struct CtEntrySlot {

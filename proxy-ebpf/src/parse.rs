@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::bpf_xdp_load_bytes,
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{proto, stats};
+use proxy_common::{proto, sctp, stats};
 
 use crate::{
     family::{Family, In6, V4, V6},
@@ -46,7 +46,9 @@ pub struct Pkt<F: Family> {
     pub daddr_be: F::Addr,
     pub sport_be: u16,
     pub dport_be: u16,
-    /// TCP flags byte (0 for UDP and later fragments).
+    /// TCP flags byte; for SCTP the flags its first chunk stands for
+    /// (`proxy_common::sctp::as_tcp_flags`: INIT is a SYN...); 0 for UDP
+    /// and later fragments.
     pub tcp_flags: u8,
     /// `FRAG_NONE`, `FRAG_FIRST`, or `FRAG_LATER` (no L4 header: the ports
     /// are the first fragment's, from `proxy_frag_v1` / `proxy_frag6_v1`).
@@ -67,7 +69,8 @@ impl<F: Family> Pkt<F> {
         self.frag != FRAG_LATER
     }
 
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP, UDP: the Internet checksums;
+    /// SCTP's CRC32c is rewritten by `crate::sctp`).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off + if self.proto == proto::TCP { TCP_CSUM } else { UDP_CSUM }
@@ -150,10 +153,17 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         return Err(stats::MALFORMED_BAD_IHL);
     }
     let proto: u8 = ctx.load(l3 + IP_PROTO).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    if proto != proto::TCP && proto != proto::UDP {
+    if proto != proto::TCP && proto != proto::UDP && proto != proto::SCTP {
         return Err(stats::PASS_OTHER_PROTO);
     }
     let frag_word = u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).map_err(|_| stats::MALFORMED_TRUNCATED)?);
+    // Why SCTP fragments pass: a port rewrite must fix the CRC32c, which
+    // takes the whole SCTP packet's length (`crate::sctp`), unknown from a
+    // first fragment. SCTP fragments its own messages to the path MTU, so
+    // IP fragments of it are rare.
+    if proto == proto::SCTP && frag_word & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Err(stats::PASS_FRAGMENT);
+    }
     let saddr_be: u32 = ctx.load(l3 + IP_SADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let daddr_be: u32 = ctx.load(l3 + IP_DADDR).map_err(|_| stats::MALFORMED_TRUNCATED)?;
     let l4_off = l3 + ihl_len;
@@ -170,14 +180,7 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         (ports, 0, FRAG_LATER)
     } else {
         let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-        let (l4_min, tcp_flags) = if proto == proto::TCP {
-            // Why: the checksum we rewrite sits at offset 16 of a 20-byte
-            // header; the load fails on a packet cut short before it.
-            let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-            (20, flags)
-        } else {
-            (8, 0)
-        };
+        let (l4_min, tcp_flags) = l4_header(ctx, proto, l4_off)?;
         // Why the IPv4 total length too: bytes past it are link-layer
         // padding, not headers; a packet whose L4 header lies beyond its
         // total length is dropped by the stack as truncated, and must not be
@@ -205,6 +208,25 @@ pub fn parse_ipv4_l4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         tcp_flags,
         frag,
     })
+}
+
+/// The least length of `proto`'s header that the datapath reads or
+/// rewrites, and its TCP flags (see [`Pkt::tcp_flags`]).
+///
+/// Why these lengths: TCP's checksum sits at offset 16 of a 20-byte header;
+/// SCTP's first chunk type follows its 12-byte common header (the chunk
+/// header is 4 bytes); a load fails on a packet cut short before them.
+#[inline(always)]
+fn l4_header<C: Bytes>(ctx: &C, proto: u8, l4_off: usize) -> Result<(usize, u8), Skip> {
+    if proto == proto::TCP {
+        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        Ok((20, flags))
+    } else if proto == proto::SCTP {
+        let chunk: u8 = ctx.load(l4_off + sctp::HDR_LEN).map_err(|_| stats::MALFORMED_TRUNCATED)?;
+        Ok((sctp::MIN_LEN, sctp::as_tcp_flags(chunk)))
+    } else {
+        Ok((8, 0))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -354,20 +376,22 @@ pub fn walk_ipv6<C: Bytes>(ctx: &C, l3: usize) -> Result<Ip6, Skip> {
 #[inline(always)]
 pub fn parse_ipv6_ports<C: Bytes>(ctx: &C, l3: usize, h: &Ip6) -> Result<Pkt<V6>, Skip> {
     let proto = h.next;
-    if proto != proto::TCP && proto != proto::UDP {
+    if proto != proto::TCP && proto != proto::UDP && proto != proto::SCTP {
         return Err(stats::PASS_OTHER_PROTO);
     }
-    if h.frag == FRAG_LATER {
+    // SCTP: a first fragment too (see `parse_ipv4_l4`).
+    if h.frag == FRAG_LATER || (proto == proto::SCTP && h.frag != FRAG_NONE) {
         return Err(stats::PASS_FRAGMENT);
+    }
+    // Why SCTP only right after the fixed header: its checksum is fixed
+    // by `crate::sctp`, which finds the header again on its own, without
+    // walking extension headers. Passed untranslated and counted.
+    if proto == proto::SCTP && h.l4_off != l3 + IP6_HLEN {
+        return Err(stats::PASS_IPV6_EXT);
     }
     let l4_off = h.l4_off;
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-    let (l4_min, tcp_flags) = if proto == proto::TCP {
-        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| stats::MALFORMED_TRUNCATED)?;
-        (20, flags)
-    } else {
-        (8, 0)
-    };
+    let (l4_min, tcp_flags) = l4_header(ctx, proto, l4_off)?;
     // As for IPv4: the L4 header must lie within the payload length, not in
     // padding, and be all there (the checksum we rewrite included).
     if ctx.pkt_len() < l4_off + l4_min || h.end < l4_off + l4_min {

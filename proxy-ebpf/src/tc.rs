@@ -149,7 +149,7 @@ fn new_flow6<const L3: usize>(ctx: TcContext) -> i32 {
     }
 }
 
-/// A TCP/UDP packet at ingress: to a frontend (DNAT of a tracked flow,
+/// A TCP/UDP/SCTP packet at ingress: to a frontend (DNAT of a tracked flow,
 /// reject, drop), or a reply of a translated flow, or not ours. A packet
 /// that may start a new flow to a frontend with backends is `NEW_FLOW`:
 /// the caller runs [`new_flow`].
@@ -249,7 +249,7 @@ fn ipv4_ihl_if(ctx: &TcContext, l3: usize, want: u8) -> Option<usize> {
     (is && vihl >> 4 == 4 && ihl >= 20).then_some(ihl)
 }
 
-/// Not TCP/UDP: an ICMP error about a translated flow is translated back;
+/// Not TCP/UDP/SCTP: an ICMP error about a translated flow is translated back;
 /// anything else passes.
 #[inline(always)]
 fn other_proto(ctx: &TcContext, l3: usize, len: u32) -> i32 {
@@ -319,6 +319,7 @@ fn rev_nat<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32) -> 
     }
     if nat::snat(ctx, p, e.nat_addr(), e.nat_port()).is_err()
         || (e.flags() & CT_F_SNAT != 0 && nat::dnat(ctx, p, e.snat_addr(), e.snat_port()).is_err())
+        || crate::sctp::fix_csum(ctx, p).is_err()
     {
         count::<F>(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
@@ -343,17 +344,17 @@ fn forward<F: Family>(ctx: &TcContext, p: &Pkt<F>, e: &F::CtValue, len: u32, rea
             return Ok(F::too_big(ctx, p, p.daddr_be, mtu, len));
         }
     }
-    if nat::dnat(ctx, p, e.nat_addr(), e.nat_port()).is_err() {
+    let snat = e.flags() & CT_F_SNAT != 0;
+    if nat::dnat(ctx, p, e.nat_addr(), e.nat_port()).is_err()
+        || (snat && nat::snat(ctx, p, e.snat_addr(), e.snat_port()).is_err())
+        || crate::sctp::fix_csum(ctx, p).is_err()
+    {
         count::<F>(stats::DROP_REWRITE_FAILED, len);
         return Err(TC_ACT_SHOT as i32);
     }
     count::<F>(reason, len);
-    if e.flags() & CT_F_SNAT == 0 {
+    if !snat {
         return Ok(TC_ACT_OK as i32);
-    }
-    if nat::snat(ctx, p, e.snat_addr(), e.snat_port()).is_err() {
-        count::<F>(stats::DROP_REWRITE_FAILED, len);
-        return Err(TC_ACT_SHOT as i32);
     }
     Ok(fib::send::<F>(ctx, p.l3_off, out))
 }

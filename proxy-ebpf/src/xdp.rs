@@ -302,7 +302,8 @@ fn handle6(ctx: XdpContext) -> u32 {
     let Ok(p) = parse_ipv6_ports(&ctx, ETH_HLEN, &h) else {
         return XDP_PASS;
     };
-    if p.frag != FRAG_NONE {
+    // SCTP: its checksum is rewritten on TC only (`crate::sctp`).
+    if p.frag != FRAG_NONE || p.proto == proto::SCTP {
         return XDP_PASS;
     }
     try_handle(&ctx, &p).unwrap_or(XDP_PASS)

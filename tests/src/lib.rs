@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod packet;
 pub mod packet6;
 pub mod sandbox;
+pub mod sctp;
 pub mod servers;
 pub mod xdpwire;
 pub mod bench;

@@ -239,8 +239,8 @@ fn bad_manifests_are_skipped_with_a_log_line_and_the_rest_is_programmed() {
     sb.serve_http(8080);
     write_atomic(&sb.manifests, "good.yaml", &service_yaml("web", VIP, &[HTTP], &ready(&[pod_ip(1)])));
     write_atomic(&sb.manifests, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
-    let sctp = service_yaml("sctp", Ipv4Addr::new(10, 96, 0, 20), &[Port { name: "s", port: 9, target: 9, protocol: "SCTP" }], &[]);
-    write_atomic(&sb.manifests, "sctp.yaml", &sctp);
+    let icmp = service_yaml("icmp", Ipv4Addr::new(10, 96, 0, 20), &[Port { name: "s", port: 9, target: 9, protocol: "ICMP" }], &[]);
+    write_atomic(&sb.manifests, "icmp.yaml", &icmp);
     let bad_ip = service_yaml("badip", Ipv4Addr::new(10, 96, 0, 21), &[HTTP], &[]).replace("10.96.0.21", "10.96.0.300");
     write_atomic(&sb.manifests, "badip.yaml", &bad_ip);
     sb.start_agent(&agent_bin());
@@ -252,7 +252,7 @@ fn bad_manifests_are_skipped_with_a_log_line_and_the_rest_is_programmed() {
     let answer = sb.client.run(|| http_get(SocketAddr::from((VIP, 80)), T));
     assert_eq!(answer.expect("the good Service works"), "pod1");
     let log = sb.agent_log();
-    for needle in ["broken.yaml", "does not parse", "default/sctp", "SCTP is not supported", "default/badip", "10.96.0.300", "badip.yaml"] {
+    for needle in ["broken.yaml", "does not parse", "default/icmp", "unknown protocol \"ICMP\"", "default/badip", "10.96.0.300", "badip.yaml"] {
         assert!(log.contains(needle), "agent log lacks {needle:?}:\n{log}");
     }
 }

@@ -23,6 +23,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn have(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return std::path::Path::new(bin).exists();
+    }
     ok(Command::new("sh").args(["-c", &format!("command -v {bin}")]))
 }
 
@@ -33,8 +36,8 @@ fn cargo_home() -> PathBuf {
     )
 }
 
-/// Debian packages the tests and the demo use, by the command that proves
-/// each is installed.
+/// Debian packages the tests and the demo use, by the command (or, for a
+/// path, the file) that proves each is installed.
 const DEBIAN: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
@@ -45,6 +48,10 @@ const DEBIAN: &[(&str, &str)] = &[
     ("iptables-nft-restore", "iptables"),
     ("nft", "nftables"),
     ("ethtool", "ethtool"),
+    // The SCTP tests' endpoints (tests/sctp/sctp_peer.c): usrsctp, as the
+    // test kernel may have no SCTP, and a C compiler to build them.
+    ("/usr/include/usrsctp.h", "libusrsctp-dev"),
+    ("cc", "gcc"),
 ];
 
 pub fn setup() -> Result<()> {

@@ -1148,7 +1148,7 @@ spec:
 }
 
 #[test]
-fn sctp_port_is_skipped_and_tcp_port_of_the_same_service_kept() {
+fn sctp_port_is_programmed_beside_the_tcp_port_of_the_same_service() {
     check_with_good(
         r"
 apiVersion: v1
@@ -1174,7 +1174,7 @@ endpoints: [{addresses: [10.244.0.11]}]
 ",
         r#"
         10.96.0.32:80/TCP default/mixed:http -> 10.244.0.11:8080
-        rejected: Service default/mixed (from test.yaml): port "sig" (3868): protocol SCTP is not supported yet
+        10.96.0.32:3868/SCTP default/mixed:sig -> 10.244.0.11:3868
         "#,
     );
 }
@@ -1399,7 +1399,8 @@ fn backend_addr_and_frontend_display() {
     );
     assert_eq!(key.protocol.number(), proxy_common::proto::TCP);
     assert_eq!(super::Protocol::from_number(proxy_common::proto::UDP), Some(super::Protocol::Udp));
-    assert_eq!(super::Protocol::from_number(132), None);
+    assert_eq!(super::Protocol::from_number(proxy_common::proto::SCTP), Some(super::Protocol::Sctp));
+    assert_eq!(super::Protocol::from_number(1), None);
 }
 
 #[test]
@@ -1848,7 +1849,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.0.22
   loadBalancerSourceRanges: [banana]
-  ports: [{name: http, port: 80, protocol: SCTP}, {name: dns, port: 53, protocol: ICMP}]
+  ports: [{name: sig, port: 3868, protocol: SCTP}, {name: dns, port: 53, protocol: ICMP}]
 "#;
     let node = NodeInfo { service_cidrs: super::parse_cidrs("10.96.0.0/12").unwrap(), ..NodeInfo::default() };
     let (_, rejections) = desired_state(&store_from(yaml), &node);
@@ -1863,7 +1864,7 @@ spec:
     let text = conflict.to_string();
     assert!(text.contains("default/young") && text.contains("default/old"), "names both Services: {text}");
     let lb: Vec<&str> = of("lb").into_iter().map(|(c, _)| c).collect();
-    assert_eq!(lb, ["InvalidSourceRange", "Invalid", "Unsupported"], "{:?}", of("lb"));
+    assert_eq!(lb, ["InvalidSourceRange", "Invalid"], "{:?}", of("lb"));
     assert!(of("old").is_empty());
 }
 

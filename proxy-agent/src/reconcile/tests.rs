@@ -1723,7 +1723,7 @@ fn backend_keys_decode_to_what_they_were_made_of() {
         assert_eq!(BackendIdKey::of_entry(BackendEntry::new(b, proto)), k, "as read back from the map");
     }
     // A protocol the model does not know: kept, but no model key.
-    let k = BackendIdKey::raw("10.0.0.1".parse().expect("ip"), 80, 132, false);
+    let k = BackendIdKey::raw("10.0.0.1".parse().expect("ip"), 80, 1, false);
     assert_eq!(k.decode(), None);
 }
 

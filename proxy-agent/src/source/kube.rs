@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(r.ingress_ips[..], ["203.0.113.1".parse::<std::net::IpAddr>().expect("ip")], "ipMode Proxy is left out");
         assert_eq!(r.source_ranges.as_deref().map(<[Box<str>]>::len), Some(1));
         assert_eq!((&*r.ports[0].name, r.ports[0].port, r.ports[0].node_port), ("http", 80, Some(30080)));
-        assert_eq!(r.ports[1].protocol.as_ref().err().map(|e| e.0.clone()), Some(crate::model::Cause::Unsupported));
+        assert_eq!(r.ports[1].protocol.as_ref().ok(), Some(&crate::model::Protocol::Sctp));
 
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {
@@ -420,7 +420,7 @@ mod tests {
         assert_eq!(s.trigger_time, Some("2026-01-01T00:00:00.5Z".parse().expect("time")));
         assert_eq!(s.address_type, AddressType::IPv4);
         assert_eq!((&*s.ports[0].name, s.ports[0].protocol, s.ports[0].port), ("http", Some(crate::model::Protocol::Tcp), Some(8080)));
-        assert_eq!((s.ports[1].protocol, s.ports[1].port), (None, None));
+        assert_eq!((s.ports[1].protocol, s.ports[1].port), (Some(crate::model::Protocol::Sctp), None));
         let ep = &s.endpoints[0];
         assert_eq!(ep.address(), Some(Address::Ip("10.244.0.1".parse().expect("ip"))), "the first address");
         assert_eq!((ep.ready(), ep.serving(), ep.terminating()), (Some(true), Some(true), Some(false)));
