@@ -10,10 +10,12 @@
 //! the start), `crc(new) = crc(old) xor crc₀(D)`, where `crc₀` is the CRC
 //! without its initial value and final inversion. `crc₀(D)` of 4 bytes at
 //! the start of `L` bytes is `D · x^(8L) mod P` (each byte processed
-//! multiplies the register by x⁸), computed here in logarithmic time by
-//! squaring — what Linux's `crc32_generic_shift` does for appended zeros.
-//! So the kernel side fixes the checksum with ~17 multiplications whatever
-//! the packet's size, and never reads the payload.
+//! multiplies the register by x⁸: what Linux's `crc32_generic_shift` does
+//! for appended zeros). The powers `x^(8L)` of every possible length are a
+//! table built at compile time ([`x_pow_table`]), so the kernel side fixes
+//! the checksum with one table read and one multiplication ([`mul`], term
+//! by term: [`mul_term`]) whatever the packet's size, and never reads the
+//! payload.
 //!
 //! Polynomials are in the reflected form CRC32c uses: bit 31 is x⁰, bit 0
 //! is x³¹, the register shifts right.
@@ -72,25 +74,26 @@ pub const fn times_x(c: u32) -> u32 {
     (c >> 1) ^ (POLY & 0u32.wrapping_sub(c & 1))
 }
 
-/// One term of [`mul`]: the coefficient of x^i in `a` (bit 31 - i) times
-/// `b` (which is `b₀ · x^i`), then `b` moved to x^(i+1).
-macro_rules! mul_terms {
-    ($p:ident, $a:ident, $b:ident; $($i:literal)*) => {
-        $(
-            $p ^= $b & 0u32.wrapping_sub(($a >> (31 - $i)) & 1);
-            $b = times_x($b);
-        )*
-    };
-}
-
-/// `a · b mod P`. Branch-free and written out (32 terms, no loop): the
-/// verifier walks one straight path instead of 32 iterations.
+/// Term `i` (0..32) of [`mul`]: with `b` = `b₀ · x^i` and `p` the sum of
+/// the terms before, adds the coefficient of x^i in `a` (its bit 31 - i)
+/// times `b`; returns the new sum and `b · x`. The kernel side runs the
+/// terms in a `bpf_loop` (`proxy-ebpf/src/sctp.rs`).
 #[inline(always)]
 #[must_use]
+pub const fn mul_term(a: u32, b: u32, p: u32, i: u32) -> (u32, u32) {
+    let p = if (a >> (31 - i)) & 1 != 0 { p ^ b } else { p };
+    (p, times_x(b))
+}
+
+/// `a · b mod P`.
+#[must_use]
 pub const fn mul(a: u32, b: u32) -> u32 {
-    let mut p = 0;
-    let mut b = b;
-    mul_terms!(p, a, b; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
+    let (mut p, mut b) = (0, b);
+    let mut i = 0;
+    while i < 32 {
+        (p, b) = mul_term(a, b, p, i);
+        i += 1;
+    }
     p
 }
 
@@ -117,8 +120,7 @@ pub const fn x_pow_bytes(len: u32) -> u32 {
 
 /// `x^(8·len) mod P` for every `len < LENS`, built at compile time (each
 /// entry the previous one times x⁸): the kernel side reads the power from
-/// this table (its read-only data) instead of computing it, so its work
-/// per packet is one [`mul`].
+/// this table (its read-only data) instead of computing it.
 #[must_use]
 #[allow(long_running_const_eval, reason = "65,536 entries of 8 shifts, once, at compile time")]
 pub const fn x_pow_table() -> [u32; LENS] {
@@ -141,40 +143,35 @@ pub const fn x_pow_table() -> [u32; LENS] {
 /// when the 4 port bytes of an SCTP packet of `len` bytes change by `diff`
 /// (the xor of old and new port bytes, read little-endian), given
 /// `x_pow = x^(8·len)` ([`x_pow_bytes`], or [`x_pow_table`]`[len]`).
-#[inline(always)]
 #[must_use]
 pub const fn csum_delta(x_pow: u32, diff: u32) -> u32 {
     mul(x_pow, diff)
 }
 
-/// CRC32c of `data`, bit by bit (RFC 9260 appendix B), as the value an
-/// SCTP packet carries little-endian: for the tests and the agent's
-/// packet tools, never the datapath.
-#[must_use]
-pub fn crc32c(data: &[u8]) -> u32 {
+/// CRC32c of `bytes`, bit by bit (RFC 9260 appendix B), as the value an
+/// SCTP packet carries little-endian: for the tests, never the datapath.
+fn crc32c_of(bytes: impl Iterator<Item = u8>) -> u32 {
     let mut c = !0u32;
-    for b in data {
-        c ^= u32::from(*b);
-        for _ in 0..8 {
-            c = times_x(c);
-        }
-    }
-    !c
-}
-
-/// The checksum an SCTP packet (`pkt`: common header first) must carry:
-/// [`crc32c`] with the checksum field as zero.
-#[must_use]
-pub fn packet_csum(pkt: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for (i, b) in pkt.iter().enumerate() {
-        let b = if (CSUM_OFF..CSUM_OFF + 4).contains(&i) { 0 } else { *b };
+    for b in bytes {
         c ^= u32::from(b);
         for _ in 0..8 {
             c = times_x(c);
         }
     }
     !c
+}
+
+/// [`crc32c_of`] a slice.
+#[must_use]
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc32c_of(data.iter().copied())
+}
+
+/// The checksum an SCTP packet (`pkt`: common header first) must carry:
+/// [`crc32c`] with the checksum field as zero.
+#[must_use]
+pub fn packet_csum(pkt: &[u8]) -> u32 {
+    crc32c_of(pkt.iter().enumerate().map(|(i, b)| if (CSUM_OFF..CSUM_OFF + 4).contains(&i) { 0 } else { *b }))
 }
 
 #[cfg(test)]

@@ -144,7 +144,8 @@ fn fix_at<const L3: usize>(skb: *mut __sk_buff, v6: u32, was: u32) -> i32 {
     0
 }
 
-/// [`sctp::csum_delta`] as a global BPF function of its own, checked once.
+/// [`sctp::csum_delta`] (one [`sctp::mul`]) as a global BPF function of
+/// its own, checked once.
 ///
 /// Why the multiplication runs in a `bpf_loop`, two terms per step, on a
 /// per-CPU scratch (`proxy_sctp_scratch`): each term selects by a bit, and
@@ -170,7 +171,7 @@ pub extern "C" fn proxy_sctp_csum_delta(x_pow: u32, diff: u32) -> u32 {
     }
 }
 
-/// Two terms of `a · b mod P` ([`sctp::mul`]): x^(2i) and x^(2i+1).
+/// Terms 2i and 2i+1 of `a · b mod P` ([`sctp::mul_term`]).
 extern "C" fn mul_step(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = SCTP_SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -178,14 +179,7 @@ extern "C" fn mul_step(i: u64, _ctx: *mut c_void) -> i64 {
     // SAFETY: as in `proxy_sctp_csum_delta`.
     let s: &mut SctpScratch = unsafe { &mut *s };
     let i = (i as u32 & 15) * 2;
-    let (mut p, mut b) = (s.p, s.b);
-    if (s.a >> (31 - i)) & 1 != 0 {
-        p ^= b;
-    }
-    b = sctp::times_x(b);
-    if (s.a >> (30 - i)) & 1 != 0 {
-        p ^= b;
-    }
-    (s.p, s.b) = (p, sctp::times_x(b));
+    let (p, b) = sctp::mul_term(s.a, s.b, s.p, i);
+    (s.p, s.b) = sctp::mul_term(s.a, b, p, i + 1);
     0
 }

@@ -151,3 +151,26 @@ fn sctp_cluster_ip_and_node_port_over_ipv6_with_ports_translated() {
         "sctp6",
     );
 }
+
+/// A hostNetwork endpoint on the node itself (an SCTP server in node A's
+/// own namespace, on its address): a pod's associations through the
+/// ClusterIP reach it, and its answers, which the node sends, are
+/// translated back on egress (port and checksum included).
+#[test]
+fn sctp_cluster_ip_to_a_host_network_endpoint_on_the_same_node() {
+    let mut c = Cluster::new("sctph", 1, 0);
+    let vip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 39));
+    let node = IpAddr::V4(NODE_A_IP);
+    write_atomic(&c.manifests, "diameter.yaml", &diameter("IPv4", vip, &[(node, "node-a")]));
+    let _server = SctpServer::start(&c.a.ns, SocketAddr::new(node, TARGET_PORT), "node-a");
+    c.start_agent_a(&agent_bin(), &[]);
+    wait_programmed(&c.a.bpffs, Duration::from_secs(20), "the SCTP ClusterIP", |v| {
+        v.iter().any(|f| f.protocol == "SCTP" && f.port == PORT && f.backends.len() == 1)
+    });
+    let pod = IpAddr::V4(pod_ip_a(1));
+    let seen = associate(&c.pods_a()[0].ns, Some(pod), SocketAddr::new(vip, PORT), ASSOCIATIONS, T)
+        .unwrap_or_else(|e| panic!("ClusterIP to a hostNetwork endpoint: {e}\n{}", c.a.agent_log()));
+    assert!(seen.iter().all(|s| s.server == "node-a" && s.peer.ip() == pod), "{seen:?}");
+    let counters = c.a.counters(&agent_bin());
+    assert_eq!(counters.get("drop_rewrite_failed").copied().unwrap_or_default(), 0, "{counters:?}");
+}
